@@ -1,0 +1,69 @@
+"""DDIM (Song et al. 2021) with η = 0: deterministic steps in both directions.
+
+Forward process: z_t = √ᾱ_t · z_0 + √(1−ᾱ_t) · ε,  ᾱ_t = Π_{s≤t} (1 − β_s).
+Given ε_θ(z_t, t), the predicted clean latent is  ẑ_0 = (z_t − √(1−ᾱ_t) ε_θ) / √ᾱ_t, and
+
+    denoise  t → t' (t' < t):  z_t' = √ᾱ_t' · ẑ_0 + √(1−ᾱ_t') · ε_θ
+    invert   t' → t (t > t'):  the same formula read the other way (used for real images).
+
+SD 1.x: β "scaled linear" from 0.00085 to 0.012 over 1000 steps, `steps_offset=1` and
+`set_alpha_to_one=False`, so with 50 steps the timesteps are 981, 961, …, 21, 1 and the last
+step lands on ᾱ_0 (not 1).
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import SchedulerConfig
+from .errors import MinipError
+
+
+class DDIM:
+    def __init__(self, cfg: SchedulerConfig = SchedulerConfig()):
+        self.cfg = cfg
+        n = cfg.num_train_timesteps
+        if cfg.beta_schedule == "scaled_linear":
+            betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, n,
+                                   dtype=torch.float32) ** 2
+        else:
+            betas = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32)
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)          # ᾱ_t, t = 0..999
+        # ᾱ "before" t = 0: 1 if set_alpha_to_one, else ᾱ_0 (SD 1.x)
+        self.final_alpha = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
+
+    def timesteps(self, steps: int) -> list[int]:
+        """The `steps` timesteps of sampling, high to low ("leading" spacing + steps_offset)."""
+        if not isinstance(steps, int) or steps < 1:
+            raise MinipError(f"steps must be an integer ≥ 1, got {steps!r}")
+        if steps > self.cfg.num_train_timesteps:
+            raise MinipError(f"steps must be ≤ {self.cfg.num_train_timesteps}, got {steps}")
+        ratio = self.cfg.num_train_timesteps // steps
+        return [i * ratio + self.cfg.steps_offset for i in reversed(range(steps))]
+
+    def alpha(self, t: int) -> torch.Tensor:
+        """ᾱ_t, with ᾱ_{t<0} = final_alpha."""
+        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha
+
+    def _split(self, model_out, z, a):
+        """(ẑ_0, ε) from the network output: ε-prediction (SD 1.x) or v-prediction."""
+        if self.cfg.prediction_type == "epsilon":
+            eps = model_out
+            return (z - (1 - a) ** 0.5 * eps) / a ** 0.5, eps
+        v = model_out
+        return a ** 0.5 * z - (1 - a) ** 0.5 * v, a ** 0.5 * v + (1 - a) ** 0.5 * z
+
+    def step(self, model_out: torch.Tensor, t: int, z: torch.Tensor, steps: int) -> torch.Tensor:
+        """One denoising step z_t -> z_{t - 1000/steps}."""
+        a_t = self.alpha(t)
+        a_prev = self.alpha(t - self.cfg.num_train_timesteps // steps)
+        x0, eps = self._split(model_out, z, a_t.to(z.dtype))
+        return a_prev.to(z.dtype) ** 0.5 * x0 + (1 - a_prev.to(z.dtype)) ** 0.5 * eps
+
+    def invert_step(self, model_out: torch.Tensor, t: int, z: torch.Tensor, steps: int):
+        """One inversion step z_{t'} -> z_t, t' = t - 1000/steps. `model_out` is ε_θ(z_{t'}, t):
+        the noise at the latent we have, with the timestep we go to (null-text inversion code),
+        the usual approximation ε_θ(z_{t'}, t) ≈ ε_θ(z_t, t)."""
+        t_prev = t - self.cfg.num_train_timesteps // steps
+        a_prev, a_t = self.alpha(t_prev).to(z.dtype), self.alpha(t).to(z.dtype)
+        x0, eps = self._split(model_out, z, a_prev)
+        return a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * eps

@@ -1,0 +1,106 @@
+"""Text -> image: encode prompts, denoise with classifier-free guidance, decode.
+
+    c = ψ(P) for each prompt, ∅ = ψ("")
+    z_T ~ N(0, I): one noise shared by every prompt of the batch (what P2P needs)
+    for t = T … 1:   ε = ε_θ(z_t, t, ∅) + g · (ε_θ(z_t, t, c) − ε_θ(z_t, t, ∅))     (one UNet call)
+                     z_{t-1} = DDIM(z_t, ε)
+    x = D(z_0 / 0.18215)
+
+The UNet batch is [∅ × B, c × B]: the unconditional half first, as in diffusers and the P2P code.
+A controller (minip2p.p2p) is passed through to every attention call and may rewrite the latents
+after each step (`after_step`, used by LocalBlend).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .errors import MinipError
+from .loading import Model
+
+
+def check_size(model: Model, height: int | None, width: int | None) -> tuple[int, int]:
+    """Default to the model's native size; refuse sizes the VAE cannot map to whole latents."""
+    f = model.vae.cfg.downscale
+    native = model.unet.cfg.sample_size * f
+    height, width = height or native, width or native
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or v < f or v % f:
+            raise MinipError(f"{name} must be a positive multiple of {f}, got {v!r}")
+    return height, width
+
+
+def initial_noise(model: Model, seed: int, height: int, width: int) -> torch.Tensor:
+    """z_T: (1, 4, H/8, W/8), drawn on the CPU so that a seed gives the same image everywhere."""
+    f, c = model.vae.cfg.downscale, model.unet.cfg.in_channels
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn((1, c, height // f, width // f), generator=gen)
+
+
+@torch.no_grad()
+def encode_text(model: Model, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> CLIP last hidden states (B, 77, width) in the model's dtype."""
+    if model.text_encoder is None:
+        raise MinipError("the text encoder was freed; load the model again to encode new prompts")
+    ids = model.tokenizer(prompts).to(model.device)
+    return model.text_encoder(ids)
+
+
+def denoise(model: Model, cond: torch.Tensor, uncond: torch.Tensor, z: torch.Tensor,
+            steps: int = 50, guidance: float = 7.5, control=None,
+            callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
+    """Run DDIM from z_T (B or 1, 4, h, w) with guidance. uncond: (1 or B or steps×B..., 77, d).
+
+    `uncond` may also be a list with one (B, 77, d) tensor per step (null-text inversion).
+    `callback(step, t, z)` is called after every step with the current latents (fp32).
+    Returns z_0 (B, 4, h, w) in fp32.
+    """
+    B = cond.shape[0]
+    z = z.float().expand(B, *z.shape[1:]).clone().to(model.device)
+    sched = model.scheduler
+    for i, t in enumerate(tqdm(sched.timesteps(steps), disable=not progress, desc="denoising")):
+        u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
+        context = torch.cat([u.expand(B, *u.shape[1:]), cond])               # [∅ × B, c × B]
+        with torch.no_grad():
+            eps = model.unet(torch.cat([z, z]).to(model.dtype), t, context, control, step=i)
+        eps_u, eps_c = eps.float().chunk(2)
+        eps = eps_u + guidance * (eps_c - eps_u)                              # classifier-free guidance
+        z = sched.step(eps, t, z, steps)
+        if control is not None and hasattr(control, "after_step"):
+            z = control.after_step(z, i)
+        if callback is not None:
+            callback(i, t, z)
+    return z
+
+
+@torch.no_grad()
+def decode(model: Model, z: torch.Tensor) -> torch.Tensor:
+    """z_0 (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32."""
+    x = model.vae.decode((z / model.vae.cfg.scaling_factor).to(model.device, model.dtype))
+    return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
+             guidance: float = 7.5, height: int | None = None, width: int | None = None,
+             control=None, latents: torch.Tensor | None = None, callback=None,
+             progress: bool = True, return_latents: bool = False):
+    """Prompts -> images (B, 3, H, W) in [0, 1] (or z_0 if `return_latents`)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    height, width = check_size(model, height, width)
+    model.scheduler.timesteps(steps)                                         # validates steps
+    z = initial_noise(model, seed, height, width) if latents is None else latents
+    cond = encode_text(model, prompts)
+    uncond = encode_text(model, [""])
+    z = denoise(model, cond, uncond, z, steps, guidance, control, callback, progress)
+    return z if return_latents else decode(model, z)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> PIL images (rounded like diffusers: x·255, round)."""
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]

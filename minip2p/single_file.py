@@ -1,0 +1,182 @@
+"""Single-file original checkpoints (CompVis / `v1-5-pruned-emaonly.safetensors` key names).
+
+One explicit, templated table maps every CompVis name onto our (= diffusers) module names.
+With L ResBlocks per level, level i of the down path lives at input_blocks[1 + i·(L+1) + j]
+(j < L: ResBlock j and its transformer; j = L: the downsampler) and level i of the up path
+(counted from the bottom) at output_blocks[i·(L+1) + j].
+
+A single file has no config.json, so the architecture is read off the tensor shapes. Two numbers
+cannot be: attention heads (SD 1.x: 8 in the UNet, width/64 in CLIP) and GroupNorm groups (32).
+Pass `config=` a diffusers-style folder to take the configs from there instead.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .config import SchedulerConfig, TextConfig, UNetConfig, VAEConfig, read_json
+from .ddim import DDIM
+from .errors import MinipError
+from .loading import WEIGHTS, Model, read_safetensors, strict_build
+from .clip import CLIPTextModel
+from .tokenizer import ClipTokenizer
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+
+UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+# Constants of the training run stored next to the weights (DDPM schedule, EMA counters).
+IGNORED = re.compile(r"^(betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_.*|posterior_.*|"
+                     r"logvar|model_ema\..*|cond_stage_model\.transformer\.(text_model\.)?"
+                     r"embeddings\.position_ids)$")
+
+# Inside a block: CompVis name -> our name.
+RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+          "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+          "nin_shortcut": "conv_shortcut"}
+VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def unet_table(n: int, L: int) -> dict[str, str]:
+    """CompVis block prefix -> our block prefix for a UNet of n levels, L ResBlocks per level."""
+    t = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+         "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+         "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
+         "middle_block.2": "mid_block.resnets.1"}
+    for i in range(n):
+        for j in range(L):
+            t[f"input_blocks.{1 + i * (L + 1) + j}.0"] = f"down_blocks.{i}.resnets.{j}"
+            t[f"input_blocks.{1 + i * (L + 1) + j}.1"] = f"down_blocks.{i}.attentions.{j}"
+        t[f"input_blocks.{1 + i * (L + 1) + L}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
+        for j in range(L + 1):
+            t[f"output_blocks.{i * (L + 1) + j}.0"] = f"up_blocks.{i}.resnets.{j}"
+            t[f"output_blocks.{i * (L + 1) + j}.1"] = f"up_blocks.{i}.attentions.{j}"
+        for k in (1, 2):  # the upsampler follows the ResBlock, or the ResBlock + transformer
+            t[f"output_blocks.{i * (L + 1) + L}.{k}.conv"] = f"up_blocks.{i}.upsamplers.0.conv"
+    return t
+
+
+def vae_table(n: int, L: int) -> dict[str, str]:
+    t = {"encoder.norm_out": "encoder.conv_norm_out", "decoder.norm_out": "decoder.conv_norm_out"}
+    for part in ("encoder", "decoder"):
+        t[f"{part}.mid.block_1"] = f"{part}.mid_block.resnets.0"
+        t[f"{part}.mid.attn_1"] = f"{part}.mid_block.attentions.0"
+        t[f"{part}.mid.block_2"] = f"{part}.mid_block.resnets.1"
+    for i in range(n):
+        for j in range(L + 1):
+            t[f"encoder.down.{i}.block.{j}"] = f"encoder.down_blocks.{i}.resnets.{j}"
+            # the decoder's levels are stored bottom-up in CompVis, top-down in ours
+            t[f"decoder.up.{n - 1 - i}.block.{j}"] = f"decoder.up_blocks.{i}.resnets.{j}"
+        t[f"encoder.down.{i}.downsample.conv"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
+        t[f"decoder.up.{n - 1 - i}.upsample.conv"] = f"decoder.up_blocks.{i}.upsamplers.0.conv"
+    return t
+
+
+def rename(state: dict, prefix: str, table: dict[str, str], inner: dict[str, str]) -> dict:
+    """Map `prefix`+CompVis names through `table` (longest block prefix wins), then `inner`."""
+    out = {}
+    for key, v in state.items():
+        name = key[len(prefix):]
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            head, tail = ".".join(parts[:cut]), ".".join(parts[cut:])
+            if head in table:
+                sub = tail.rsplit(".", 1)
+                if len(sub) == 2 and sub[0] in inner:
+                    tail = f"{inner[sub[0]]}.{sub[1]}"
+                name = f"{table[head]}.{tail}"
+                break
+        out[name] = v
+    return out
+
+
+def _count(state, pattern):
+    return len({m.group(1) for k in state for m in [re.match(pattern, k)] if m})
+
+
+def infer_unet(s: dict) -> UNetConfig:
+    n = _count(s, r"input_blocks\.(\d+)\.0\.op") + 1            # levels = downsamplers + 1
+    L = _count(s, r"input_blocks\.(\d+)\.0\.in_layers") // n      # ResBlocks per level
+    ch = tuple(s[f"input_blocks.{1 + i * (L + 1)}.0.out_layers.3.weight"].shape[0] for i in range(n))
+    down = tuple("CrossAttnDownBlock2D" if f"input_blocks.{1 + i * (L + 1)}.1.proj_in.weight" in s
+                 else "DownBlock2D" for i in range(n))
+    up = tuple("CrossAttnUpBlock2D" if f"output_blocks.{i * (L + 1)}.1.proj_in.weight" in s
+               else "UpBlock2D" for i in range(n))
+    k = next(v for key, v in s.items() if key.endswith("attn2.to_k.weight"))
+    return UNetConfig(in_channels=s["input_blocks.0.0.weight"].shape[1],
+                      out_channels=s["out.2.weight"].shape[0], block_out_channels=ch,
+                      down_block_types=down, up_block_types=up, layers_per_block=L,
+                      cross_attention_dim=k.shape[1],
+                      transformer_layers_per_block=_count(s, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
+                      use_linear_projection=s["middle_block.1.proj_in.weight"].ndim == 2)
+
+
+def infer_vae(s: dict) -> VAEConfig:
+    n = _count(s, r"encoder\.down\.(\d+)\.")
+    ch = tuple(s[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(n))
+    return VAEConfig(block_out_channels=ch, layers_per_block=_count(s, r"encoder\.down\.0\.block\.(\d+)\."),
+                     latent_channels=s["post_quant_conv.weight"].shape[0],
+                     in_channels=s["encoder.conv_in.weight"].shape[1],
+                     out_channels=s["decoder.conv_out.weight"].shape[0])
+
+
+def infer_text(s: dict) -> TextConfig:
+    vocab, width = s["text_model.embeddings.token_embedding.weight"].shape
+    return TextConfig(vocab_size=vocab, hidden_size=width, num_attention_heads=max(width // 64, 1),
+                      intermediate_size=s["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+                      num_hidden_layers=_count(s, r"text_model\.encoder\.layers\.(\d+)\."),
+                      max_position_embeddings=s["text_model.embeddings.position_embedding.weight"].shape[0])
+
+
+def split(state: dict, path) -> tuple[dict, dict, dict]:
+    """Split a single-file state dict into its UNet, VAE and text-encoder parts (CompVis names)."""
+    parts = {UNET: {}, VAE: {}, TEXT: {}}
+    unknown = []
+    for k, v in state.items():
+        prefix = next((p for p in parts if k.startswith(p)), None)
+        if prefix is not None and not IGNORED.match(k):
+            parts[prefix][k[len(prefix):]] = v
+        elif prefix is None and not IGNORED.match(k):
+            unknown.append(k)
+    if unknown:
+        raise MinipError(f"{path}: {len(unknown)} unexpected tensors, e.g. {unknown[0]}; "
+                         "not an SD 1.x single-file checkpoint")
+    for p, d in parts.items():
+        if not d:
+            raise MinipError(f"{path}: no '{p}*' tensors; not an SD 1.x single-file checkpoint")
+    text = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in parts[TEXT].items()}
+    return parts[UNET], parts[VAE], text
+
+
+def load_single_file(path, dtype=torch.float32, device="cpu", config=None) -> Model:
+    """`v1-5-pruned-emaonly.safetensors`-style file -> Model. `config`: optional diffusers folder."""
+    path = Path(path)
+    unet_s, vae_s, text_s = split(read_safetensors(path), path)
+    try:
+        if config is not None:
+            c = Path(config)
+            ucfg = UNetConfig.from_dict(read_json(c / "unet" / "config.json"))
+            vcfg = VAEConfig.from_dict(read_json(c / "vae" / "config.json"))
+            tcfg = TextConfig.from_dict(read_json(c / "text_encoder" / "config.json"))
+        else:
+            ucfg, vcfg, tcfg = infer_unet(unet_s), infer_vae(vae_s), infer_text(text_s)
+    except (KeyError, StopIteration, ValueError, IndexError) as e:
+        raise MinipError(f"{path}: cannot read the architecture off the tensors ({e}); "
+                         "not an SD 1.x single-file checkpoint") from None
+    n, L = len(ucfg.block_out_channels), ucfg.layers_per_block
+    unet_s = rename(unet_s, "", unet_table(n, L), RESNET)
+    vae_s = rename(vae_s, "", vae_table(len(vcfg.block_out_channels), vcfg.layers_per_block),
+                   {**RESNET, **VAE_ATTN})
+    # CompVis stores the VAE's attention projections as 1×1 convolutions: (c, c, 1, 1) -> (c, c)
+    vae_s = {k: v[:, :, 0, 0] if ".attentions.0.to_" in k and v.ndim == 4 else v
+             for k, v in vae_s.items()}
+    src = str(path)
+    unet = strict_build(UNet2DConditionModel, ucfg, unet_s, f"{src} (unet)", dtype, device)
+    vae = strict_build(AutoencoderKL, vcfg, vae_s, f"{src} (vae)", dtype, device)
+    text = strict_build(CLIPTextModel, tcfg, text_s, f"{src} (text encoder)", dtype, device)
+    tok_dir = Path(config) / "tokenizer" if config is not None else WEIGHTS / "clip-tokenizer"
+    sched = SchedulerConfig()
+    if config is not None and (Path(config) / "scheduler" / "scheduler_config.json").is_file():
+        sched = SchedulerConfig.from_dict(read_json(Path(config) / "scheduler" / "scheduler_config.json"))
+    return Model(ClipTokenizer.from_dir(tok_dir), text, unet, vae, DDIM(sched), path.stem)

@@ -1,0 +1,257 @@
+"""The SD 1.x UNet ε_θ(z_t, t, c), read top to bottom.
+
+Module names equal the diffusers checkpoint keys (down_blocks.0.attentions.1.transformer_blocks.0
+.attn2.to_q.weight ...), so a diffusers `unet/` folder loads with no renaming.
+
+    z_t ─ conv_in ─ down_blocks ─ mid_block ─ up_blocks ─ norm/SiLU/conv_out ─ ε
+                        │ skips ────────────────►│
+    t ─ sinusoidal embedding ─ MLP ─► every ResBlock
+    c (CLIP tokens) ─────────────────► every cross-attention (attn2)
+
+SD 1.x at 512 px: latents 4×64×64, widths 320/640/1280/1280, 2 ResBlocks per level,
+a spatial transformer after each ResBlock in the first three levels, 8 heads everywhere.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import Attention, Site
+from .config import UNetConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos=True, shift=0.0):
+    """Sinusoidal embedding of the timestep (Transformer-style): t (b,) -> (b, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / (half - shift))
+    args = t.float()[:, None] * freqs[None].to(t.device)                # (b, half)
+    emb = torch.cat([args.sin(), args.cos()], dim=-1)
+    return torch.cat([emb[:, half:], emb[:, :half]], dim=-1) if flip_sin_to_cos else emb
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, cin, dim):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(cin, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv, add the time embedding, GroupNorm-SiLU-conv, plus a skip.
+
+    Shared with the VAE (there `temb_dim=None`: no time input)."""
+
+    def __init__(self, cin, cout, temb_dim=None, groups=32, eps=1e-5):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, cout) if temb_dim else None
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x, temb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim, inner):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """x += attn1(x) [self]; x += attn2(x, c) [cross]; x += FF(x) -- each after a LayerNorm."""
+
+    def __init__(self, dim, heads, context_dim):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, heads, context_dim)
+        self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
+
+    def forward(self, x, context, site: dict, control=None, fast=False):
+        pixels = x.shape[1]
+        s_self = Site(kind="self", pixels=pixels, **site)
+        s_cross = Site(kind="cross", pixels=pixels, **site)
+        x = x + self.attn1(self.norm1(x), None, s_self, control, fast)
+        x = x + self.attn2(self.norm2(x), context, s_cross, control, fast)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """Spatial transformer: feature map (b, c, h, w) <-> token sequence (b, h·w, c)."""
+
+    def __init__(self, dim, heads, context_dim, depth=1, groups=32, linear_proj=False):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
+        proj = (lambda: nn.Linear(dim, dim)) if linear_proj else (lambda: nn.Conv2d(dim, dim, 1))
+        self.linear_proj = linear_proj
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(dim, heads, context_dim) for _ in range(depth)])
+        self.proj_out = proj()
+
+    def forward(self, x, context, site: dict, control=None, fast=False):
+        b, c, h, w = x.shape
+        res = x
+        x = self.norm(x)
+        if not self.linear_proj:
+            x = self.proj_in(x)
+        x = rearrange(x, "b c h w -> b (h w) c")
+        if self.linear_proj:
+            x = self.proj_in(x)
+        for depth, block in enumerate(self.transformer_blocks):
+            x = block(x, context, dict(site, depth=depth), control, fast)
+        if self.linear_proj:
+            x = self.proj_out(x)
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+        if not self.linear_proj:
+            x = self.proj_out(x)
+        return x + res
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x, size=None):
+        # nearest ×2, or to the size of the next skip when latents are not a power-of-two multiple
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else \
+            F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class UNetBlock(nn.Module):
+    """One level of the UNet: ResBlocks, each optionally followed by a spatial transformer,
+    then an optional down- or up-sampler. `skips` > 0 makes it an up block that concatenates
+    that many skip tensors from the down path, one before each ResBlock."""
+
+    def __init__(self, cfg: UNetConfig, level, cins, cout, attn, sampler):
+        super().__init__()
+        temb, g = cfg.block_out_channels[0] * 4, cfg.norm_num_groups
+        self.resnets = nn.ModuleList([ResnetBlock2D(c, cout, temb, g, cfg.norm_eps) for c in cins])
+        if attn:
+            self.attentions = nn.ModuleList([
+                Transformer2DModel(cout, cfg.heads(level), cfg.cross_attention_dim,
+                                   cfg.transformer_layers_per_block, g, cfg.use_linear_projection)
+                for _ in cins])
+        else:
+            self.attentions = None
+        if sampler == "down":
+            self.downsamplers = nn.ModuleList([Downsample2D(cout)])
+        elif sampler == "up":
+            self.upsamplers = nn.ModuleList([Upsample2D(cout)])
+
+    def forward(self, x, temb, context, site, control=None, fast=False, skips=None, up_size=None):
+        outputs = []
+        for i, resnet in enumerate(self.resnets):
+            if skips is not None:
+                x = torch.cat([x, skips.pop()], dim=1)                 # (b, c + c_skip, h, w)
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context, dict(site, layer=i), control, fast)
+            outputs.append(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)
+            outputs.append(x)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x, up_size)
+        return x, outputs
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        c, temb, g = cfg.block_out_channels[-1], cfg.block_out_channels[0] * 4, cfg.norm_num_groups
+        self.resnets = nn.ModuleList([ResnetBlock2D(c, c, temb, g, cfg.norm_eps) for _ in range(2)])
+        self.attentions = nn.ModuleList([Transformer2DModel(
+            c, cfg.heads(len(cfg.block_out_channels) - 1), cfg.cross_attention_dim,
+            cfg.transformer_layers_per_block, g, cfg.use_linear_projection)])
+
+    def forward(self, x, temb, context, site, control=None, fast=False):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context, dict(site, layer=0), control, fast)
+        return self.resnets[1](x, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, n, L = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], ch[0] * 4)
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.down_block_types):
+            cin = ch[max(i - 1, 0)]
+            self.down_blocks.append(UNetBlock(
+                cfg, i, [cin] + [ch[i]] * (L - 1), ch[i], attn=kind.startswith("CrossAttn"),
+                sampler="down" if i < n - 1 else None))
+        self.mid_block = UNetMidBlock2DCrossAttn(cfg)
+        self.up_blocks = nn.ModuleList()
+        rch = ch[::-1]
+        for i, kind in enumerate(cfg.up_block_types):
+            prev, skip_in = rch[max(i - 1, 0)], rch[min(i + 1, n - 1)]
+            # ResBlock j sees: the previous output (+ the matching skip of the down path)
+            cins = [(prev if j == 0 else rch[i]) + (skip_in if j == L else rch[i])
+                    for j in range(L + 1)]
+            self.up_blocks.append(UNetBlock(
+                cfg, n - 1 - i, cins, rch[i], attn=kind.startswith("CrossAttn"),
+                sampler="up" if i < n - 1 else None))
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z, t, context, control=None, step=None, fast=False):
+        """ε_θ(z_t, t, c).  z: (b, 4, h, w); t: scalar or (b,); context: (b, 77, 768)."""
+        t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
+        temb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
+                                  self.cfg.freq_shift)
+        temb = self.time_embedding(temb.to(z.dtype))                    # (b, 4·c0)
+
+        x = self.conv_in(z)
+        skips = [x]
+        for i, block in enumerate(self.down_blocks):
+            x, outs = block(x, temb, context, dict(place="down", block=i, step=step), control, fast)
+            skips += outs
+        x = self.mid_block(x, temb, context, dict(place="mid", block=0, step=step), control, fast)
+        for i, block in enumerate(self.up_blocks):
+            n = len(block.resnets)
+            mine, skips = skips[-n:], skips[:-n]
+            up_size = skips[-1].shape[-2:] if skips else None            # size of the next level
+            x, _ = block(x, temb, context, dict(place="up", block=i, step=step), control, fast,
+                         skips=mine, up_size=up_size)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+

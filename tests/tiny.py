@@ -1,0 +1,91 @@
+"""Tiny random-weight SD-family models, built with diffusers + transformers (the reference
+oracles, test-only) and saved as real checkpoints: a diffusers-layout folder of safetensors,
+and the same weights as a CompVis single file.
+
+Geometries:
+  "sd":    SD 1.x's exact block structure (4 levels, CrossAttn×3 + plain down, plain + CrossAttn×3
+           up, 2 ResBlocks per level, 8 heads, 4-level VAE = 8× downscale, quick-GELU CLIP),
+           only narrower.
+  "small": another member of the family: 2 levels, 1 ResBlock per level, per-level head counts,
+           linear proj_in/out, 2 transformer blocks deep, 3-level VAE (4× downscale), GELU CLIP.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TOKENIZER = Path(__file__).resolve().parent.parent / "weights" / "clip-tokenizer"
+
+GEOMETRIES = {
+    "sd": dict(
+        unet=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=2, norm_num_groups=8,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  attention_head_dim=8, cross_attention_dim=32, sample_size=8),
+        vae=dict(block_out_channels=(16, 32, 32, 32), layers_per_block=2, norm_num_groups=8,
+                 down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, hidden_act="quick_gelu"),
+    ),
+    "small": dict(
+        unet=dict(block_out_channels=(32, 48), layers_per_block=1, norm_num_groups=8,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                  attention_head_dim=(2, 4), cross_attention_dim=48, sample_size=8,
+                  use_linear_projection=True, transformer_layers_per_block=2),
+        vae=dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownEncoderBlock2D",) * 3,
+                 up_block_types=("UpDecoderBlock2D",) * 3, sample_size=32),
+        text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=3, hidden_act="gelu"),
+    ),
+}
+
+
+def _jitter(module, seed):
+    """Randomise norms and biases too (default init makes them 1 and 0, hiding mix-ups)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.05 * noise)
+            else:
+                p.add_(0.02 * noise)
+
+
+def build_pipeline(geometry: str, seed: int = 0):
+    """A diffusers StableDiffusionPipeline with random weights (DDIM, SD 1.x schedule)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    geo = GEOMETRIES[geometry]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**geo["unet"])
+    vae = AutoencoderKL(latent_channels=4, **geo["vae"])
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
+                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                                        **geo["text"]))
+    for i, m in enumerate((unet, vae, text)):
+        _jitter(m, seed * 10 + i)
+    tok = CLIPTokenizer.from_pretrained(str(TOKENIZER))   # (transformers 5 ignores vocab_file=)
+    assert len(tok) == 49408
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).to(torch.float32)
+
+
+def save_pipeline(pipe, folder: Path) -> Path:
+    """Save as a real checkpoint is laid out: safetensors, and vocab.json + merges.txt in
+    tokenizer/ (transformers 5 writes only tokenizer.json; SD repos have both kinds)."""
+    import shutil
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(TOKENIZER / name, Path(folder) / "tokenizer" / name)
+    return folder
