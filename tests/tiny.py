@@ -72,7 +72,7 @@ def build_pipeline(geometry: str, seed: int = 0):
                                         **geo["text"]))
     for i, m in enumerate((unet, vae, text)):
         _jitter(m, seed * 10 + i)
-    tok = CLIPTokenizer.from_pretrained(str(TOKENIZER))   # (transformers 5 ignores vocab_file=)
+    tok = CLIPTokenizer.from_pretrained(str(TOKENIZER), model_max_length=77)  # (v5 ignores vocab_file=)
     assert len(tok) == 49408
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)

@@ -1,0 +1,34 @@
+"""Session fixtures: tiny random SD-family checkpoints written once per test run."""
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never touch the network
+warnings.filterwarnings("ignore", module="diffusers")
+warnings.filterwarnings("ignore", module="transformers")
+
+
+def _checkpoint(tmp_path_factory, geometry):
+    from tiny import build_pipeline, save_pipeline
+    pipe = build_pipeline(geometry)
+    folder = save_pipeline(pipe, tmp_path_factory.mktemp(geometry))
+    return pipe, folder
+
+
+@pytest.fixture(scope="session")
+def sd_ckpt(tmp_path_factory):
+    """(diffusers pipeline, folder) with SD 1.x's exact block structure, narrow widths."""
+    return _checkpoint(tmp_path_factory, "sd")
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory):
+    """(diffusers pipeline, folder) of a smaller family member (2 levels, 4x VAE)."""
+    return _checkpoint(tmp_path_factory, "small")
+
+
+@pytest.fixture(scope="session")
+def sd_model(sd_ckpt):
+    from minip2p.loading import load_model
+    return load_model(sd_ckpt[1])
