@@ -1,2 +1,116 @@
+"""Command line for Prompt-to-Prompt: `minip2p edit …` and `minip2p attention …`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import MinipError
+
+
+def parse_reweight(items: list[str]) -> dict[str, float]:
+    """["smiling=2", "dog=-0.5"] -> {"smiling": 2.0, "dog": -0.5}."""
+    out = {}
+    for item in items or []:
+        word, sep, value = item.rpartition("=")
+        try:
+            if not sep or not word:
+                raise ValueError
+            out[word] = float(value)
+        except ValueError:
+            raise MinipError(f"--reweight {item!r}: expected WORD=FACTOR, e.g. smiling=2 or "
+                             "dog=-0.5") from None
+        if out[word] != out[word] or abs(out[word]) == float("inf"):
+            raise MinipError(f"--reweight {item!r}: the factor must be a finite number")
+    return out
+
+
+def check_out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise MinipError(f"--out-dir '{out}' is a file; give a folder")
+    if not out.parent.is_dir():
+        raise MinipError(f"the folder holding --out-dir '{out}' does not exist; create it first")
+    return out
+
+
+def cmd_edit(args):
+    from . import p2p, views
+    from .align import parse_window
+    from .cli import load, save_image
+    from .pipeline import check_size, generate, to_pil
+
+    prompts = [args.source] + args.targets
+    if not args.targets:
+        raise MinipError("edit needs a SOURCE prompt and at least one TARGET prompt")
+    out = check_out_dir(args.out_dir)
+    cross = parse_window(args.cross_replace)
+    self_ = parse_window(args.self_replace)
+    if isinstance(self_, dict):
+        raise MinipError("--self-replace takes a number (0.4) or a start,end pair (0.1,0.4)")
+    reweight = parse_reweight(args.reweight)
+    model = load(args)
+    height, width = check_size(model, args.height, args.width)
+    model.scheduler.timesteps(args.steps)
+    control, store = p2p.build(model.tokenizer, prompts, args.steps, args.mode, cross, self_,
+                               reweight, args.blend, args.blend_threshold,
+                               store=args.maps)
+    images = to_pil(generate(model, prompts, args.seed, args.steps, args.guidance, height, width,
+                             control=control, progress=not args.quiet))
+    out.mkdir(exist_ok=True)
+    files = {f"{i}.png": im for i, im in enumerate(images)}
+    files["strip.png"] = views.strip(images, prompts)
+    if args.maps:
+        for i, (prompt, im) in enumerate(zip(prompts, images)):
+            files[f"maps-{i}.png"] = views.cross_attention_image(store, model.tokenizer, prompt, i, im)
+    for name, im in files.items():
+        save_image(im, out / name)
+    print(f"wrote {', '.join(str(out / n) for n in files)}")
+
+
+def cmd_attention(args):
+    from . import p2p, views
+    from .cli import check_out_file, load, save_image
+    from .pipeline import check_size, generate, to_pil
+
+    out = check_out_file(args.out)
+    model = load(args)
+    height, width = check_size(model, args.height, args.width)
+    model.scheduler.timesteps(args.steps)
+    store = p2p.AttentionStore(1)
+    image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance, height,
+                            width, control=store, progress=not args.quiet))[0]
+    if args.self:
+        sheet = views.self_attention_image(store, args.prompt, 0, image, n=args.components)
+    else:
+        sheet = views.cross_attention_image(store, model.tokenizer, args.prompt, 0, image)
+    save_image(sheet, out)
+    print(f"wrote {out}")
+
+
 def add_commands(sub):
-    pass
+    from .cli import add_model_options
+
+    e = sub.add_parser("edit", help="Prompt-to-Prompt: edit SOURCE into each TARGET")
+    e.add_argument("source")
+    e.add_argument("targets", nargs="*", metavar="TARGET")
+    e.add_argument("--mode", choices=["auto", "replace", "refine"], default="auto",
+                   help="replace: word swap (same word count); refine: words added; "
+                        "auto: replace when the word counts match, else refine")
+    e.add_argument("--cross-replace", default="0.8",
+                   help="cross-attention window: 0.8, 0.2,0.8 or default=1.0,lion=0.4 (0.8)")
+    e.add_argument("--self-replace", default="0.4", help="self-attention window (0.4)")
+    e.add_argument("--blend", nargs="+", metavar="WORD",
+                   help="LocalBlend: a word of the source, then one of each target")
+    e.add_argument("--blend-threshold", type=float, default=0.3, help="LocalBlend threshold (0.3)")
+    e.add_argument("--reweight", nargs="+", metavar="WORD=FACTOR",
+                   help="scale the attention of words of the targets, e.g. smiling=2")
+    e.add_argument("--maps", action="store_true", help="also write maps-N.png per prompt")
+    e.add_argument("--out-dir", default="edit", help="output folder (edit)")
+    add_model_options(e)
+    e.set_defaults(run=cmd_edit)
+
+    a = sub.add_parser("attention", help="show each token's cross-attention map")
+    a.add_argument("prompt")
+    a.add_argument("--self", action="store_true", help="self-attention SVD components instead")
+    a.add_argument("--components", type=int, default=6, help="how many components (--self)")
+    add_model_options(a, out="maps.png")
+    a.set_defaults(run=cmd_attention)

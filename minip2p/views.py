@@ -1,0 +1,107 @@
+"""Looking at attention: per-token cross-attention maps and self-attention components, drawn
+over the generated image with captions, plus a captioned side-by-side strip of images.
+
+Cross-attention view (P2P reference "aggregate_attention"): the stored maps of the up and down
+layers at one resolution (16² at 512 px; default: the coarsest stored down/up resolution),
+averaged over layers, heads and steps -> one res×res map per token, divided by its max.
+Self-attention view: the top right-singular vectors of the centred (pixels × pixels) average
+self-attention map, each shown as a res×res image.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .p2p import AttentionStore
+
+TILE = 128
+
+
+def _coarsest(store: AttentionStore, kind: str) -> int:
+    pixels = {k[-1] for k in store.sums if k[0] in ("up", "down") and k[4] == kind}
+    if not pixels:
+        raise ValueError(f"no {kind}-attention maps were stored")
+    return min(pixels)
+
+
+def _shape(pixels: int, image: Image.Image) -> tuple[int, int]:
+    """(rows, cols) of a map with `pixels` entries over an image of this aspect ratio."""
+    scale = (image.width * image.height / pixels) ** 0.5
+    return round(image.height / scale), round(image.width / scale)
+
+
+def cross_maps(store: AttentionStore, prompt_index: int, pixels: int | None = None):
+    """(tokens=77, rows·cols) averaged cross-attention of one prompt, and the pixel count."""
+    pixels = pixels or _coarsest(store, "cross")
+    return store.average("cross", pixels)[prompt_index].T, pixels
+
+
+def self_components(store: AttentionStore, prompt_index: int, n: int = 6, pixels=None):
+    """Top-n right-singular vectors of the centred mean self-attention map: (n, pixels)."""
+    pixels = pixels or _coarsest(store, "self")
+    m = store.average("self", pixels)[prompt_index].double()
+    _, _, vh = torch.linalg.svd(m - m.mean(dim=1, keepdim=True))
+    return vh[:n].float(), pixels
+
+
+def _heat(values: np.ndarray, shape, image: Image.Image) -> Image.Image:
+    """A map (values ≥ 0, max 1) as a red-yellow heat image blended over the picture."""
+    v = np.clip(values.reshape(shape), 0, 1)
+    heat = np.stack([np.ones_like(v), v, np.zeros_like(v)], -1) * 255 * v[..., None] ** 0.5
+    heat = Image.fromarray(heat.astype(np.uint8)).resize((TILE, TILE), Image.NEAREST)
+    base = image.convert("L").convert("RGB").resize((TILE, TILE), Image.BILINEAR)
+    return Image.blend(base, heat, 0.7)
+
+
+def caption_grid(tiles: list[Image.Image], captions: list[str], per_row: int = 8,
+                 title: str | None = None) -> Image.Image:
+    """Tiles in rows, each with its caption underneath (and an optional title on top)."""
+    font = ImageFont.load_default()
+    w, h = tiles[0].size
+    cap, top = 18, (22 if title else 0)
+    cols = min(per_row, len(tiles))
+    rows = (len(tiles) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * w, top + rows * (h + cap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((4, 4), title, fill="black", font=font)
+    for i, (tile, text) in enumerate(zip(tiles, captions)):
+        x, y = (i % cols) * w, top + (i // cols) * (h + cap)
+        sheet.paste(tile, (x, y))
+        while len(text) > 3 and draw.textlength(text, font=font) > w - 4:
+            text = text[:-4] + "…"
+        draw.text((x + (w - draw.textlength(text, font=font)) / 2, y + h + 3), text,
+                  fill="black", font=font)
+    return sheet
+
+
+def cross_attention_image(store, tok, prompt: str, prompt_index: int, image: Image.Image,
+                          pixels=None) -> Image.Image:
+    """One captioned tile per token of the prompt (start and end tokens included)."""
+    maps, pixels = cross_maps(store, prompt_index, pixels)
+    names = tok.token_strings(prompt)
+    n = min(len(tok.tokenize(prompt)) + 2, len(names))
+    shape = _shape(pixels, image)
+    tiles = [_heat((maps[i] / maps[i].max().clamp_min(1e-12)).cpu().numpy(), shape, image)
+             for i in range(n)]
+    return caption_grid(tiles, names[:n], title=f"cross-attention, {shape[0]}x{shape[1]}: {prompt}")
+
+
+def self_attention_image(store, prompt: str, prompt_index: int, image: Image.Image, n=6,
+                         pixels=None) -> Image.Image:
+    comps, pixels = self_components(store, prompt_index, n, pixels)
+    shape = _shape(pixels, image)
+    tiles = []
+    for c in comps:
+        c = c - c.min()
+        tiles.append(_heat((c / c.max().clamp_min(1e-12)).cpu().numpy(), shape, image))
+    return caption_grid(tiles, [f"component {i}" for i in range(len(tiles))],
+                        title=f"self-attention SVD, {shape[0]}x{shape[1]}: {prompt}")
+
+
+def strip(images: list[Image.Image], prompts: list[str]) -> Image.Image:
+    """Images side by side with their prompts written under them."""
+    size = max(TILE * 2, images[0].width)
+    tiles = [im.resize((size, round(size * im.height / im.width))) for im in images]
+    return caption_grid(tiles, prompts, per_row=len(tiles))
