@@ -84,6 +84,8 @@ def check_out_file(path: str) -> Path:
         raise MinipError(f"output file {path!r} must end in .png, .jpg or .webp")
     if not out.parent.is_dir():
         raise MinipError(f"output folder '{out.parent}' does not exist; create it first")
+    if out.is_dir():
+        raise MinipError(f"output file '{path}' is a folder; give a file name")
     if not os.access(out.parent, os.W_OK):
         raise MinipError(f"output folder '{out.parent}' is not writable")
     return out
@@ -93,9 +95,14 @@ def save_image(image, path: Path):
     """Write atomically: a temporary file in the same folder, renamed when complete."""
     fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent, prefix=".minip2p-")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         image.save(tmp)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600 files; an image should be like any file
         os.replace(tmp, path)
+    except OSError as e:
+        raise MinipError(f"cannot write '{path}': {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

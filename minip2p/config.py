@@ -71,6 +71,10 @@ class UNetConfig:
         for t in self.down_block_types + self.up_block_types:
             if t not in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"):
                 raise ValueError(f"block type {t!r} is not supported")
+        for level, c in enumerate(self.block_out_channels):
+            h = self.heads(level)
+            if not isinstance(h, int) or h < 1 or c % h:
+                raise ValueError(f"level {level}: {c} channels do not split into {h} heads")
 
     def heads(self, level: int) -> int:
         """Number of attention heads at a level (diffusers reads `attention_head_dim` as heads)."""

@@ -76,8 +76,11 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def strict_build(cls, cfg, state: dict[str, torch.Tensor], source: str,
                  dtype=torch.float32, device="cpu") -> nn.Module:
     """Build `cls(cfg)` without initialising it, then assign `state`, checking every tensor."""
-    with torch.device("meta"):
-        module = cls(cfg)
+    try:
+        with torch.device("meta"):
+            module = cls(cfg)
+    except ValueError as e:  # e.g. GroupNorm: channels not divisible by norm_num_groups
+        raise MinipError(f"{source}: the config describes no buildable model ({e})") from None
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want))

@@ -171,10 +171,10 @@ def load_single_file(path, dtype=torch.float32, device="cpu", config=None) -> Mo
     # CompVis stores the VAE's attention projections as 1×1 convolutions: (c, c, 1, 1) -> (c, c)
     vae_s = {k: v[:, :, 0, 0] if ".attentions.0.to_" in k and v.ndim == 4 else v
              for k, v in vae_s.items()}
-    src = str(path)
-    unet = strict_build(UNet2DConditionModel, ucfg, unet_s, f"{src} (unet)", dtype, device)
-    vae = strict_build(AutoencoderKL, vcfg, vae_s, f"{src} (vae)", dtype, device)
-    text = strict_build(CLIPTextModel, tcfg, text_s, f"{src} (text encoder)", dtype, device)
+    src, how = str(path), "" if config is not None else ", architecture read off the shapes"
+    unet = strict_build(UNet2DConditionModel, ucfg, unet_s, f"{src} (unet{how})", dtype, device)
+    vae = strict_build(AutoencoderKL, vcfg, vae_s, f"{src} (vae{how})", dtype, device)
+    text = strict_build(CLIPTextModel, tcfg, text_s, f"{src} (text encoder{how})", dtype, device)
     tok_dir = Path(config) / "tokenizer" if config is not None else WEIGHTS / "clip-tokenizer"
     sched = SchedulerConfig()
     if config is not None and (Path(config) / "scheduler" / "scheduler_config.json").is_file():
