@@ -63,6 +63,8 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None):
                    help="weights and activations (fp32; fp16/bf16 are meant for GPUs)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--explicit", action="store_true",
+                   help="form every attention map explicitly (the reference path; slower)")
     if out:
         p.add_argument("--out", default=out, help=f"output image file ({out})")
 
@@ -120,7 +122,7 @@ def cmd_generate(args):
     check_size(model, args.height, args.width)
     images = generate(model, [args.prompt], seed=args.seed, steps=args.steps,
                       guidance=args.guidance, height=args.height, width=args.width,
-                      progress=not args.quiet)
+                      progress=not args.quiet, fast=not args.explicit)
     save_image(to_pil(images)[0], out)
     print(f"wrote {out}")
 
@@ -132,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     add_model_options(g, out="minip2p.png")
     g.set_defaults(run=cmd_generate)
-    from . import cli_p2p
+    from . import cli_invert, cli_p2p
     cli_p2p.add_commands(sub)
+    cli_invert.add_commands(sub)
     return p
 
 

@@ -33,14 +33,17 @@ def check_out_dir(path: str) -> Path:
 
 
 def cmd_edit(args):
-    from . import p2p, views
+    from . import cli_invert, invert, p2p, views
     from .align import parse_window
     from .cli import load, save_image
     from .pipeline import check_size, generate, to_pil
 
-    prompts = [args.source] + args.targets
-    if not args.targets:
-        raise MinipError("edit needs a SOURCE prompt and at least one TARGET prompt")
+    prompts = [p for p in [args.source] + args.targets if p is not None]
+    real = cli_invert.read_input(args.image, args.inversion, args.crop,  # before the model loads
+                                 prompts[0] if prompts else None)
+    if real is None and len(prompts) < 2:
+        raise MinipError("edit needs a SOURCE prompt and at least one TARGET prompt "
+                         "(or --image/--inversion: with no target, the reconstruction)")
     out = check_out_dir(args.out_dir)
     cross = parse_window(args.cross_replace)
     self_ = parse_window(args.self_replace)
@@ -50,14 +53,28 @@ def cmd_edit(args):
     model = load(args)
     height, width = check_size(model, args.height, args.width)
     model.scheduler.timesteps(args.steps)
-    control, store = p2p.build(model.tokenizer, prompts, args.steps, args.mode, cross, self_,
-                               reweight, args.blend, args.blend_threshold,
-                               store=args.maps)
-    images = to_pil(generate(model, prompts, args.seed, args.steps, args.guidance, height, width,
-                             control=control, progress=not args.quiet))
+    inv = None
+    if real is not None:          # real image: the inversion's prompt is the source
+        if isinstance(real, invert.Inversion):
+            prompts = [real.prompt] + prompts
+        inv = cli_invert.inversion_for(args, model, real, prompts[0] if prompts else None)
+    if len(prompts) > 1:
+        control, store = p2p.build(model.tokenizer, prompts, args.steps, args.mode, cross, self_,
+                                   reweight, args.blend, args.blend_threshold,
+                                   store=args.maps)
+    else:                         # no target: the reconstruction
+        control = store = p2p.AttentionStore(1) if args.maps else None
+    if inv is None:
+        images = to_pil(generate(model, prompts, args.seed, args.steps, args.guidance, height,
+                                 width, control=control, progress=not args.quiet,
+                                 fast=not args.explicit))
+    else:
+        images = to_pil(invert.run(model, inv, prompts, control, args.guidance,
+                                   progress=not args.quiet))
     out.mkdir(exist_ok=True)
     files = {f"{i}.png": im for i, im in enumerate(images)}
-    files["strip.png"] = views.strip(images, prompts)
+    shown = [cli_invert.input_pil(inv)] if inv is not None and inv.image is not None else []
+    files["strip.png"] = views.strip(shown + images, ["input"] * len(shown) + prompts)
     if args.maps:
         for i, (prompt, im) in enumerate(zip(prompts, images)):
             files[f"maps-{i}.png"] = views.cross_attention_image(store, model.tokenizer, prompt, i, im)
@@ -77,7 +94,8 @@ def cmd_attention(args):
     model.scheduler.timesteps(args.steps)
     store = p2p.AttentionStore(1)
     image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance, height,
-                            width, control=store, progress=not args.quiet))[0]
+                            width, control=store, progress=not args.quiet,
+                            fast=not args.explicit))[0]
     if args.self:
         sheet = views.self_attention_image(store, args.prompt, 0, image, n=args.components)
     else:
@@ -87,10 +105,11 @@ def cmd_attention(args):
 
 
 def add_commands(sub):
+    from . import cli_invert
     from .cli import add_model_options
 
     e = sub.add_parser("edit", help="Prompt-to-Prompt: edit SOURCE into each TARGET")
-    e.add_argument("source")
+    e.add_argument("source", nargs="?", help="the source prompt (with --inversion: a target)")
     e.add_argument("targets", nargs="*", metavar="TARGET")
     e.add_argument("--mode", choices=["auto", "replace", "refine"], default="auto",
                    help="replace: word swap (same word count); refine: words added; "
@@ -106,6 +125,7 @@ def add_commands(sub):
     e.add_argument("--maps", action="store_true", help="also write maps-N.png per prompt")
     e.add_argument("--out-dir", default="edit", help="output folder (edit)")
     add_model_options(e)
+    cli_invert.add_edit_options(e)
     e.set_defaults(run=cmd_edit)
 
     a = sub.add_parser("attention", help="show each token's cross-attention map")

@@ -52,11 +52,15 @@ def encode_text(model: Model, prompts: list[str]) -> torch.Tensor:
 
 def denoise(model: Model, cond: torch.Tensor, uncond: torch.Tensor, z: torch.Tensor,
             steps: int = 50, guidance: float = 7.5, control=None,
-            callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
+            callback: Callable | None = None, progress: bool = True,
+            fast: bool = True) -> torch.Tensor:
     """Run DDIM from z_T (B or 1, 4, h, w) with guidance. uncond: (1 or B or steps×B..., 77, d).
 
     `uncond` may also be a list with one (B, 77, d) tensor per step (null-text inversion).
     `callback(step, t, z)` is called after every step with the current latents (fp32).
+    `fast`: fused attention (SDPA) wherever no controller reads or writes the probabilities;
+    `fast=False` forms every M = softmax(QKᵀ/√d) explicitly (the reference path; tests prove
+    both give the same images).
     Returns z_0 (B, 4, h, w) in fp32.
     """
     B = cond.shape[0]
@@ -66,7 +70,7 @@ def denoise(model: Model, cond: torch.Tensor, uncond: torch.Tensor, z: torch.Ten
         u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
         context = torch.cat([u.expand(B, *u.shape[1:]), cond])               # [∅ × B, c × B]
         with torch.no_grad():
-            eps = model.unet(torch.cat([z, z]).to(model.dtype), t, context, control, step=i)
+            eps = model.unet(torch.cat([z, z]).to(model.dtype), t, context, control, i, fast)
         eps_u, eps_c = eps.float().chunk(2)
         eps = eps_u + guidance * (eps_c - eps_u)                              # classifier-free guidance
         z = sched.step(eps, t, z, steps)
@@ -87,7 +91,7 @@ def decode(model: Model, z: torch.Tensor) -> torch.Tensor:
 def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
              guidance: float = 7.5, height: int | None = None, width: int | None = None,
              control=None, latents: torch.Tensor | None = None, callback=None,
-             progress: bool = True, return_latents: bool = False):
+             progress: bool = True, return_latents: bool = False, fast: bool = True):
     """Prompts -> images (B, 3, H, W) in [0, 1] (or z_0 if `return_latents`)."""
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -96,7 +100,7 @@ def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
     z = initial_noise(model, seed, height, width) if latents is None else latents
     cond = encode_text(model, prompts)
     uncond = encode_text(model, [""])
-    z = denoise(model, cond, uncond, z, steps, guidance, control, callback, progress)
+    z = denoise(model, cond, uncond, z, steps, guidance, control, callback, progress, fast)
     return z if return_latents else decode(model, z)
 
 

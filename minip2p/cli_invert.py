@@ -1,0 +1,144 @@
+"""Command line for real images: `minip2p invert …`, `minip2p reconstruct …`, and the
+`--image` / `--inversion` options of `minip2p edit` (see cli_p2p.cmd_edit).
+
+    minip2p invert photo.jpg "a red circle" --method null-text --out inversion.safetensors
+    minip2p edit --inversion inversion.safetensors "a blue circle"      # source from the file
+    minip2p edit "a red circle" "a blue circle" --image photo.jpg         # inverts, then edits
+    minip2p reconstruct photo.jpg "a red circle"   (or --inversion FILE; = edit with no target)
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+from .errors import MinipError
+
+
+def add_inversion_options(p: argparse.ArgumentParser):
+    from .cli import _positive_int
+    from .invert import METHODS
+    p.add_argument("--method", choices=METHODS, default="null-text",
+                   help="ddim: DDIM inversion, ∅ = \"\"; null-text: optimise ∅ per step "
+                        "(best, slow); negative-prompt: ∅ = the prompt (fast) (null-text)")
+    p.add_argument("--inner-steps", type=_positive_int("--inner-steps"), default=10,
+                   help="null-text: at most this many Adam steps per denoising step (10)")
+    p.add_argument("--crop", default=None, metavar="L,T,R,B",
+                   help="pixels cut off the left, top, right, bottom edges before the centre "
+                        "crop (none)")
+
+
+def add_edit_options(e: argparse.ArgumentParser):
+    """The options `edit` gains: a real image to invert, or an inversion file to reuse."""
+    e.add_argument("--image", help="edit this real image: invert it with the SOURCE prompt first")
+    e.add_argument("--inversion", metavar="FILE",
+                   help="edit the image of this inversion file (its prompt is the source; "
+                        "every positional prompt is a target)")
+    add_inversion_options(e)
+
+
+def check_inversion_out(path: str) -> Path:
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise MinipError(f"--out {path!r} must end in .safetensors")
+    if out.is_dir():
+        raise MinipError(f"--out '{out}' is a folder; give a file name")
+    if not out.parent.is_dir():
+        raise MinipError(f"output folder '{out.parent}' does not exist; create it first")
+    return out
+
+
+def read_input(image: str | None, inversion: str | None, crop: str | None, prompt: str | None):
+    """Before the model loads: read --inversion (-> Inversion) or --image (-> the margin-cropped
+    RGB image, which needs `prompt`), so that bad input fails before any work."""
+    from . import images, invert
+    if image and inversion:
+        raise MinipError("give --image or --inversion, not both")
+    left, top, right, bottom = images.parse_crop(crop)
+    if inversion:
+        return invert.load(inversion)
+    if not image:
+        return None
+    if not prompt:
+        raise MinipError("a real image needs the prompt that describes it (the SOURCE prompt)")
+    im = images.open_image(image)
+    return images.cut_margins(im, (left, top, right, bottom))
+
+
+def inversion_for(args, model, got, prompt: str | None):
+    """An Inversion for `got` (from read_input): checked against the model and options, or made
+    now from the image, described by `prompt`."""
+    from . import images, invert
+    from .pipeline import check_size
+    if isinstance(got, invert.Inversion):
+        invert.check(got, model, args.steps, args.height, args.width, f"'{args.inversion}'")
+        if args.guidance != got.guidance:
+            warnings.warn(f"'{args.inversion}' was made for guidance {got.guidance:g}; editing at "
+                          f"{args.guidance:g} will not reproduce the image exactly")
+        return got
+    height, width = check_size(model, args.height, args.width)
+    x = images.to_tensor(images.fit(got, height, width))                # (1, 3, H, W)
+    return invert.invert(model, x, prompt, args.method, args.steps, args.guidance,
+                         args.inner_steps, progress=not args.quiet)
+
+
+def input_pil(inv):
+    """The inversion's input image as PIL (None if the file has none)."""
+    from PIL import Image
+    return None if inv.image is None else Image.fromarray(inv.image.numpy())
+
+
+def cmd_invert(args):
+    from . import invert
+    from .cli import load
+    out = check_inversion_out(args.out)
+    got = read_input(args.image, None, args.crop, args.prompt)
+    model = load(args)
+    inv = inversion_for(args, model, got, args.prompt)
+    invert.save(inv, out)
+    print(f"wrote {out} ({inv.method}, {inv.steps} steps, guidance {inv.guidance:g}, "
+          f"{inv.width}×{inv.height}, prompt {inv.prompt!r})")
+
+
+def cmd_reconstruct(args):
+    from . import images, invert
+    from .cli import check_out_file, load, save_image
+    from .pipeline import decode, to_pil
+    out = check_out_file(args.out)
+    if args.inversion and (args.image or args.prompt):
+        raise MinipError("reconstruct takes IMAGE PROMPT or --inversion FILE, not both")
+    if not args.inversion and not (args.image and args.prompt):
+        raise MinipError("reconstruct needs IMAGE PROMPT (to invert) or --inversion FILE")
+    got = read_input(args.image, args.inversion, args.crop, args.prompt)
+    model = load(args)
+    inv = inversion_for(args, model, got, args.prompt)
+    rec = invert.run(model, inv, [inv.prompt], progress=not args.quiet)   # (1, 3, H, W)
+    save_image(to_pil(rec)[0], out)
+    line = f"wrote {out} ({inv.method}"
+    if inv.image is not None:
+        x = inv.image.permute(2, 0, 1)[None].float() / 255                # (1, 3, H, W) in [0, 1]
+        vae = decode(model, images.encode(model, x * 2 - 1)).cpu()
+        line += (f"; PSNR {images.psnr(rec.cpu(), x):.2f} dB vs the input, "
+                 f"VAE alone {images.psnr(vae, x):.2f} dB")
+    print(line + ")")
+
+
+def add_commands(sub):
+    from .cli import add_model_options
+
+    i = sub.add_parser("invert", help="real image -> inversion file (z_T and ∅ per step)")
+    i.add_argument("image", help="any image file PIL reads (PNG, JPEG, WebP …)")
+    i.add_argument("prompt", help="a prompt describing the image (the edits' source prompt)")
+    add_inversion_options(i)
+    add_model_options(i)
+    i.add_argument("--out", default="inversion.safetensors",
+                   help="inversion file to write (inversion.safetensors)")
+    i.set_defaults(run=cmd_invert)
+
+    r = sub.add_parser("reconstruct", help="invert a real image and denoise it back")
+    r.add_argument("image", nargs="?", help="image file (or give --inversion)")
+    r.add_argument("prompt", nargs="?", help="a prompt describing the image")
+    r.add_argument("--inversion", metavar="FILE", help="reuse this inversion file")
+    add_inversion_options(r)
+    add_model_options(r, out="reconstruction.png")
+    r.set_defaults(run=cmd_reconstruct)
