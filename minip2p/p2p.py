@@ -54,7 +54,11 @@ class AttentionStore:
         return probs
 
     def average(self, kind: str = "cross", pixels: int | None = None, places=("up", "down")):
-        """Mean over steps and over the matching layers: (B, pixels, tokens)."""
+        """Mean over steps and over the matching layers: (B, pixels, tokens). Layers of one
+        resolution only: `pixels`, by default the coarsest stored (16² at 512 px)."""
+        if pixels is None:
+            pixels = min((p for (place, *_, k, p) in self.sums if k == kind and place in places),
+                         default=None)
         picked = [v for (place, *_, k, p), v in self.sums.items()
                   if k == kind and place in places and (pixels is None or p == pixels)]
         if not picked:
@@ -82,6 +86,8 @@ class Edit:
         return site.kind == "cross" or self._self_active(site)
 
     def __call__(self, probs, site: Site):
+        if site.step is None:
+            raise ValueError("P2P edits follow the denoising step: call unet(..., step=i)")
         uncond, base, edits = _split(probs, self.B)
         if site.kind == "cross":
             a = self.alpha[site.step].to(probs)[:, None, None, :]         # (B-1, 1, 1, 77)
@@ -150,7 +156,8 @@ class LocalBlend:
     M(words): the stored cross-attention of the words' tokens at the coarsest down/up resolution
     (16² at 512 px: 2 down + 3 up layers), averaged over layers and heads, summed over tokens,
     3×3 max-pooled, nearest-upsampled to the latents, divided by its max, > threshold.
-    `subtract`: words whose mask (no pooling) is removed from the blend (null-text notebook).
+    `subtract`: words whose mask (no pooling; source ∨ own again) is removed from the blend
+    (null-text notebook).
     Unlike the official stable notebook, any number of edited prompts works."""
 
     def __init__(self, tok, prompts, words, store: AttentionStore, steps: int,
@@ -187,8 +194,9 @@ class LocalBlend:
             return z
         mask = self._mask(z, self.alpha, self.threshold, pool=True)
         mask = mask[:1] | mask                                             # source ∨ own
-        if self.sub is not None:
-            mask = mask & ~self._mask(z, self.sub, self.sub_threshold, pool=False)
+        if self.sub is not None:                       # subtracted: also source ∨ own (official)
+            sub = self._mask(z, self.sub, self.sub_threshold, pool=False)
+            mask = mask & ~(sub[:1] | sub)
         return z[:1] + mask.to(z) * (z - z[:1])
 
 
