@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
+from .atomic import atomic_write
 from .errors import MinipError
 
 
@@ -23,16 +23,19 @@ class _Parser(argparse.ArgumentParser):
         raise MinipError(f"{message} (see '{self.prog} --help')")
 
 
-def _positive_int(name):
+def _int(name, minimum=1):
     def parse(text):
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be ≥ 1, got {v}")
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be ≥ {minimum}, got {v}")
         return v
     return parse
+
+
+_positive_int = _int
 
 
 def _float(name):
@@ -52,7 +55,7 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None):
     p.add_argument("--model", default=None,
                    help="model folder, .safetensors single file, or Hub repo id "
                         "(default: the small model shipped in weights/toy)")
-    p.add_argument("--seed", type=_positive_or_zero_int, default=0, help="noise seed (default 0)")
+    p.add_argument("--seed", type=_int("--seed", 0), default=0, help="noise seed (default 0)")
     p.add_argument("--steps", type=_positive_int("--steps"), default=50, help="DDIM steps (50)")
     p.add_argument("--guidance", type=_float("--guidance"), default=7.5,
                    help="classifier-free guidance scale (7.5)")
@@ -67,16 +70,6 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None):
                    help="form every attention map explicitly (the reference path; slower)")
     if out:
         p.add_argument("--out", default=out, help=f"output image file ({out})")
-
-
-def _positive_or_zero_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"--seed must be ≥ 0, got {v}")
-    return v
 
 
 def check_out_file(path: str) -> Path:
@@ -94,20 +87,8 @@ def check_out_file(path: str) -> Path:
 
 
 def save_image(image, path: Path):
-    """Write atomically: a temporary file in the same folder, renamed when complete."""
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent, prefix=".minip2p-")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        image.save(tmp)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600 files; an image should be like any file
-        os.replace(tmp, path)
-    except OSError as e:
-        raise MinipError(f"cannot write '{path}': {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write atomically: complete or absent."""
+    atomic_write(path, image.save)
 
 
 def load(args):

@@ -26,8 +26,6 @@ temporary file and renamed into place.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import images
+from .atomic import atomic_write
 from .errors import MinipError
 from .pipeline import decode, denoise, encode_text
 
@@ -210,19 +209,7 @@ def save(inv: Inversion, path) -> Path:
     meta = dict(format=FORMAT, version=str(VERSION), prompt=inv.prompt, method=inv.method,
                 steps=str(inv.steps), guidance=repr(inv.guidance), height=str(inv.height),
                 width=str(inv.width), model=inv.model, model_config=inv.model_config)
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors", dir=path.parent, prefix=".minip2p-")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o666 & ~umask)                     # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except OSError as e:
-        raise MinipError(f"cannot write '{path}': {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 

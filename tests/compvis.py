@@ -15,7 +15,6 @@ plus the non-weight tensors real files carry (DDPM schedule, EMA counters, posit
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch

@@ -5,7 +5,6 @@ Tiny model: latents 8×8, so the attention resolutions are 8² (= "64²" at 512 
 The reference limits scale with it: store ≤ 4² (= 32² at 512 px), self-replace ≤ 2² (= 16²).
 """
 import pytest
-import torch
 
 from minip2p import p2p
 from minip2p.pipeline import generate
