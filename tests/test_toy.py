@@ -1,0 +1,82 @@
+"""The toy model: its data and analyser, its training recipe (a few steps), and the shipped files."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minip2p import toydata
+from minip2p.loading import DEFAULT_MODEL, load_model
+from minip2p.pipeline import generate
+from minip2p.tokenizer import ClipTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def captions():
+    return toydata.Captions(ClipTokenizer.from_dir(ROOT / "weights" / "clip-tokenizer"))
+
+
+def test_grammar_accepts_the_required_forms(captions):
+    texts = set(captions.texts)
+    for t in ["a red circle", "a small blue square", "a big green triangle on the left",
+              "a yellow circle at the top on a black background", "a white square in the middle",
+              "a purple circle on a orange background", "a red circle and a blue square",
+              "a black triangle on the right", "a big orange square at the bottom"]:
+        assert t in texts, t
+    assert captions.ids.shape == (len(texts), 77)
+
+
+def test_sampling_is_seeded_and_never_draws_held_out_pairs(captions):
+    a = captions.sample(512, torch.Generator().manual_seed(3))
+    b = captions.sample(512, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert captions.train[a].all() and not toydata.held_out(captions.attrs[a]).any()
+    assert (~captions.train).sum() > 0                       # some captions are held out
+
+
+def test_analyser_reads_drawn_pictures(captions):
+    gen = torch.Generator().manual_seed(0)
+    single = torch.nonzero(captions.attrs[:, 5] < 0)[:, 0]
+    idx = single[torch.randperm(len(single), generator=gen)[:64]]
+    images = (toydata.draw(captions.attrs[idx], gen) + 1) / 2
+    assert images.shape == (64, 3, 64, 64)
+    for i, im in zip(idx, images):
+        c, s = captions.attrs[i, :2].tolist()
+        a = toydata.analyse(im)
+        assert (a["color"], a["shape"]) == (toydata.COLOR_NAMES[c], toydata.SHAPES[s]), \
+            captions.texts[i]
+
+
+def test_training_recipe_runs_and_its_output_loads(tmp_path):
+    out = tmp_path / "toy"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "train_toy.py"), "--quick",
+                    "--out", str(out), "--threads", "1"], check=True, capture_output=True,
+                   timeout=300)
+    for rel in ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+                "tokenizer/merges.txt", "unet/config.json", "vae/config.json",
+                "text_encoder/config.json", "unet/diffusion_pytorch_model.safetensors",
+                "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]:
+        assert (out / rel).is_file(), rel
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp folder left
+    model = load_model(out)
+    image = generate(model, ["a red circle"], steps=2, progress=False)
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(),
+                    reason="weights/toy is absent: train it with tools/train_toy.py")
+def test_shipped_model_loads_and_draws_what_it_is_told():
+    size = sum(p.stat().st_size for p in DEFAULT_MODEL.rglob("*") if p.is_file()
+               and "figures" not in p.parts)
+    assert size <= 25 * 2 ** 20
+    assert json.loads((DEFAULT_MODEL / "scheduler" / "scheduler_config.json").read_text())[
+        "beta_schedule"] == "scaled_linear"
+    model = load_model()                                       # the default model
+    image = generate(model, ["a big red circle"], seed=0, steps=20, progress=False)
+    assert image.shape == (1, 3, 64, 64)
+    a = toydata.analyse(image[0])
+    assert a["area"] > 50 and a["color"] == "red"

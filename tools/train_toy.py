@@ -1,0 +1,295 @@
+"""Train the small model that ships in weights/toy: a latent diffusion model of the SD 1.x family
+(AutoencoderKL, CLIP text encoder trained from scratch jointly with the UNet, DDIM schedule) on
+procedurally drawn shapes (minip2p/toydata.py). Seeded and repeatable on one machine.
+
+    stage 1  VAE: 64x64 px <-> 4x16x16 latents; L1 + L2 reconstruction + a small KL term
+             scaling_factor = 1 / std of the latents
+    stage 2  UNet + text encoder jointly: ε-prediction MSE on the SD 1.x noise schedule,
+             10 % of captions dropped to "" (for classifier-free guidance), AdamW, EMA
+
+The result is written in diffusers layout (fp16 safetensors) into a temporary folder next to
+--out and renamed into place when complete, so a half-written model never sits in --out.
+
+    python tools/train_toy.py                       # the shipped model (see weights/toy/README.md)
+    python tools/train_toy.py --quick --out /tmp/t  # a few steps, for CI
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from minip2p import toydata  # noqa: E402
+from minip2p.clip import CLIPTextModel  # noqa: E402
+from minip2p.config import SchedulerConfig, TextConfig, UNetConfig, VAEConfig  # noqa: E402
+from minip2p.ddim import DDIM  # noqa: E402
+from minip2p.tokenizer import ClipTokenizer  # noqa: E402
+from minip2p.unet import UNet2DConditionModel  # noqa: E402
+from minip2p.vae import AutoencoderKL  # noqa: E402
+
+TOKENIZER = ROOT / "weights" / "clip-tokenizer"
+DIFFUSERS_VERSION = "0.30.0"
+
+# Configs exactly as diffusers / transformers write them, so either library can read the folder.
+UNET = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu", "attention_head_dim": [2, 4, 4], "block_out_channels": [32, 64, 128],
+        "center_input_sample": False, "cross_attention_dim": 64,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+        "layers_per_block": 1, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+        "norm_num_groups": 16, "out_channels": 4, "sample_size": 16,
+        "up_block_types": ["UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"]}
+VAE = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "act_fn": "silu",
+       "block_out_channels": [16, 32, 64], "down_block_types": ["DownEncoderBlock2D"] * 3,
+       "in_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 1,
+       "out_channels": 3, "sample_size": 64, "scaling_factor": 1.0,
+       "up_block_types": ["UpDecoderBlock2D"] * 3}
+TEXT = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+        "attention_dropout": 0.0, "bos_token_id": 49406, "eos_token_id": 49407,
+        "pad_token_id": 49407, "hidden_act": "quick_gelu", "hidden_size": 64,
+        "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 256,
+        "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "num_attention_heads": 4,
+        "num_hidden_layers": 3, "projection_dim": 64, "torch_dtype": "float16",
+        "vocab_size": 49408}
+SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+             "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+             "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "epsilon",
+             "set_alpha_to_one": False, "steps_offset": 1, "trained_betas": None}
+MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+               "feature_extractor": [None, None], "requires_safety_checker": False,
+               "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+               "text_encoder": ["transformers", "CLIPTextModel"],
+               "tokenizer": ["transformers", "CLIPTokenizer"],
+               "unet": ["diffusers", "UNet2DConditionModel"],
+               "vae": ["diffusers", "AutoencoderKL"]}
+TOKENIZER_CONFIG = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+                    "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                    "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                    "do_lower_case": True, "clean_up_tokenization_spaces": True}
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def lr_at(step, total, peak, warmup):
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train_vae(vae, caps, args, gen, device):
+    with torch.no_grad():                    # start with a narrow posterior (σ ≈ 0.05), not σ = 1,
+        vae.quant_conv.bias[vae.cfg.latent_channels:] = -6.0     # so the decoder sees the signal
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr_vae, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(args.steps_vae):
+        x = toydata.draw(caps.attrs[caps.sample(args.batch_vae, gen)], gen).to(device)
+        mean, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)
+        logvar = logvar.clamp(-30, 20)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(device)
+        rec = vae.decode(z)
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + args.kl * kl
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps_vae, args.lr_vae, min(100, args.steps_vae // 10 + 1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == args.steps_vae - 1:
+            el = time.time() - t0
+            log(f"vae {step + 1}/{args.steps_vae} loss {loss.item():.4f} kl {kl.item():.3f} "
+                f"{(step + 1) / el:.2f} it/s")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        x = toydata.draw(caps.attrs[caps.sample(256 if args.batch_vae > 4 else 8, gen)], gen).to(device)
+        z = torch.cat([vae.encode(c) for c in x.split(64)])
+        std = z.std().item()
+        err = (vae.decode(z[:64]) - x[:64]).abs().mean().item()
+    log(f"vae done in {time.time() - t0:.0f}s: latent std {std:.4f}, L1 reconstruction {err:.4f}")
+    return 1.0 / std, err, time.time() - t0
+
+
+def ema_update(ema, model, decay):
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
+def train_diffusion(unet, text, vae, sf, caps, args, gen, device):
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    sched = DDIM(SchedulerConfig.from_dict(SCHEDULER))
+    abar = sched.alphas_cumprod.to(device)
+    caps_empty = ClipTokenizer.from_dir(TOKENIZER)([""])[0].to(device)
+    # A pool of encoded pictures: the VAE encoder runs once per picture, not once per step.
+    t0 = time.time()
+    pool_idx = caps.sample(args.pool, gen)
+    with torch.no_grad():
+        pool = torch.cat([vae.encode(toydata.draw(caps.attrs[i], gen).to(device)) * sf
+                          for i in pool_idx.split(256)])
+    log(f"pool of {args.pool} encoded pictures in {time.time() - t0:.0f}s")
+    t0, avg, done = time.time(), None, 0
+    for step in range(args.steps_unet):
+        if args.max_minutes and time.time() - args.started > 60 * args.max_minutes:
+            log(f"time limit: stopping after {step} steps")
+            break
+        j = torch.randint(args.pool, (args.batch,), generator=gen)
+        idx, z0 = pool_idx[j], pool[j.to(device)]
+        ids = caps.ids[idx].to(device)
+        drop = (torch.rand(args.batch, generator=gen) < args.drop).to(device)
+        ids = torch.where(drop[:, None], caps_empty[None], ids)
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
+        a = abar[t][:, None, None, None]
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            eps = unet(zt, t, text(ids), fast=True)
+        loss = F.mse_loss(eps.float(), noise)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps_unet, args.lr, args.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_u, unet, decay)
+        ema_update(ema_t, text, decay)
+        done = step + 1
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % args.log_every == 0 or step == args.steps_unet - 1:
+            el = time.time() - t0
+            log(f"unet {step + 1}/{args.steps_unet} loss {loss.item():.4f} (avg {avg:.4f}) "
+                f"{(step + 1) / el:.2f} it/s, eta {(args.steps_unet - step - 1) * el / (step + 1) / 60:.1f} min")
+        if args.snapshot and args.snapshot_every and (step + 1) % args.snapshot_every == 0:
+            export(Path(args.snapshot), ema_u, vae, ema_t, sf, dict(vars(args), at_step=step + 1))
+            log(f"snapshot at step {step + 1} -> {args.snapshot}")
+    return ema_u, ema_t, avg, time.time() - t0, done
+
+
+def fp16(module):
+    return {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in module.state_dict().items()}
+
+
+def export(out: Path, unet, vae, text, sf, info: dict):
+    """Write the diffusers-layout folder into a temporary sibling, then rename it into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        def dump(rel, data):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(json.dumps(data, indent=2) + "\n")
+        dump("model_index.json", MODEL_INDEX)
+        dump("scheduler/scheduler_config.json", SCHEDULER)
+        dump("unet/config.json", UNET)
+        dump("vae/config.json", dict(VAE, scaling_factor=round(sf, 5)))
+        dump("text_encoder/config.json", TEXT)
+        dump("tokenizer/tokenizer_config.json", TOKENIZER_CONFIG)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(TOKENIZER / name, tmp / "tokenizer" / name)
+        save_file(fp16(unet), str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
+        save_file(fp16(vae), str(tmp / "vae" / "diffusion_pytorch_model.safetensors"))
+        save_file(fp16(text), str(tmp / "text_encoder" / "model.safetensors"))
+        dump("training.json", info)
+        old = out.with_name(f".{out.name}-old")
+        card = out / "README.md"
+        if card.is_file():                       # keep an existing model card (results, figures)
+            shutil.copy(card, tmp / "README.md")
+        if (out / "figures").is_dir():
+            shutil.copytree(out / "figures", tmp / "figures")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "weights" / "toy"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda ...")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps-vae", type=int, default=500)
+    p.add_argument("--steps-unet", type=int, default=4000)
+    p.add_argument("--batch-vae", type=int, default=16)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr-vae", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--kl", type=float, default=1e-4, help="KL weight (per element)")
+    p.add_argument("--drop", type=float, default=0.1, help="caption dropout for CFG")
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--snapshot", default=None, help="folder for periodic snapshots (EMA weights)")
+    p.add_argument("--snapshot-every", type=int, default=0)
+    p.add_argument("--pool", type=int, default=32768, help="encoded pictures drawn up front")
+    p.add_argument("--max-minutes", type=float, default=0, help="stop stage 2 early (0: never)")
+    p.add_argument("--init", default=None, help="continue stage 2 from this model folder")
+    p.add_argument("--quick", action="store_true", help="a few tiny steps (CI smoke test)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps_vae, args.steps_unet, args.batch_vae, args.batch = 2, 3, 4, 4
+        args.warmup, args.log_every, args.pool = 1, 1, 16
+    args.started = time.time()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    gen = torch.Generator().manual_seed(args.seed)
+    log(f"device {device}, threads {torch.get_num_threads()}, args {vars(args)}")
+    caps = toydata.Captions(ClipTokenizer.from_dir(TOKENIZER))
+    log(f"{len(caps.texts)} captions, {int(caps.train.sum())} for training, held out: "
+        f"{sorted(toydata.HELD_OUT)}")
+
+    if args.init:                                # continue from a trained folder (stage 2 only)
+        from minip2p.loading import load_folder
+        m = load_folder(args.init, device=device)
+        vae, unet, text = m.vae, m.unet.train().requires_grad_(True), \
+            m.text_encoder.train().requires_grad_(True)
+    else:
+        vae = AutoencoderKL(VAEConfig.from_dict(VAE)).to(device)
+        unet = UNet2DConditionModel(UNetConfig.from_dict(UNET)).to(device)
+        text = CLIPTextModel(TextConfig.from_dict(TEXT)).to(device)
+        torch.nn.init.normal_(text.text_model.embeddings.token_embedding.weight, std=0.02)
+        torch.nn.init.normal_(text.text_model.embeddings.position_embedding.weight, std=0.01)
+    for name, m in (("vae", vae), ("unet", unet), ("text encoder", text)):
+        log(f"{name}: {sum(q.numel() for q in m.parameters()) / 1e6:.2f} M parameters")
+
+    if args.init:
+        vae.eval().requires_grad_(False)
+        sf, vae_err, t_vae = vae.cfg.scaling_factor, None, 0.0
+    else:
+        sf, vae_err, t_vae = train_vae(vae, caps, args, gen, device)
+    unet, text, loss, t_unet, done = train_diffusion(unet, text, vae, sf, caps, args, gen, device)
+    info = dict(vars(args), steps_unet_done=done, scaling_factor=sf, vae_l1=vae_err, final_loss=loss,
+                seconds_vae=round(t_vae), seconds_unet=round(t_unet), device=str(device),
+                torch=torch.__version__)
+    export(Path(args.out), unet, vae, text, sf, info)
+    log(f"wrote {args.out} (vae {t_vae / 60:.1f} min, unet+text {t_unet / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
