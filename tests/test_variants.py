@@ -40,3 +40,21 @@ def test_reduced_precision_generation_is_close_to_fp32(sd_ckpt):
         img = generate(load_model(folder, dtype=dtype), ["a red circle"], **kw)
         assert img.dtype == torch.float32 and img.shape == ref.shape
         assert (img - ref).abs().mean().item() < 0.05, dtype
+
+
+def test_p2p_edit_runs_in_half_precision(sd_ckpt):
+    """Every controller path in fp16 and bf16 (on the CPU here; the same code runs on GPUs)."""
+    from minip2p import p2p
+    _, folder = sd_ckpt
+    prompts = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
+    kw = dict(seed=0, steps=4, height=64, width=128, progress=False)
+    results = {}
+    for dtype in ("fp32", "fp16", "bf16"):
+        model = load_model(folder, dtype=dtype)
+        control, store = p2p.build(model.tokenizer, prompts, 4, blend=["squirrel", "lion"],
+                                   reweight={"burger": 2.0})
+        results[dtype] = generate(model, prompts, control=control, **kw)
+        assert torch.isfinite(results[dtype]).all()
+        assert all(v.dtype == torch.float32 for v in store.sums.values())
+    for dtype in ("fp16", "bf16"):
+        assert (results[dtype] - results["fp32"]).abs().mean().item() < 0.05, dtype
