@@ -84,8 +84,10 @@ def denoise(model: Model, cond: torch.Tensor, uncond: torch.Tensor, z: torch.Ten
 @torch.no_grad()
 def decode(model: Model, z: torch.Tensor) -> torch.Tensor:
     """z_0 (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32."""
-    x = model.vae.decode((z / model.vae.cfg.scaling_factor).to(model.device, model.dtype))
-    return (x.float() / 2 + 0.5).clamp(0, 1)
+    z = (z / model.vae.cfg.scaling_factor).to(model.device, model.dtype)
+    # one image at a time: the decoder's activations dominate peak memory, not its speed
+    x = torch.cat([model.vae.decode(zi[None]).float() for zi in z])
+    return (x / 2 + 0.5).clamp(0, 1)
 
 
 def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,

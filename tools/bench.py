@@ -5,25 +5,28 @@ Rows (each in a fresh child process, so that its peak memory is its own; every c
 model from the same safetensors folder, then runs end to end: text encoding, every denoising
 step, decoding both images):
     minip2p-plain            generate() on the two prompts, fast path (SDPA everywhere)
-    minip2p-edit             P2P Replace, cross 0.8 / self 0.4, fast path (SDPA where no map is read)
+    minip2p-edit             P2P Replace, cross 0.8 / self 0.4, fast path (SDPA wherever no
+                             map is read; no AttentionStore unless --store, as `minip2p edit`)
     minip2p-edit-explicit    the same edit with fast=False (every map formed)
     diffusers-plain          StableDiffusionPipeline on the two prompts (SDPA, diffusers' default)
     community-edit           diffusers' community Prompt2PromptPipeline (examples/community/
-                             pipeline_prompt2prompt.py, given with --community PATH), same edit
+                             pipeline_prompt2prompt.py, given with --community PATH), same
+                             edit: n_cross_replace=0.8, n_self_replace=0.4 (the keys it reads)
 Same prompts, initial noise, DDIM (SD 1.x settings), steps, guidance 7.5 and size everywhere.
-Reported: load time; run time split into setup + text encoding / denoising / decoding (the UNet's
-forward hooks mark the steps); s/step and it/s of the denoising loop; peak memory: the process's
-peak RSS (getrusage ru_maxrss; load included) on CPU, torch.cuda.max_memory_allocated on CUDA;
-and max|Δ| of the images against the diffusers counterpart (a check that both do the same work).
+Reported: load time; run time (wall and CPU) split into setup + text encoding / denoising /
+decoding (the UNet's forward hooks mark the steps); s/step and it/s of the denoising loop; peak
+memory: the process's peak RSS (getrusage ru_maxrss, load included) on CPU,
+torch.cuda.max_memory_allocated on CUDA; max|Δ| of the images against the diffusers row that
+should give the same images (community-edit against diffusers-plain: how much the edit changed).
 With no --model the full SD 1.5-shape random checkpoint is built as tools/parity.py does.
-Usage:
-    python tools/bench.py --community /tmp/pipeline_prompt2prompt.py --device cpu --steps 3 --size 512
-    python tools/bench.py --community /tmp/pipeline_prompt2prompt.py --tiny        # seconds
+On a shared CPU, --threads 1 gives steadier figures than torch's default. Usage:
+  python tools/bench.py --community DIR/pipeline_prompt2prompt.py --size 512 --steps 3 --threads 1
+  python tools/bench.py --community DIR/pipeline_prompt2prompt.py --tiny        # seconds
 """
 from __future__ import annotations
 
-import argparse, gc, importlib.util, json, os, resource, subprocess, sys, tempfile, time  # noqa: E401
-import warnings
+import argparse, gc, importlib.util, json, os, resource, subprocess, sys  # noqa: E401
+import tempfile, time, warnings  # noqa: E401
 from pathlib import Path
 
 import torch
@@ -32,7 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
-ROWS = ["minip2p-plain", "minip2p-edit", "minip2p-edit-explicit", "diffusers-plain", "community-edit"]
+ROWS = ["minip2p-plain", "minip2p-edit", "minip2p-edit-explicit", "diffusers-plain",
+        "community-edit"]
 REF = {"minip2p-plain": "diffusers-plain", "minip2p-edit": "community-edit",  # same images
        "minip2p-edit-explicit": "community-edit", "community-edit": "diffusers-plain"}  # edited
 TAG = "BENCH-RESULT "
@@ -180,17 +184,19 @@ def child(name: str, args, folder: Path, save: Path) -> dict | None:
 
 def table(res: dict, args, mem: str, build_s: float | None):
     geo = "tiny" if args.tiny else "SD 1.5 shape" if args.model is None else str(args.model)
-    threads = {r["threads"] for r in res.values()}
-    print(f"\n{geo}, random weights, {args.dtype} on {args.device} ({'/'.join(map(str, threads))} "
-          f"threads), {args.size}x{args.size}, {args.steps} steps, guidance {args.guidance}, "
-          f"seed {args.seed}, 2 prompts" + (f"; checkpoint built in {build_s:.0f} s" if build_s else ""))
+    threads = "/".join(sorted({str(r["threads"]) for r in res.values()}))
+    built = f"; checkpoint built in {build_s:.0f} s" if build_s else ""
+    print(f"\n{geo}, random weights, {args.dtype} on {args.device} ({threads} threads), "
+          f"{args.size}x{args.size}, {args.steps} steps, guidance {args.guidance}, "
+          f"seed {args.seed}, 2 prompts{built}")
     print(f"\n| row | load s | run s | CPU s | text s | denoise s | s/step | it/s | decode s | "
-          f"peak {mem} GiB | max abs diff vs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          f"peak {mem} GiB | max abs diff vs |")
+    print("|---|" + "---:|" * 9 + "---|")
     for name, r in res.items():
         d = f"{r['diff']:.1e} ({REF[name]})" if "diff" in r else ""
         print(f"| {name} | {r['load']:.1f} | {r['run']:.1f} | {r['cpu']:.1f} | {r['text']:.2f} | "
-              f"{r['denoise']:.1f} | "
-              f"{r['s_step']:.2f} | {1 / r['s_step']:.3f} | {r['decode']:.1f} | {r['peak']:.2f} | {d} |")
+              f"{r['denoise']:.1f} | {r['s_step']:.2f} | {1 / r['s_step']:.3f} | "
+              f"{r['decode']:.1f} | {r['peak']:.2f} | {d} |")
 
 
 def ratios(res: dict):
@@ -203,15 +209,16 @@ def ratios(res: dict):
 
     print("\n| ratio | value | |\n|---|---:|---|")
     ge2, lt1 = ("≥ 2", lambda v: v >= 2), ("< 1", lambda v: v < 1)
-    ratio("time: community-edit / minip2p-edit (run)", "community-edit", "minip2p-edit", "run", ge2)
-    ratio("time: community-edit / minip2p-edit (s/step)", "community-edit", "minip2p-edit", "s_step")
-    ratio("CPU time: community-edit / minip2p-edit (run)", "community-edit", "minip2p-edit", "cpu")
-    ratio("time: minip2p-edit / minip2p-plain (edit overhead)", "minip2p-edit", "minip2p-plain", "run")
-    ratio("time: minip2p-edit-explicit / minip2p-edit", "minip2p-edit-explicit", "minip2p-edit", "run")
-    ratio("time: diffusers-plain / minip2p-plain", "diffusers-plain", "minip2p-plain", "run")
-    ratio("peak mem: minip2p-edit / community-edit", "minip2p-edit", "community-edit", "peak", lt1)
-    ratio("peak mem: minip2p-edit / diffusers-plain", "minip2p-edit", "diffusers-plain", "peak", lt1)
-    ratio("peak mem: minip2p-plain / diffusers-plain", "minip2p-plain", "diffusers-plain", "peak", lt1)
+    ce, me, mp = "community-edit", "minip2p-edit", "minip2p-plain"
+    ratio("time: community-edit / minip2p-edit (run)", ce, me, "run", ge2)
+    ratio("time: community-edit / minip2p-edit (s/step)", ce, me, "s_step")
+    ratio("CPU time: community-edit / minip2p-edit (run)", ce, me, "cpu")
+    ratio("time: minip2p-edit / minip2p-plain (edit overhead)", me, mp, "run")
+    ratio("time: minip2p-edit-explicit / minip2p-edit", "minip2p-edit-explicit", me, "run")
+    ratio("time: diffusers-plain / minip2p-plain", "diffusers-plain", mp, "run")
+    ratio("peak mem: minip2p-edit / community-edit", me, ce, "peak", lt1)
+    ratio("peak mem: minip2p-edit / diffusers-plain", me, "diffusers-plain", "peak", lt1)
+    ratio("peak mem: minip2p-plain / diffusers-plain", mp, "diffusers-plain", "peak", lt1)
 
 
 def main(argv=None) -> int:
@@ -220,7 +227,8 @@ def main(argv=None) -> int:
                     "1.5-shape random checkpoint into a temporary folder)")
     ap.add_argument("--community", help="path to diffusers' examples/community/"
                     "pipeline_prompt2prompt.py (without it the community-edit row is skipped)")
-    ap.add_argument("--tiny", action="store_true", help="tiny geometry (tests/tiny.py): a quick check")
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny geometry (tests/tiny.py): a quick check")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     ap.add_argument("--steps", type=int, help="DDIM steps (default 50 on CUDA, 3 on CPU)")
@@ -234,7 +242,7 @@ def main(argv=None) -> int:
                     "(default: torch's own choice; 1 is steadier on a shared machine)")
     ap.add_argument("--seed", type=int, default=8888)
     ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--row", help=argparse.SUPPRESS)    # internal: run one row, print one JSON line
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, print one JSON line
     ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.row:
