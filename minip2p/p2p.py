@@ -53,12 +53,16 @@ class AttentionStore:
         self.steps_seen.add(site.step)
         return probs
 
+    def coarsest(self, kind: str = "cross", places=("up", "down")) -> int | None:
+        """Pixel count of the coarsest stored resolution (16² at 512 px: the maps the P2P
+        reference views and blends with), or None if nothing is stored."""
+        return min((p for (place, *_, k, p) in self.sums if k == kind and place in places),
+                   default=None)
+
     def average(self, kind: str = "cross", pixels: int | None = None, places=("up", "down")):
         """Mean over steps and over the matching layers: (B, pixels, tokens). Layers of one
-        resolution only: `pixels`, by default the coarsest stored (16² at 512 px)."""
-        if pixels is None:
-            pixels = min((p for (place, *_, k, p) in self.sums if k == kind and place in places),
-                         default=None)
+        resolution only: `pixels`, by default the coarsest stored."""
+        pixels = pixels or self.coarsest(kind, places)
         picked = [v for (place, *_, k, p), v in self.sums.items()
                   if k == kind and place in places and (pixels is None or p == pixels)]
         if not picked:
@@ -177,8 +181,7 @@ class LocalBlend:
         return m
 
     def _mask(self, z, tokens, threshold, pool):
-        sites = {k[-1] for k in self.store.sums if k[0] in ("up", "down") and k[4] == "cross"}
-        pixels = min(sites)
+        pixels = self.store.coarsest("cross")
         maps = self.store.average("cross", pixels)                         # (B, p, 77)
         s = round((z.shape[2] * z.shape[3] / pixels) ** 0.5)                # latent px per map px
         maps = (maps * tokens.to(maps)[:, None, :]).sum(-1)                # (B, p)

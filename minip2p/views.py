@@ -19,10 +19,10 @@ TILE = 128
 
 
 def _coarsest(store: AttentionStore, kind: str) -> int:
-    pixels = {k[-1] for k in store.sums if k[0] in ("up", "down") and k[4] == kind}
-    if not pixels:
+    pixels = store.coarsest(kind)
+    if pixels is None:
         raise ValueError(f"no {kind}-attention maps were stored")
-    return min(pixels)
+    return pixels
 
 
 def _shape(pixels: int, image: Image.Image) -> tuple[int, int]:
