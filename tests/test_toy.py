@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from minip2p import toydata
@@ -49,6 +50,29 @@ def test_analyser_reads_drawn_pictures(captions):
         a = toydata.analyse(im)
         assert (a["color"], a["shape"]) == (toydata.COLOR_NAMES[c], toydata.SHAPES[s]), \
             captions.texts[i]
+
+
+def test_analyser_reads_blurred_pictures_and_pins_the_prototypes(captions):
+    """Rounded corners (a binomial blur, σ ≈ 1 px, as a decoder draws edges) keep their shape."""
+    gen = torch.Generator().manual_seed(1)
+    single = torch.nonzero(captions.attrs[:, 5] < 0)[:, 0]
+    idx = single[torch.randperm(len(single), generator=gen)[:96]]
+    images = (toydata.draw(captions.attrs[idx], gen) + 1) / 2
+    k = torch.tensor([1.0, 4, 6, 4, 1])
+    k = (k[:, None] * k[None]) / 256
+    blurred = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate"), k.expand(3, 1, 5, 5), groups=3)
+    for i, im in zip(idx, blurred):
+        c, s = captions.attrs[i, :2].tolist()
+        a = toydata.analyse(im)
+        assert (a["color"], a["shape"]) == (toydata.COLOR_NAMES[c], toydata.SHAPES[s]), \
+            captions.texts[i]
+    # a big drawn shape's features lie near its prototype
+    for s, shape in enumerate(toydata.SHAPES):
+        attrs = torch.tensor([[0, s, 2, 5, -1, -1, -1]])
+        a = toydata.analyse((toydata.draw(attrs, gen) + 1)[0] / 2)
+        assert np.allclose(a["features"], toydata.PROTOTYPES[shape], atol=0.06), (shape, a["features"])
+    assert toydata.classify_shape((0.8, 0.0, 1.05)) == "circle"          # a blob is a circle
 
 
 def test_training_recipe_runs_and_its_output_loads(tmp_path):

@@ -46,13 +46,13 @@ DIFFUSERS_VERSION = "0.30.0"
 
 # Configs exactly as diffusers / transformers write them, so either library can read the folder.
 UNET = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
-        "act_fn": "silu", "attention_head_dim": [2, 4, 4], "block_out_channels": [32, 64, 128],
+        "act_fn": "silu", "attention_head_dim": [4, 4, 4], "block_out_channels": [48, 96, 192],
         "center_input_sample": False, "cross_attention_dim": 64,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
         "layers_per_block": 1, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
         "norm_num_groups": 16, "out_channels": 4, "sample_size": 16,
-        "up_block_types": ["UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"]}
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
 VAE = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "act_fn": "silu",
        "block_out_channels": [16, 32, 64], "down_block_types": ["DownEncoderBlock2D"] * 3,
        "in_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 1,
@@ -106,7 +106,10 @@ def train_vae(vae, caps, args, gen, device):
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(device)
         rec = vae.decode(z)
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
-        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + args.kl * kl
+        # edges: L1 between the finite differences of the picture and of its reconstruction,
+        # which keeps corners sharp (the shape analyser reads them)
+        edge = ((rec.diff(dim=2) - x.diff(dim=2)).abs().mean() + (rec.diff(dim=3) - x.diff(dim=3)).abs().mean())
+        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + args.edge * edge + args.kl * kl
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps_vae, args.lr_vae, min(100, args.steps_vae // 10 + 1))
         opt.zero_grad(set_to_none=True)
@@ -140,6 +143,8 @@ def train_diffusion(unet, text, vae, sf, caps, args, gen, device):
     sched = DDIM(SchedulerConfig.from_dict(SCHEDULER))
     abar = sched.alphas_cumprod.to(device)
     caps_empty = ClipTokenizer.from_dir(TOKENIZER)([""])[0].to(device)
+    if args.steps_unet == 0:                     # stage 1 only (see --vae-from)
+        return ema_u, ema_t, None, 0.0, 0
     # A pool of encoded pictures: the VAE encoder runs once per picture, not once per step.
     t0 = time.time()
     pool_idx = caps.sample(args.pool, gen)
@@ -163,7 +168,13 @@ def train_diffusion(unet, text, vae, sf, caps, args, gen, device):
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             eps = unet(zt, t, text(ids), fast=True)
-        loss = F.mse_loss(eps.float(), noise)
+        # Min-SNR-γ weighting (Hang et al. 2023, arXiv 2303.09556) for ε-prediction:
+        # w_t = min(SNR_t, γ) / SNR_t with SNR_t = ᾱ_t / (1 - ᾱ_t); γ = 0 turns it off
+        per = (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        if args.min_snr:
+            snr = abar[t] / (1 - abar[t])
+            per = per * snr.clamp(max=args.min_snr) / snr
+        loss = per.mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps_unet, args.lr, args.warmup)
         opt.zero_grad(set_to_none=True)
@@ -240,6 +251,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--kl", type=float, default=1e-4, help="KL weight (per element)")
+    p.add_argument("--edge", type=float, default=1.0, help="weight of the VAE's edge (gradient) L1")
+    p.add_argument("--min-snr", type=float, default=5.0, help="Min-SNR-γ loss weight (0: plain MSE)")
     p.add_argument("--drop", type=float, default=0.1, help="caption dropout for CFG")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--log-every", type=int, default=50)
@@ -248,6 +261,8 @@ def main(argv=None):
     p.add_argument("--pool", type=int, default=32768, help="encoded pictures drawn up front")
     p.add_argument("--max-minutes", type=float, default=0, help="stop stage 2 early (0: never)")
     p.add_argument("--init", default=None, help="continue stage 2 from this model folder")
+    p.add_argument("--vae-from", default=None,
+                   help="take the trained VAE (and scaling factor) from this model folder, skip stage 1")
     p.add_argument("--quick", action="store_true", help="a few tiny steps (CI smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -264,7 +279,14 @@ def main(argv=None):
     log(f"{len(caps.texts)} captions, {int(caps.train.sum())} for training, held out: "
         f"{sorted(toydata.HELD_OUT)}")
 
-    if args.init:                                # continue from a trained folder (stage 2 only)
+    if args.vae_from:                            # stage 1 done by an earlier run
+        from minip2p.loading import load_folder
+        vae = load_folder(args.vae_from, device=device).vae
+        unet = UNet2DConditionModel(UNetConfig.from_dict(UNET)).to(device)
+        text = CLIPTextModel(TextConfig.from_dict(TEXT)).to(device)
+        torch.nn.init.normal_(text.text_model.embeddings.token_embedding.weight, std=0.02)
+        torch.nn.init.normal_(text.text_model.embeddings.position_embedding.weight, std=0.01)
+    elif args.init:                              # continue from a trained folder (stage 2 only)
         from minip2p.loading import load_folder
         m = load_folder(args.init, device=device)
         vae, unet, text = m.vae, m.unet.train().requires_grad_(True), \
@@ -278,7 +300,7 @@ def main(argv=None):
     for name, m in (("vae", vae), ("unet", unet), ("text encoder", text)):
         log(f"{name}: {sum(q.numel() for q in m.parameters()) / 1e6:.2f} M parameters")
 
-    if args.init:
+    if args.init or args.vae_from:
         vae.eval().requires_grad_(False)
         sf, vae_err, t_vae = vae.cfg.scaling_factor, None, 0.0
     else:
