@@ -23,6 +23,10 @@ def parse_reweight(items: list[str]) -> dict[str, float]:
     return out
 
 
+MAP_RES = ("show the stored maps with this many rows (default: the coarsest stored down/up "
+           "resolution, 16 at 512 px as in the P2P reference)")
+
+
 def check_out_dir(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -45,6 +49,8 @@ def cmd_edit(args):
         raise MinipError("edit needs a SOURCE prompt and at least one TARGET prompt "
                          "(or --image/--inversion: with no target, the reconstruction)")
     out = check_out_dir(args.out_dir)
+    if args.map_res is not None and not args.maps:
+        raise MinipError("--map-res chooses the maps of --maps; add --maps")
     cross = parse_window(args.cross_replace)
     self_ = parse_window(args.self_replace)
     if isinstance(self_, dict):
@@ -71,13 +77,15 @@ def cmd_edit(args):
     else:
         images = to_pil(invert.run(model, inv, prompts, control, args.guidance,
                                    progress=not args.quiet))
-    out.mkdir(exist_ok=True)
     files = {f"{i}.png": im for i, im in enumerate(images)}
     shown = [cli_invert.input_pil(inv)] if inv is not None and inv.image is not None else []
     files["strip.png"] = views.strip(shown + images, ["input"] * len(shown) + prompts)
     if args.maps:
+        pixels = views.pick_pixels(store, "cross", args.map_res, images[0])
         for i, (prompt, im) in enumerate(zip(prompts, images)):
-            files[f"maps-{i}.png"] = views.cross_attention_image(store, model.tokenizer, prompt, i, im)
+            files[f"maps-{i}.png"] = views.cross_attention_image(store, model.tokenizer, prompt, i,
+                                                                 im, pixels)
+    out.mkdir(exist_ok=True)
     for name, im in files.items():
         save_image(im, out / name)
     print(f"wrote {', '.join(str(out / n) for n in files)}")
@@ -96,17 +104,19 @@ def cmd_attention(args):
     image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance, height,
                             width, control=store, progress=not args.quiet,
                             fast=not args.explicit))[0]
+    kind = "self" if args.self else "cross"
+    pixels = views.pick_pixels(store, kind, args.map_res, image)
     if args.self:
-        sheet = views.self_attention_image(store, args.prompt, 0, image, n=args.components)
+        sheet = views.self_attention_image(store, args.prompt, 0, image, args.components, pixels)
     else:
-        sheet = views.cross_attention_image(store, model.tokenizer, args.prompt, 0, image)
+        sheet = views.cross_attention_image(store, model.tokenizer, args.prompt, 0, image, pixels)
     save_image(sheet, out)
     print(f"wrote {out}")
 
 
 def add_commands(sub):
     from . import cli_invert
-    from .cli import add_model_options
+    from .cli import _int, add_model_options
 
     e = sub.add_parser("edit", help="Prompt-to-Prompt: edit SOURCE into each TARGET")
     e.add_argument("source", nargs="?", help="the source prompt (with --inversion: a target)")
@@ -123,6 +133,7 @@ def add_commands(sub):
     e.add_argument("--reweight", nargs="+", metavar="WORD=FACTOR",
                    help="scale the attention of words of the targets, e.g. smiling=2")
     e.add_argument("--maps", action="store_true", help="also write maps-N.png per prompt")
+    e.add_argument("--map-res", type=_int("--map-res"), metavar="ROWS", help=MAP_RES)
     e.add_argument("--out-dir", default="edit", help="output folder (edit)")
     add_model_options(e)
     cli_invert.add_edit_options(e)
@@ -132,5 +143,6 @@ def add_commands(sub):
     a.add_argument("prompt")
     a.add_argument("--self", action="store_true", help="self-attention SVD components instead")
     a.add_argument("--components", type=int, default=6, help="how many components (--self)")
+    a.add_argument("--map-res", type=_int("--map-res"), metavar="ROWS", help=MAP_RES)
     add_model_options(a, out="maps.png")
     a.set_defaults(run=cmd_attention)

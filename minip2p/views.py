@@ -2,7 +2,8 @@
 over the generated image with captions, plus a captioned side-by-side strip of images.
 
 Cross-attention view (P2P reference "aggregate_attention"): the stored maps of the up and down
-layers at one resolution (16² at 512 px; default: the coarsest stored down/up resolution),
+layers at one resolution (16² at 512 px; default: the coarsest stored down/up resolution;
+`pick_pixels` selects another by its row count),
 averaged over layers, heads and steps -> one res×res map per token, divided by its max.
 Self-attention view: the top right-singular vectors of the centred (pixels × pixels) average
 self-attention map, each shown as a res×res image.
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import MinipError
 from .p2p import AttentionStore
 
 TILE = 128
@@ -23,6 +25,19 @@ def _coarsest(store: AttentionStore, kind: str) -> int:
     if pixels is None:
         raise ValueError(f"no {kind}-attention maps were stored")
     return pixels
+
+
+def pick_pixels(store: AttentionStore, kind: str, rows: int | None, image: Image.Image):
+    """The stored resolution whose maps have `rows` rows over this image (None: the default)."""
+    if rows is None:
+        return None
+    stored = sorted({k[-1] for k in store.sums if k[-2] == kind and k[0] in ("up", "down")})
+    for pixels in stored:
+        if _shape(pixels, image)[0] == rows:
+            return pixels
+    have = ", ".join("x".join(map(str, _shape(p, image))) for p in stored) or "none"
+    raise MinipError(f"--map-res {rows}: no {kind}-attention maps with {rows} rows were stored "
+                     f"(stored: {have}); pick one of those")
 
 
 def _shape(pixels: int, image: Image.Image) -> tuple[int, int]:

@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minip2p import p2p
+from minip2p import p2p, views
+from minip2p.attention import Site
+from minip2p.errors import MinipError
 from minip2p.cli import main
 from minip2p.loading import load_model
 from minip2p.pipeline import generate
@@ -242,6 +244,9 @@ def common(sd_ckpt):
     (["edit", "a cat", "a dog", "--self-replace", "0.6,0.2"], "0 <= start <= end <= 1"),
     (["edit", "a cat", "a dog", "--self-replace", "dog=0.2"], "--self-replace"),
     (["edit", "a cat"], "TARGET"),
+    (["edit", "a cat", "a dog", "--map-res", "4"], "add --maps"),
+    (["edit", "a cat", "a dog", "--maps", "--map-res", "0"], "--map-res must be"),
+    (["edit", "a cat", "a dog", "--maps", "--map-res", "3"], "stored: "),   # after generating
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v[3:]) or "single prompt")
 def test_cli_edit_bad_input_is_one_line(capsys, common, tmp_path, argv, needle):
     rc, out, err = cli(capsys, *argv, *common, "--out-dir", tmp_path / "out")
@@ -264,7 +269,8 @@ def test_cli_edit_writes_images_and_maps(capsys, common, tmp_path):
         "0.png", "1.png", "2.png", "maps-0.png", "maps-1.png", "maps-2.png", "strip.png"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--self"]], ids=["cross", "self"])
+@pytest.mark.parametrize("extra", [[], ["--self"], ["--map-res", "4"], ["--self", "--map-res", "8"]],
+                         ids=["cross", "self", "cross at 4x4", "self at 8x8"])
 def test_cli_attention_writes_the_sheet(capsys, common, tmp_path, extra):
     from PIL import Image
     target = tmp_path / "maps.png"
@@ -273,3 +279,17 @@ def test_cli_attention_writes_the_sheet(capsys, common, tmp_path, extra):
     assert str(target) in out
     with Image.open(target) as im:
         assert im.width > 0 and im.height > 0
+
+
+def test_pick_pixels_selects_a_stored_resolution_by_rows():
+    from PIL import Image
+    store = p2p.AttentionStore(1)
+    for pixels in (64, 16, 4):
+        site = Site("down", 0, 0, 0, "cross", pixels, 0)
+        store(torch.rand(2, 1, pixels, 77).softmax(-1), site)
+    image = Image.new("RGB", (64, 64))
+    assert views.pick_pixels(store, "cross", None, image) is None
+    assert views.pick_pixels(store, "cross", 4, image) == 16
+    assert views.pick_pixels(store, "cross", 8, image) == 64
+    with pytest.raises(MinipError, match=r"stored: 2x2, 4x4, 8x8"):
+        views.pick_pixels(store, "cross", 16, image)

@@ -122,10 +122,10 @@ def fidelity(model, args, rows):
     return ims, [p for p, _, _ in prompts], res
 
 
-def shape_map(store, tok, prompt, index, word, threshold):
-    """The word's cross-attention (16x16 here: coarsest down/up level), max-normalised,
+def shape_map(store, tok, prompt, index, word, threshold, pixels):
+    """The word's cross-attention at `pixels` (16x16: the latent resolution), max-normalised,
     upsampled to 64x64, thresholded at `threshold`."""
-    maps, pixels = views.cross_maps(store, index)
+    maps, pixels = views.cross_maps(store, index, pixels)
     m = maps[tok.word_positions(prompt, word)].sum(0)
     side = int(round(pixels ** 0.5))
     m = (m / m.max().clamp_min(1e-12)).reshape(1, 1, side, side)
@@ -169,7 +169,7 @@ def p2p_eval(model, args, rows):
         ious_plain.append(iou(a["mask"], pl["mask"]))
         new_color.append(b["color"] == c1)
         shape = next(s for s in SHAPES if s in src)
-        _, m, side = shape_map(store, tok, src, 0, shape, args.attn_threshold)
+        _, m, side = shape_map(store, tok, src, 0, shape, args.attn_threshold, args.map_res ** 2)
         attn.append(iou(m, a["mask"]))
         shown.append((src, tgt, a_im, b_im, plain, store))
     shift, ratio, shape_ok = [], [], []
@@ -180,7 +180,7 @@ def p2p_eval(model, args, rows):
         shift.append(float(np.hypot(a["center"][0] - b["center"][0], a["center"][1] - b["center"][1])))
         ratio.append(float(np.sqrt(max(b["area"], 1) / max(a["area"], 1))))
         shape_ok.append(b["shape"] == s1)
-        _, m, side = shape_map(store, tok, src, 0, s0, args.attn_threshold)
+        _, m, side = shape_map(store, tok, src, 0, s0, args.attn_threshold, args.map_res ** 2)
         attn.append(iou(m, a["mask"]))
         shown.append((src, tgt, a_im, b_im, plain, store))
     rows.append(("**Prompt-to-Prompt** (Replace, cross 0.8, self 0.4)",
@@ -199,7 +199,7 @@ def p2p_eval(model, args, rows):
     return shown
 
 
-def figures(model, folder: Path, shown, fid_ims, fid_prompts):
+def figures(model, folder: Path, shown, fid_ims, fid_prompts, pixels):
     from PIL import Image
     folder.mkdir(parents=True, exist_ok=True)
     tok, tiles, caps = model.tokenizer, [], []
@@ -208,7 +208,7 @@ def figures(model, folder: Path, shown, fid_ims, fid_prompts):
         a_pil, b_pil, p_pil = to_pil(torch.stack([a_im, b_im, plain]))
         color = next(c for c in COLOR_NAMES if c in src.split())
         shape = next(s for s in SHAPES if s in src.split())
-        maps, pixels = views.cross_maps(store, 0)
+        maps, pixels = views.cross_maps(store, 0, pixels)
         shape_hw = views._shape(pixels, a_pil)
         heat = []
         for w in (color, shape):
@@ -232,6 +232,8 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-threshold", type=float, default=0.5)
+    p.add_argument("--map-res", type=int, default=16, help="rows of the attention maps shown and "
+                   "scored (16: the toy model's latent resolution, its finest cross-attention)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--figures", default=None, help="write edits.png and samples.png here")
     p.add_argument("--card", default=None, help="model card to write the table into")
@@ -249,7 +251,7 @@ def main(argv=None):
                if not (r["color"] and r["shape"])]
         print(f"\n{len(bad)} misses:", *bad[:30], sep="\n  ")
     if args.figures and fid[0] is not None:
-        figures(model, Path(args.figures), shown, fid[0], fid[1])
+        figures(model, Path(args.figures), shown, fid[0], fid[1], args.map_res ** 2)
     if args.card:
         card = Path(args.card).read_text()
         block = f"<!-- eval -->\n{table}\n<!-- /eval -->"
