@@ -50,8 +50,9 @@ def _float(name):
     return parse
 
 
-def add_model_options(p: argparse.ArgumentParser, out: str | None = None):
-    """Options shared by every command that runs the model."""
+def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: bool = False):
+    """Options shared by every command that runs the model (`lean`: --free-text-encoder too,
+    for the commands that encode their prompts once)."""
     p.add_argument("--model", default=None,
                    help="model folder, .safetensors single file, or Hub repo id "
                         "(default: the small model shipped in weights/toy)")
@@ -68,6 +69,9 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--explicit", action="store_true",
                    help="form every attention map explicitly (the reference path; slower)")
+    if lean:
+        p.add_argument("--free-text-encoder", action="store_true",
+                       help="free the text encoder once the prompts are encoded (less memory)")
     if out:
         p.add_argument("--out", default=out, help=f"output image file ({out})")
 
@@ -103,7 +107,8 @@ def cmd_generate(args):
     check_size(model, args.height, args.width)
     images = generate(model, [args.prompt], seed=args.seed, steps=args.steps,
                       guidance=args.guidance, height=args.height, width=args.width,
-                      progress=not args.quiet, fast=not args.explicit)
+                      progress=not args.quiet, fast=not args.explicit,
+                      free_text_encoder=args.free_text_encoder)
     save_image(to_pil(images)[0], out)
     print(f"wrote {out}")
 
@@ -113,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="text -> image")
     g.add_argument("prompt")
-    add_model_options(g, out="minip2p.png")
+    add_model_options(g, out="minip2p.png", lean=True)
     g.set_defaults(run=cmd_generate)
     from . import cli_invert, cli_p2p
     cli_p2p.add_commands(sub)

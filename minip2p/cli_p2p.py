@@ -73,10 +73,11 @@ def cmd_edit(args):
     if inv is None:
         images = to_pil(generate(model, prompts, args.seed, args.steps, args.guidance, height,
                                  width, control=control, progress=not args.quiet,
-                                 fast=not args.explicit))
+                                 fast=not args.explicit, free_text_encoder=args.free_text_encoder))
     else:
         images = to_pil(invert.run(model, inv, prompts, control, args.guidance,
-                                   progress=not args.quiet))
+                                   progress=not args.quiet,
+                                   free_text_encoder=args.free_text_encoder))
     files = {f"{i}.png": im for i, im in enumerate(images)}
     shown = [cli_invert.input_pil(inv)] if inv is not None and inv.image is not None else []
     files["strip.png"] = views.strip(shown + images, ["input"] * len(shown) + prompts)
@@ -103,7 +104,7 @@ def cmd_attention(args):
     store = p2p.AttentionStore(1)
     image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance, height,
                             width, control=store, progress=not args.quiet,
-                            fast=not args.explicit))[0]
+                            fast=not args.explicit, free_text_encoder=args.free_text_encoder))[0]
     kind = "self" if args.self else "cross"
     pixels = views.pick_pixels(store, kind, args.map_res, image)
     if args.self:
@@ -135,7 +136,7 @@ def add_commands(sub):
     e.add_argument("--maps", action="store_true", help="also write maps-N.png per prompt")
     e.add_argument("--map-res", type=_int("--map-res"), metavar="ROWS", help=MAP_RES)
     e.add_argument("--out-dir", default="edit", help="output folder (edit)")
-    add_model_options(e)
+    add_model_options(e, lean=True)
     cli_invert.add_edit_options(e)
     e.set_defaults(run=cmd_edit)
 
@@ -144,5 +145,5 @@ def add_commands(sub):
     a.add_argument("--self", action="store_true", help="self-attention SVD components instead")
     a.add_argument("--components", type=int, default=6, help="how many components (--self)")
     a.add_argument("--map-res", type=_int("--map-res"), metavar="ROWS", help=MAP_RES)
-    add_model_options(a, out="maps.png")
+    add_model_options(a, out="maps.png", lean=True)
     a.set_defaults(run=cmd_attention)

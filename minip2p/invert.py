@@ -148,10 +148,13 @@ def invert(model, x: torch.Tensor, prompt: str, method: str = "null-text", steps
 
 
 def run(model, inv: Inversion, prompts: list[str], control=None, guidance: float | None = None,
-        progress: bool = True, return_latents: bool = False) -> torch.Tensor:
+        progress: bool = True, return_latents: bool = False,
+        free_text_encoder: bool = False) -> torch.Tensor:
     """Denoise from the inversion's z_T with its ∅_t shared by every prompt (the source first).
     One prompt (the source) gives the reconstruction. Returns images (B, 3, H, W) in [0, 1]."""
     cond = encode_text(model, prompts)                                    # (B, 77, d)
+    if free_text_encoder:                                                 # see pipeline.generate
+        model.text_encoder = None
     uncond = [u.to(model.device, model.dtype) for u in inv.per_step()]    # N × (1, 77, d)
     g = inv.guidance if guidance is None else guidance
     z = denoise(model, cond, uncond, inv.z_T, inv.steps, g, control, progress=progress)

@@ -93,8 +93,12 @@ def decode(model: Model, z: torch.Tensor) -> torch.Tensor:
 def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
              guidance: float = 7.5, height: int | None = None, width: int | None = None,
              control=None, latents: torch.Tensor | None = None, callback=None,
-             progress: bool = True, return_latents: bool = False, fast: bool = True):
-    """Prompts -> images (B, 3, H, W) in [0, 1] (or z_0 if `return_latents`)."""
+             progress: bool = True, return_latents: bool = False, fast: bool = True,
+             free_text_encoder: bool = False):
+    """Prompts -> images (B, 3, H, W) in [0, 1] (or z_0 if `return_latents`).
+
+    `free_text_encoder`: drop `model.text_encoder` once the prompts are encoded, so its weights
+    (0.5 GB fp32 at SD 1.x) are not held during denoising; the model then encodes no new prompts."""
     if isinstance(prompts, str):
         prompts = [prompts]
     height, width = check_size(model, height, width)
@@ -102,6 +106,8 @@ def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
     z = initial_noise(model, seed, height, width) if latents is None else latents
     cond = encode_text(model, prompts)
     uncond = encode_text(model, [""])
+    if free_text_encoder:
+        model.text_encoder = None
     z = denoise(model, cond, uncond, z, steps, guidance, control, callback, progress, fast)
     return z if return_latents else decode(model, z)
 

@@ -32,3 +32,23 @@ def test_overlong_prompt_warns_in_one_line(sd_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 0 and (tmp_path / "x.png").is_file()
     assert len(err) == 1 and err[0].startswith("minip2p: warning:") and "15 tokens too long" in err[0]
+
+
+def test_free_text_encoder_drops_it_after_encoding_and_changes_nothing(sd_ckpt, sd_model, tmp_path,
+                                                                        capsys):
+    from minip2p.errors import MinipError
+    from minip2p.loading import load_model
+    import pytest
+    lean = load_model(sd_ckpt[1])                       # its own copy: the fixture stays whole
+    kw = dict(seed=3, steps=3, height=64, width=64, progress=False, return_latents=True)
+    a = generate(sd_model, ["a cat", "a dog"], **kw)
+    b = generate(lean, ["a cat", "a dog"], free_text_encoder=True, **kw)
+    assert lean.text_encoder is None and torch.equal(a, b)
+    with pytest.raises(MinipError, match="text encoder was freed"):
+        generate(lean, ["a cat"], **kw)
+    for argv in (["generate", "a cat", "--out", str(tmp_path / "g.png")],
+                 ["edit", "a cat", "a dog", "--out-dir", str(tmp_path / "e")],
+                 ["attention", "a cat", "--out", str(tmp_path / "m.png")]):
+        rc = main([*argv, "--model", str(sd_ckpt[1]), "--steps", "2", "--quiet", "--height", "64",
+                   "--width", "64", "--free-text-encoder"])
+        assert rc == 0, capsys.readouterr().err

@@ -113,7 +113,8 @@ def row_minip2p(name, args, device):
     clock = Clock(m.unet, device)
     images, t = clock.run(lambda: generate(
         m, PROMPTS, args.seed, args.steps, args.guidance, args.size, args.size, control=control,
-        progress=False, fast=name != "minip2p-edit-explicit"))
+        progress=False, fast=name != "minip2p-edit-explicit",
+        free_text_encoder=args.free_text_encoder))
     return images, load, t
 
 
@@ -169,6 +170,7 @@ def child(name: str, args, folder: Path, save: Path) -> dict | None:
            "--steps", str(args.steps), "--size", str(args.size), "--seed", str(args.seed),
            "--guidance", str(args.guidance), "--threads", str(args.threads)] + \
           (["--store"] if args.store else []) + \
+          (["--free-text-encoder"] if args.free_text_encoder else []) + \
           (["--community", args.community] if args.community else [])
     print(f"--- {name}", flush=True)
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr goes straight through
@@ -188,7 +190,8 @@ def table(res: dict, args, mem: str, build_s: float | None):
     built = f"; checkpoint built in {build_s:.0f} s" if build_s else ""
     print(f"\n{geo}, random weights, {args.dtype} on {args.device} ({threads} threads), "
           f"{args.size}x{args.size}, {args.steps} steps, guidance {args.guidance}, "
-          f"seed {args.seed}, 2 prompts{built}")
+          f"seed {args.seed}, 2 prompts{built}"
+          f"{'; minip2p rows free the text encoder after encoding' if args.free_text_encoder else ''}")
     print(f"\n| row | load s | run s | CPU s | text s | denoise s | s/step | it/s | decode s | "
           f"peak {mem} GiB | max abs diff vs |")
     print("|---|" + "---:|" * 9 + "---|")
@@ -236,6 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
     ap.add_argument("--store", action="store_true", help="minip2p edits also keep an "
                     "AttentionStore (the community pipeline always stores its maps)")
+    ap.add_argument("--free-text-encoder", action="store_true", help="minip2p rows free the "
+                    "text encoder once the prompts are encoded (generate(free_text_encoder=True))")
     ap.add_argument("--keep", type=Path, help="build the random checkpoint into this folder and "
                     "keep it (pass it as --model next time)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each row "
