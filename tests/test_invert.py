@@ -275,8 +275,6 @@ def _mask(img):
 
 
 @toy
-@pytest.mark.xfail(strict=False, reason="the shipped toy model is still undertrained (issue 4 "
-                   "open): measured mask IoU 0.53 < 0.7 at 20 steps, null-text, cross 0.8/self 0.4")
 def test_toy_real_image_colour_swap_keeps_the_mask(toy_inversions):
     m, x, invs = toy_inversions
     prompts = ["a red circle", "a blue circle"]
@@ -285,4 +283,4 @@ def test_toy_real_image_colour_swap_keeps_the_mask(toy_inversions):
     (src, src_rgb), (edit, rgb) = _mask(((x[0] + 1) / 2)), _mask(out[1])
     iou = float((src & edit).sum() / (src | edit).sum())
     print(f"colour swap: mask IoU {iou:.2f}, edited colour {rgb.tolist()}")
-    assert iou > 0.7 and rgb[2] > rgb[0] + 0.2                   # same shape, now blue
+    assert iou > 0.8 and rgb[2] > rgb[0] + 0.2       # same shape, now blue (measured: IoU 0.91)

@@ -2,16 +2,21 @@
 (AutoencoderKL, CLIP text encoder trained from scratch jointly with the UNet, DDIM schedule) on
 procedurally drawn shapes (minip2p/toydata.py). Seeded and repeatable on one machine.
 
-    stage 1  VAE: 64x64 px <-> 4x16x16 latents; L1 + L2 reconstruction + a small KL term
-             scaling_factor = 1 / std of the latents
-    stage 2  UNet + text encoder jointly: ε-prediction MSE on the SD 1.x noise schedule,
-             10 % of captions dropped to "" (for classifier-free guidance), AdamW, EMA
+    stage 1  VAE: 64x64 px <-> 4x16x16 latents; L1 + L2 + edge (finite-difference) L1
+             reconstruction + a small KL term; scaling_factor = 1 / std of the latents
+    stage 2  UNet + text encoder jointly: ε-prediction with Min-SNR-γ weighting on the SD 1.x
+             noise schedule, 10 % of captions dropped to "" (for classifier-free guidance),
+             AdamW, EMA; optionally offset or multi-resolution ("pyramid") noise
 
 The result is written in diffusers layout (fp16 safetensors) into a temporary folder next to
 --out and renamed into place when complete, so a half-written model never sits in --out.
+The shipped model took three runs (stage 1; stage 2; stage 2 continued with --pyramid-noise):
+their exact commands and times are in weights/toy/README.md.
 
-    python tools/train_toy.py                       # the shipped model (see weights/toy/README.md)
-    python tools/train_toy.py --quick --out /tmp/t  # a few steps, for CI
+    python tools/train_toy.py --steps-unet 0 --out /tmp/vae         # stage 1 only
+    python tools/train_toy.py --vae-from /tmp/vae --out /tmp/toy    # stage 2 on that VAE
+    python tools/train_toy.py --init /tmp/toy --pyramid-noise 0.5   # continue stage 2
+    python tools/train_toy.py --quick --out /tmp/t                  # a few steps, for CI
 """
 from __future__ import annotations
 
@@ -162,7 +167,21 @@ def train_diffusion(unet, text, vae, sf, caps, args, gen, device):
         ids = caps.ids[idx].to(device)
         drop = (torch.rand(args.batch, generator=gen) < args.drop).to(device)
         ids = torch.where(drop[:, None], caps_empty[None], ids)
-        noise = torch.randn(z0.shape, generator=gen).to(device)
+        noise = torch.randn(z0.shape, generator=gen)
+        if args.offset_noise:   # offset noise (Guttenberg 2023): a per-channel constant, so the
+            # mean of z_t stops telling the model the background colour at high t
+            noise = noise + args.offset_noise * torch.randn(*z0.shape[:2], 1, 1, generator=gen)
+        if args.pyramid_noise:  # multi-resolution noise: the same at 8², 4², 2², 1² (weights d^i),
+            # so the coarse layout of z_t at high t is noise too and the caption has to set the
+            # position and the background; rescaled to unit variance
+            side, level, var = z0.shape[-1] // 2, 1, 1.0
+            while side >= 1:
+                w = args.pyramid_noise ** level
+                coarse = torch.randn(*z0.shape[:2], side, side, generator=gen)
+                noise = noise + w * F.interpolate(coarse, size=z0.shape[-2:], mode="nearest")
+                var, side, level = var + w * w, side // 2, level + 1
+            noise = noise / var ** 0.5
+        noise = noise.to(device)
         t = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
         a = abar[t][:, None, None, None]
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -222,6 +241,8 @@ def export(out: Path, unet, vae, text, sf, info: dict):
         save_file(fp16(vae), str(tmp / "vae" / "diffusion_pytorch_model.safetensors"))
         save_file(fp16(text), str(tmp / "text_encoder" / "model.safetensors"))
         dump("training.json", info)
+        for f in tmp.rglob("*"):                 # save_file leaves its files private (0600)
+            f.chmod(0o755 if f.is_dir() else 0o644)
         old = out.with_name(f".{out.name}-old")
         card = out / "README.md"
         if card.is_file():                       # keep an existing model card (results, figures)
@@ -253,6 +274,9 @@ def main(argv=None):
     p.add_argument("--kl", type=float, default=1e-4, help="KL weight (per element)")
     p.add_argument("--edge", type=float, default=1.0, help="weight of the VAE's edge (gradient) L1")
     p.add_argument("--min-snr", type=float, default=5.0, help="Min-SNR-γ loss weight (0: plain MSE)")
+    p.add_argument("--offset-noise", type=float, default=0.0, help="offset noise strength (0: off)")
+    p.add_argument("--pyramid-noise", type=float, default=0.0,
+                   help="multi-resolution noise discount d (0: off; e.g. 0.5)")
     p.add_argument("--drop", type=float, default=0.1, help="caption dropout for CFG")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--log-every", type=int, default=50)
