@@ -82,11 +82,18 @@ def denoise(model: Model, cond: torch.Tensor, uncond: torch.Tensor, z: torch.Ten
 
 
 @torch.no_grad()
-def decode(model: Model, z: torch.Tensor) -> torch.Tensor:
-    """z_0 (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32."""
+def decode(model: Model, z: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """z_0 (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32.
+
+    `fast`: run the decoder in channels-last layout (every convolution then skips oneDNN's
+    reorders to and from its blocked layout: SD 1.5-shape VAE, 512 px, 2 CPU threads, 9.96 ->
+    8.37 s per image, mean of 3 runs); `fast=False` keeps PyTorch's default layout. Same images
+    within float rounding (tests/test_fast.py)."""
     z = (z / model.vae.cfg.scaling_factor).to(model.device, model.dtype)
+    layout = torch.channels_last if fast else torch.contiguous_format
     # one image at a time: the decoder's activations dominate peak memory, not its speed
-    x = torch.cat([model.vae.decode(zi[None]).float() for zi in z])
+    x = torch.cat([model.vae.decode(zi[None].contiguous(memory_format=layout)).float()
+                   .contiguous() for zi in z])
     return (x / 2 + 0.5).clamp(0, 1)
 
 
@@ -109,7 +116,7 @@ def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
     if free_text_encoder:
         model.text_encoder = None
     z = denoise(model, cond, uncond, z, steps, guidance, control, callback, progress, fast)
-    return z if return_latents else decode(model, z)
+    return z if return_latents else decode(model, z, fast)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -5,9 +5,10 @@ Tiny model: latents 8×8, so the attention resolutions are 8² (= "64²" at 512 
 The reference limits scale with it: store ≤ 4² (= 32² at 512 px), self-replace ≤ 2² (= 16²).
 """
 import pytest
+import torch
 
 from minip2p import p2p
-from minip2p.pipeline import generate
+from minip2p.pipeline import decode, generate
 
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
 REFINE = ["a painting of a squirrel eating a burger", "a painting of a squirrel eating a big burger"]
@@ -77,3 +78,14 @@ def test_fast_path_forms_no_full_resolution_self_attention_map(sd_model):
         selfs = [s for s in sites if s.kind == "self"]
         assert len(cross) == 16
         assert all(s.pixels <= 16 for s in selfs) and len(selfs) == 16 - 5   # 5 sites at 8²
+
+
+def test_fast_decode_equals_the_default_layout(sd_model):
+    """The fast path decodes in channels-last layout; the images agree within float rounding."""
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    fast, plain = decode(sd_model, z, fast=True), decode(sd_model, z, fast=False)
+    assert fast.shape == plain.shape == (2, 3, 64, 64) and fast.is_contiguous()
+    assert (fast - plain).abs().max().item() <= 1e-5
+    images = [generate(sd_model, ["a cat"], seed=1, steps=2, height=64, width=64, progress=False,
+                       fast=f) for f in (True, False)]
+    assert (images[0] - images[1]).abs().max().item() <= 1e-4
