@@ -53,11 +53,14 @@ class AttentionStore:
         self.steps_seen.add(site.step)
         return probs
 
+    def resolutions(self, kind: str = "cross", places=("up", "down")) -> list[int]:
+        """Pixel counts of the stored resolutions of this kind, coarsest first."""
+        return sorted({p for (place, *_, k, p) in self.sums if k == kind and place in places})
+
     def coarsest(self, kind: str = "cross", places=("up", "down")) -> int | None:
         """Pixel count of the coarsest stored resolution (16² at 512 px: the maps the P2P
         reference views and blends with), or None if nothing is stored."""
-        return min((p for (place, *_, k, p) in self.sums if k == kind and place in places),
-                   default=None)
+        return next(iter(self.resolutions(kind, places)), None)
 
     def average(self, kind: str = "cross", pixels: int | None = None, places=("up", "down")):
         """Mean over steps and over the matching layers: (B, pixels, tokens). Layers of one

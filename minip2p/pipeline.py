@@ -86,8 +86,8 @@ def decode(model: Model, z: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """z_0 (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32.
 
     `fast`: run the decoder in channels-last layout (every convolution then skips oneDNN's
-    reorders to and from its blocked layout: SD 1.5-shape VAE, 512 px, 2 CPU threads, 9.96 ->
-    8.37 s per image, mean of 3 runs); `fast=False` keeps PyTorch's default layout. Same images
+    reorders to and from its blocked layout: SD 1.5-shape VAE, 512 px, 2 CPU threads, 11.57 ->
+    9.30 s per image, `tools/bench_decode.py`); `fast=False` keeps PyTorch's default layout. Same images
     within float rounding (tests/test_fast.py)."""
     z = (z / model.vae.cfg.scaling_factor).to(model.device, model.dtype)
     layout = torch.channels_last if fast else torch.contiguous_format

@@ -31,7 +31,7 @@ def pick_pixels(store: AttentionStore, kind: str, rows: int | None, image: Image
     """The stored resolution whose maps have `rows` rows over this image (None: the default)."""
     if rows is None:
         return None
-    stored = sorted({k[-1] for k in store.sums if k[-2] == kind and k[0] in ("up", "down")})
+    stored = store.resolutions(kind)
     for pixels in stored:
         if _shape(pixels, image)[0] == rows:
             return pixels

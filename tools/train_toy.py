@@ -6,7 +6,7 @@ procedurally drawn shapes (minip2p/toydata.py). Seeded and repeatable on one mac
              reconstruction + a small KL term; scaling_factor = 1 / std of the latents
     stage 2  UNet + text encoder jointly: ε-prediction with Min-SNR-γ weighting on the SD 1.x
              noise schedule, 10 % of captions dropped to "" (for classifier-free guidance),
-             AdamW, EMA; optionally offset or multi-resolution ("pyramid") noise
+             AdamW, EMA; optionally multi-resolution ("pyramid") noise
 
 The result is written in diffusers layout (fp16 safetensors) into a temporary folder next to
 --out and renamed into place when complete, so a half-written model never sits in --out.
@@ -135,6 +135,16 @@ def train_vae(vae, caps, args, gen, device):
     return 1.0 / std, err, time.time() - t0
 
 
+def fresh_unet_and_text(device):
+    """A randomly initialised UNet and text encoder (token and position tables as small as
+    CLIP's own initialisation), drawn from torch's global generator."""
+    unet = UNet2DConditionModel(UNetConfig.from_dict(UNET)).to(device)
+    text = CLIPTextModel(TextConfig.from_dict(TEXT)).to(device)
+    torch.nn.init.normal_(text.text_model.embeddings.token_embedding.weight, std=0.02)
+    torch.nn.init.normal_(text.text_model.embeddings.position_embedding.weight, std=0.01)
+    return unet, text
+
+
 def ema_update(ema, model, decay):
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -168,12 +178,9 @@ def train_diffusion(unet, text, vae, sf, caps, args, gen, device):
         drop = (torch.rand(args.batch, generator=gen) < args.drop).to(device)
         ids = torch.where(drop[:, None], caps_empty[None], ids)
         noise = torch.randn(z0.shape, generator=gen)
-        if args.offset_noise:   # offset noise (Guttenberg 2023): a per-channel constant, so the
-            # mean of z_t stops telling the model the background colour at high t
-            noise = noise + args.offset_noise * torch.randn(*z0.shape[:2], 1, 1, generator=gen)
-        if args.pyramid_noise:  # multi-resolution noise: the same at 8², 4², 2², 1² (weights d^i),
-            # so the coarse layout of z_t at high t is noise too and the caption has to set the
-            # position and the background; rescaled to unit variance
+        if args.pyramid_noise:  # multi-resolution noise: the same at 8², 4², 2², 1² (weights d^i;
+            # the 1² level is "offset noise"), so the coarse layout of z_t at high t is noise too
+            # and the caption has to set the background (and position); rescaled to unit variance
             side, level, var = z0.shape[-1] // 2, 1, 1.0
             while side >= 1:
                 w = args.pyramid_noise ** level
@@ -274,7 +281,6 @@ def main(argv=None):
     p.add_argument("--kl", type=float, default=1e-4, help="KL weight (per element)")
     p.add_argument("--edge", type=float, default=1.0, help="weight of the VAE's edge (gradient) L1")
     p.add_argument("--min-snr", type=float, default=5.0, help="Min-SNR-γ loss weight (0: plain MSE)")
-    p.add_argument("--offset-noise", type=float, default=0.0, help="offset noise strength (0: off)")
     p.add_argument("--pyramid-noise", type=float, default=0.0,
                    help="multi-resolution noise discount d (0: off; e.g. 0.5)")
     p.add_argument("--drop", type=float, default=0.1, help="caption dropout for CFG")
@@ -284,8 +290,9 @@ def main(argv=None):
     p.add_argument("--snapshot-every", type=int, default=0)
     p.add_argument("--pool", type=int, default=32768, help="encoded pictures drawn up front")
     p.add_argument("--max-minutes", type=float, default=0, help="stop stage 2 early (0: never)")
-    p.add_argument("--init", default=None, help="continue stage 2 from this model folder")
-    p.add_argument("--vae-from", default=None,
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--init", default=None, help="continue stage 2 from this model folder")
+    start.add_argument("--vae-from", default=None,
                    help="take the trained VAE (and scaling factor) from this model folder, skip stage 1")
     p.add_argument("--quick", action="store_true", help="a few tiny steps (CI smoke test)")
     args = p.parse_args(argv)
@@ -306,10 +313,7 @@ def main(argv=None):
     if args.vae_from:                            # stage 1 done by an earlier run
         from minip2p.loading import load_folder
         vae = load_folder(args.vae_from, device=device).vae
-        unet = UNet2DConditionModel(UNetConfig.from_dict(UNET)).to(device)
-        text = CLIPTextModel(TextConfig.from_dict(TEXT)).to(device)
-        torch.nn.init.normal_(text.text_model.embeddings.token_embedding.weight, std=0.02)
-        torch.nn.init.normal_(text.text_model.embeddings.position_embedding.weight, std=0.01)
+        unet, text = fresh_unet_and_text(device)
     elif args.init:                              # continue from a trained folder (stage 2 only)
         from minip2p.loading import load_folder
         m = load_folder(args.init, device=device)
@@ -317,10 +321,7 @@ def main(argv=None):
             m.text_encoder.train().requires_grad_(True)
     else:
         vae = AutoencoderKL(VAEConfig.from_dict(VAE)).to(device)
-        unet = UNet2DConditionModel(UNetConfig.from_dict(UNET)).to(device)
-        text = CLIPTextModel(TextConfig.from_dict(TEXT)).to(device)
-        torch.nn.init.normal_(text.text_model.embeddings.token_embedding.weight, std=0.02)
-        torch.nn.init.normal_(text.text_model.embeddings.position_embedding.weight, std=0.01)
+        unet, text = fresh_unet_and_text(device)
     for name, m in (("vae", vae), ("unet", unet), ("text encoder", text)):
         log(f"{name}: {sum(q.numel() for q in m.parameters()) / 1e6:.2f} M parameters")
 

@@ -1,0 +1,67 @@
+"""The VAE decode alone: minip2p's fast path (channels-last), its default layout, and diffusers'
+AutoencoderKL on the same folder, interleaved round by round in one process (so a noisy machine
+slows all three alike). Prints mean wall time and minor page faults per decode.
+
+    python tools/bench_decode.py --model SD15_FOLDER --threads 2 --rounds 3
+    (SD15_FOLDER: a diffusers-layout folder, e.g. one kept by `tools/bench.py --keep`)
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from minip2p.loading import load_model  # noqa: E402
+from minip2p.pipeline import decode  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, required=True, help="diffusers-layout folder")
+    ap.add_argument("--size", type=int, default=512, help="image side in pixels (512)")
+    ap.add_argument("--images", type=int, default=1, help="latents decoded per call (1)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-diffusers", action="store_true", help="skip the diffusers row")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    sf = model.vae.cfg.scaling_factor
+    z = torch.randn(args.images, 4, args.size // 8, args.size // 8,
+                    generator=torch.Generator().manual_seed(0)) * 5
+    rows = {"minip2p fast (channels-last)": lambda: decode(model, z, fast=True),
+            "minip2p default layout": lambda: decode(model, z, fast=False)}
+    if not args.no_diffusers:
+        from diffusers import AutoencoderKL
+        ref = AutoencoderKL.from_pretrained(str(args.model / "vae")).eval()
+        rows["diffusers AutoencoderKL"] = lambda: (ref.decode(z / sf).sample / 2 + 0.5).clamp(0, 1)
+    with torch.no_grad():
+        outs = {name: fn() for name, fn in rows.items()}                 # warm-up, and outputs
+        times = {name: [] for name in rows}
+        faults = {name: [] for name in rows}
+        for _ in range(args.rounds):
+            for name, fn in rows.items():
+                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    first = next(iter(outs.values()))
+    print(f"\n{args.model}, {args.images} x {args.size}x{args.size}, {args.threads} threads, "
+          f"{args.rounds} interleaved rounds\n")
+    print("| decode | mean s | min s | minor page faults | max abs diff vs first row |")
+    print("|---|---:|---:|---:|---:|")
+    for name in rows:
+        diff = (outs[name] - first).abs().max().item()
+        print(f"| {name} | {sum(times[name]) / len(times[name]):.2f} | {min(times[name]):.2f} | "
+              f"{sum(faults[name]) // len(faults[name])} | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
