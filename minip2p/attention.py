@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .ops import linear
+
 
 @dataclass(frozen=True)
 class Site:
@@ -90,6 +92,6 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, site=None, control=None, fast=False):
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
-                        site, control, fast)
-        return self.to_out[0](out)
+        q, k, v = (linear(w, t, fast) for w, t in ((self.to_q, x), (self.to_k, context),
+                                                   (self.to_v, context)))
+        return linear(self.to_out[0], attention(q, k, v, self.heads, site, control, fast), fast)

@@ -21,6 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import Attention, Site
+from .ops import geglu, linear
 from .config import UNetConfig
 
 
@@ -69,9 +70,8 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
 
-    def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+    def forward(self, x, fast=False):
+        return geglu(self.proj, x, fast)                              # a · GELU(g), [a, g] = proj(x)
 
 
 class FeedForward(nn.Module):
@@ -79,8 +79,8 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim)])
 
-    def forward(self, x):
-        return self.net[2](self.net[0](x))
+    def forward(self, x, fast=False):
+        return linear(self.net[2], self.net[0](x, fast), fast)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -98,7 +98,7 @@ class BasicTransformerBlock(nn.Module):
         s_cross = Site(kind="cross", pixels=pixels, **site)
         x = x + self.attn1(self.norm1(x), None, s_self, control, fast)
         x = x + self.attn2(self.norm2(x), context, s_cross, control, fast)
-        return x + self.ff(self.norm3(x))
+        return x + self.ff(self.norm3(x), fast)
 
 
 class Transformer2DModel(nn.Module):
@@ -108,7 +108,6 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
         proj = (lambda: nn.Linear(dim, dim)) if linear_proj else (lambda: nn.Conv2d(dim, dim, 1))
-        self.linear_proj = linear_proj
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(dim, heads, context_dim) for _ in range(depth)])
@@ -117,20 +116,12 @@ class Transformer2DModel(nn.Module):
     def forward(self, x, context, site: dict, control=None, fast=False):
         b, c, h, w = x.shape
         res = x
-        x = self.norm(x)
-        if not self.linear_proj:
-            x = self.proj_in(x)
-        x = rearrange(x, "b c h w -> b (h w) c")
-        if self.linear_proj:
-            x = self.proj_in(x)
+        x = rearrange(self.norm(x), "b c h w -> b (h w) c")              # tokens (b, h·w, c)
+        x = linear(self.proj_in, x, fast)        # a 1×1 conv (SD 1.x) is a linear map per token
         for depth, block in enumerate(self.transformer_blocks):
             x = block(x, context, dict(site, depth=depth), control, fast)
-        if self.linear_proj:
-            x = self.proj_out(x)
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
-        if not self.linear_proj:
-            x = self.proj_out(x)
-        return x + res
+        x = linear(self.proj_out, x, fast)
+        return rearrange(x, "b (h w) c -> b c h w", h=h, w=w) + res
 
 
 class Downsample2D(nn.Module):

@@ -1,5 +1,6 @@
-"""The fast path (fused SDPA wherever no controller reads the probabilities) equals the explicit
-path, and it forms no map at the full-resolution self-attention (a guard that is not a timing).
+"""The fast path (fused SDPA wherever no controller reads the probabilities, oneDNN linear layers,
+channels-last decoding) equals the explicit path; it forms no map at the full-resolution
+self-attention and runs every transformer linear layer on oneDNN (guards that are not timings).
 
 Tiny model: latents 8×8, so the attention resolutions are 8² (= "64²" at 512 px), 4², 2², 1².
 The reference limits scale with it: store ≤ 4² (= 32² at 512 px), self-replace ≤ 2² (= 16²).
@@ -7,7 +8,7 @@ The reference limits scale with it: store ≤ 4² (= 32² at 512 px), self-repla
 import pytest
 import torch
 
-from minip2p import p2p
+from minip2p import ops, p2p
 from minip2p.pipeline import decode, generate
 
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
@@ -89,3 +90,63 @@ def test_fast_decode_equals_the_default_layout(sd_model):
     images = [generate(sd_model, ["a cat"], seed=1, steps=2, height=64, width=64, progress=False,
                        fast=f) for f in (True, False)]
     assert (images[0] - images[1]).abs().max().item() <= 1e-4
+
+
+# ------------------------------------------------ oneDNN linear layers (minip2p/ops.py)
+
+def _layers():
+    g = torch.Generator().manual_seed(0)
+    lin, conv = torch.nn.Linear(24, 40), torch.nn.Conv2d(24, 40, 1)
+    nobias = torch.nn.Linear(24, 40, bias=False)
+    for layer in (lin, conv, nobias):
+        for p in layer.parameters():
+            p.data = torch.randn(p.shape, generator=g)
+    return lin, conv, nobias, torch.randn(3, 17, 24, generator=g)
+
+
+def test_onednn_linear_equals_nn_linear():
+    lin, conv, nobias, x = _layers()
+    with torch.no_grad():
+        for layer in (lin, nobias):
+            assert (ops.linear(layer, x, fast=True) - layer(x)).abs().max() <= 1e-5
+        # a 1×1 conv on a (b, c, h, w) map = the same linear map on its (b, h·w, c) tokens
+        img = x.reshape(3, 17, 1, 24).permute(0, 3, 1, 2)                 # (b, c, h=17, w=1)
+        ref = conv(img).permute(0, 2, 3, 1).reshape(3, 17, 40)
+        for fast in (True, False):
+            assert (ops.linear(conv, x, fast=fast) - ref).abs().max() <= 1e-5
+        proj = torch.nn.Linear(24, 2 * 40)
+        a, g = proj(x).chunk(2, dim=-1)
+        assert (ops.geglu(proj, x, fast=True) - a * torch.nn.functional.gelu(g)).abs().max() <= 1e-5
+        assert ops.geglu(proj, x, fast=True).shape == (3, 17, 40)
+
+
+def test_onednn_linear_is_not_used_under_autograd():
+    """oneDNN's op has no backward: with gradients on, the fast path must take nn.Linear
+    (null-text inversion differentiates through the UNet with fast=True)."""
+    lin, _, _, x = _layers()
+    x = x.clone().requires_grad_()
+    ops.linear(lin, x, fast=True).square().sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    lin(ref).square().sum().backward()
+    assert x.grad is not None and (x.grad - ref.grad).abs().max() <= 1e-4
+
+
+@pytest.mark.skipif(not ops.ONEDNN, reason="this PyTorch build has no oneDNN linear")
+def test_fast_unet_call_runs_its_linear_layers_on_onednn(sd_model):
+    """A guard that is not a timing: every linear layer of a fast UNet call (q, k, v, out,
+    proj_in/out, GEGLU, FF) goes to oneDNN, and none of the explicit call does."""
+    unet = sd_model.unet
+    z, c = torch.randn(2, 4, 8, 8), torch.randn(2, 77, unet.cfg.cross_attention_dim)
+    counts = {}
+    for fast in (True, False):
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            unet(z, 10, c, fast=fast)
+        names = [e.name for e in prof.events()]
+        counts[fast] = (names.count("mkldnn::_linear_pointwise"), names.count("aten::linear"))
+    from minip2p.unet import BasicTransformerBlock, Transformer2DModel
+    blocks = sum(isinstance(m, BasicTransformerBlock) for m in unet.modules())
+    spatial = sum(isinstance(m, Transformer2DModel) for m in unet.modules())
+    # per transformer block: attn1 q k v out, attn2 q k v out, GEGLU as 2 fused calls, FF out;
+    # per spatial transformer: proj_in, proj_out. (Only the tiny time-embedding MLPs stay.)
+    assert counts[True][0] == blocks * 11 + spatial * 2
+    assert counts[False][0] == 0 and counts[False][1] > 0

@@ -1,0 +1,52 @@
+"""The CPU kernel the fast path picks for linear layers:  y = x Wᵀ + b.
+
+PyTorch sends an fp32 `nn.Linear` on the CPU to MKL's sgemm. On the AMD EPYC (AVX-512) machines
+this project is built on, that runs at about half the speed of oneDNN's matmul, which PyTorch
+also ships (it is what runs its convolutions): at the UNet's shapes, 2 threads, 150-200 vs
+250-450 GFLOP/s (`python tools/bench_linear.py`). So the fast path calls oneDNN directly through
+`torch.ops.mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears.
+
+That op has no backward (its inputs get no gradient), so it is used only where autograd is
+off; everything else -- the explicit path, training, null-text inversion's gradient steps, GPU,
+fp16 -- takes `nn.Linear` unchanged. `tests/test_fast.py` proves both give the same outputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_ok(x: torch.Tensor, fast: bool) -> bool:
+    """May this call go to oneDNN? CPU, fp32, no autograd, fast path asked for."""
+    return (fast and ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled())
+
+
+def linear(layer: nn.Linear | nn.Conv2d, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+    """layer(x) on tokens x: (..., in) -> (..., out), through oneDNN when `onednn_ok`.
+
+    `layer` may also be a 1×1 `nn.Conv2d` (SD 1.x's proj_in/proj_out): on a token sequence it is
+    the same linear map, with its weight (out, in, 1, 1) read as (out, in)."""
+    w = layer.weight.flatten(1)                                       # (out, in): a view
+    if onednn_ok(x, fast):
+        return torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "none", [], "")
+    return F.linear(x, w, layer.bias)
+
+
+def geglu(proj: nn.Linear, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+    """GEGLU (Shazeer 2020): [a, g] = x Wᵀ + b, out = a · GELU(g). x: (..., in) -> (..., in·4).
+
+    The fast path runs it as two oneDNN matmuls with the GELU and the product fused into them
+    (no (…, 2·inner) tensor, no separate GELU or multiply pass)."""
+    if not onednn_ok(x, fast):
+        a, g = proj(x).chunk(2, dim=-1)
+        return a * F.gelu(g)
+    inner = proj.out_features // 2
+    w, b = proj.weight, proj.bias
+    wa, wg = w[:inner], w[inner:]                                     # row blocks: views
+    ba, bg = (None, None) if b is None else (b[:inner], b[inner:])
+    gate = torch.ops.mkldnn._linear_pointwise(x, wg, bg, "gelu", [], "none")     # GELU(x W_gᵀ + b_g)
+    return torch.ops.mkldnn._linear_pointwise.binary(x, gate, wa, ba, "mul")     # (x W_aᵀ + b_a)·gate

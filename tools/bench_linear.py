@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Why the fast path sends CPU linear layers to oneDNN (minip2p/ops.py): the two kernels side by
+side at the shapes of the SD 1.5 UNet at 512 px (batch 4 = two prompts with guidance).
+
+For each shape: GFLOP/s of `F.linear` (PyTorch's default, MKL sgemm) and of oneDNN's matmul
+(`ops.linear(..., fast=True)`), the best of --reps runs, and max|Δ| between their outputs; then
+the fused GEGLU (`ops.geglu`) against chunk + GELU + multiply. Usage:
+  python tools/bench_linear.py --threads 2
+"""
+from __future__ import annotations
+
+import argparse, sys, time  # noqa: E401
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from minip2p import ops  # noqa: E402
+
+# (tokens, in, out): q/k/v/out and proj_in/out, GEGLU half, FF out -- at 64², 32², 16²
+SHAPES = [(16384, 320, 320), (16384, 320, 1280), (16384, 1280, 320),
+          (4096, 640, 640), (4096, 640, 2560), (4096, 2560, 640),
+          (1024, 1280, 1280), (1024, 1280, 5120), (1024, 5120, 1280)]
+
+
+def best(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not ops.ONEDNN:
+        sys.exit("error: this PyTorch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    g = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, {args.threads} threads, best of {args.reps}")
+    print(f"{'tokens x in -> out':>24} {'F.linear':>10} {'oneDNN':>10} {'speed-up':>9} {'max|Δ|':>9}")
+    total = {"mkl": 0.0, "dnn": 0.0}
+    with torch.no_grad():
+        for n, cin, cout in SHAPES:
+            x = torch.randn(n, cin, generator=g)
+            layer = nn.Linear(cin, cout)
+            flop = 2 * n * cin * cout
+            t_mkl = best(lambda: F.linear(x, layer.weight, layer.bias), args.reps)
+            t_dnn = best(lambda: ops.linear(layer, x, fast=True), args.reps)
+            d = (ops.linear(layer, x, fast=True) - layer(x)).abs().max().item()
+            total["mkl"] += t_mkl
+            total["dnn"] += t_dnn
+            print(f"{f'{n} x {cin} -> {cout}':>24} {flop / t_mkl / 1e9:>7.0f} GF/s {flop / t_dnn / 1e9:>5.0f} "
+                  f"GF/s {t_mkl / t_dnn:>8.2f}x {d:>9.1e}")
+        print(f"{'all shapes, time':>24} {total['mkl']:>8.3f} s {total['dnn']:>8.3f} s "
+              f"{total['mkl'] / total['dnn']:>8.2f}x")
+        for n, dim in [(16384, 320), (4096, 640), (1024, 1280)]:
+            x = torch.randn(n, dim, generator=g)
+            proj = nn.Linear(dim, dim * 8)
+            t_ref = best(lambda: ops.geglu(proj, x, fast=False), args.reps)
+            t_dnn = best(lambda: ops.geglu(proj, x, fast=True), args.reps)
+            d = (ops.geglu(proj, x, fast=True) - ops.geglu(proj, x, fast=False)).abs().max().item()
+            print(f"GEGLU {n} x {dim}: chunk+GELU+mul {t_ref * 1e3:.0f} ms, fused oneDNN "
+                  f"{t_dnn * 1e3:.0f} ms ({t_ref / t_dnn:.2f}x), max|Δ| {d:.1e}")
+
+
+if __name__ == "__main__":
+    main()
