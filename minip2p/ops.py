@@ -2,9 +2,10 @@
 
 PyTorch sends an fp32 `nn.Linear` on the CPU to MKL's sgemm. On the AMD EPYC (AVX-512) machines
 this project is built on, that runs at about half the speed of oneDNN's matmul, which PyTorch
-also ships (it is what runs its convolutions): at the UNet's shapes, 2 threads, 150-200 vs
-250-450 GFLOP/s (`python tools/bench_linear.py`). So the fast path calls oneDNN directly through
-`torch.ops.mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears.
+also ships (it is what runs its convolutions): at the UNet's shapes, 2 threads, 136-188 vs
+213-423 GFLOP/s (`python tools/bench_linear.py`). So the fast path calls oneDNN directly through
+`torch.ops.mkldnn._linear_pointwise`, the oneDNN linear op PyTorch registers for its compiler's
+CPU backend (it can also fuse an activation or a product into the matmul: `geglu` below).
 
 That op has no backward (its inputs get no gradient), so it is used only where autograd is
 off; everything else -- the explicit path, training, null-text inversion's gradient steps, GPU,

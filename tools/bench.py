@@ -34,6 +34,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
 ROWS = ["minip2p-plain", "minip2p-edit", "minip2p-edit-explicit", "diffusers-plain",
         "community-edit"]

@@ -37,6 +37,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
 warnings.filterwarnings("ignore")
 TOKENIZER = Path(__file__).resolve().parent.parent / "weights" / "clip-tokenizer"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 PROMPTS = ["a photograph of an astronaut riding a horse", "A cat, sitting on a RED sofa!"]
 TOL = {"fp32": dict(text=1e-4, unet=1e-4, vae_encode=1e-4, vae_decode=1e-4, generate=1e-4),
        "fp16": dict(text=2e-2, unet=2e-2, vae_encode=2e-2, vae_decode=2e-2, generate=5e-2)}

@@ -1,0 +1,75 @@
+"""One denoising step's UNet call, the part of an edit that runs 50 times: minip2p's fast path
+with and without a P2P Replace controller, its explicit path, and diffusers' UNet (SDPA) on the
+same folder, interleaved round by round in one process (so a noisy machine slows all rows alike).
+
+Batch 4 = two prompts with classifier-free guidance, as in an edit; the controller's step is 0,
+inside both injection windows (cross-replace and self-replace), so it does the most work.
+
+    python tools/bench_unet.py --model SD15_FOLDER --threads 2 --rounds 3
+    (SD15_FOLDER: a diffusers-layout folder, e.g. one kept by `tools/bench.py --keep`)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from minip2p import p2p  # noqa: E402
+from minip2p.loading import load_model  # noqa: E402
+from minip2p.pipeline import encode_text  # noqa: E402
+
+PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, required=True, help="diffusers-layout folder")
+    ap.add_argument("--size", type=int, default=512, help="image side in pixels (512)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-diffusers", action="store_true", help="skip the diffusers row")
+    ap.add_argument("--no-explicit", action="store_true", help="skip the (slow) explicit row")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    unet, side = model.unet, args.size // 8
+    context = torch.cat([encode_text(model, [""]).expand(2, -1, -1), encode_text(model, PROMPTS)])
+    z = torch.randn(4, 4, side, side, generator=torch.Generator().manual_seed(0))
+    t = int(model.scheduler.timesteps(50)[0])
+    edit, _ = p2p.build(model.tokenizer, PROMPTS, 50, "replace", store=False)
+    rows = {"minip2p fast, plain": lambda: unet(z, t, context, fast=True),
+            "minip2p fast, Replace": lambda: unet(z, t, context, edit, 0, fast=True)}
+    if not args.no_explicit:
+        rows["minip2p explicit, Replace"] = lambda: unet(z, t, context, edit, 0, fast=False)
+    if not args.no_diffusers:
+        from diffusers import UNet2DConditionModel
+        ref = UNet2DConditionModel.from_pretrained(str(args.model / "unet")).eval()
+        rows["diffusers UNet (SDPA), plain"] = lambda: ref(z, t, context).sample
+    with torch.no_grad():
+        outs = {name: fn() for name, fn in rows.items()}                 # warm-up, and outputs
+        times = {name: [] for name in rows}
+        for _ in range(args.rounds):
+            for name, fn in rows.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    first = outs["minip2p fast, plain"]
+    print(f"\n{args.model}, UNet batch 4 at {args.size}x{args.size}, t = {t}, {args.threads} "
+          f"threads, {args.rounds} interleaved rounds\n")
+    print("| UNet call | median s | min s | max abs diff vs first row |")
+    print("|---|---:|---:|---:|")
+    for name in rows:
+        diff = (outs[name] - first).abs().max().item()
+        print(f"| {name} | {statistics.median(times[name]):.2f} | {min(times[name]):.2f} | "
+              f"{diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
