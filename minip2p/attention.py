@@ -7,8 +7,10 @@ instead -- that is the whole mechanism of Prompt-to-Prompt. The controller is an
 argument; the call site is described by a `Site` (where in the UNet, which resolution, self or
 cross, which denoising step), so no controller has to count calls or guess the layer order.
 
-`fast=True` selects PyTorch's fused scaled-dot-product attention for the call sites whose maps
-no controller asks for (see `Controller.wants`); a test proves it equals the explicit path.
+`fast=True` selects fused attention (`ops.sdpa`: PyTorch's scaled-dot-product attention, or
+oneDNN query slices for long key sequences on the CPU) for the call sites whose maps no
+controller asks for (see `Controller.wants`), and oneDNN linear layers (`ops.linear`); tests
+prove it equals the explicit path.
 """
 from __future__ import annotations
 
@@ -16,11 +18,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .ops import linear
+from .ops import linear, sdpa
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     """Multi-head attention. q: (b, n, h·d); k, v: (b, m, h·d). Returns (b, n, h·d)."""
     q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
     if fast and (control is None or not control.wants(site)):
-        out = F.scaled_dot_product_attention(q, k, v)                    # fused, M never formed
+        out = sdpa(q, k, v, fast)                                         # fused, M never kept
     else:
         scale = q.shape[-1] ** -0.5                                       # 1/√d
         probs = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)         # M: (b, h, n, m)

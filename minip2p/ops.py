@@ -3,7 +3,7 @@
 PyTorch sends an fp32 `nn.Linear` on the CPU to MKL's sgemm. On the AMD EPYC (AVX-512) machines
 this project is built on, that runs at about half the speed of oneDNN's matmul, which PyTorch
 also ships (it is what runs its convolutions): at the UNet's shapes, 2 threads, 136-188 vs
-213-423 GFLOP/s (`python tools/bench_linear.py`). So the fast path calls oneDNN directly through
+213-423 GFLOP/s (`python tools/bench_kernels.py`). So the fast path calls oneDNN directly through
 `torch.ops.mkldnn._linear_pointwise`, the oneDNN linear op PyTorch registers for its compiler's
 CPU backend (it can also fuse an activation or a product into the matmul: `geglu` below).
 
@@ -51,3 +51,29 @@ def geglu(proj: nn.Linear, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
     ba, bg = (None, None) if b is None else (b[:inner], b[inner:])
     gate = torch.ops.mkldnn._linear_pointwise(x, wg, bg, "gelu", [], "none")     # GELU(x W_gᵀ + b_g)
     return torch.ops.mkldnn._linear_pointwise.binary(x, gate, wa, ba, "mul")     # (x W_aᵀ + b_a)·gate
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast: bool = True,
+         min_keys: int = 1024, chunk: int = 1 << 22) -> torch.Tensor:
+    """softmax(Q Kᵀ/√d)·V without keeping M. q: (b, h, n, d); k, v: (b, h, m, d) -> (b, h, n, d).
+
+    `F.scaled_dot_product_attention`, except for long key sequences (m ≥ `min_keys`: the 64² and
+    32² self-attention at 512 px) on the oneDNN path: there, per (image, head), slices of
+    queries go through two oneDNN matmuls -- S = Q_i Kᵀ, P = softmax(S), O_i = P V -- so only a
+    slice of M of at most `chunk` entries (16 MB) exists at a time. PyTorch's fused CPU kernel
+    does its block products with MKL (`tools/bench_kernels.py`)."""
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    if not (onednn_ok(q, fast) and m >= min_keys):
+        return F.scaled_dot_product_attention(q, k, v)
+    qs = (q * d ** -0.5).reshape(b * h, n, d)                          # Q/√d, (b·h, n, d)
+    ks = k.reshape(b * h, m, d)                                        # (b·h, m, d)
+    vt = v.transpose(-1, -2).reshape(b * h, d, m)                      # Vᵀ, (b·h, d, m)
+    out = q.new_empty(b * h, n, d)
+    rows = max(1, min(n, chunk // m))                                  # queries per slice
+    for j in range(b * h):
+        for i in range(0, n, rows):
+            s = torch.ops.mkldnn._linear_pointwise(qs[j, i:i + rows], ks[j], None, "none", [], "")
+            out[j, i:i + rows] = torch.ops.mkldnn._linear_pointwise(    # (rows, m) · (m, d)
+                s.softmax(dim=-1), vt[j], None, "none", [], "")
+    return out.view(b, h, n, d)

@@ -150,3 +150,18 @@ def test_fast_unet_call_runs_its_linear_layers_on_onednn(sd_model):
     # per spatial transformer: proj_in, proj_out. (Only the tiny time-embedding MLPs stay.)
     assert counts[True][0] == blocks * 11 + spatial * 2
     assert counts[False][0] == 0 and counts[False][1] > 0
+
+
+@pytest.mark.parametrize("n,m,chunk", [(50, 1100, 1 << 22), (50, 1100, 3000), (7, 1024, 1024)])
+def test_sdpa_slices_equal_fused_attention(n, m, chunk):
+    """ops.sdpa's oneDNN query slices (long key sequences) = F.scaled_dot_product_attention,
+    including slices that do not divide the queries evenly (chunk // m rows per slice)."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, n, 16, generator=g)
+    k, v = torch.randn(2, 3, m, 16, generator=g), torch.randn(2, 3, m, 16, generator=g)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with torch.no_grad():
+        out = ops.sdpa(q, k, v, fast=True, chunk=chunk)
+    assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-5
+    q.requires_grad_()                                     # under autograd: PyTorch's kernel
+    assert (ops.sdpa(q, k, v, fast=True, chunk=chunk) - ref).abs().max() <= 1e-5

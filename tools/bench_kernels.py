@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Why the fast path sends CPU linear layers to oneDNN (minip2p/ops.py): the two kernels side by
-side at the shapes of the SD 1.5 UNet at 512 px (batch 4 = two prompts with guidance).
+"""Why the fast path sends CPU linear layers and long attention to oneDNN (minip2p/ops.py): the
+kernels side by side at the shapes of the SD 1.5 UNet at 512 px (batch 4 = two prompts with
+guidance).
 
-For each shape: GFLOP/s of `F.linear` (PyTorch's default, MKL sgemm) and of oneDNN's matmul
-(`ops.linear(..., fast=True)`), the best of --reps runs, and max|Δ| between their outputs; then
-the fused GEGLU (`ops.geglu`) against chunk + GELU + multiply. Usage:
-  python tools/bench_linear.py --threads 2
+For each linear shape: GFLOP/s of `F.linear` (PyTorch's default, MKL sgemm) and of oneDNN's
+matmul (`ops.linear(..., fast=True)`), the best of --reps runs, and max|Δ| between their
+outputs; then the fused GEGLU (`ops.geglu`) against chunk + GELU + multiply; then self-attention
+at 64² and 32² (`F.scaled_dot_product_attention` against `ops.sdpa`'s oneDNN query slices).
+Usage:
+  python tools/bench_kernels.py --threads 2
 """
 from __future__ import annotations
 
@@ -69,6 +72,14 @@ def main():
             d = (ops.geglu(proj, x, fast=True) - ops.geglu(proj, x, fast=False)).abs().max().item()
             print(f"GEGLU {n} x {dim}: chunk+GELU+mul {t_ref * 1e3:.0f} ms, fused oneDNN "
                   f"{t_dnn * 1e3:.0f} ms ({t_ref / t_dnn:.2f}x), max|Δ| {d:.1e}")
+        for side, dim in [(64, 320), (32, 640)]:                     # 8 heads, batch 4
+            q, k, v = (torch.randn(4, 8, side * side, dim // 8, generator=g) for _ in range(3))
+            t_ref = best(lambda: F.scaled_dot_product_attention(q, k, v), args.reps)
+            t_dnn = best(lambda: ops.sdpa(q, k, v, fast=True), args.reps)
+            d = (ops.sdpa(q, k, v, fast=True) - F.scaled_dot_product_attention(q, k, v)).abs().max()
+            print(f"self-attention {side}x{side} (4, 8, {side * side}, {dim // 8}): SDPA "
+                  f"{t_ref * 1e3:.0f} ms, oneDNN slices {t_dnn * 1e3:.0f} ms "
+                  f"({t_ref / t_dnn:.2f}x), max|Δ| {d.item():.1e}")
 
 
 if __name__ == "__main__":
