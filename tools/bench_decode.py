@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,36 @@ sys.path.insert(0, str(ROOT))
 
 from minip2p.loading import load_model  # noqa: E402
 from minip2p.pipeline import decode  # noqa: E402
+
+
+def interleave(rows: dict, rounds: int):
+    """Run every row once (warm-up; its output is kept), then `rounds` rounds of all rows in
+    turn, so that a noisy machine slows every row alike. -> outputs, wall times, minor faults."""
+    with torch.no_grad():
+        outs = {name: fn() for name, fn in rows.items()}
+        times = {name: [] for name in rows}
+        faults = {name: [] for name in rows}
+        for _ in range(rounds):
+            for name, fn in rows.items():
+                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return outs, times, faults
+
+
+def report(what: str, outs: dict, times: dict, stat: str = "mean", faults: dict | None = None):
+    """A markdown table: per row the mean (or median) and min time, the mean minor page faults
+    if given, and max|Δ| of its output against the first row's."""
+    centre = statistics.mean if stat == "mean" else statistics.median
+    first = next(iter(outs.values()))
+    heads = [what, f"{stat} s", "min s"] + (["minor page faults"] if faults else [])
+    print("| " + " | ".join(heads + ["max abs diff vs first row"]) + " |")
+    print("|---|" + "---:|" * len(heads))
+    for name, out in outs.items():
+        cells = [name, f"{centre(times[name]):.2f}", f"{min(times[name]):.2f}"]
+        cells += [str(sum(faults[name]) // len(faults[name]))] if faults else []
+        print("| " + " | ".join(cells + [f"{(out - first).abs().max().item():.1e}"]) + " |")
 
 
 def main(argv=None):
@@ -42,26 +73,10 @@ def main(argv=None):
         from diffusers import AutoencoderKL
         ref = AutoencoderKL.from_pretrained(str(args.model / "vae")).eval()
         rows["diffusers AutoencoderKL"] = lambda: (ref.decode(z / sf).sample / 2 + 0.5).clamp(0, 1)
-    with torch.no_grad():
-        outs = {name: fn() for name, fn in rows.items()}                 # warm-up, and outputs
-        times = {name: [] for name in rows}
-        faults = {name: [] for name in rows}
-        for _ in range(args.rounds):
-            for name, fn in rows.items():
-                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    first = next(iter(outs.values()))
+    outs, times, faults = interleave(rows, args.rounds)
     print(f"\n{args.model}, {args.images} x {args.size}x{args.size}, {args.threads} threads, "
           f"{args.rounds} interleaved rounds\n")
-    print("| decode | mean s | min s | minor page faults | max abs diff vs first row |")
-    print("|---|---:|---:|---:|---:|")
-    for name in rows:
-        diff = (outs[name] - first).abs().max().item()
-        print(f"| {name} | {sum(times[name]) / len(times[name]):.2f} | {min(times[name]):.2f} | "
-              f"{sum(faults[name]) // len(faults[name])} | {diff:.1e} |")
-
+    report("decode", outs, times, "mean", faults)
 
 if __name__ == "__main__":
     main()

@@ -11,9 +11,7 @@ inside both injection windows (cross-replace and self-replace), so it does the m
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_decode import interleave, report  # noqa: E402  (tools/ is this script's folder)
 from minip2p import p2p  # noqa: E402
 from minip2p.loading import load_model  # noqa: E402
 from minip2p.pipeline import encode_text  # noqa: E402
@@ -52,24 +51,10 @@ def main(argv=None):
         from diffusers import UNet2DConditionModel
         ref = UNet2DConditionModel.from_pretrained(str(args.model / "unet")).eval()
         rows["diffusers UNet (SDPA), plain"] = lambda: ref(z, t, context).sample
-    with torch.no_grad():
-        outs = {name: fn() for name, fn in rows.items()}                 # warm-up, and outputs
-        times = {name: [] for name in rows}
-        for _ in range(args.rounds):
-            for name, fn in rows.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    first = outs["minip2p fast, plain"]
+    outs, times, _ = interleave(rows, args.rounds)
     print(f"\n{args.model}, UNet batch 4 at {args.size}x{args.size}, t = {t}, {args.threads} "
           f"threads, {args.rounds} interleaved rounds\n")
-    print("| UNet call | median s | min s | max abs diff vs first row |")
-    print("|---|---:|---:|---:|")
-    for name in rows:
-        diff = (outs[name] - first).abs().max().item()
-        print(f"| {name} | {statistics.median(times[name]):.2f} | {min(times[name]):.2f} | "
-              f"{diff:.1e} |")
-
+    report("UNet call", outs, times, "median")
 
 if __name__ == "__main__":
     main()
