@@ -54,7 +54,7 @@ def geglu(proj: nn.Linear, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise.binary(x, gate, wa, ba, "mul")     # (x W_aᵀ + b_a)·gate
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast: bool = True,
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast: bool = False,
          min_keys: int = 1024, chunk: int = 1 << 22) -> torch.Tensor:
     """softmax(Q Kᵀ/√d)·V without keeping M. q: (b, h, n, d); k, v: (b, h, m, d) -> (b, h, n, d).
 

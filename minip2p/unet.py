@@ -21,8 +21,8 @@ from einops import rearrange
 from torch import nn
 
 from .attention import Attention, Site
-from .ops import geglu, linear
 from .config import UNetConfig
+from .ops import geglu, linear
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos=True, shift=0.0):
