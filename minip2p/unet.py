@@ -114,7 +114,7 @@ class Transformer2DModel(nn.Module):
         self.proj_out = proj()
 
     def forward(self, x, context, site: dict, control=None, fast=False):
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         res = x
         x = rearrange(self.norm(x), "b c h w -> b (h w) c")              # tokens (b, h·w, c)
         x = linear(self.proj_in, x, fast)        # a 1×1 conv (SD 1.x) is a linear map per token

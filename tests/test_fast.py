@@ -163,5 +163,8 @@ def test_sdpa_slices_equal_fused_attention(n, m, chunk):
     with torch.no_grad():
         out = ops.sdpa(q, k, v, fast=True, chunk=chunk)
     assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-5
-    q.requires_grad_()                                     # under autograd: PyTorch's kernel
-    assert (ops.sdpa(q, k, v, fast=True, chunk=chunk) - ref).abs().max() <= 1e-5
+    q.requires_grad_()                                     # under autograd: PyTorch's kernel,
+    out = ops.sdpa(q, k, v, fast=True, chunk=chunk)       # so gradients reach q
+    assert (out - ref).abs().max() <= 1e-5
+    out.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0

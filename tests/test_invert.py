@@ -280,7 +280,7 @@ def test_toy_real_image_colour_swap_keeps_the_mask(toy_inversions):
     prompts = ["a red circle", "a blue circle"]
     control, _ = p2p.build(m.tokenizer, prompts, TOY_STEPS, cross_replace=0.8, self_replace=0.4)
     out = invert.run(m, invs["null-text"], prompts, control, progress=False)
-    (src, src_rgb), (edit, rgb) = _mask(((x[0] + 1) / 2)), _mask(out[1])
+    (src, _), (edit, rgb) = _mask(((x[0] + 1) / 2)), _mask(out[1])
     iou = float((src & edit).sum() / (src | edit).sum())
     print(f"colour swap: mask IoU {iou:.2f}, edited colour {rgb.tolist()}")
     assert iou > 0.8 and rgb[2] > rgb[0] + 0.2       # same shape, now blue (measured: IoU 0.91)
