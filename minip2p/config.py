@@ -60,6 +60,7 @@ class UNetConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     use_linear_projection: bool = False
+    upcast_attention: bool = False          # SD 2.x: QKᵀ and softmax in fp32 under fp16
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     sample_size: int = 64
@@ -86,7 +87,7 @@ class UNetConfig:
         refuse = {"class_embed_type": [None], "addition_embed_type": [None],
                   "time_cond_proj_dim": [None], "encoder_hid_dim": [None],
                   "dual_cross_attention": [False], "only_cross_attention": [False],
-                  "upcast_attention": [False, None], "resnet_time_scale_shift": ["default"],
+                  "resnet_time_scale_shift": ["default"],
                   "mid_block_type": ["UNetMidBlock2DCrossAttn"], "act_fn": ["silu"],
                   "center_input_sample": [False], "time_embedding_type": ["positional"],
                   "mid_block_scale_factor": [1, 1.0], "downsample_padding": [1],
