@@ -1,12 +1,23 @@
-"""Command line for Prompt-to-Prompt: `minip2p edit …` and `minip2p attention …`."""
+"""`minip2p edit SOURCE TARGET … --method p2p|masactrl|pnp` and `minip2p attention PROMPT`.
+
+    edit "a cat" "a dog"                                   Prompt-to-Prompt (the default method)
+    edit "a cat" "a dog" --image cat.jpg                   … on a real image (inverted first)
+    edit "a cat" "a dog" --image cat.jpg --strength 0.6    … from the noised picture (SDEdit)
+    edit "a cat" "a sitting cat" --method masactrl         MasaCtrl (--masa-step/-layer/-mask)
+    edit "" "a blue square" --method pnp --image sq.png    plug-and-play (--pnp-features/-attention)
+
+Every method writes 0.png (the source), 1.png … (the targets), strip.png, and with --maps
+maps-N.png. Flags of one method given to another are refused, as is anything out of range,
+before the model loads where possible.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import MinipError
 from . import invert as cli_invert
-from .common import (add_model_options, check_out_dir, check_out_file, int_arg, load,
-                     save_image)
+from .common import (add_model_options, check_out_dir, check_out_file, float_arg, int_arg,
+                     load, save_image)
 
 
 def parse_reweight(items: list[str]) -> dict[str, float]:
@@ -30,56 +41,144 @@ MAP_RES = ("show the stored maps with this many rows (default: the coarsest stor
            "resolution, 16 at 512 px as in the P2P reference)")
 
 
-def cmd_edit(args):
-    from .. import invert, views
+EDIT_METHODS = ("p2p", "masactrl", "pnp")
+P2P_FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "--self-replace",
+             "blend": "--blend", "blend_threshold": "--blend-threshold", "reweight": "--reweight"}
+MASA_FLAGS = {"masa_step": "--masa-step", "masa_layer": "--masa-layer", "masa_mask": "--masa-mask"}
+PNP_FLAGS = {"pnp_features": "--pnp-features", "pnp_attention": "--pnp-attention",
+             "negative_prompt": "--negative-prompt"}
+DEFAULTS = dict(mode="auto", cross_replace="0.8", self_replace="0.4", blend_threshold=0.3,
+                masa_step=4, masa_layer=10, pnp_features=0.8, pnp_attention=0.5)
+
+
+def check_method_flags(args):
+    """`--method` (legacy: an inversion method name) and no flag of another method; fill defaults."""
+    from ..invert import METHODS
+    if args.method in METHODS:                     # `edit --method null-text` (before --method p2p)
+        if args.inversion_method not in (None, args.method):
+            raise MinipError(f"--method {args.method} and --inversion-method "
+                             f"{args.inversion_method} disagree; give --inversion-method only")
+        args.method, args.inversion_method = "p2p", args.method
+    args.method = args.method or "p2p"
+    args.inversion_method = args.inversion_method or "null-text"
+    own = {"p2p": P2P_FLAGS, "masactrl": MASA_FLAGS, "pnp": PNP_FLAGS}[args.method]
+    for flags in (P2P_FLAGS, MASA_FLAGS, PNP_FLAGS):
+        for key, flag in flags.items():
+            if flags is not own and getattr(args, key) is not None:
+                raise MinipError(f"{flag} belongs to another method, not --method {args.method}; "
+                                 "leave it out or change --method")
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.method == "pnp" and not args.image:
+        raise MinipError("--method pnp edits a real image: add --image PHOTO (SOURCE may be \"\")"
+                         + (" (an inversion file keeps no trajectory)" if args.inversion else ""))
+    if args.method == "pnp" and args.strength is not None:
+        raise MinipError("--strength (SDEdit) does not combine with --method pnp; leave it out")
+    if args.strength is not None and not args.image:
+        raise MinipError("--strength sets how far SDEdit noises --image; add --image PHOTO")
+    if args.method == "masactrl" and not 0 <= args.masa_step < args.steps:
+        raise MinipError(f"--masa-step must be in [0, {args.steps}) (a step of the {args.steps} "
+                         f"denoising steps), got {args.masa_step}")
+    for key, flag in (("pnp_features", "--pnp-features"), ("pnp_attention", "--pnp-attention")):
+        v = getattr(args, key)
+        if args.method == "pnp" and not 0.0 <= v <= 1.0:
+            raise MinipError(f"{flag} is a fraction of the steps in [0, 1], got {v:g}")
+
+
+def method_control(args, model, prompts, steps):
+    """(controller, attention store or None) of the chosen method for `prompts` over `steps`."""
+    from ..control import AttentionStore, Compose
     from ..methods import p2p
     from ..methods.align import parse_window
-    from ..pipeline import check_size, generate, to_pil
-
-    prompts = [p for p in [args.source] + args.targets if p is not None]
-    real = cli_invert.read_input(args.image, args.inversion, args.crop,  # before the model loads
-                                 prompts[0] if prompts else None)
-    if real is None and len(prompts) < 2:
-        raise MinipError("edit needs a SOURCE prompt and at least one TARGET prompt "
-                         "(or --image/--inversion: with no target, the reconstruction)")
-    out = check_out_dir(args.out_dir)
-    if args.map_res is not None and not args.maps:
-        raise MinipError("--map-res chooses the maps of --maps; add --maps")
-    cross = parse_window(args.cross_replace)
-    self_ = parse_window(args.self_replace)
+    if args.method == "masactrl":
+        from ..methods import masactrl
+        layers = len(model.unet.transformer_blocks())
+        ctrl = masactrl.build(model.tokenizer, prompts, steps, args.masa_step, args.masa_layer,
+                              layers, tuple(args.masa_mask) if args.masa_mask else None)
+        store = AttentionStore(len(prompts)) if args.maps else None
+        return Compose(ctrl, store), store
+    cross, self_ = parse_window(args.cross_replace), parse_window(args.self_replace)
     if isinstance(self_, dict):
         raise MinipError("--self-replace takes a number (0.4) or a start,end pair (0.1,0.4)")
-    reweight = parse_reweight(args.reweight)
+    return p2p.build(model.tokenizer, prompts, steps, args.mode, cross, self_,
+                     parse_reweight(args.reweight), args.blend, args.blend_threshold,
+                     store=args.maps)
+
+
+def cmd_edit(args):
+    import torch
+
+    from .. import images, invert, views
+    from ..control import AttentionStore, Compose, PinSource
+    from ..methods import sdedit
+    from ..pipeline import check_size, generate, to_pil
+
+    check_method_flags(args)
+    if args.strength is not None:
+        sdedit.check_strength(args.strength)
+    if args.map_res is not None and not args.maps:
+        raise MinipError("--map-res chooses the maps of --maps; add --maps")
+    prompts = [p for p in [args.source] + args.targets if p is not None]
+    noised = args.strength is not None                   # SDEdit: the picture is noised, not inverted
+    inverted = not noised and args.method != "pnp"      # pnp inverts with SOURCE, "" allowed
+    real = cli_invert.read_input(args.image, args.inversion, args.crop,  # before the model loads
+                                 prompts[0] if prompts else None, needs_prompt=inverted)
+    if (real is None or noised or args.method != "p2p") and len(prompts) < 2:
+        raise MinipError("edit needs a SOURCE prompt and at least one TARGET prompt "
+                         "(or --image/--inversion with p2p: with no target, the reconstruction)")
+    out = check_out_dir(args.out_dir)
     model = load(args)
     height, width = check_size(model, args.height, args.width)
     model.scheduler.timesteps(args.steps)
-    inv = None
-    if real is not None:          # real image: the inversion's prompt is the source
+    if args.method == "masactrl":
+        from ..methods import masactrl
+        masactrl.check(args.steps, args.masa_step, args.masa_layer,
+                       len(model.unet.transformer_blocks()))
+    kw = dict(progress=not args.quiet, free_text_encoder=args.free_text_encoder)
+    shown = []
+    if args.method == "pnp":
+        from ..methods import pnp
+        x = images.to_tensor(images.fit(real, height, width))
+        store = None
+        result = [pnp.edit(model, x, target, prompts[0], args.negative_prompt, args.steps,
+                           args.guidance, args.pnp_features, args.pnp_attention,
+                           progress=not args.quiet, fast=not args.explicit)
+                  for target in prompts[1:]]
+        result = to_pil(torch.cat([result[0][:1]] + [r[1:] for r in result]))  # source, targets
+        shown = [real.resize((width, height))]
+    elif noised:                                         # SDEdit, under P2P or MasaCtrl
+        steps_run = args.steps - sdedit.start_index(args.steps, args.strength)
+        control, store = method_control(args, model, prompts, steps_run)
+        result = to_pil(sdedit.generate(model, images.fit(real, height, width), prompts,
+                                        args.strength, args.seed, args.steps, args.guidance,
+                                        height, width, control, fast=not args.explicit, **kw))
+        shown = [images.fit(real, height, width)]
+    elif real is None:
+        control, store = method_control(args, model, prompts, args.steps)
+        result = to_pil(generate(model, prompts, args.seed, args.steps, args.guidance, height,
+                                 width, control=control, fast=not args.explicit, **kw))
+    else:                        # real image: the inversion's prompt is the source
         if isinstance(real, invert.Inversion):
             prompts = [real.prompt] + prompts
         inv = cli_invert.inversion_for(args, model, real, prompts[0] if prompts else None)
-    if len(prompts) > 1:
-        control, store = p2p.build(model.tokenizer, prompts, args.steps, args.mode, cross, self_,
-                                   reweight, args.blend, args.blend_threshold,
-                                   store=args.maps)
-    else:                         # no target: the reconstruction
-        control = store = p2p.AttentionStore(1) if args.maps else None
-    if inv is None:
-        images = to_pil(generate(model, prompts, args.seed, args.steps, args.guidance, height,
-                                 width, control=control, progress=not args.quiet,
-                                 fast=not args.explicit, free_text_encoder=args.free_text_encoder))
-    else:
-        images = to_pil(invert.run(model, inv, prompts, control, args.guidance,
-                                   progress=not args.quiet,
-                                   free_text_encoder=args.free_text_encoder))
-    files = {f"{i}.png": im for i, im in enumerate(images)}
-    shown = [cli_invert.input_pil(inv)] if inv is not None and inv.image is not None else []
-    files["strip.png"] = views.strip(shown + images, ["input"] * len(shown) + prompts)
-    if args.maps:
-        pixels = views.pick_pixels(store, "cross", args.map_res, images[0])
-        for i, (prompt, im) in enumerate(zip(prompts, images)):
+        if len(prompts) > 1:
+            control, store = method_control(args, model, prompts, args.steps)
+            if args.method == "masactrl" and inv.latents is not None:
+                control = Compose(PinSource(inv.latents), control)   # source on its trajectory
+        else:                     # no target: the reconstruction
+            control = store = AttentionStore(1) if args.maps else None
+        result = to_pil(invert.run(model, inv, prompts, control, args.guidance, **kw))
+        shown = [cli_invert.input_pil(inv)] if inv.image is not None else []
+    files = {f"{i}.png": im for i, im in enumerate(result)}
+    files["strip.png"] = views.strip(shown + result, ["input"] * len(shown) + prompts)
+    if args.maps and store is not None:
+        pixels = views.pick_pixels(store, "cross", args.map_res, result[0])
+        for i, (prompt, im) in enumerate(zip(prompts, result)):
             files[f"maps-{i}.png"] = views.cross_attention_image(store, model.tokenizer, prompt, i,
                                                                  im, pixels)
+    elif args.maps:
+        raise MinipError("--maps is not available with --method pnp")
     out.mkdir(exist_ok=True)
     for name, im in files.items():
         save_image(im, out / name)
@@ -110,21 +209,45 @@ def cmd_attention(args):
 
 
 def add_commands(sub):
-
-    e = sub.add_parser("edit", help="Prompt-to-Prompt: edit SOURCE into each TARGET")
+    from ..invert import METHODS
+    e = sub.add_parser("edit", help="edit SOURCE into each TARGET (Prompt-to-Prompt, MasaCtrl, "
+                                    "plug-and-play; SDEdit with --image --strength)")
     e.add_argument("source", nargs="?", help="the source prompt (with --inversion: a target)")
     e.add_argument("targets", nargs="*", metavar="TARGET")
-    e.add_argument("--mode", choices=["auto", "replace", "refine"], default="auto",
+    e.add_argument("--method", choices=EDIT_METHODS + METHODS, default=None,
+                   help="p2p: Prompt-to-Prompt (default); masactrl: mutual self-attention; pnp: "
+                        "plug-and-play (needs --image). (ddim, null-text, negative-prompt: the "
+                        "inversion method, as before; same as --inversion-method)")
+    g = e.add_argument_group("Prompt-to-Prompt (--method p2p)")
+    g.add_argument("--mode", choices=["auto", "replace", "refine"], default=None,
                    help="replace: word swap (same word count); refine: words added; "
                         "auto: replace when the word counts match, else refine")
-    e.add_argument("--cross-replace", default="0.8",
-                   help="cross-attention window: 0.8, 0.2,0.8 or default=1.0,lion=0.4 (0.8)")
-    e.add_argument("--self-replace", default="0.4", help="self-attention window (0.4)")
-    e.add_argument("--blend", nargs="+", metavar="WORD",
+    g.add_argument("--cross-replace", default=None,
+                   help="cross-attention window τ_c: 0.8, 0.2,0.8 or default=1.0,lion=0.4 (0.8)")
+    g.add_argument("--self-replace", default=None, help="self-attention window τ_s (0.4)")
+    g.add_argument("--blend", nargs="+", metavar="WORD",
                    help="LocalBlend: a word of the source, then one of each target")
-    e.add_argument("--blend-threshold", type=float, default=0.3, help="LocalBlend threshold (0.3)")
-    e.add_argument("--reweight", nargs="+", metavar="WORD=FACTOR",
+    g.add_argument("--blend-threshold", type=float_arg("--blend-threshold"), default=None,
+                   help="LocalBlend threshold (0.3)")
+    g.add_argument("--reweight", nargs="+", metavar="WORD=FACTOR",
                    help="scale the attention of words of the targets, e.g. smiling=2")
+    m = e.add_argument_group("MasaCtrl (--method masactrl)")
+    m.add_argument("--masa-step", type=int_arg("--masa-step", -10 ** 9), default=None,
+                   help="mutual self-attention from this step on (4)")
+    m.add_argument("--masa-layer", type=int_arg("--masa-layer", -10 ** 9), default=None,
+                   help="… in transformer layers from this one on (10 of SD 1.x's 16: the decoder "
+                        "at 32² and 64²)")
+    m.add_argument("--masa-mask", nargs=2, metavar=("WORD_IN_SOURCE", "WORD_IN_TARGET"),
+                   help="mask-guided: foreground reads foreground, background background")
+    q = e.add_argument_group("plug-and-play (--method pnp)")
+    q.add_argument("--pnp-features", type=float_arg("--pnp-features"), default=None,
+                   help="inject ResBlock features for this fraction of the steps (0.8)")
+    q.add_argument("--pnp-attention", type=float_arg("--pnp-attention"), default=None,
+                   help="inject self-attention queries and keys for this fraction (0.5)")
+    q.add_argument("--negative-prompt", default=None,
+                   help="the target's unconditional prompt (the official one)")
+    e.add_argument("--strength", type=float_arg("--strength"), default=None,
+                   help="SDEdit: with --image, start from the picture noised this much, in (0, 1]")
     e.add_argument("--maps", action="store_true", help="also write maps-N.png per prompt")
     e.add_argument("--map-res", type=int_arg("--map-res"), metavar="ROWS", help=MAP_RES)
     e.add_argument("--out-dir", default="edit", help="output folder (edit)")
@@ -135,7 +258,8 @@ def add_commands(sub):
     a = sub.add_parser("attention", help="show each token's cross-attention map")
     a.add_argument("prompt")
     a.add_argument("--self", action="store_true", help="self-attention SVD components instead")
-    a.add_argument("--components", type=int, default=6, help="how many components (--self)")
+    a.add_argument("--components", type=int_arg("--components"), default=6,
+                   help="how many components (--self)")
     a.add_argument("--map-res", type=int_arg("--map-res"), metavar="ROWS", help=MAP_RES)
     add_model_options(a, out="maps.png", lean=True)
     a.set_defaults(run=cmd_attention)

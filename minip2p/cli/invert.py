@@ -16,9 +16,11 @@ from ..errors import MinipError
 from .common import add_model_options, check_out_file, int_arg, load, save_image
 
 
-def add_inversion_options(p: argparse.ArgumentParser):
+def add_inversion_options(p: argparse.ArgumentParser, flag: str = "--method"):
+    """`flag`: `--method` for invert/reconstruct, `--inversion-method` for edit (whose `--method`
+    picks the editing method; default None there, filled in by edit.check_method_flags)."""
     from ..invert import METHODS
-    p.add_argument("--method", choices=METHODS, default="null-text",
+    p.add_argument(flag, choices=METHODS, default="null-text" if flag == "--method" else None,
                    help="ddim: DDIM inversion, ∅ = \"\"; null-text: optimise ∅ per step "
                         "(best, slow); negative-prompt: ∅ = the prompt (fast) (null-text)")
     p.add_argument("--inner-steps", type=int_arg("--inner-steps"), default=10,
@@ -34,7 +36,7 @@ def add_edit_options(e: argparse.ArgumentParser):
     e.add_argument("--inversion", metavar="FILE",
                    help="edit the image of this inversion file (its prompt is the source; "
                         "every positional prompt is a target)")
-    add_inversion_options(e)
+    add_inversion_options(e, "--inversion-method")
 
 
 def check_inversion_out(path: str) -> Path:
@@ -48,9 +50,11 @@ def check_inversion_out(path: str) -> Path:
     return out
 
 
-def read_input(image: str | None, inversion: str | None, crop: str | None, prompt: str | None):
+def read_input(image: str | None, inversion: str | None, crop: str | None, prompt: str | None,
+               needs_prompt: bool = True):
     """Before the model loads: read --inversion (-> Inversion) or --image (-> the margin-cropped
-    RGB image, which needs `prompt`), so that bad input fails before any work."""
+    RGB image, which needs `prompt` when it is to be inverted with it), so that bad input fails
+    before any work."""
     from .. import images, invert
     if image and inversion:
         raise MinipError("give --image or --inversion, not both")
@@ -59,7 +63,7 @@ def read_input(image: str | None, inversion: str | None, crop: str | None, promp
         return invert.load(inversion)
     if not image:
         return None
-    if not prompt:
+    if needs_prompt and not prompt:
         raise MinipError("a real image needs the prompt that describes it (the SOURCE prompt)")
     im = images.open_image(image)
     return images.cut_margins(im, (left, top, right, bottom))
@@ -78,7 +82,8 @@ def inversion_for(args, model, got, prompt: str | None):
         return got
     height, width = check_size(model, args.height, args.width)
     x = images.to_tensor(images.fit(got, height, width))                # (1, 3, H, W)
-    return invert.invert(model, x, prompt, args.method, args.steps, args.guidance,
+    method = getattr(args, "inversion_method", None) or args.method
+    return invert.invert(model, x, prompt, method, args.steps, args.guidance,
                          args.inner_steps, progress=not args.quiet)
 
 
