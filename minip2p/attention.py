@@ -63,14 +63,17 @@ class Controller(Protocol):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
               site: Site | None = None, control: Controller | None = None,
-              fast: bool = False) -> torch.Tensor:
-    """Multi-head attention. q: (b, n, h·d); k, v: (b, m, h·d). Returns (b, n, h·d)."""
+              fast: bool = False, upcast: bool = False) -> torch.Tensor:
+    """Multi-head attention. q: (b, n, h·d); k, v: (b, m, h·d). Returns (b, n, h·d).
+    `upcast`: the scores and softmax in fp32 (SD 2.1 under fp16; the fused path does so anyway)."""
     q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
     if fast and (control is None or not control.wants(site)):
         out = sdpa(q, k, v, fast)                                         # fused, M never kept
     else:
         scale = q.shape[-1] ** -0.5                                       # 1/√d
-        probs = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)         # M: (b, h, n, m)
+        if upcast:
+            q, k = q.float(), k.float()
+        probs = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1).to(v.dtype)  # M: (b, h, n, m)
         if control is not None:
             probs = control(probs, site)                                  # the P2P hook
         out = probs @ v                                                   # (b, h, n, d)
@@ -83,9 +86,10 @@ class Attention(nn.Module):
     `context_dim=None` makes it self-attention (keys from the same pixels).
     """
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False,
+                 upcast: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.upcast = heads, upcast
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=bias)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=bias)
@@ -95,4 +99,4 @@ class Attention(nn.Module):
         context = x if context is None else context
         q, k, v = (linear(w, t, fast) for w, t in ((self.to_q, x), (self.to_k, context),
                                                    (self.to_v, context)))
-        return linear(self.to_out[0], attention(q, k, v, self.heads, site, control, fast), fast)
+        return linear(self.to_out[0], attention(q, k, v, self.heads, site, control, fast, self.upcast), fast)

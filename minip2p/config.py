@@ -2,7 +2,7 @@
 
 The field names are the ones diffusers / transformers write, so a config file maps onto a
 dataclass with no renaming. Only the fields that change the architecture are kept; fields we
-do not implement (SD 2 depth models, SDXL add-embeddings, ...) are refused with a clear error
+do not implement (SD 2 depth/upscaler models, SDXL add-embeddings, ...) are refused with a clear error
 instead of being silently ignored.
 """
 from __future__ import annotations
@@ -59,7 +59,8 @@ class UNetConfig:
     transformer_layers_per_block: int = 1
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
-    use_linear_projection: bool = False
+    use_linear_projection: bool = False     # SD 2.x: proj_in/out are Linear, not 1×1 convs
+    upcast_attention: bool = False          # SD 2.1 (768): the softmax in fp32 under fp16
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     sample_size: int = 64
@@ -86,7 +87,7 @@ class UNetConfig:
         refuse = {"class_embed_type": [None], "addition_embed_type": [None],
                   "time_cond_proj_dim": [None], "encoder_hid_dim": [None],
                   "dual_cross_attention": [False], "only_cross_attention": [False],
-                  "upcast_attention": [False, None], "resnet_time_scale_shift": ["default"],
+                  "resnet_time_scale_shift": ["default"],
                   "mid_block_type": ["UNetMidBlock2DCrossAttn"], "act_fn": ["silu"],
                   "center_input_sample": [False], "time_embedding_type": ["positional"],
                   "mid_block_scale_factor": [1, 1.0], "downsample_padding": [1],

@@ -86,10 +86,10 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """x += attn1(x) [self]; x += attn2(x, c) [cross]; x += FF(x) -- each after a LayerNorm."""
 
-    def __init__(self, dim, heads, context_dim):
+    def __init__(self, dim, heads, context_dim, upcast=False):
         super().__init__()
-        self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, heads)
-        self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, heads, context_dim)
+        self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, heads, upcast=upcast)
+        self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, heads, context_dim, upcast=upcast)
         self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
 
     def forward(self, x, context, site: dict, control=None, fast=False):
@@ -104,13 +104,14 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     """Spatial transformer: feature map (b, c, h, w) <-> token sequence (b, h·w, c)."""
 
-    def __init__(self, dim, heads, context_dim, depth=1, groups=32, linear_proj=False):
+    def __init__(self, dim, heads, context_dim, depth=1, groups=32, linear_proj=False,
+                 upcast=False):
         super().__init__()
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
         proj = (lambda: nn.Linear(dim, dim)) if linear_proj else (lambda: nn.Conv2d(dim, dim, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(dim, heads, context_dim) for _ in range(depth)])
+            [BasicTransformerBlock(dim, heads, context_dim, upcast) for _ in range(depth)])
         self.proj_out = proj()
 
     def forward(self, x, context, site: dict, control=None, fast=False):
@@ -157,7 +158,8 @@ class UNetBlock(nn.Module):
         if attn:
             self.attentions = nn.ModuleList([
                 Transformer2DModel(cout, cfg.heads(level), cfg.cross_attention_dim,
-                                   cfg.transformer_layers_per_block, g, cfg.use_linear_projection)
+                                   cfg.transformer_layers_per_block, g, cfg.use_linear_projection,
+                                   upcast=cfg.upcast_attention)
                 for _ in cins])
         else:
             self.attentions = None
@@ -190,7 +192,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock2D(c, c, temb, g, cfg.norm_eps) for _ in range(2)])
         self.attentions = nn.ModuleList([Transformer2DModel(
             c, cfg.heads(len(cfg.block_out_channels) - 1), cfg.cross_attention_dim,
-            cfg.transformer_layers_per_block, g, cfg.use_linear_projection)])
+            cfg.transformer_layers_per_block, g, cfg.use_linear_projection,
+            upcast=cfg.upcast_attention)])
 
     def forward(self, x, temb, context, site, control=None, fast=False):
         x = self.resnets[0](x, temb)

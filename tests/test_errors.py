@@ -115,7 +115,7 @@ def test_pickle_single_file(capsys, out_dir, tmp_path):
 
 
 @pytest.mark.parametrize("part,key,value", [("unet", "addition_embed_type", "text_time"),
-                                            ("unet", "upcast_attention", True),
+                                            ("unet", "resnet_time_scale_shift", "scale_shift"),
                                             ("vae", "shift_factor", 0.1159)])
 def test_unsupported_config_feature(capsys, out_dir, model, part, key, value):
     edit_json(model / part / "config.json", **{key: value})
