@@ -117,8 +117,10 @@ class ClipTokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ])
         tok.decoder = decoders.ByteLevel()
+        # transformers splits the text at every special token, the pad token included: with SD
+        # 2.x's "!" as pad, a typed "!" becomes id 0 (not "!</w>"), and so it does here
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in (START_TEXT, END_TEXT)])
+                                for t in dict.fromkeys((START_TEXT, END_TEXT, pad))])
         self._tok = tok
 
     @classmethod
