@@ -16,7 +16,7 @@ from minip2p import invert, p2p
 from minip2p.config import SchedulerConfig
 from minip2p.ddim import DDIM
 from minip2p.loading import load_model
-from minip2p.pipeline import decode, generate, initial_noise
+from minip2p.pipeline import check_size, decode, generate, initial_noise
 
 GEOMETRIES = ["sd2_ckpt", "small2_ckpt"]
 PROMPTS = ["a photo of a red circle", "A Squirrel, eating a BURGER!"]
@@ -50,6 +50,18 @@ def test_config_is_sd2(pair):
     assert len(set(heads)) > 1, heads                                      # per-level heads
     if name == "sd2_ckpt":
         assert model.text_encoder.cfg.num_hidden_layers == 23
+        assert check_size(model, None, None) == (96, 96)     # native: sample_size·8 (768 for 2.1)
+
+
+def test_fp16_with_upcast_attention_is_close_to_fp32(sd2_ckpt):
+    """SD 2.1's upcast_attention: under fp16 the softmax runs in fp32 (explicit path)."""
+    _, folder = sd2_ckpt
+    kw = dict(seed=0, steps=3, height=64, width=64, progress=False, fast=False)
+    ref = generate(load_model(folder), ["a red circle"], **kw)
+    half = load_model(folder, dtype="fp16")
+    assert all(m.upcast for m in half.unet.modules() if hasattr(m, "upcast"))
+    img = generate(half, ["a red circle"], **kw)
+    assert torch.isfinite(img).all() and (img - ref).abs().mean().item() < 0.05
 
 
 @torch.no_grad()
