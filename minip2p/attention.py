@@ -2,80 +2,57 @@
 
 Every attention layer of the UNet (self-attention `attn1`, cross-attention `attn2`) calls
 `attention()` below. The probabilities M = softmax(QKᵀ/√d) are an ordinary tensor here, and
-between the softmax and the product with V a *controller* may look at M and return the M to use
-instead -- that is the whole mechanism of Prompt-to-Prompt. The controller is an explicit
-argument; the call site is described by a `Site` (where in the UNet, which resolution, self or
-cross, which denoising step), so no controller has to count calls or guess the layer order.
+between the softmax and the product with V a *controller* (minip2p.control) may look at M and
+return the M to use instead -- that is the whole mechanism of Prompt-to-Prompt. A controller may
+instead return the attention output itself (`attend`: MasaCtrl's queries reading the source's keys
+and values). The controller is an explicit argument; the call site is described by a `Site`, so no
+controller has to count calls or guess the layer order. Its hooks run only where it `wants` the
+site, on both paths.
 
 `fast=True` selects fused attention (`ops.sdpa`: PyTorch's scaled-dot-product attention, or
 oneDNN query slices for long key sequences on the CPU) for the call sites whose maps no
-controller asks for (see `Controller.wants`), and oneDNN linear layers (`ops.linear`); tests
-prove it equals the explicit path.
+controller asks for, and oneDNN linear layers (`ops.linear`); tests prove it equals the explicit
+path. `upcast=True` (SD 2.x's `upcast_attention`) forms QKᵀ and the softmax in fp32 when the
+model runs in fp16/bf16.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from einops import rearrange
 from torch import nn
 
+from .control import Controller, Site
 from .ops import linear, sdpa
 
-
-@dataclass(frozen=True)
-class Site:
-    """Where an attention call happens.
-
-    place:  "down", "mid" or "up"
-    block:  index of the UNet block within its place (down_blocks[block] ...)
-    layer:  index of the transformer (spatial attention) within that block
-    depth:  index of the transformer block inside the spatial transformer (0 for SD 1.x)
-    kind:   "self" (attn1: pixels attend to pixels) or "cross" (attn2: pixels attend to tokens)
-    pixels: number of query positions, h·w (4096 = 64² ... 64 = 8² at 512 px)
-    step:   index of the denoising step, 0 .. steps-1 (None outside a sampling loop)
-    """
-    place: str
-    block: int
-    layer: int
-    depth: int
-    kind: str
-    pixels: int
-    step: int | None = None
-
-    @property
-    def name(self) -> str:
-        """A readable, unique label, e.g. 'down1.0.cross@32x32'."""
-        side = int(round(self.pixels ** 0.5))
-        return f"{self.place}{self.block}.{self.layer}.{self.kind}@{side}x{side}"
+__all__ = ["Site", "Controller", "attention", "softmax_attention", "Attention"]
 
 
-class Controller(Protocol):
-    """What the UNet needs from a Prompt-to-Prompt controller (see minip2p.p2p)."""
-
-    def wants(self, site: Site) -> bool:
-        """Does this controller read or rewrite the probabilities M at `site`?"""
-
-    def __call__(self, probs: torch.Tensor, site: Site) -> torch.Tensor:
-        """probs: M, (batch, heads, pixels, tokens). Return the M to multiply with V."""
+def softmax_attention(q, k, v, fast: bool = False, upcast: bool = False, mask=None):
+    """softmax(QKᵀ/√d + mask)·V for q: (b, h, n, d), k, v: (b, h, m, d) -> (b, h, n, d): fused
+    when `fast` (M never kept), else explicit. For controllers that compute attention themselves."""
+    if fast:
+        return sdpa(q, k, v, fast, mask)
+    scale = q.shape[-1] ** -0.5                                           # 1/√d
+    logits = (q.float() @ k.float().transpose(-1, -2)) if upcast else q @ k.transpose(-1, -2)
+    logits = logits * scale if mask is None else logits * scale + mask
+    return logits.softmax(dim=-1).to(v.dtype) @ v
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
               site: Site | None = None, control: Controller | None = None,
               fast: bool = False, upcast: bool = False) -> torch.Tensor:
-    """Multi-head attention. q: (b, n, h·d); k, v: (b, m, h·d). Returns (b, n, h·d).
-    `upcast`: the scores and softmax in fp32 (SD 2.1 under fp16; the fused path does so anyway)."""
+    """Multi-head attention. q: (b, n, h·d); k, v: (b, m, h·d). Returns (b, n, h·d)."""
     q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
-    if fast and (control is None or not control.wants(site)):
+    wanted = control is not None and control.wants(site)
+    out = control.attend(q, k, v, site) if wanted else None            # the controller's own
+    if out is None and fast and not wanted:
         out = sdpa(q, k, v, fast)                                         # fused, M never kept
-    else:
+    elif out is None:
         scale = q.shape[-1] ** -0.5                                       # 1/√d
-        if upcast:
-            q, k = q.float(), k.float()
-        probs = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1).to(v.dtype)  # M: (b, h, n, m)
-        if control is not None:
-            probs = control(probs, site)                                  # the P2P hook
+        logits = (q.float() @ k.float().transpose(-1, -2)) if upcast else q @ k.transpose(-1, -2)
+        probs = (logits * scale).softmax(dim=-1).to(v.dtype)              # M: (b, h, n, m)
+        if wanted:
+            probs = control.probs(probs, site)                            # the P2P hook
         out = probs @ v                                                   # (b, h, n, d)
     return rearrange(out, "b h n d -> b n (h d)")
 
@@ -99,4 +76,5 @@ class Attention(nn.Module):
         context = x if context is None else context
         q, k, v = (linear(w, t, fast) for w, t in ((self.to_q, x), (self.to_k, context),
                                                    (self.to_v, context)))
-        return linear(self.to_out[0], attention(q, k, v, self.heads, site, control, fast, self.upcast), fast)
+        out = attention(q, k, v, self.heads, site, control, fast, self.upcast)
+        return linear(self.to_out[0], out, fast)

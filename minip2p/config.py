@@ -60,7 +60,7 @@ class UNetConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     use_linear_projection: bool = False     # SD 2.x: proj_in/out are Linear, not 1×1 convs
-    upcast_attention: bool = False          # SD 2.1 (768): the softmax in fp32 under fp16
+    upcast_attention: bool = False          # SD 2.x: QKᵀ and softmax in fp32 under fp16
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     sample_size: int = 64

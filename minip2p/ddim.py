@@ -52,6 +52,11 @@ class DDIM:
         v = model_out
         return a ** 0.5 * z - (1 - a) ** 0.5 * v, a ** 0.5 * v + (1 - a) ** 0.5 * z
 
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """The forward process in one jump: z_t = √ᾱ_t · z_0 + √(1−ᾱ_t) · ε."""
+        a = self.alpha(t).to(z0.dtype)
+        return a ** 0.5 * z0 + (1 - a) ** 0.5 * noise
+
     def step(self, model_out: torch.Tensor, t: int, z: torch.Tensor, steps: int) -> torch.Tensor:
         """One denoising step z_t -> z_{t - 1000/steps}."""
         a_t = self.alpha(t)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from . import images
 from .atomic import atomic_write
 from .errors import MinipError
+from .guidance import cfg
 from .pipeline import decode, denoise, encode_text
 
 FORMAT, VERSION = "minip2p-inversion", 1
@@ -102,8 +103,7 @@ def null_text(model, latents: list[torch.Tensor], cond: torch.Tensor, uncond: to
         step_losses = []
         for _ in range(inner_steps):
             eps_u = model.unet(z.to(dtype), t, u.to(dtype)).float()      # ε_θ(z̄_t, t, ∅)
-            eps = eps_u + guidance * (eps_c - eps_u)
-            loss = F.mse_loss(sched.step(eps, t, z, steps), target)
+            loss = F.mse_loss(sched.step(cfg(eps_u, eps_c, guidance), t, z, steps), target)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -117,7 +117,7 @@ def null_text(model, latents: list[torch.Tensor], cond: torch.Tensor, uncond: to
         losses.append(step_losses)
         with torch.no_grad():                             # z̄_{t−1} with the optimised ∅_t
             eps_u = model.unet(z.to(dtype), t, u.to(dtype)).float()
-            z = sched.step(eps_u + guidance * (eps_c - eps_u), t, z, steps)
+            z = sched.step(cfg(eps_u, eps_c, guidance), t, z, steps)
     bar.close()
     return found, losses, z
 

@@ -55,8 +55,10 @@ def geglu(proj: nn.Linear, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast: bool = False,
-         min_keys: int = 1024, chunk: int = 1 << 22) -> torch.Tensor:
-    """softmax(Q Kᵀ/√d)·V without keeping M. q: (b, h, n, d); k, v: (b, h, m, d) -> (b, h, n, d).
+         mask: torch.Tensor | None = None, min_keys: int = 1024,
+         chunk: int = 1 << 22) -> torch.Tensor:
+    """softmax(Q Kᵀ/√d + mask)·V without keeping M. q: (b, h, n, d); k, v: (b, h, m, d) ->
+    (b, h, n, d); `mask` (additive, broadcast to (b, h, n, m)) goes to PyTorch's kernel.
 
     `F.scaled_dot_product_attention`, except for long key sequences (m ≥ `min_keys`: the 64² and
     32² self-attention at 512 px) on the oneDNN path: there, per (image, head), slices of
@@ -65,8 +67,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast: bool = False,
     fused CPU kernel at 64² (4 × 8 heads × 4096 × 40): 470 vs 626 ms (`tools/bench_kernels.py`)."""
     b, h, n, d = q.shape
     m = k.shape[2]
-    if not (onednn_ok(q, fast) and m >= min_keys):
-        return F.scaled_dot_product_attention(q, k, v)
+    if mask is not None or not (onednn_ok(q, fast) and m >= min_keys):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     qs = (q * d ** -0.5).reshape(b * h, n, d)                          # Q/√d, (b·h, n, d)
     ks = k.reshape(b * h, m, d)                                        # (b·h, m, d)
     vt = v.transpose(-1, -2).reshape(b * h, d, m)                      # Vᵀ, (b·h, d, m)

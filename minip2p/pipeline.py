@@ -2,24 +2,28 @@
 
     c = ψ(P) for each prompt, ∅ = ψ("")
     z_T ~ N(0, I): one noise shared by every prompt of the batch (what P2P needs)
-    for t = T … 1:   ε = ε_θ(z_t, t, ∅) + g · (ε_θ(z_t, t, c) − ε_θ(z_t, t, ∅))     (one UNet call)
-                     z_{t-1} = DDIM(z_t, ε)
+    for t = T … 1:   ε̃ = ε_θ(z_t, t, ∅) + g · (ε_θ(z_t, t, c) − ε_θ(z_t, t, ∅))    (one UNet call)
+                     z_{t-1} = DDIM(z_t, ε̃)
     x = D(z_0 / 0.18215)
 
-The UNet batch is [∅ × B, c × B]: the unconditional half first, as in diffusers and the P2P code.
-A controller (minip2p.p2p) is passed through to every attention call and may rewrite the latents
-after each step (`after_step`, used by LocalBlend).
+The rows of the UNet call are described by a `guidance.GuidanceBatch` (by default [∅ × B, c × B],
+the unconditional half first, as in diffusers and the P2P code) and ε̃ is `guidance.cfg`. A
+controller (minip2p.control) sees every site of the UNet it wants, and may rewrite the latents
+before and after each step. `sample` is the loop as a generator (one z per step); `denoise` runs
+it to the end. SDEdit starts it part-way (`start`, see methods/sdedit.py).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .control import Controller
 from .errors import MinipError
+from .guidance import TEXT, UNCOND, GuidanceBatch
 from .loading import Model
 
 
@@ -35,8 +39,9 @@ def check_size(model: Model, height: int | None, width: int | None) -> tuple[int
 
 
 def initial_noise(model: Model, seed: int, height: int, width: int) -> torch.Tensor:
-    """z_T: (1, 4, H/8, W/8), drawn on the CPU so that a seed gives the same image everywhere."""
-    f, c = model.vae.cfg.downscale, model.unet.cfg.in_channels
+    """z_T: (1, c, H/8, W/8), c = the VAE's latent channels (not the UNet's input channels, which
+    differ for InstructPix2Pix), drawn on the CPU so that a seed gives the same image everywhere."""
+    f, c = model.vae.cfg.downscale, model.vae.cfg.latent_channels
     gen = torch.Generator("cpu").manual_seed(int(seed))
     return torch.randn((1, c, height // f, width // f), generator=gen)
 
@@ -50,32 +55,49 @@ def encode_text(model: Model, prompts: list[str]) -> torch.Tensor:
     return model.text_encoder(ids)
 
 
-def denoise(model: Model, cond: torch.Tensor, uncond: torch.Tensor, z: torch.Tensor,
-            steps: int = 50, guidance: float = 7.5, control=None,
-            callback: Callable | None = None, progress: bool = True,
-            fast: bool = True) -> torch.Tensor:
-    """Run DDIM from z_T (B or 1, 4, h, w) with guidance. uncond: (1 or B or steps×B..., 77, d).
+def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int = 50,
+           guidance: float = 7.5, control: Controller | None = None, progress: bool = True,
+           fast: bool = True, batch: GuidanceBatch | None = None,
+           start: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The guided DDIM loop as a generator: yields (step, t, z_{t−1}) after every step.
 
-    `uncond` may also be a list with one (B, 77, d) tensor per step (null-text inversion).
-    `callback(step, t, z)` is called after every step with the current latents (fp32).
-    `fast`: fused attention (SDPA) wherever no controller reads or writes the probabilities;
-    `fast=False` forms every M = softmax(QKᵀ/√d) explicitly (the reference path; tests prove
-    both give the same images).
-    Returns z_0 (B, 4, h, w) in fp32.
+    cond: (B, 77, d), one per image; uncond: (1 or B, 77, d) or a list with one per step (null-text
+    inversion). z: z_T (B or 1, 4, h, w). `batch`: the rows of the UNet call (default [∅ × B, c × B]).
+    `start`: skip the first `start` of the `steps` timesteps (SDEdit); the controller's steps are
+    counted from there, 0 … steps − start − 1.
+    `fast`: fused attention wherever no controller reads or writes the probabilities; `fast=False`
+    forms every M = softmax(QKᵀ/√d) explicitly (the reference path; tests prove both equal).
     """
     B = cond.shape[0]
+    batch = batch or GuidanceBatch.cfg_layout(B)
+    if batch.images != B:
+        raise ValueError(f"the guidance batch describes {batch.images} images, cond has {B}")
     z = z.float().expand(B, *z.shape[1:]).clone().to(model.device)
     sched = model.scheduler
-    for i, t in enumerate(tqdm(sched.timesteps(steps), disable=not progress, desc="denoising")):
-        u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
-        context = torch.cat([u.expand(B, *u.shape[1:]), cond])               # [∅ × B, c × B]
+    timesteps = sched.timesteps(steps)[start:]
+    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising")):
+        u = uncond[start + i] if isinstance(uncond, (list, tuple)) else uncond
+        if control is not None:
+            z = control.before_step(z, i)
+        context = batch.context({UNCOND: u, TEXT: cond})                # (rows, 77, d)
         with torch.no_grad():
-            eps = model.unet(torch.cat([z, z]).to(model.dtype), t, context, control, i, fast)
-        eps_u, eps_c = eps.float().chunk(2)
-        eps = eps_u + guidance * (eps_c - eps_u)                              # classifier-free guidance
-        z = sched.step(eps, t, z, steps)
-        if control is not None and hasattr(control, "after_step"):
+            eps = model.unet(batch.expand(z).to(model.dtype), t, context, control=control,
+                             step=i, fast=fast, batch=batch)
+        z = sched.step(batch.guide(eps.float(), guidance), t, z, steps)  # CFG, then DDIM
+        if control is not None:
             z = control.after_step(z, i)
+        yield i, t, z
+
+
+def denoise(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int = 50,
+            guidance: float = 7.5, control: Controller | None = None,
+            callback: Callable | None = None, progress: bool = True, fast: bool = True,
+            batch: GuidanceBatch | None = None, start: int = 0) -> torch.Tensor:
+    """Run `sample` to the end; `callback(step, t, z)` after every step. Returns z_0 (B, 4, h, w)
+    in fp32."""
+    for i, t, z_next in sample(model, cond, uncond, z, steps, guidance, control, progress, fast,
+                               batch, start):
+        z = z_next
         if callback is not None:
             callback(i, t, z)
     return z
@@ -101,11 +123,12 @@ def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
              guidance: float = 7.5, height: int | None = None, width: int | None = None,
              control=None, latents: torch.Tensor | None = None, callback=None,
              progress: bool = True, return_latents: bool = False, fast: bool = True,
-             free_text_encoder: bool = False):
+             free_text_encoder: bool = False, start: int = 0):
     """Prompts -> images (B, 3, H, W) in [0, 1] (or z_0 if `return_latents`).
 
     `free_text_encoder`: drop `model.text_encoder` once the prompts are encoded, so its weights
-    (0.5 GB fp32 at SD 1.x) are not held during denoising; the model then encodes no new prompts."""
+    (0.5 GB fp32 at SD 1.x) are not held during denoising; the model then encodes no new prompts.
+    `latents` with `start`: begin part-way through the schedule from these z (SDEdit)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     height, width = check_size(model, height, width)
@@ -115,7 +138,8 @@ def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
     uncond = encode_text(model, [""])
     if free_text_encoder:
         model.text_encoder = None
-    z = denoise(model, cond, uncond, z, steps, guidance, control, callback, progress, fast)
+    z = denoise(model, cond, uncond, z, steps, guidance, control, callback, progress, fast,
+                start=start)
     return z if return_latents else decode(model, z, fast)
 
 

@@ -14,13 +14,15 @@ a spatial transformer after each ResBlock in the first three levels, 8 heads eve
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import Attention, Site
+from .attention import Attention
+from .control import Controller, Site
 from .config import UNetConfig
 from .ops import geglu, linear
 
@@ -46,7 +48,8 @@ class TimestepEmbedding(nn.Module):
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv, add the time embedding, GroupNorm-SiLU-conv, plus a skip.
 
-    Shared with the VAE (there `temb_dim=None`: no time input)."""
+    Shared with the VAE (there `temb_dim=None`: no time input). In the UNet a controller that
+    wants the "res" site sees the residual branch h after conv2, before the skip is added."""
 
     def __init__(self, cin, cout, temb_dim=None, groups=32, eps=1e-5):
         super().__init__()
@@ -57,11 +60,15 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x, temb=None):
+    def forward(self, x, temb=None, site: Site | None = None, control: Controller | None = None):
         h = self.conv1(F.silu(self.norm1(x)))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
+        if control is not None:
+            site = replace(site, pixels=h.shape[-2] * h.shape[-1])
+            if control.wants(site):
+                h = control.features(h, site)                         # plug-and-play's hook
         return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
@@ -88,17 +95,16 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim, heads, context_dim, upcast=False):
         super().__init__()
+        self.index = None              # place in the UNet's forward order, set by the UNet
         self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, heads, upcast=upcast)
         self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, heads, context_dim, upcast=upcast)
         self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
 
-    def forward(self, x, context, site: dict, control=None, fast=False):
-        pixels = x.shape[1]
-        s_self = Site(kind="self", pixels=pixels, **site)
-        s_cross = Site(kind="cross", pixels=pixels, **site)
-        x = x + self.attn1(self.norm1(x), None, s_self, control, fast)
-        x = x + self.attn2(self.norm2(x), context, s_cross, control, fast)
-        return x + self.ff(self.norm3(x), fast)
+    def forward(self, x, context, site: Site, control=None):
+        site = replace(site, pixels=x.shape[1], index=self.index)
+        x = x + self.attn1(self.norm1(x), None, replace(site, kind="self"), control, site.fast)
+        x = x + self.attn2(self.norm2(x), context, replace(site, kind="cross"), control, site.fast)
+        return x + self.ff(self.norm3(x), site.fast)
 
 
 class Transformer2DModel(nn.Module):
@@ -114,13 +120,13 @@ class Transformer2DModel(nn.Module):
             [BasicTransformerBlock(dim, heads, context_dim, upcast) for _ in range(depth)])
         self.proj_out = proj()
 
-    def forward(self, x, context, site: dict, control=None, fast=False):
+    def forward(self, x, context, site: Site, control=None):
         h, w = x.shape[-2:]
-        res = x
+        res, fast = x, site.fast
         x = rearrange(self.norm(x), "b c h w -> b (h w) c")              # tokens (b, h·w, c)
         x = linear(self.proj_in, x, fast)        # a 1×1 conv (SD 1.x) is a linear map per token
         for depth, block in enumerate(self.transformer_blocks):
-            x = block(x, context, dict(site, depth=depth), control, fast)
+            x = block(x, context, replace(site, depth=depth), control)
         x = linear(self.proj_out, x, fast)
         return rearrange(x, "b (h w) c -> b c h w", h=h, w=w) + res
 
@@ -159,7 +165,7 @@ class UNetBlock(nn.Module):
             self.attentions = nn.ModuleList([
                 Transformer2DModel(cout, cfg.heads(level), cfg.cross_attention_dim,
                                    cfg.transformer_layers_per_block, g, cfg.use_linear_projection,
-                                   upcast=cfg.upcast_attention)
+                                   cfg.upcast_attention)
                 for _ in cins])
         else:
             self.attentions = None
@@ -168,14 +174,14 @@ class UNetBlock(nn.Module):
         elif sampler == "up":
             self.upsamplers = nn.ModuleList([Upsample2D(cout)])
 
-    def forward(self, x, temb, context, site, control=None, fast=False, skips=None, up_size=None):
+    def forward(self, x, temb, context, site: Site, control=None, skips=None, up_size=None):
         outputs = []
         for i, resnet in enumerate(self.resnets):
             if skips is not None:
                 x = torch.cat([x, skips.pop()], dim=1)                 # (b, c + c_skip, h, w)
-            x = resnet(x, temb)
+            x = resnet(x, temb, replace(site, layer=i, kind="res"), control)
             if self.attentions is not None:
-                x = self.attentions[i](x, context, dict(site, layer=i), control, fast)
+                x = self.attentions[i](x, context, replace(site, layer=i), control)
             outputs.append(x)
         if hasattr(self, "downsamplers"):
             x = self.downsamplers[0](x)
@@ -193,12 +199,12 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         self.attentions = nn.ModuleList([Transformer2DModel(
             c, cfg.heads(len(cfg.block_out_channels) - 1), cfg.cross_attention_dim,
             cfg.transformer_layers_per_block, g, cfg.use_linear_projection,
-            upcast=cfg.upcast_attention)])
+            cfg.upcast_attention)])
 
-    def forward(self, x, temb, context, site, control=None, fast=False):
-        x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context, dict(site, layer=0), control, fast)
-        return self.resnets[1](x, temb)
+    def forward(self, x, temb, context, site: Site, control=None):
+        x = self.resnets[0](x, temb, replace(site, layer=0, kind="res"), control)
+        x = self.attentions[0](x, context, replace(site, layer=0), control)
+        return self.resnets[1](x, temb, replace(site, layer=1, kind="res"), control)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -227,25 +233,37 @@ class UNet2DConditionModel(nn.Module):
                 sampler="up" if i < n - 1 else None))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        # every transformer block learns its place in the forward order (Site.index)
+        for i, block in enumerate(self.transformer_blocks()):
+            block.index = i
 
-    def forward(self, z, t, context, control=None, step=None, fast=False):
-        """ε_θ(z_t, t, c).  z: (b, 4, h, w); t: scalar or (b,); context: (b, 77, 768)."""
+    def transformer_blocks(self) -> list[BasicTransformerBlock]:
+        """The transformer blocks in forward order: down, mid, up (SD 1.x: 6 + 1 + 9 = 16)."""
+        blocks = [*self.down_blocks, self.mid_block, *self.up_blocks]
+        return [tb for b in blocks for t in (b.attentions or []) for tb in t.transformer_blocks]
+
+    def forward(self, z, t, context, control: Controller | None = None, step: int | None = None,
+                fast: bool = False, batch=None):
+        """ε_θ(z_t, t, c).  z: (b, 4, h, w); t: scalar or (b,); context: (b, 77, 768).
+        `control` sees every site it wants, `step` and `batch` (a guidance.GuidanceBatch, what
+        each row holds) are handed to it in each `Site`; `fast` takes the fused kernels."""
         t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
         temb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
                                   self.cfg.freq_shift)
         temb = self.time_embedding(temb.to(z.dtype))                    # (b, 4·c0)
 
+        site = Site("down", 0, 0, 0, "res", 0, step=step, batch=batch, fast=fast)
         x = self.conv_in(z)
         skips = [x]
         for i, block in enumerate(self.down_blocks):
-            x, outs = block(x, temb, context, dict(place="down", block=i, step=step), control, fast)
+            x, outs = block(x, temb, context, replace(site, block=i), control)
             skips += outs
-        x = self.mid_block(x, temb, context, dict(place="mid", block=0, step=step), control, fast)
+        x = self.mid_block(x, temb, context, replace(site, place="mid"), control)
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]
             up_size = skips[-1].shape[-2:] if skips else None            # size of the next level
-            x, _ = block(x, temb, context, dict(place="up", block=i, step=step), control, fast,
+            x, _ = block(x, temb, context, replace(site, place="up", block=i), control,
                          skips=mine, up_size=up_size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 

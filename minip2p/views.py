@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import MinipError
-from .p2p import AttentionStore
+from .control import AttentionStore
 
 TILE = 128
 

@@ -276,7 +276,7 @@ class AttentionControlEdit(AttentionStore):
                  local_blend=None, store_max_pixels=32 ** 2, self_max_pixels=16 ** 2):
         super().__init__(store_max_pixels)
         self.batch_size = len(prompts)
-        self.cross_replace_alpha = time_word_alpha(tokenizer, prompts, steps, cross_replace_steps)
+        self.cross_replace_window = time_word_alpha(tokenizer, prompts, steps, cross_replace_steps)
         lo, hi = (0.0, self_replace_steps) if isinstance(self_replace_steps, (int, float)) \
             else self_replace_steps
         self.num_self_replace = int(steps * lo), int(steps * hi)
@@ -303,7 +303,7 @@ class AttentionControlEdit(AttentionStore):
             attn = attn.reshape(self.batch_size, heads, *attn.shape[1:])
             base, rest = attn[0], attn[1:]
             if is_cross:
-                a = self.cross_replace_alpha[self.cur_step]
+                a = self.cross_replace_window[self.cur_step]
                 attn[1:] = self.replace_cross_attention(base, rest) * a + (1 - a) * rest
             else:
                 attn[1:] = self.replace_self_attention(base, rest)

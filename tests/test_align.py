@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minip2p.align import (cross_replace_alpha, parse_window, refine_mapper, refine_mappers,
+from minip2p.methods.align import (cross_replace_window, parse_window, refine_mapper, refine_mappers,
                            replace_mapper, replace_mappers, self_replace_range)
 from minip2p.errors import MinipError
 from minip2p.tokenizer import ClipTokenizer
@@ -176,26 +176,26 @@ def test_refine_mappers_batch(tok):
 # ----------------------------------------------------------------------------------- schedules
 
 def test_cross_alpha_float(tok):
-    a = cross_replace_alpha(tok, [SQUIRREL, LION], 10, 0.8)
+    a = cross_replace_window(tok, [SQUIRREL, LION], 10, 0.8)
     assert a.shape == (11, 1, 77)
     assert torch.equal(a[:8], torch.ones(8, 1, 77))           # int(0.8 * 11) = 8
     assert torch.equal(a[8:], torch.zeros(3, 1, 77))
 
 
 def test_cross_alpha_pair(tok):
-    a = cross_replace_alpha(tok, [SQUIRREL, LION], 10, (0.2, 0.8))
+    a = cross_replace_window(tok, [SQUIRREL, LION], 10, (0.2, 0.8))
     assert a[:, 0, 0].tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0]   # rows 2 .. 7
 
 
 def test_cross_alpha_word(tok):
-    a = cross_replace_alpha(tok, [SQUIRREL, LION], 10, {"default_": 0.8, "lion": 0.4})
+    a = cross_replace_window(tok, [SQUIRREL, LION], 10, {"default_": 0.8, "lion": 0.4})
     assert a[:, 0, 5].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]   # lion: int(0.4 * 11) = 4
     others = torch.cat([a[:, 0, :5], a[:, 0, 6:]], dim=1)
     assert torch.equal(others, torch.tensor([[1.0]] * 8 + [[0.0]] * 3).expand(11, 76))
 
 
 def test_cross_alpha_dict_without_default(tok):
-    a = cross_replace_alpha(tok, [SQUIRREL, LION, LEMUR], 10, {"lemur": (0.5, 1.0)})
+    a = cross_replace_window(tok, [SQUIRREL, LION, LEMUR], 10, {"lemur": (0.5, 1.0)})
     assert torch.equal(a[:, 0], torch.ones(11, 77))          # default (0, 1); no lemur in P*_1
     assert a[:, 1, 5].tolist() == a[:, 1, 6].tolist() == [0] * 5 + [1] * 6
     assert torch.equal(a[:, 1, 7:], torch.ones(11, 70))
@@ -204,12 +204,12 @@ def test_cross_alpha_dict_without_default(tok):
 def test_cross_alpha_errors(tok):
     for window in (1.5, -0.1, (0.8, 0.2), (0.1, 0.5, 0.9), "0.5", {"default_": 2.0}):
         with pytest.raises(MinipError):
-            cross_replace_alpha(tok, [SQUIRREL, LION], 10, window)
+            cross_replace_window(tok, [SQUIRREL, LION], 10, window)
     with pytest.raises(MinipError, match="tiger.*lion eating") as err:
-        cross_replace_alpha(tok, [SQUIRREL, LION], 10, {"tiger": 0.3})
+        cross_replace_window(tok, [SQUIRREL, LION], 10, {"tiger": 0.3})
     assert "\n" not in str(err.value)
     with pytest.raises(MinipError, match="squirrel"):      # only the edited prompts count
-        cross_replace_alpha(tok, [SQUIRREL, LION], 10, {"squirrel": 0.3})
+        cross_replace_window(tok, [SQUIRREL, LION], 10, {"squirrel": 0.3})
 
 
 def test_self_replace_range():

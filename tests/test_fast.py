@@ -8,7 +8,9 @@ The reference limits scale with it: store ≤ 4² (= 32² at 512 px), self-repla
 import pytest
 import torch
 
-from minip2p import ops, p2p
+from minip2p import ops
+from minip2p.control import Controller
+from minip2p.methods import p2p
 from minip2p.pipeline import decode, generate
 
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
@@ -16,7 +18,7 @@ REFINE = ["a painting of a squirrel eating a burger", "a painting of a squirrel 
 KW = dict(seed=3, steps=6, height=64, width=64, progress=False, return_latents=True)
 
 
-class Recorder:
+class Recorder(Controller):
     """Wraps a controller and notes every site whose probabilities were formed."""
 
     def __init__(self, inner):
@@ -25,12 +27,12 @@ class Recorder:
     def wants(self, site):
         return self.inner.wants(site)
 
-    def __call__(self, probs, site):
+    def probs(self, M, site):
         self.formed.append(site)
-        return self.inner(probs, site)
+        return self.inner.probs(M, site)
 
     def after_step(self, z, step):
-        return self.inner.after_step(z, step) if hasattr(self.inner, "after_step") else z
+        return self.inner.after_step(z, step)
 
 
 def controllers(tok):
@@ -168,3 +170,17 @@ def test_sdpa_slices_equal_fused_attention(n, m, chunk):
     assert (out - ref).abs().max() <= 1e-5
     out.sum().backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+def test_a_bare_store_holds_the_same_maps_on_both_paths(sd_model):
+    """The explicit path calls a controller only where it `wants` the site, like the fast path:
+    a bare AttentionStore (maps ≤ 32²... here ≤ 4² pixels) stores the same keys and values
+    whichever path runs, and no map above its limit."""
+    stores = {}
+    for fast in (True, False):
+        stores[fast] = p2p.AttentionStore(2, max_pixels=16)
+        generate(sd_model, PROMPTS, control=stores[fast], fast=fast, **KW)
+    assert stores[True].sums.keys() == stores[False].sums.keys()
+    assert stores[True].sums and all(k[5] <= 16 for k in stores[False].sums)
+    for k in stores[True].sums:
+        assert (stores[True].sums[k] - stores[False].sums[k]).abs().max() < 1e-5, k

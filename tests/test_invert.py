@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, features
 
-from minip2p import images, invert, p2p
+from minip2p import images, invert
+from minip2p.methods import p2p
 from minip2p.cli import main
 from minip2p.errors import MinipError
 from minip2p.loading import DEFAULT_MODEL, load_model

@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minip2p import p2p, views
+from minip2p import views
+from minip2p.methods import p2p
 from minip2p.attention import Site
+from minip2p.control import Controller
 from minip2p.errors import MinipError
 from minip2p.cli import main
 from minip2p.loading import load_model
@@ -158,7 +160,7 @@ def test_local_blend_keeps_the_source_outside_the_mask(geo, prompts):
                                blend_threshold=threshold, store=False)
     z = run(model, prompts, side, control, width=width)
     blend = control.controllers[-1]
-    mask = blend_mask(store, blend.alpha, z, threshold).expand_as(z)
+    mask = blend_mask(store, blend.words, z, threshold).expand_as(z)
     for b in range(1, len(prompts)):
         inside, outside = mask[b], ~mask[b]
         assert 0 < inside.float().mean() < 1, "the mask must be partial for this test to mean much"
@@ -168,7 +170,7 @@ def test_local_blend_keeps_the_source_outside_the_mask(geo, prompts):
 
 # ------------------------------------------------------------------------------ sites
 
-class Recorder:
+class Recorder(Controller):
     """A controller that asks for every map, changes nothing, and writes down the sites."""
 
     def __init__(self):
@@ -177,7 +179,7 @@ class Recorder:
     def wants(self, site):
         return True
 
-    def __call__(self, probs, site):
+    def probs(self, probs, site):
         self.sites.append(site)
         return probs
 

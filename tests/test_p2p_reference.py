@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import p2p_oracle as O
-from minip2p import align, p2p
+from minip2p.methods import align, p2p
 from minip2p.pipeline import decode, generate
 
 STEPS, SEED, GUIDANCE = 8, 0, 7.5
@@ -184,7 +184,7 @@ def test_oracle_alignment_agrees_with_minip2p_align(pair):
                             ([SQUIRREL, LION], WINDOWS),
                             ([SQUIRREL, LION], {"default_": 1.0, "lion": 0.4})]:
         ref = O.time_word_alpha(hf, prompts, STEPS, window).reshape(STEPS + 1, len(prompts) - 1, 77)
-        assert torch.equal(ref, align.cross_replace_alpha(tok, prompts, STEPS, window))
+        assert torch.equal(ref, align.cross_replace_window(tok, prompts, STEPS, window))
     factors = {"lion": 3.0, "burger": -1.0}
     assert torch.equal(O.make_equalizer(hf, [SQUIRREL, LION], factors),
                        p2p.equalizer(tok, [SQUIRREL, LION], factors))

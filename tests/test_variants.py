@@ -44,7 +44,7 @@ def test_reduced_precision_generation_is_close_to_fp32(sd_ckpt):
 
 def test_p2p_edit_runs_in_half_precision(sd_ckpt):
     """Every controller path in fp16 and bf16 (on the CPU here; the same code runs on GPUs)."""
-    from minip2p import p2p
+    from minip2p.methods import p2p
     _, folder = sd_ckpt
     prompts = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
     kw = dict(seed=0, steps=4, height=64, width=128, progress=False)

@@ -101,7 +101,7 @@ def noise(args, channels=4) -> torch.Tensor:
 
 
 def row_minip2p(name, args, device):
-    from minip2p import p2p
+    from minip2p.methods import p2p
     from minip2p.loading import load_model
     from minip2p.pipeline import generate
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_decode import interleave, report  # noqa: E402  (tools/ is this script's folder)
-from minip2p import p2p  # noqa: E402
+from minip2p.methods import p2p  # noqa: E402
 from minip2p.loading import load_model  # noqa: E402
 from minip2p.pipeline import encode_text  # noqa: E402
 

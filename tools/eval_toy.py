@@ -27,7 +27,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minip2p import p2p, views  # noqa: E402
+from minip2p import views  # noqa: E402
+from minip2p.methods import p2p  # noqa: E402
 from minip2p.loading import load_model  # noqa: E402
 from minip2p.pipeline import decode, denoise, encode_text, generate, to_pil  # noqa: E402
 from minip2p.toydata import COLOR_NAMES, HELD_OUT, SHAPES, Captions, analyse, draw, iou  # noqa: E402

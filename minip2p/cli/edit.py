@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import MinipError
+from ..errors import MinipError
+from . import invert as cli_invert
+from .common import (add_model_options, check_out_dir, check_out_file, int_arg, load,
+                     save_image)
 
 
 def parse_reweight(items: list[str]) -> dict[str, float]:
@@ -27,20 +30,11 @@ MAP_RES = ("show the stored maps with this many rows (default: the coarsest stor
            "resolution, 16 at 512 px as in the P2P reference)")
 
 
-def check_out_dir(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise MinipError(f"--out-dir '{out}' is a file; give a folder")
-    if not out.parent.is_dir():
-        raise MinipError(f"the folder holding --out-dir '{out}' does not exist; create it first")
-    return out
-
-
 def cmd_edit(args):
-    from . import cli_invert, invert, p2p, views
-    from .align import parse_window
-    from .cli import load, save_image
-    from .pipeline import check_size, generate, to_pil
+    from .. import invert, views
+    from ..methods import p2p
+    from ..methods.align import parse_window
+    from ..pipeline import check_size, generate, to_pil
 
     prompts = [p for p in [args.source] + args.targets if p is not None]
     real = cli_invert.read_input(args.image, args.inversion, args.crop,  # before the model loads
@@ -93,15 +87,15 @@ def cmd_edit(args):
 
 
 def cmd_attention(args):
-    from . import p2p, views
-    from .cli import check_out_file, load, save_image
-    from .pipeline import check_size, generate, to_pil
+    from .. import views
+    from ..control import AttentionStore
+    from ..pipeline import check_size, generate, to_pil
 
     out = check_out_file(args.out)
     model = load(args)
     height, width = check_size(model, args.height, args.width)
     model.scheduler.timesteps(args.steps)
-    store = p2p.AttentionStore(1)
+    store = AttentionStore(1)
     image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance, height,
                             width, control=store, progress=not args.quiet,
                             fast=not args.explicit, free_text_encoder=args.free_text_encoder))[0]
@@ -116,8 +110,6 @@ def cmd_attention(args):
 
 
 def add_commands(sub):
-    from . import cli_invert
-    from .cli import _int, add_model_options
 
     e = sub.add_parser("edit", help="Prompt-to-Prompt: edit SOURCE into each TARGET")
     e.add_argument("source", nargs="?", help="the source prompt (with --inversion: a target)")
@@ -134,7 +126,7 @@ def add_commands(sub):
     e.add_argument("--reweight", nargs="+", metavar="WORD=FACTOR",
                    help="scale the attention of words of the targets, e.g. smiling=2")
     e.add_argument("--maps", action="store_true", help="also write maps-N.png per prompt")
-    e.add_argument("--map-res", type=_int("--map-res"), metavar="ROWS", help=MAP_RES)
+    e.add_argument("--map-res", type=int_arg("--map-res"), metavar="ROWS", help=MAP_RES)
     e.add_argument("--out-dir", default="edit", help="output folder (edit)")
     add_model_options(e, lean=True)
     cli_invert.add_edit_options(e)
@@ -144,6 +136,6 @@ def add_commands(sub):
     a.add_argument("prompt")
     a.add_argument("--self", action="store_true", help="self-attention SVD components instead")
     a.add_argument("--components", type=int, default=6, help="how many components (--self)")
-    a.add_argument("--map-res", type=_int("--map-res"), metavar="ROWS", help=MAP_RES)
+    a.add_argument("--map-res", type=int_arg("--map-res"), metavar="ROWS", help=MAP_RES)
     add_model_options(a, out="maps.png", lean=True)
     a.set_defaults(run=cmd_attention)

@@ -1,17 +1,18 @@
 """Prompt-to-Prompt controllers (Hertz et al., ICLR 2023): small objects that look at the
 attention probabilities M = softmax(QKᵀ/√d) inside the UNet and return the M to use.
 
-The UNet calls `controller(M, site)` at every attention layer whose `controller.wants(site)`
-(see attention.py). M has shape (2B, heads, pixels, tokens) for B prompts: rows [0, B) are the
-unconditional half of the guidance batch and are never touched; rows [B, 2B) are the prompts,
-source first (P) then the edited prompts (P*_1 … P*_{B-1}). `site.step` is the denoising step.
+The UNet calls `controller.probs(M, site)` at every attention layer the controller `wants` (see
+control.py). M has shape (rows, heads, pixels, tokens); `site.batch` says which rows are the
+prompts' conditional rows -- source first (P), then the edited prompts (P*_1 … P*_{B-1}); the
+unconditional rows are never touched. `site.step` is the denoising step t (index 0 … N−1).
 
     Replace   M*[…, n] = Σ_w M[…, w] · mapper[w, n]                   word swap        (§3.2)
     Refine    M*[…, n] = M[…, mapper[n]] where aligned, else own     adding a phrase
     Reweight  M*[…, n] = c_n · Edit(M)[…, n]                         attention re-weighting
-    schedule  M* ← α_t · Edit(M) + (1 − α_t) · M*  (α from align.cross_replace_alpha)
-    self-attn M*_self ← M_self  while step ∈ self window and pixels ≤ self_max_pixels (16²)
-    LocalBlend  after each step: z* ← z + mask · (z* − z)  with the mask from stored maps
+    schedule  M* ← w_t · Edit(M) + (1 − w_t) · M*,  w_t = 1 for t inside the cross window τ_c
+              (per word; align.cross_replace_window), else 0
+    self-attn M*_self ← M_self  while t < τ_s (the self window) and pixels ≤ self_max_pixels (16²)
+    LocalBlend  after each step: z* ← z + α · (z* − z)  with the mask α from stored maps
 
 Controllers compose with `Compose(edit, store, blend)`: the edit runs first, so the store keeps
 the edited maps -- as the official code does (it stores a tensor it then edits in place).
@@ -21,59 +22,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..control import AttentionStore, Compose, Controller, Site
+from ..errors import MinipError
+from ..guidance import TEXT
 from . import align
-from .attention import Site
+
+__all__ = ["AttentionStore", "Compose", "Edit", "Replace", "Refine", "Reweight", "LocalBlend",
+           "equalizer", "build"]
 
 
-def _split(probs, B):
-    """(2B, h, p, t) -> unconditional rows, source row (h, p, t), edited rows (B-1, h, p, t)."""
-    return probs[:B], probs[B], probs[B + 1:]
-
-
-class AttentionStore:
-    """Sums, over steps, the prompts' attention maps at sites with ≤ max_pixels query pixels
-    (32² by default, as the reference), averaged over heads: sums[key] is (B, pixels, tokens)."""
-
-    def __init__(self, n_prompts: int, max_pixels: int = 32 ** 2):
-        self.B, self.max_pixels = n_prompts, max_pixels
-        self.sums: dict[tuple, torch.Tensor] = {}
-        self.steps_seen: set[int] = set()
-
-    @staticmethod
-    def key(site: Site) -> tuple:
-        return site.place, site.block, site.layer, site.depth, site.kind, site.pixels
-
-    def wants(self, site: Site) -> bool:
-        return site.pixels <= self.max_pixels
-
-    def __call__(self, probs, site: Site):
-        maps = probs[self.B:].float().mean(dim=1)                       # (B, pixels, tokens)
-        k = self.key(site)
-        self.sums[k] = self.sums[k] + maps if k in self.sums else maps
-        self.steps_seen.add(site.step)
-        return probs
-
-    def resolutions(self, kind: str = "cross", places=("up", "down")) -> list[int]:
-        """Pixel counts of the stored resolutions of this kind, coarsest first."""
-        return sorted({p for (place, *_, k, p) in self.sums if k == kind and place in places})
-
-    def coarsest(self, kind: str = "cross", places=("up", "down")) -> int | None:
-        """Pixel count of the coarsest stored resolution (16² at 512 px: the maps the P2P
-        reference views and blends with), or None if nothing is stored."""
-        return next(iter(self.resolutions(kind, places)), None)
-
-    def average(self, kind: str = "cross", pixels: int | None = None, places=("up", "down")):
-        """Mean over steps and over the matching layers: (B, pixels, tokens). Layers of one
-        resolution only: `pixels`, by default the coarsest stored."""
-        pixels = pixels or self.coarsest(kind, places)
-        picked = [v for (place, *_, k, p), v in self.sums.items()
-                  if k == kind and place in places and (pixels is None or p == pixels)]
-        if not picked:
-            raise ValueError(f"no stored {kind}-attention maps at {pixels} pixels in {places}")
-        return torch.stack(picked).mean(0) / max(len(self.steps_seen), 1)
-
-
-class Edit:
+class Edit(Controller):
     """Base of the cross-attention edits: applies the α schedule and the self-attention window.
     Subclasses give `edit_cross(base, edits)`: source map (h, p, t), edited maps (B-1, h, p, t)
     -> what the edited prompts' maps become (B-1, h, p, t)."""
@@ -81,29 +39,31 @@ class Edit:
     def __init__(self, tok, prompts, steps, cross_replace=0.8, self_replace=0.4,
                  self_max_pixels: int = 16 ** 2):
         self.B = len(prompts)
-        self.alpha = align.cross_replace_alpha(tok, prompts, steps, cross_replace)  # (N+1, B-1, 77)
-        self.self_range = align.self_replace_range(steps, self_replace)
+        self.tau_cross = align.cross_replace_window(tok, prompts, steps, cross_replace)  # (N+1, B-1, 77)
+        self.tau_self = align.self_replace_range(steps, self_replace)   # [start, end) steps
         self.self_max_pixels = self_max_pixels
 
     def _self_active(self, site: Site) -> bool:
         return site.pixels <= self.self_max_pixels and \
-            self.self_range[0] <= site.step < self.self_range[1]
+            self.tau_self[0] <= site.step < self.tau_self[1]
 
     def wants(self, site: Site) -> bool:
-        return site.kind == "cross" or self._self_active(site)
+        return site.kind == "cross" or (site.kind == "self" and self._self_active(site))
 
-    def __call__(self, probs, site: Site):
+    def probs(self, M, site: Site):
         if site.step is None:
             raise ValueError("P2P edits follow the denoising step: call unet(..., step=i)")
-        uncond, base, edits = _split(probs, self.B)
+        batch = site.batch_of(M.shape[0])
+        src, tgt = batch.row(0, TEXT), [batch.row(b, TEXT) for b in range(1, self.B)]
+        base, edits = M[src], M[tgt]                          # (h, p, t), (B-1, h, p, t)
         if site.kind == "cross":
-            a = self.alpha[site.step].to(probs)[:, None, None, :]         # (B-1, 1, 1, 77)
-            new = a * self.edit_cross(base, edits) + (1 - a) * edits
-        elif self._self_active(site):
-            new = base.expand_as(edits)                                   # take the source's map
+            w = self.tau_cross[site.step].to(M)[:, None, None, :]         # (B-1, 1, 1, 77)
+            new = w * self.edit_cross(base, edits) + (1 - w) * edits
         else:
-            return probs
-        return torch.cat([uncond, base[None], new.to(probs.dtype)])
+            new = base.expand_as(edits)                                   # take the source's map
+        if tgt == list(range(src + 1, src + self.B)) and src + self.B == M.shape[0]:
+            return torch.cat([M[:src + 1], new.to(M.dtype)])              # [∅ × B, c × B]
+        return M.index_copy(0, torch.tensor(tgt, device=M.device), new.to(M.dtype))
 
     def edit_cross(self, base, edits):
         raise NotImplementedError
@@ -125,12 +85,12 @@ class Refine(Edit):
 
     def __init__(self, tok, prompts, steps, **kw):
         super().__init__(tok, prompts, steps, **kw)
-        self.mapper, self.tok_alpha = align.refine_mappers(tok, prompts)   # (B-1, 77) each
+        self.mapper, self.aligned = align.refine_mappers(tok, prompts)     # (B-1, 77) each
 
     def edit_cross(self, base, edits):
         mapped = base[:, :, self.mapper].permute(2, 0, 1, 3)               # (B-1, h, p, 77)
-        a = self.tok_alpha.to(base)[:, None, None, :]
-        return mapped * a + edits * (1 - a)
+        aligned = self.aligned.to(base)[:, None, None, :]                  # 1: has a source token
+        return mapped * aligned + edits * (1 - aligned)
 
 
 class Reweight(Edit):
@@ -156,9 +116,9 @@ def equalizer(tok, prompts, reweight: dict[str, float]) -> torch.Tensor:
     return eq
 
 
-class LocalBlend:
+class LocalBlend(Controller):
     """Keep everything outside the edited object: after each step (from `start` on),
-    z*_b ← z_0 + mask_b · (z*_b − z_0), mask_b = M(source words) ∨ M(words of prompt b).
+    z*_b ← z_0 + α_b · (z*_b − z_0), α_b = M(source words) ∨ M(words of prompt b).
 
     M(words): the stored cross-attention of the words' tokens at the coarsest down/up resolution
     (16² at 512 px: 2 down + 3 up layers), averaged over layers and heads, summed over tokens,
@@ -171,7 +131,7 @@ class LocalBlend:
                  threshold=0.3, start=0.0, subtract=None, subtract_threshold=0.3):
         self.store, self.threshold, self.sub_threshold = store, threshold, subtract_threshold
         self.start = int(start * steps)
-        self.alpha = self._token_mask(tok, prompts, words)                 # (B, 77)
+        self.words = self._token_mask(tok, prompts, words)                 # (B, 77)
         self.sub = self._token_mask(tok, prompts, subtract) if subtract else None
 
     @staticmethod
@@ -198,34 +158,12 @@ class LocalBlend:
     def after_step(self, z, step):
         if step < self.start:
             return z
-        mask = self._mask(z, self.alpha, self.threshold, pool=True)
-        mask = mask[:1] | mask                                             # source ∨ own
+        alpha = self._mask(z, self.words, self.threshold, pool=True)
+        alpha = alpha[:1] | alpha                                          # source ∨ own
         if self.sub is not None:                       # subtracted: also source ∨ own (official)
             sub = self._mask(z, self.sub, self.sub_threshold, pool=False)
-            mask = mask & ~(sub[:1] | sub)
-        return z[:1] + mask.to(z) * (z - z[:1])
-
-
-class Compose:
-    """Several controllers in order (edit, then store, then blend). `wants` is the union."""
-
-    def __init__(self, *controllers):
-        self.controllers = [c for c in controllers if c is not None]
-
-    def wants(self, site):
-        return any(c.wants(site) for c in self.controllers if hasattr(c, "wants"))
-
-    def __call__(self, probs, site):
-        for c in self.controllers:
-            if hasattr(c, "wants") and c.wants(site):
-                probs = c(probs, site)
-        return probs
-
-    def after_step(self, z, step):
-        for c in self.controllers:
-            if hasattr(c, "after_step"):
-                z = c.after_step(z, step)
-        return z
+            alpha = alpha & ~(sub[:1] | sub)
+        return z[:1] + alpha.to(z) * (z - z[:1])
 
 
 def build(tok, prompts, steps, mode="auto", cross_replace=0.8, self_replace=0.4,
@@ -237,7 +175,6 @@ def build(tok, prompts, steps, mode="auto", cross_replace=0.8, self_replace=0.4,
     has as many words as the source, else refine). Identical prompts with `reweight` give a
     pure re-weighting. `blend`: one word (or list of words) per prompt, source first.
     """
-    from .errors import MinipError
     if len(prompts) < 2:
         raise MinipError("an edit needs a source prompt and at least one target prompt")
     if mode not in ("auto", "replace", "refine"):

@@ -10,15 +10,15 @@ prompt's maps M (shape batch x heads x pixels x 77 tokens). This module answers 
 
 Conventions (shared with the attention code):
   word swap:  M*[..., n] = sum_w M[..., w] * mapper[w, n]   (mapper indexed [source, target])
-  refine:     M*[..., n] = alpha[n] * M[..., mapper[n]] + (1 - alpha[n]) * M*[..., n]
-  schedule:   M* <- a[t, n] * Edit(M)[..., n] + (1 - a[t, n]) * M*[..., n]
+  refine:     M*[..., n] = aligned[n] * M[..., mapper[n]] + (1 - aligned[n]) * M*[..., n]
+  schedule:   M* <- tau[t, n] * Edit(M)[..., n] + (1 - tau[t, n]) * M*[..., n]
 Token positions count the start token as 0. Words are split on single spaces, as the paper's code
 does, so "burger," is a different word from "burger".
 """
 import torch
 
-from .errors import MinipError
-from .tokenizer import END, LENGTH, START
+from ..errors import MinipError
+from ..tokenizer import END, LENGTH, START
 
 _WINDOW_FORMS = ("expected a number (0.8), a start,end pair (0.2,0.8), or word=value items "
                  "(default=1.0,lion=0.4 or lion=0.2:0.6)")
@@ -115,23 +115,23 @@ def _global_align(x: list[int], y: list[int]) -> list[int]:
 def refine_mapper(tok, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Refinement alignment (Refine edit, "adding a new phrase") of `target` against `source`.
 
-    Returns mapper (77,) long and alpha (77,) float. For a target token n aligned to a source
-    token, mapper[n] is that source position and alpha[n] = 1; for a new token mapper[n] = -1
-    (harmless: alpha[n] = 0, so M*[..., n] keeps its own attention; -1 is the official value
-    and indexes the last column). Padding after the target's end token maps n -> n with alpha 1,
+    Returns mapper (77,) long and aligned (77,) float. For a target token n aligned to a source
+    token, mapper[n] is that source position and aligned[n] = 1; for a new token mapper[n] = -1
+    (harmless: aligned[n] = 0, so M*[..., n] keeps its own attention; -1 is the official value
+    and indexes the last column). Padding after the target's end token maps n -> n, aligned 1,
     as in the official code.
     """
     y = _token_ids(tok, target)
     source_of = _global_align(_token_ids(tok, source), y)
     mapper = torch.arange(LENGTH)                                 # padding: n -> n
     mapper[: len(y)] = torch.tensor(source_of)
-    alpha = torch.ones(LENGTH)
-    alpha[: len(y)] = (mapper[: len(y)] >= 0).float()
-    return mapper, alpha
+    aligned = torch.ones(LENGTH)
+    aligned[: len(y)] = (mapper[: len(y)] >= 0).float()
+    return mapper, aligned
 
 
 def refine_mappers(tok, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Refinement mappers (B-1, 77) and alphas (B-1, 77) from prompts[0] to each edited prompt."""
+    """Refinement mappers (B-1, 77) and aligned masks (B-1, 77) from prompts[0] to each edit."""
     pairs = [refine_mapper(tok, prompts[0], p) for p in prompts[1:]]
     return torch.stack([m for m, _ in pairs]), torch.stack([a for _, a in pairs])
 
@@ -152,8 +152,8 @@ def _bounds(window, what: str = "window") -> tuple[float, float]:
     return start, end
 
 
-def cross_replace_alpha(tok, prompts: list[str], steps: int, window) -> torch.Tensor:
-    """Cross-attention replacement schedule (tau in the paper): (steps+1, B-1, 77) of 0/1.
+def cross_replace_window(tok, prompts: list[str], steps: int, window) -> torch.Tensor:
+    """Cross-attention replacement window τ (per step and token): (steps+1, B-1, 77) of 0/1.
 
     `window` is s (-> (0, s)), (start, end), or {"default_": s, "word": s_word or (a, b), ...}.
     A window (a, b) sets rows int(a*(N+1)) <= i < int(b*(N+1)) to 1 and the others to 0; N+1
@@ -168,8 +168,8 @@ def cross_replace_alpha(tok, prompts: list[str], steps: int, window) -> torch.Te
     def rows(a: float, b: float) -> slice:
         return slice(int(a * (steps + 1)), int(b * (steps + 1)))
 
-    alpha = torch.zeros(steps + 1, len(prompts) - 1, LENGTH)     # (steps+1, B-1, 77)
-    alpha[rows(*default)] = 1.0
+    tau = torch.zeros(steps + 1, len(prompts) - 1, LENGTH)       # (steps+1, B-1, 77)
+    tau[rows(*default)] = 1.0
     for word, value in windows.items():
         a, b = _bounds(value, f"cross-attention window for {word!r}")
         found = False
@@ -178,12 +178,12 @@ def cross_replace_alpha(tok, prompts: list[str], steps: int, window) -> torch.Te
                 continue
             found = True
             positions = [n for n in tok.word_positions(prompt, word) if n < LENGTH]
-            alpha[:, p, positions] = 0.0
-            alpha[rows(a, b), p, positions] = 1.0
+            tau[:, p, positions] = 0.0
+            tau[rows(a, b), p, positions] = 1.0
         if not found:
             raise MinipError(f"cross-attention window names the word {word!r}, which is not a "
                              f"word of the edited prompt(s) {' / '.join(map(repr, prompts[1:]))}")
-    return alpha
+    return tau
 
 
 def self_replace_range(steps: int, window) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """Command line for real images: `minip2p invert …`, `minip2p reconstruct …`, and the
-`--image` / `--inversion` options of `minip2p edit` (see cli_p2p.cmd_edit).
+`--image` / `--inversion` options of `minip2p edit` (see edit.cmd_edit).
 
     minip2p invert photo.jpg "a red circle" --method null-text --out inversion.safetensors
     minip2p edit --inversion inversion.safetensors "a blue circle"      # source from the file
@@ -12,16 +12,16 @@ import argparse
 import warnings
 from pathlib import Path
 
-from .errors import MinipError
+from ..errors import MinipError
+from .common import add_model_options, check_out_file, int_arg, load, save_image
 
 
 def add_inversion_options(p: argparse.ArgumentParser):
-    from .cli import _positive_int
-    from .invert import METHODS
+    from ..invert import METHODS
     p.add_argument("--method", choices=METHODS, default="null-text",
                    help="ddim: DDIM inversion, ∅ = \"\"; null-text: optimise ∅ per step "
                         "(best, slow); negative-prompt: ∅ = the prompt (fast) (null-text)")
-    p.add_argument("--inner-steps", type=_positive_int("--inner-steps"), default=10,
+    p.add_argument("--inner-steps", type=int_arg("--inner-steps"), default=10,
                    help="null-text: at most this many Adam steps per denoising step (10)")
     p.add_argument("--crop", default=None, metavar="L,T,R,B",
                    help="pixels cut off the left, top, right, bottom edges before the centre "
@@ -51,7 +51,7 @@ def check_inversion_out(path: str) -> Path:
 def read_input(image: str | None, inversion: str | None, crop: str | None, prompt: str | None):
     """Before the model loads: read --inversion (-> Inversion) or --image (-> the margin-cropped
     RGB image, which needs `prompt`), so that bad input fails before any work."""
-    from . import images, invert
+    from .. import images, invert
     if image and inversion:
         raise MinipError("give --image or --inversion, not both")
     left, top, right, bottom = images.parse_crop(crop)
@@ -68,8 +68,8 @@ def read_input(image: str | None, inversion: str | None, crop: str | None, promp
 def inversion_for(args, model, got, prompt: str | None):
     """An Inversion for `got` (from read_input): checked against the model and options, or made
     now from the image, described by `prompt`."""
-    from . import images, invert
-    from .pipeline import check_size
+    from .. import images, invert
+    from ..pipeline import check_size
     if isinstance(got, invert.Inversion):
         invert.check(got, model, args.steps, args.height, args.width, f"'{args.inversion}'")
         if args.guidance != got.guidance:
@@ -89,8 +89,7 @@ def input_pil(inv):
 
 
 def cmd_invert(args):
-    from . import invert
-    from .cli import load
+    from .. import invert
     out = check_inversion_out(args.out)
     got = read_input(args.image, None, args.crop, args.prompt)
     model = load(args)
@@ -101,9 +100,8 @@ def cmd_invert(args):
 
 
 def cmd_reconstruct(args):
-    from . import images, invert
-    from .cli import check_out_file, load, save_image
-    from .pipeline import decode, to_pil
+    from .. import images, invert
+    from ..pipeline import decode, to_pil
     out = check_out_file(args.out)
     if args.inversion and (args.image or args.prompt):
         raise MinipError("reconstruct takes IMAGE PROMPT or --inversion FILE, not both")
@@ -124,7 +122,6 @@ def cmd_reconstruct(args):
 
 
 def add_commands(sub):
-    from .cli import add_model_options
 
     i = sub.add_parser("invert", help="real image -> inversion file (z_T and ∅ per step)")
     i.add_argument("image", help="any image file PIL reads (PNG, JPEG, WebP …)")

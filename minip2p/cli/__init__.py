@@ -1,0 +1,54 @@
+"""Command line: `minip2p generate|edit|attention|invert|reconstruct …` (and `python -m minip2p`).
+
+Every user mistake ends as one line on stderr, `minip2p: <what was wrong; what to do>`, exit
+status 2, no traceback, and no output file (images are written to a temporary file in the target
+folder and renamed into place only when complete).
+
+    common.py    the parser, shared options, loading, output files
+    generate.py  generate (text -> image; SDEdit with --image --strength)
+    edit.py      edit (Prompt-to-Prompt, MasaCtrl, plug-and-play) and attention
+    invert.py    invert, reconstruct, and the real-image options of edit
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from ..errors import MinipError
+from . import edit, generate, invert
+from .common import Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="minip2p", description="Minimal Stable Diffusion with attention control: "
+                                           "Prompt-to-Prompt, MasaCtrl, plug-and-play, SDEdit.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    generate.add_commands(sub)
+    edit.add_commands(sub)
+    invert.add_commands(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"minip2p: warning: {message}", file=sys.stderr)
+    warnings.showwarning = one_line_warning
+    try:
+        args = build_parser().parse_args(argv)
+        args.run(args)
+    except MinipError as e:
+        print(f"minip2p: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minip2p: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("minip2p: out of memory; try a smaller --height/--width or --dtype fp16 on a GPU",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
