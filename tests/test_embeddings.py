@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from minip2p import p2p
+from minip2p.methods import p2p
 from minip2p.errors import MinipError
 from minip2p.loading import load_model
 
@@ -83,3 +83,34 @@ def test_bad_embeddings_are_one_line_errors(small_ckpt, files, tmp_path):
         load_model(folder, embeddings=[pickled])
     with pytest.raises(MinipError, match=r"comes twice"):
         load_model(folder, embeddings=[files[0], files[0]])
+
+
+def test_cli_embedding_in_edit_and_blend(small_ckpt, files, tmp_path, capsys):
+    from minip2p.cli import main
+    _, folder = small_ckpt
+    out = tmp_path / "edit"
+    rc = main(["edit", "a <cat-toy> on a table", "a dog on a table", "--blend", "<cat-toy>", "dog",
+               "--embedding", str(files[0]), "--embedding", str(files[1]), "--model", str(folder),
+               "--steps", "2", "--height", "32", "--width", "32", "--quiet", "--out-dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert any(out.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["wide", "taken", "garbage", "pickle"])
+def test_cli_bad_embedding_is_one_line_and_writes_nothing(small_ckpt, tmp_path, capsys, kind):
+    from minip2p.cli import main
+    _, folder = small_ckpt
+    f = tmp_path / ("e.bin" if kind == "pickle" else "e.safetensors")
+    if kind == "wide":
+        save_file({"<wide>": torch.zeros(768)}, f)
+    elif kind == "taken":
+        save_file({"the": torch.zeros(D)}, f)
+    else:
+        f.write_bytes(b"\x00" * 64)
+    out = tmp_path / "out"
+    out.mkdir()
+    rc = main(["generate", "a cat", "--embedding", str(f), "--model", str(folder), "--steps", "2",
+               "--quiet", "--out", str(out / "a.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("minip2p: "), err
+    assert list(out.iterdir()) == []

@@ -114,3 +114,14 @@ def test_cli_generate_from_the_cache_offline(cache, tmp_path):
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
     assert p.stderr.startswith("minip2p: ") and f"hf download {REPO}" in p.stderr
     assert not (tmp_path / "b.png").exists() and list(empty.iterdir()) == []
+
+
+def test_cli_revision_and_variant(cache, tmp_path):
+    p = run_cli(cache, "--model", REPO, "--revision", "half", "--variant", "fp16", "--out", "a.png",
+                tmp=tmp_path)
+    assert p.returncode == 0 and (tmp_path / "a.png").is_file(), p.stderr
+    for args, words in ((["--revision", "nope"], "revision 'nope'"),
+                        (["--variant", "fp8"], "fp8")):
+        p = run_cli(cache, "--model", REPO, *args, "--out", "b.png", tmp=tmp_path)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and words in p.stderr, p.stderr
+        assert not (tmp_path / "b.png").exists()

@@ -12,7 +12,8 @@ import torch
 
 import p2p_oracle as O
 from compvis import save_sd2_single_file
-from minip2p import invert, p2p
+from minip2p import invert
+from minip2p.methods import p2p
 from minip2p.config import SchedulerConfig
 from minip2p.ddim import DDIM
 from minip2p.loading import load_model
