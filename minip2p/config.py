@@ -2,7 +2,7 @@
 
 The field names are the ones diffusers / transformers write, so a config file maps onto a
 dataclass with no renaming. Only the fields that change the architecture are kept; fields we
-do not implement (SD 2 depth models, SDXL add-embeddings, ...) are refused with a clear error
+do not implement (SD 2 depth/upscaler models, SDXL add-embeddings, ...) are refused with a clear error
 instead of being silently ignored.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ class UNetConfig:
     transformer_layers_per_block: int = 1
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
-    use_linear_projection: bool = False
+    use_linear_projection: bool = False     # SD 2.x: proj_in/out are Linear, not 1×1 convs
     upcast_attention: bool = False          # SD 2.x: QKᵀ and softmax in fp32 under fp16
     flip_sin_to_cos: bool = True
     freq_shift: int = 0

@@ -11,8 +11,13 @@ Text goes through four steps, all run by the `tokenizers` library:
 3. map each piece's UTF-8 bytes to printable characters (GPT-2's byte-level trick);
 4. byte-pair-encode each piece, whose last symbol carries the end-of-word mark `</w>`.
 
-A prompt is then framed as START, up to 75 ids, END, padded with END to 77 ids. The literal strings
+A prompt is then framed as START, up to 75 ids, END, padded to 77 ids with the pad token: END for
+SD 1.x, "!" (id 0) for SD 2.x, as the checkpoint's tokenizer config says. The literal strings
 `<|startoftext|>` / `<|endoftext|>` typed into a prompt become the special ids, like transformers.
+
+Textual-inversion tokens (`add_tokens`, see embeddings.py) are matched whole before the BPE, like
+transformers' added tokens. A token with n > 1 vectors stands for n ids "<tok>" "<tok>_1" ...
+"<tok>_{n-1}": the prompt text is expanded first, as diffusers' `maybe_convert_prompt` does.
 """
 from __future__ import annotations
 
@@ -69,13 +74,33 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
+def _pad_token(folder: Path) -> str:
+    """The pad token named by a tokenizer folder's special_tokens_map.json / tokenizer_config.json
+    (SD 2.x: "!"); END_TEXT when neither names one (SD 1.x, the shipped tables)."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            pad = json.loads((folder / name).read_text(encoding="utf-8")).get("pad_token")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if isinstance(pad, str):
+            return pad
+    return END_TEXT
+
+
 class ClipTokenizer:
     """Turns prompts into CLIP token ids (and back), plus the word-to-position map P2P needs."""
 
-    def __init__(self, vocab_path=None, merges_path=None, *, vocab=None, merges=None):
-        """From the two files, or from the tables themselves (`vocab=`, `merges=`)."""
+    def __init__(self, vocab_path=None, merges_path=None, *, vocab=None, merges=None,
+                 pad: str = END_TEXT):
+        """From the two files, or from the tables themselves (`vocab=`, `merges=`).
+        `pad`: the padding token's text (END_TEXT for SD 1.x, "!" for SD 2.x)."""
         if vocab is None:
             vocab, merges = _read_vocab(Path(vocab_path)), _read_merges(Path(merges_path))
+        if pad not in vocab:
+            raise MinipError(f"the tokenizer's pad token {pad!r} is not in its vocabulary")
+        self.pad = vocab[pad]
+        self.vectors: dict[str, int] = {}       # textual-inversion token -> number of vectors
         try:
             bpe = models.BPE(vocab, merges, continuing_subword_prefix="",
                              end_of_word_suffix=WORD_END, unk_token=END_TEXT)
@@ -92,8 +117,10 @@ class ClipTokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ])
         tok.decoder = decoders.ByteLevel()
+        # transformers splits the text at every special token, the pad token included: with SD
+        # 2.x's "!" as pad, a typed "!" becomes id 0 (not "!</w>"), and so it does here
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in (START_TEXT, END_TEXT)])
+                                for t in dict.fromkeys((START_TEXT, END_TEXT, pad))])
         self._tok = tok
 
     @classmethod
@@ -107,7 +134,7 @@ class ClipTokenizer:
             if not (folder / name).is_file():
                 raise MinipError(f"no {name} in {folder}; a CLIP tokenizer folder holds "
                                  f"vocab.json and merges.txt")
-        return cls(folder / "vocab.json", folder / "merges.txt")
+        return cls(folder / "vocab.json", folder / "merges.txt", pad=_pad_token(folder))
 
     @classmethod
     def _from_tokenizer_json(cls, path: Path) -> "ClipTokenizer":
@@ -119,20 +146,45 @@ class ClipTokenizer:
             raise MinipError(f"cannot read the CLIP tokenizer {path}: {err!r}") from None
         if vocab.get(START_TEXT) != START or vocab.get(END_TEXT) != END:
             raise MinipError(f"{path} is not CLIP's tokenizer (expected {START_TEXT}={START})")
-        return cls(vocab=vocab, merges=merges)
+        return cls(vocab=vocab, merges=merges, pad=_pad_token(path.parent))
+
+    # ---- added tokens (textual inversion) ---------------------------------------------------
+
+    def add_tokens(self, token: str, n: int) -> list[int]:
+        """Add `token` standing for `n` vectors (ids "<tok>", "<tok>_1", ...); returns their ids.
+        A name the vocabulary already knows (as a piece or a word) is refused."""
+        names = [token] + [f"{token}_{i}" for i in range(1, n)]
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        for name in names:
+            if not name.strip() or name in vocab or name + WORD_END in vocab:
+                raise MinipError(f"token {name!r} already exists in the tokenizer's vocabulary; "
+                                 "rename the embedding (a new, unused word such as <my-token>)")
+        self._tok.add_tokens([AddedToken(name, normalized=True, special=False) for name in names])
+        self.vectors[token] = n
+        return [self._tok.token_to_id(name) for name in names]
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def expand(self, text: str) -> str:
+        """Write each multi-vector token out as its n names (diffusers' maybe_convert_prompt)."""
+        for token, n in self.vectors.items():
+            if n > 1 and token in text:
+                text = text.replace(token, " ".join([token] + [f"{token}_{i}" for i in range(1, n)]))
+        return text
 
     # ---- text -> ids ------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
         """All BPE ids of `text`: no START/END, no truncation."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(self.expand(text), add_special_tokens=False).ids
 
     def encode(self, text: str) -> tuple[list[int], int]:
         """The 77 ids SD's text encoder reads, and how many tokens did not fit (0 if all did)."""
         ids = self.tokenize(text)
         dropped = max(0, len(ids) - MAX_TOKENS)
         ids = [START] + ids[:MAX_TOKENS] + [END]
-        return ids + [END] * (LENGTH - len(ids)), dropped
+        return ids + [self.pad] * (LENGTH - len(ids)), dropped
 
     def __call__(self, texts: list[str]) -> torch.LongTensor:
         """A (batch, 77) tensor of ids; warns about each prompt that had to be cut."""
@@ -150,7 +202,7 @@ class ClipTokenizer:
     # ---- ids -> text ------------------------------------------------------------------------
 
     def decode(self, ids) -> str:
-        """The text of `ids`, START/END (and so padding) left out; word ends become spaces."""
+        """The text of `ids`, START/END (and so END padding) left out; word ends become spaces."""
         ids = [int(i) for i in ids if int(i) not in (START, END)]
         return self._tok.decode(ids, skip_special_tokens=False).replace(WORD_END, " ").strip()
 

@@ -144,3 +144,43 @@ def save_single_file(pipe, path: Path) -> Path:
     from safetensors.torch import save_file
     save_file(to_compvis(pipe), str(path))
     return Path(path)
+
+
+def to_openclip(text_encoder, extra_layer_seed: int = 0) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel (SD 2.x's, as diffusers stores it) under OpenCLIP's names
+    (`cond_stage_model.model.*`), as in `v2-1_768-ema-pruned.safetensors`: q/k/v stacked into
+    attn.in_proj_weight, plus the parts SD 2.x never runs -- one more (random) last resblock,
+    since it reads the penultimate layer, text_projection and logit_scale."""
+    c = text_encoder.config
+    sd = {k if k.startswith("text_model.") else "text_model." + k: v
+          for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+           "ln_final.bias": sd["text_model.final_layer_norm.bias"]}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for i in range(c.num_hidden_layers):
+        p = f"text_model.encoder.layers.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{leaf}"] = torch.cat(
+                [sd[f"{p}self_attn.{q}_proj.{leaf}"] for q in "qkv"])
+            for ours, theirs in names.items():
+                out[f"transformer.resblocks.{i}.{theirs}.{leaf}"] = sd[f"{p}{ours}.{leaf}"]
+    g = torch.Generator().manual_seed(extra_layer_seed)      # the unused last block: random
+    last = c.num_hidden_layers
+    for k in [k for k in out if k.startswith("transformer.resblocks.0.")]:
+        out[k.replace(".0.", f".{last}.", 1)] = torch.randn(out[k].shape, generator=g)
+    d = c.hidden_size
+    out["text_projection"] = torch.randn(d, d, generator=g)
+    out["logit_scale"] = torch.tensor(4.6052)
+    return {"cond_stage_model.model." + k: v for k, v in out.items()}
+
+
+def save_sd2_single_file(pipe, path: Path) -> Path:
+    """An SD 2.x single file: CompVis UNet/VAE names, OpenCLIP text encoder."""
+    from safetensors.torch import save_file
+    state = {k: v for k, v in to_compvis(pipe).items() if not k.startswith("cond_stage_model.")}
+    state.update(to_openclip(pipe.text_encoder))
+    save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(path))
+    return Path(path)

@@ -32,3 +32,15 @@ def small_ckpt(tmp_path_factory):
 def sd_model(sd_ckpt):
     from minip2p.loading import load_model
     return load_model(sd_ckpt[1])
+
+
+@pytest.fixture(scope="session")
+def sd2_ckpt(tmp_path_factory):
+    """(diffusers pipeline, folder) with SD 2.1's block structure: v-prediction, upcast, linear."""
+    return _checkpoint(tmp_path_factory, "sd2")
+
+
+@pytest.fixture(scope="session")
+def small2_ckpt(tmp_path_factory):
+    """(diffusers pipeline, folder): "small" with v-prediction, upcast attention, "!" padding."""
+    return _checkpoint(tmp_path_factory, "small2")

@@ -8,6 +8,12 @@ Geometries:
            only narrower.
   "small": another member of the family: 2 levels, 1 ResBlock per level, per-level head counts,
            linear proj_in/out, 2 transformer blocks deep, 3-level VAE (4× downscale), GELU CLIP.
+  "sd2":   SD 2.1 (768-v)'s exact block structure at tiny widths: 4 levels as in SD 1.x, 64
+           channels per head (so per-level head counts 1/2/2/2, diffusers' `attention_head_dim`
+           list) and 32 GroupNorm groups as SD 2.x has (so a single file needs no config),
+           linear proj_in/out, upcast_attention, v-prediction, the OpenCLIP text encoder
+           as diffusers stores it (GELU, 23 layers), "!" as the pad token.
+  "small2": "small" made SD 2.x-like: v-prediction, upcast_attention, "!" padding.
 """
 from __future__ import annotations
 
@@ -41,7 +47,23 @@ GEOMETRIES = {
         text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=3, hidden_act="gelu"),
     ),
+    "sd2": dict(
+        unet=dict(block_out_channels=(64, 128, 128, 128), layers_per_block=2, norm_num_groups=32,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  attention_head_dim=(1, 2, 2, 2), cross_attention_dim=128, sample_size=12,
+                  use_linear_projection=True, upcast_attention=True),
+        vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, norm_num_groups=32,
+                 down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, sample_size=96),
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=23,
+                  num_attention_heads=2, hidden_act="gelu"),
+        scheduler=dict(prediction_type="v_prediction"), pad="!",
+    ),
 }
+GEOMETRIES["small2"] = dict(GEOMETRIES["small"], unet=dict(GEOMETRIES["small"]["unet"],
+                                                           upcast_attention=True),
+                            scheduler=dict(prediction_type="v_prediction"), pad="!")
 
 
 def _jitter(module, seed):
@@ -72,10 +94,12 @@ def build_pipeline(geometry: str, seed: int = 0):
                                         **geo["text"]))
     for i, m in enumerate((unet, vae, text)):
         _jitter(m, seed * 10 + i)
-    tok = CLIPTokenizer.from_pretrained(str(TOKENIZER), model_max_length=77)  # (v5 ignores vocab_file=)
+    pad = {"pad_token": geo["pad"]} if "pad" in geo else {}      # SD 2.x pads with "!"
+    tok = CLIPTokenizer.from_pretrained(str(TOKENIZER), model_max_length=77, **pad)  # (v5 ignores vocab_file=)
     assert len(tok) == 49408
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                          **geo.get("scheduler", {}))
     return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False).to(torch.float32)

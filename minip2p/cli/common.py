@@ -49,6 +49,13 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
     p.add_argument("--model", default=None,
                    help="model folder, .safetensors single file, or Hub repo id "
                         "(default: the small model shipped in weights/toy)")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a Hub repo id (default: main)")
+    p.add_argument("--variant", default=None,
+                   help="prefer *.VARIANT.safetensors weights, e.g. fp16 (folders and Hub ids)")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE.safetensors",
+                   help="textual-inversion embedding: its token becomes usable in prompts "
+                        "(repeatable)")
     p.add_argument("--seed", type=int_arg("--seed", 0), default=0, help="noise seed (default 0)")
     p.add_argument("--steps", type=int_arg("--steps"), default=50, help="DDIM steps (50)")
     p.add_argument("--guidance", type=float_arg("--guidance"), default=7.5,
@@ -90,7 +97,8 @@ def save_image(image, path: Path):
 
 def load(args):
     from ..loading import load_model
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    return load_model(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
+                      revision=args.revision, embeddings=args.embedding)
 
 
 def check_out_dir(path: str) -> Path:

@@ -1,0 +1,92 @@
+"""What every loader shares: where the shipped weights are, the `Model` bundle, strict loading.
+
+`loading.py` (folders, Hub ids) and `single_file.py` (CompVis files) both import this module
+and not each other. The shipped files (the toy model, CLIP's BPE tables) sit in the repository's
+top-level `weights/`; a regular install carries them as the package data `minip2p/weights/`
+(pyproject.toml maps the subpackage `minip2p.weights` onto `weights/`). Nothing is ever written
+there: Hub downloads go to huggingface_hub's own cache (see hub.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .clip import CLIPTextModel
+from .ddim import DDIM
+from .errors import MinipError
+from .tokenizer import ClipTokenizer
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+
+_PACKAGE = Path(__file__).resolve().parent
+# installed (wheel, sdist): minip2p/weights/; a checkout or an editable install: ../weights/
+WEIGHTS = _PACKAGE / "weights" if (_PACKAGE / "weights").is_dir() else _PACKAGE.parent / "weights"
+DEFAULT_MODEL = WEIGHTS / "toy"                      # the small model that ships with minip2p
+CLIP_TOKENIZER = WEIGHTS / "clip-tokenizer"          # CLIP's vocab.json + merges.txt
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Model:
+    """Everything a pipeline needs. `text_encoder` may be freed (set to None) after encoding."""
+    tokenizer: ClipTokenizer
+    text_encoder: CLIPTextModel | None
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler: DDIM
+    name: str
+
+    @property
+    def dtype(self):
+        return self.unet.conv_in.weight.dtype
+
+    @property
+    def device(self):
+        return self.unet.conv_in.weight.device
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file; a pickle, a truncated or a garbage file is refused."""
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise MinipError(f"{path.name}: pickle checkpoints are refused (unpickling runs code); "
+                         "use a .safetensors file")
+    if not path.is_file():
+        raise MinipError(f"missing weights file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MinipError(f"{path}: not a readable safetensors file ({msg}); "
+                         "the download may be truncated") from None
+
+
+def strict_build(cls, cfg, state: dict[str, torch.Tensor], source: str,
+                 dtype=torch.float32, device="cpu") -> nn.Module:
+    """Build `cls(cfg)` without initialising it, then assign `state`, checking every tensor."""
+    try:
+        with torch.device("meta"):
+            module = cls(cfg)
+    except ValueError as e:  # e.g. GroupNorm: channels not divisible by norm_num_groups
+        raise MinipError(f"{source}: the config describes no buildable model ({e})") from None
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {want[k]})"
+             for k in sorted(set(want) & set(state)) if tuple(state[k].shape) != want[k]]
+    for problem, names in (("missing tensors", missing), ("unexpected tensors", extra),
+                           ("tensors of the wrong shape", wrong)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise MinipError(f"{source}: {len(names)} {problem}: {', '.join(names[:3])}{more}; "
+                             "do the weights and config.json belong together?")
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+             for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)

@@ -1,0 +1,59 @@
+"""A regular install works: the wheel carries the toy model and CLIP's tables, the command runs
+from any folder, and nothing is written into site-packages.
+
+The wheel is built from a copy of the source (no build/ or egg-info left in the checkout) and
+installed into a fresh virtual environment that sees this interpreter's packages (torch is not
+installed again): `pip install --no-deps --no-build-isolation`, no network.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP = {".git", "build", "dist", "__pycache__", ".pytest_cache", "out"}
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def run(cmd, **kw):
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kw)
+    assert p.returncode == 0, f"{cmd}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    return p
+
+
+def test_wheel_installs_and_runs_from_anywhere(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=lambda d, names: [n for n in names if n in SKIP
+                                                        or n.endswith(".egg-info")
+                                                        or (Path(d) == ROOT / "weights"
+                                                            and n not in ("toy", "clip-tokenizer",
+                                                                          "README.md"))])
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INDEX="1")
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", tmp_path / "dist", src], env=env)
+    wheel = next((tmp_path / "dist").glob("minip2p-*.whl"))
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--system-site-packages", venv], env=env)
+    py = venv / "bin" / "python"
+    run([py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", wheel], env=env)
+    site = Path(run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                    env=env).stdout.strip())
+    assert (site / "minip2p" / "weights" / "toy" / "unet" / "config.json").is_file()
+    assert (site / "minip2p" / "weights" / "clip-tokenizer" / "vocab.json").is_file()
+    before = files_under(site)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = run([py, "-c", "import minip2p, minip2p.checkpoint as c; "
+                 "print(minip2p.__file__); print(c.DEFAULT_MODEL)"], env=env, cwd=elsewhere)
+    assert all(line.startswith(str(site)) for line in where.stdout.split()), where.stdout
+    p = run([venv / "bin" / "minip2p", "edit", "a big red circle on the left",
+             "a big blue circle on the left", "--steps", "2", "--quiet", "--out-dir", "edit"],
+            env=env, cwd=elsewhere)
+    assert sorted(x.name for x in (elsewhere / "edit").iterdir()), p.stdout
+    assert files_under(site) == before, sorted(files_under(site) ^ before)[:10]
