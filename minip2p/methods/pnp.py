@@ -2,7 +2,9 @@
 real image x^G to a prompt P by injecting, into the target's denoising, the spatial features and
 self-attention that the UNet forms on the image's own (inverted) trajectory.
 
-    z_T^G … z_0^G       DDIM inversion of z_0^G = E(x^G) (guidance 1, source prompt, "" by default)
+    z_0^G … z_T^G       DDIM inversion of z_0^G = E(x^G) (guidance 1, source prompt c, "" by
+                        default): z_t = √ᾱ_t·ẑ_0 + √(1−ᾱ_t)·ε,  ε = ε_θ(z_t', t, c),
+                        ẑ_0 = (z_t' − √(1−ᾱ_t')·ε)/√ᾱ_t'  (t' the previous timestep; invert.py)
     source pass         ε_θ(z_t^G, t, ψ("")) yields, in the decoder,
                           f_t^4             the residual branch of layer 4 (up_blocks[1].resnets[1],
                                             after conv2, before the skip is added)
