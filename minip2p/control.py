@@ -41,6 +41,7 @@ class Site:
             (SD 1.x: 16, down 0–5, mid 6, up 7–15); None at "res" sites
     batch:  what each row of the UNet batch holds (None: a call outside a sampling loop)
     fast:   the run may use fused kernels (an `attend` hook may use them too)
+    upcast: the model forms QKᵀ and the softmax in fp32 (SD 2.x's upcast_attention)
     """
     place: str
     block: int
@@ -52,6 +53,7 @@ class Site:
     index: int | None = field(default=None, compare=False)
     batch: GuidanceBatch | None = field(default=None, compare=False, repr=False)
     fast: bool = field(default=False, compare=False, repr=False)
+    upcast: bool = field(default=False, compare=False, repr=False)
 
     @property
     def name(self) -> str:

@@ -101,7 +101,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
 
     def forward(self, x, context, site: Site, control=None):
-        site = replace(site, pixels=x.shape[1], index=self.index)
+        site = replace(site, pixels=x.shape[1], index=self.index, upcast=self.attn1.upcast)
         x = x + self.attn1(self.norm1(x), None, replace(site, kind="self"), control, site.fast)
         x = x + self.attn2(self.norm2(x), context, replace(site, kind="cross"), control, site.fast)
         return x + self.ff(self.norm3(x), site.fast)

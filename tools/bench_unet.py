@@ -1,11 +1,16 @@
 """One denoising step's UNet call, the part of an edit that runs 50 times: minip2p's fast path
-with and without a P2P Replace controller, its explicit path, and diffusers' UNet (SDPA) on the
-same folder, interleaved round by round in one process (so a noisy machine slows all rows alike).
+with and without a controller (P2P Replace, MasaCtrl, plug-and-play), its explicit path, and
+diffusers' UNet (SDPA) on the same folder, interleaved round by round in one process (so a noisy
+machine slows all rows alike).
 
-Batch 4 = two prompts with classifier-free guidance, as in an edit; the controller's step is 0,
-inside both injection windows (cross-replace and self-replace), so it does the most work.
+Batch 4 = two prompts with classifier-free guidance, as in an edit; each controller runs at a step
+inside all its windows, so it does the most work: Replace at step 0 (cross and self injection),
+MasaCtrl at step S = 4 (mutual self-attention at layers ≥ L). Plug-and-play uses its own 3-row
+batch [(source, c), (target, ∅), (target, c)] at step 0 (features and q, k injected) and is
+compared with a plain call of the same 3 rows.
 
     python tools/bench_unet.py --model SD15_FOLDER --threads 2 --rounds 3
+    python tools/bench_unet.py --model weights/toy --size 64 --threads 2 --rounds 20 --no-diffusers
     (SD15_FOLDER: a diffusers-layout folder, e.g. one kept by `tools/bench.py --keep`)
 """
 from __future__ import annotations
@@ -20,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_decode import interleave, report  # noqa: E402  (tools/ is this script's folder)
-from minip2p.methods import p2p  # noqa: E402
+from minip2p.guidance import GuidanceBatch  # noqa: E402
+from minip2p.methods import masactrl, p2p, pnp  # noqa: E402
 from minip2p.loading import load_model  # noqa: E402
 from minip2p.pipeline import encode_text  # noqa: E402
 
@@ -35,6 +41,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-diffusers", action="store_true", help="skip the diffusers row")
     ap.add_argument("--no-explicit", action="store_true", help="skip the (slow) explicit row")
+    ap.add_argument("--only-methods", action="store_true",
+                    help="only the plain rows and the MasaCtrl / plug-and-play rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -43,11 +51,22 @@ def main(argv=None):
     z = torch.randn(4, 4, side, side, generator=torch.Generator().manual_seed(0))
     t = int(model.scheduler.timesteps(50)[0])
     edit, _ = p2p.build(model.tokenizer, PROMPTS, 50, "replace", store=False)
-    rows = {"minip2p fast, plain": lambda: unet(z, t, context, fast=True),
-            "minip2p fast, Replace": lambda: unet(z, t, context, edit, 0, fast=True)}
-    if not args.no_explicit:
+    cfg2 = GuidanceBatch.cfg_layout(2)
+    masa = masactrl.build(model.tokenizer, PROMPTS, 50, 4, masactrl.default_layer(unet),
+                          len(unet.transformer_blocks()))
+    z3, c3, b3 = z[1:], context[1:], pnp.batch()                       # pnp's 3 rows
+    pnp_ctrl = pnp.PlugAndPlay(50)
+    rows = {"minip2p fast, plain": lambda: unet(z, t, context, fast=True, batch=cfg2),
+            "minip2p fast, MasaCtrl (step 4)": lambda: unet(z, t, context, masa, 4, fast=True,
+                                                             batch=cfg2),
+            "minip2p fast, plain, 3 rows": lambda: unet(z3, t, c3, fast=True, batch=b3),
+            "minip2p fast, plug-and-play (step 0), 3 rows": lambda: unet(
+                z3, t, c3, pnp_ctrl, 0, fast=True, batch=b3)}
+    if not args.only_methods:
+        rows["minip2p fast, Replace"] = lambda: unet(z, t, context, edit, 0, fast=True)
+    if not args.no_explicit and not args.only_methods:
         rows["minip2p explicit, Replace"] = lambda: unet(z, t, context, edit, 0, fast=False)
-    if not args.no_diffusers:
+    if not args.no_diffusers and not args.only_methods:
         from diffusers import UNet2DConditionModel
         ref = UNet2DConditionModel.from_pretrained(str(args.model / "unet")).eval()
         rows["diffusers UNet (SDPA), plain"] = lambda: ref(z, t, context).sample

@@ -85,9 +85,8 @@ class PlugAndPlay(Controller):
 
     def attend(self, q, k, v, site):
         rows = self._from_source(site, q.shape[0])
-        # (q, k) of the source, v its own; QKᵀ in fp32 when the model runs in fp16/bf16 (a Site
-        # does not say whether the model upcasts; doing so always costs nothing in fp32)
-        return softmax_attention(q[rows], k[rows], v, site.fast, upcast=q.dtype != torch.float32)
+        # (q, k) of the source, v its own
+        return softmax_attention(q[rows], k[rows], v, site.fast, site.upcast)
 
 
 def batch() -> GuidanceBatch:
