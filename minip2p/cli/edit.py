@@ -48,7 +48,7 @@ MASA_FLAGS = {"masa_step": "--masa-step", "masa_layer": "--masa-layer", "masa_ma
 PNP_FLAGS = {"pnp_features": "--pnp-features", "pnp_attention": "--pnp-attention",
              "negative_prompt": "--negative-prompt"}
 DEFAULTS = dict(mode="auto", cross_replace="0.8", self_replace="0.4", blend_threshold=0.3,
-                masa_step=4, masa_layer=10, pnp_features=0.8, pnp_attention=0.5)
+                pnp_features=0.8, pnp_attention=0.5)
 
 
 def check_method_flags(args):
@@ -70,6 +70,11 @@ def check_method_flags(args):
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.masa_step is None:                       # the paper's S = 4 (the last step if fewer)
+        args.masa_step = min(4, args.steps - 1)
+    if args.method == "pnp" and args.negative_prompt is None:
+        from ..methods.pnp import NEGATIVE_PROMPT
+        args.negative_prompt = NEGATIVE_PROMPT
     if args.method == "pnp" and not args.image:
         raise MinipError("--method pnp edits a real image: add --image PHOTO (SOURCE may be \"\")"
                          + (" (an inversion file keeps no trajectory)" if args.inversion else ""))
@@ -91,11 +96,14 @@ def method_control(args, model, prompts, steps):
     from ..control import AttentionStore, Compose
     from ..methods import p2p
     from ..methods.align import parse_window
+    from ..pipeline import check_size
     if args.method == "masactrl":
         from ..methods import masactrl
         layers = len(model.unet.transformer_blocks())
+        height, width = check_size(model, args.height, args.width)
         ctrl = masactrl.build(model.tokenizer, prompts, steps, args.masa_step, args.masa_layer,
-                              layers, tuple(args.masa_mask) if args.masa_mask else None)
+                              layers, tuple(args.masa_mask) if args.masa_mask else None,
+                              masactrl.mask_pixels_for(height, width, model.vae.cfg.downscale))
         store = AttentionStore(len(prompts)) if args.maps else None
         return Compose(ctrl, store), store
     cross, self_ = parse_window(args.cross_replace), parse_window(args.self_replace)
@@ -133,6 +141,8 @@ def cmd_edit(args):
     model.scheduler.timesteps(args.steps)
     if args.method == "masactrl":
         from ..methods import masactrl
+        if args.masa_layer is None:
+            args.masa_layer = masactrl.default_layer(model.unet)
         masactrl.check(args.steps, args.masa_step, args.masa_layer,
                        len(model.unet.transformer_blocks()))
     kw = dict(progress=not args.quiet, free_text_encoder=args.free_text_encoder)
@@ -233,10 +243,11 @@ def add_commands(sub):
                    help="scale the attention of words of the targets, e.g. smiling=2")
     m = e.add_argument_group("MasaCtrl (--method masactrl)")
     m.add_argument("--masa-step", type=int_arg("--masa-step", -10 ** 9), default=None,
-                   help="mutual self-attention from this step on (4)")
+                   help="mutual self-attention from this step on (4, or the last step of a "
+                        "shorter run)")
     m.add_argument("--masa-layer", type=int_arg("--masa-layer", -10 ** 9), default=None,
-                   help="… in transformer layers from this one on (10 of SD 1.x's 16: the decoder "
-                        "at 32² and 64²)")
+                   help="… in transformer layers from this one on (default: the decoder's two "
+                        "finest resolutions, 10 of SD 1.x's 16, 3 of the toy model's 7)")
     m.add_argument("--masa-mask", nargs=2, metavar=("WORD_IN_SOURCE", "WORD_IN_TARGET"),
                    help="mask-guided: foreground reads foreground, background background")
     q = e.add_argument_group("plug-and-play (--method pnp)")

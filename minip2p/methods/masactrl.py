@@ -40,7 +40,22 @@ from ..control import Controller, Site
 from ..errors import MinipError
 from ..guidance import TEXT
 
-__all__ = ["MutualSelfAttention", "MutualSelfAttentionMasked", "check", "build"]
+__all__ = ["MutualSelfAttention", "MutualSelfAttentionMasked", "check", "build", "default_layer",
+           "mask_pixels_for"]
+
+
+def default_layer(unet) -> int:
+    """L: the first transformer layer of the decoder's two finest resolutions (SD 1.x: 10, the
+    paper's value; the toy model: 3, its whole decoder)."""
+    with_attention = [blk for blk in unet.up_blocks if blk.attentions is not None]
+    last_two = sum(len(t.transformer_blocks) for blk in with_attention[-2:] for t in blk.attentions)
+    return len(unet.transformer_blocks()) - last_two          # the up blocks run last
+
+
+def mask_pixels_for(height: int, width: int, downscale: int = 8) -> int:
+    """The cross-attention resolution the masks come from: a quarter of the latent side (16² at
+    512 px, as the official code)."""
+    return (height // downscale // 4) * (width // downscale // 4)
 
 
 class MutualSelfAttention(Controller):
@@ -140,7 +155,7 @@ def check(steps: int, start_step: int, start_layer: int, layers: int) -> None:
 
 
 def build(tok, prompts, steps, start_step=4, start_layer=10, layers=16,
-          mask_words=None) -> Controller:
+          mask_words=None, mask_pixels: int = 16 ** 2) -> Controller:
     """MasaCtrl from options: plain, or mask-guided when `mask_words` = (source word, target word)."""
     check(steps, start_step, start_layer, layers)
     if len(prompts) < 2:
@@ -150,4 +165,4 @@ def build(tok, prompts, steps, start_step=4, start_layer=10, layers=16,
     if len(mask_words) != 2:
         raise MinipError(f"the mask needs two words (source, target), got {len(mask_words)}")
     return MutualSelfAttentionMasked(tok, prompts, tuple(mask_words), steps, start_step,
-                                     start_layer, layers)
+                                     start_layer, layers, mask_pixels=mask_pixels)
