@@ -7,7 +7,7 @@ where the controller's `wants(site)` is true -- on the explicit and the fast pat
     probs(M, site) -> M'           attention sites ("self"/"cross"): between the softmax
                                    M = softmax(QKᵀ/√d) and the product with V (Prompt-to-Prompt)
     attend(q, k, v, site) -> out   attention sites: return the attention output itself, or None
-                                   to let the layer compute it (MasaCtrl's softmax(Q K_srcᵀ/√d)·V_src)
+                                   to let the layer compute it (MasaCtrl: softmax(Q K_srcᵀ/√d)·V_src)
     features(h, site) -> h'        "res" sites: a ResBlock's residual branch after conv2, before
                                    the skip is added (plug-and-play's feature injection)
     before_step(z, step) -> z'     the latents (B, 4, h, w) before / after each denoising step
@@ -31,7 +31,7 @@ class Site:
 
     place:  "down", "mid" or "up"
     block:  index of the UNet block within its place (down_blocks[block] ...)
-    layer:  index within that block: the transformer (attentions[layer]) or ResBlock (resnets[layer])
+    layer:  index within that block: transformer attentions[layer] or ResBlock resnets[layer]
     depth:  index of the transformer block inside the spatial transformer (0 for SD 1.x)
     kind:   "self" (attn1: pixels attend to pixels), "cross" (attn2: pixels attend to tokens)
             or "res" (a ResBlock's residual branch)
@@ -78,7 +78,7 @@ class Controller:
         return M
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site):
-        """q: (rows, heads, n, d); k, v: (rows, heads, m, d). The output (rows, heads, n, d), or None."""
+        """q: (rows, heads, n, d); k, v: (rows, heads, m, d) -> output (rows, heads, n, d) or None."""
         return None
 
     def features(self, h: torch.Tensor, site: Site) -> torch.Tensor:

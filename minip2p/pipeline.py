@@ -62,7 +62,8 @@ def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int
     """The guided DDIM loop as a generator: yields (step, t, z_{t−1}) after every step.
 
     cond: (B, 77, d), one per image; uncond: (1 or B, 77, d) or a list with one per step (null-text
-    inversion). z: z_T (B or 1, 4, h, w). `batch`: the rows of the UNet call (default [∅ × B, c × B]).
+    inversion). z: z_T (B or 1, 4, h, w). `batch`: the rows of the UNet call (default
+    [∅ × B, c × B]).
     `start`: skip the first `start` of the `steps` timesteps (SDEdit); the controller's steps are
     counted from there, 0 … steps − start − 1.
     `fast`: fused attention wherever no controller reads or writes the probabilities; `fast=False`

@@ -13,7 +13,7 @@ from minip2p import images
 from minip2p.cli import main
 from minip2p.errors import MinipError
 from minip2p.methods import p2p, sdedit
-from minip2p.pipeline import decode, generate, initial_noise
+from minip2p.pipeline import initial_noise
 
 PROMPT = "a painting of a squirrel eating a burger"
 

@@ -12,7 +12,6 @@ before the model loads where possible.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from ..errors import MinipError
 from . import invert as cli_invert
