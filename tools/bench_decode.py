@@ -41,16 +41,18 @@ def interleave(rows: dict, rounds: int):
 
 def report(what: str, outs: dict, times: dict, stat: str = "mean", faults: dict | None = None):
     """A markdown table: per row the mean (or median) and min time, the mean minor page faults
-    if given, and max|Δ| of its output against the first row's."""
+    if given, and max|Δ| of its output against the first row's (– where the shapes differ)."""
     centre = statistics.mean if stat == "mean" else statistics.median
     first = next(iter(outs.values()))
     heads = [what, f"{stat} s", "min s"] + (["minor page faults"] if faults else [])
     print("| " + " | ".join(heads + ["max abs diff vs first row"]) + " |")
     print("|---|" + "---:|" * len(heads))
     for name, out in outs.items():
-        cells = [name, f"{centre(times[name]):.2f}", f"{min(times[name]):.2f}"]
+        fmt = ".3f" if min(times[name]) < 1 else ".2f"
+        cells = [name, f"{centre(times[name]):{fmt}}", f"{min(times[name]):{fmt}}"]
         cells += [str(sum(faults[name]) // len(faults[name]))] if faults else []
-        print("| " + " | ".join(cells + [f"{(out - first).abs().max().item():.1e}"]) + " |")
+        diff = f"{(out - first).abs().max().item():.1e}" if out.shape == first.shape else "–"
+        print("| " + " | ".join(cells + [diff]) + " |")
 
 
 def main(argv=None):

@@ -6,6 +6,10 @@
     edit "a cat" "a sitting cat" --method masactrl         MasaCtrl (--masa-step/-layer/-mask)
     edit "" "a blue square" --method pnp --image sq.png    plug-and-play (--pnp-features/-attention)
 
+Real images with MasaCtrl: `--image` inverts the picture and pins the source row to its DDIM
+trajectory at every step (the official `ref_intermediate_latents`); an `--inversion` file keeps
+no trajectory, so the source follows the file's ∅_t (null-text) reconstruction instead.
+
 Every method writes 0.png (the source), 1.png … (the targets), strip.png, and with --maps
 maps-N.png. Flags of one method given to another are refused, as is anything out of range,
 before the model loads where possible.
