@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .control import Controller
 from .errors import MinipError
 from .euler_a import make_sampler
-from .guidance import TEXT, UNCOND, GuidanceBatch
+from .guidance import IMAGE, TEXT, UNCOND, GuidanceBatch
 from .loading import Model
 
 
@@ -70,7 +70,8 @@ def encode_text(model: Model, prompts: list[str]) -> torch.Tensor:
 def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int = 50,
            guidance: float = 7.5, control: Controller | None = None, progress: bool = True,
            fast: bool = True, batch: GuidanceBatch | None = None,
-           start: int = 0, sampler=None) -> Iterator[tuple[int, int, torch.Tensor]]:
+           start: int = 0, sampler=None, image_latents: torch.Tensor | None = None,
+           image_guidance: float = 1.5) -> Iterator[tuple[int, int, torch.Tensor]]:
     """The guided loop as a generator: yields (step, t, z_{t−1}) after every step.
 
     cond: (B, 77, d), one per image; uncond: (1 or B, 77, d) or a list with one per step (null-text
@@ -81,6 +82,9 @@ def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int
     forms every M = softmax(QKᵀ/√d) explicitly (the reference path; tests prove both equal).
     `sampler`: DDIM (default, `model.scheduler`) or `euler_a.EulerAncestral`; z_T is given with
     unit variance and scaled by the sampler's `init_sigma` (1 for DDIM).
+    `image_latents` (InstructPix2Pix, see instruct.py): (1 or B, c, h, w) concatenated to each
+    row's z_t as `batch.image_cond` gives them; then `batch` has "image" rows and ε̃ is
+    `cfg_image` with `guidance` (s_T) and `image_guidance` (s_I).
     """
     B = cond.shape[0]
     batch = batch or GuidanceBatch.cfg_layout(B)
@@ -93,16 +97,26 @@ def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int
         raise MinipError(f"starting part-way (SDEdit, real images) needs the ddim sampler, "
                          f"not {sched.name}")
     z = z * sched.init_sigma(steps) if start == 0 else z
+    extra = 0 if image_latents is None else image_latents.shape[1]
+    if model.unet.cfg.in_channels != z.shape[1] + extra:
+        raise MinipError(f"{model.name}: the UNet takes {model.unet.cfg.in_channels} input "
+                         f"channels, not {z.shape[1] + extra}"
+                         + (" (an InstructPix2Pix model: use `minip2p instruct`)"
+                            if extra == 0 else ""))
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising")):
         u = uncond[start + i] if isinstance(uncond, (list, tuple)) else uncond
         if control is not None:
             z = control.before_step(z, i)
-        context = batch.context({UNCOND: u, TEXT: cond})                # (rows, 77, d)
+        context = batch.context({UNCOND: u, TEXT: cond, IMAGE: u})      # (rows, 77, d)
         z_in = batch.expand(sched.scale_input(z, t, steps))
+        if image_latents is not None:                                   # z_t ⊕ E(I) (or ⊕ 0)
+            z_in = torch.cat([z_in, batch.image_cond(image_latents.to(z_in))], dim=1)
         with torch.no_grad():
             eps = model.unet(z_in.to(model.dtype), t, context, control=control,
                              step=i, fast=fast, batch=batch)
-        z = sched.step(batch.guide(eps.float(), guidance), t, z, steps)  # CFG, then the sampler
+        eps = batch.guide(eps.float(), guidance, image_guidance if image_latents is not None
+                          else None)                                   # CFG
+        z = sched.step(eps, t, z, steps)
         if control is not None:
             z = control.after_step(z, i)
         yield i, t, z
@@ -111,11 +125,12 @@ def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int
 def denoise(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int = 50,
             guidance: float = 7.5, control: Controller | None = None,
             callback: Callable | None = None, progress: bool = True, fast: bool = True,
-            batch: GuidanceBatch | None = None, start: int = 0, sampler=None) -> torch.Tensor:
+            batch: GuidanceBatch | None = None, start: int = 0, sampler=None,
+            **image) -> torch.Tensor:
     """Run `sample` to the end; `callback(step, t, z)` after every step. Returns z_0 (B, 4, h, w)
-    in fp32."""
+    in fp32. `image`: `image_latents`, `image_guidance` (InstructPix2Pix)."""
     for i, t, z_next in sample(model, cond, uncond, z, steps, guidance, control, progress, fast,
-                               batch, start, sampler):
+                               batch, start, sampler, **image):
         z = z_next
         if callback is not None:
             callback(i, t, z)
