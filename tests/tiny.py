@@ -128,3 +128,25 @@ def save_pipeline(pipe, folder: Path) -> Path:
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(TOKENIZER / name, Path(folder) / "tokenizer" / name)
     return folder
+
+
+def build_clip(folder: Path, seed: int = 0, image_size: int = 32):
+    """A tiny random transformers CLIPModel (quick-GELU, 8-px patches) saved as its own layout
+    (config.json + model.safetensors), with CLIP's BPE files beside it."""
+    import shutil
+
+    from transformers import CLIPConfig, CLIPModel
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=image_size, patch_size=8),
+        projection_dim=16)
+    model = CLIPModel(cfg).eval()
+    _jitter(model, seed)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(TOKENIZER / name, Path(folder) / name)
+    return model, Path(folder)
