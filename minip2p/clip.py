@@ -15,9 +15,9 @@ from .config import TextConfig
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, causal=True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
 
@@ -25,8 +25,9 @@ class CLIPAttention(nn.Module):
         b, n, c = x.shape
         q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2)           # (b, h, n, d)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        # causal: token i sees tokens ≤ i (the text encoder is not a P2P site, so SDPA is fine)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # text: causal, token i sees tokens ≤ i; image patches see each other (clip_image.py).
+        # Not a P2P site, so SDPA is fine
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -42,11 +43,11 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, causal: bool = True):
         super().__init__()
         d = cfg.hidden_size
         self.layer_norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.self_attn = CLIPAttention(d, cfg.num_attention_heads)
+        self.self_attn = CLIPAttention(d, cfg.num_attention_heads, causal)
         self.layer_norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(d, cfg.intermediate_size, cfg.hidden_act)
 
@@ -67,9 +68,12 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """Holds the layers under the checkpoint's key names (`encoder.layers.N`); no forward."""
+
+    def __init__(self, cfg: TextConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg, causal)
+                                     for _ in range(cfg.num_hidden_layers)])
 
 
 class TextModel(nn.Module):

@@ -19,6 +19,8 @@ from .errors import MinipError
 
 
 class DDIM:
+    name = "ddim"
+
     def __init__(self, cfg: SchedulerConfig = SchedulerConfig()):
         self.cfg = cfg
         n = cfg.num_train_timesteps
@@ -31,14 +33,25 @@ class DDIM:
         # ᾱ "before" t = 0: 1 if set_alpha_to_one, else ᾱ_0 (SD 1.x)
         self.final_alpha = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
 
-    def timesteps(self, steps: int) -> list[int]:
-        """The `steps` timesteps of sampling, high to low ("leading" spacing + steps_offset)."""
+    @staticmethod
+    def check_steps(cfg: SchedulerConfig, steps) -> None:
         if not isinstance(steps, int) or steps < 1:
             raise MinipError(f"steps must be an integer ≥ 1, got {steps!r}")
-        if steps > self.cfg.num_train_timesteps:
-            raise MinipError(f"steps must be ≤ {self.cfg.num_train_timesteps}, got {steps}")
+        if steps > cfg.num_train_timesteps:
+            raise MinipError(f"steps must be ≤ {cfg.num_train_timesteps}, got {steps}")
+
+    def timesteps(self, steps: int) -> list[int]:
+        """The `steps` timesteps of sampling, high to low ("leading" spacing + steps_offset)."""
+        self.check_steps(self.cfg, steps)
         ratio = self.cfg.num_train_timesteps // steps
         return [i * ratio + self.cfg.steps_offset for i in reversed(range(steps))]
+
+    def init_sigma(self, steps: int) -> float:
+        """z_T = 1 · n: DDIM works on the ᾱ-scaled latents themselves (cf. euler_a.py)."""
+        return 1.0
+
+    def scale_input(self, z: torch.Tensor, t: int, steps: int) -> torch.Tensor:
+        return z
 
     def alpha(self, t: int) -> torch.Tensor:
         """ᾱ_t, with ᾱ_{t<0} = final_alpha."""

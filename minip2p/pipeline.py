@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from .control import Controller
 from .errors import MinipError
-from .guidance import TEXT, UNCOND, GuidanceBatch
+from .euler_a import make_sampler
+from .guidance import IMAGE, TEXT, UNCOND, GuidanceBatch
 from .loading import Model
 
 
@@ -38,12 +39,23 @@ def check_size(model: Model, height: int | None, width: int | None) -> tuple[int
     return height, width
 
 
-def initial_noise(model: Model, seed: int, height: int, width: int) -> torch.Tensor:
+def initial_noise(model: Model, seed: int, height: int, width: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """z_T: (1, c, H/8, W/8), c = the VAE's latent channels (not the UNet's input channels, which
-    differ for InstructPix2Pix), drawn on the CPU so that a seed gives the same image everywhere."""
+    differ for InstructPix2Pix), drawn on the CPU so that a seed gives the same image everywhere.
+    `generator`: draw from it instead (Euler ancestral then draws its step noise after z_T from
+    the same generator, as diffusers does)."""
     f, c = model.vae.cfg.downscale, model.vae.cfg.latent_channels
-    gen = torch.Generator("cpu").manual_seed(int(seed))
+    gen = generator if generator is not None else torch.Generator("cpu").manual_seed(int(seed))
     return torch.randn((1, c, height // f, width // f), generator=gen)
+
+
+def seeded_sampler(model: Model, name: str, seed: int, height: int, width: int):
+    """(sampler, z_T) for a seed: DDIM, or Euler ancestral drawing its step noise from the
+    generator that drew z_T (one stream per seed, as diffusers with `generator=`)."""
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    z = initial_noise(model, seed, height, width, generator=gen)
+    return make_sampler(name, model.scheduler.cfg, gen), z
 
 
 @torch.no_grad()
@@ -58,8 +70,9 @@ def encode_text(model: Model, prompts: list[str]) -> torch.Tensor:
 def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int = 50,
            guidance: float = 7.5, control: Controller | None = None, progress: bool = True,
            fast: bool = True, batch: GuidanceBatch | None = None,
-           start: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """The guided DDIM loop as a generator: yields (step, t, z_{t−1}) after every step.
+           start: int = 0, sampler=None, image_latents: torch.Tensor | None = None,
+           image_guidance: float = 1.5) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The guided loop as a generator: yields (step, t, z_{t−1}) after every step.
 
     cond: (B, 77, d), one per image; uncond: (1 or B, 77, d) or a list with one per step (null-text
     inversion). z: z_T (B or 1, 4, h, w). `batch`: the rows of the UNet call (default
@@ -68,23 +81,43 @@ def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int
     counted from there, 0 … steps − start − 1.
     `fast`: fused attention wherever no controller reads or writes the probabilities; `fast=False`
     forms every M = softmax(QKᵀ/√d) explicitly (the reference path; tests prove both equal).
+    `sampler`: DDIM (default, `model.scheduler`) or `euler_a.EulerAncestral`; z_T is given with
+    unit variance and scaled by the sampler's `init_sigma` (1 for DDIM).
+    `image_latents` (InstructPix2Pix, see instruct.py): (1 or B, c, h, w) concatenated to each
+    row's z_t as `batch.image_cond` gives them; then `batch` has "image" rows and ε̃ is
+    `cfg_image` with `guidance` (s_T) and `image_guidance` (s_I).
     """
     B = cond.shape[0]
     batch = batch or GuidanceBatch.cfg_layout(B)
     if batch.images != B:
         raise ValueError(f"the guidance batch describes {batch.images} images, cond has {B}")
     z = z.float().expand(B, *z.shape[1:]).clone().to(model.device)
-    sched = model.scheduler
+    sched = sampler or model.scheduler
     timesteps = sched.timesteps(steps)[start:]
+    if start and sched.name != "ddim":
+        raise MinipError(f"starting part-way (SDEdit, real images) needs the ddim sampler, "
+                         f"not {sched.name}")
+    z = z * sched.init_sigma(steps) if start == 0 else z
+    extra = 0 if image_latents is None else image_latents.shape[1]
+    if model.unet.cfg.in_channels != z.shape[1] + extra:
+        raise MinipError(f"{model.name}: the UNet takes {model.unet.cfg.in_channels} input "
+                         f"channels, not {z.shape[1] + extra}"
+                         + (" (an InstructPix2Pix model: use `minip2p instruct`)"
+                            if extra == 0 else ""))
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising")):
         u = uncond[start + i] if isinstance(uncond, (list, tuple)) else uncond
         if control is not None:
             z = control.before_step(z, i)
-        context = batch.context({UNCOND: u, TEXT: cond})                # (rows, 77, d)
+        context = batch.context({UNCOND: u, TEXT: cond, IMAGE: u})      # (rows, 77, d)
+        z_in = batch.expand(sched.scale_input(z, t, steps))
+        if image_latents is not None:                                   # z_t ⊕ E(I) (or ⊕ 0)
+            z_in = torch.cat([z_in, batch.image_cond(image_latents.to(z_in))], dim=1)
         with torch.no_grad():
-            eps = model.unet(batch.expand(z).to(model.dtype), t, context, control=control,
+            eps = model.unet(z_in.to(model.dtype), t, context, control=control,
                              step=i, fast=fast, batch=batch)
-        z = sched.step(batch.guide(eps.float(), guidance), t, z, steps)  # CFG, then DDIM
+        eps = batch.guide(eps.float(), guidance, image_guidance if image_latents is not None
+                          else None)                                   # CFG
+        z = sched.step(eps, t, z, steps)
         if control is not None:
             z = control.after_step(z, i)
         yield i, t, z
@@ -93,11 +126,12 @@ def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int
 def denoise(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int = 50,
             guidance: float = 7.5, control: Controller | None = None,
             callback: Callable | None = None, progress: bool = True, fast: bool = True,
-            batch: GuidanceBatch | None = None, start: int = 0) -> torch.Tensor:
+            batch: GuidanceBatch | None = None, start: int = 0, sampler=None,
+            **image) -> torch.Tensor:
     """Run `sample` to the end; `callback(step, t, z)` after every step. Returns z_0 (B, 4, h, w)
-    in fp32."""
+    in fp32. `image`: `image_latents`, `image_guidance` (InstructPix2Pix)."""
     for i, t, z_next in sample(model, cond, uncond, z, steps, guidance, control, progress, fast,
-                               batch, start):
+                               batch, start, sampler, **image):
         z = z_next
         if callback is not None:
             callback(i, t, z)
@@ -124,9 +158,10 @@ def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
              guidance: float = 7.5, height: int | None = None, width: int | None = None,
              control=None, latents: torch.Tensor | None = None, callback=None,
              progress: bool = True, return_latents: bool = False, fast: bool = True,
-             free_text_encoder: bool = False, start: int = 0):
+             free_text_encoder: bool = False, start: int = 0, sampler: str = "ddim"):
     """Prompts -> images (B, 3, H, W) in [0, 1] (or z_0 if `return_latents`).
 
+    `sampler`: "ddim" or "euler-a" (Euler ancestral: one noise per step, shared by the prompts).
     `free_text_encoder`: drop `model.text_encoder` once the prompts are encoded, so its weights
     (0.5 GB fp32 at SD 1.x) are not held during denoising; the model then encodes no new prompts.
     `latents` with `start`: begin part-way through the schedule from these z (SDEdit)."""
@@ -134,13 +169,14 @@ def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
         prompts = [prompts]
     height, width = check_size(model, height, width)
     model.scheduler.timesteps(steps)                                         # validates steps
-    z = initial_noise(model, seed, height, width) if latents is None else latents
+    smp, z_T = seeded_sampler(model, sampler, seed, height, width)
+    z = z_T if latents is None else latents
     cond = encode_text(model, prompts)
     uncond = encode_text(model, [""])
     if free_text_encoder:
         model.text_encoder = None
     z = denoise(model, cond, uncond, z, steps, guidance, control, callback, progress, fast,
-                start=start)
+                start=start, sampler=smp)
     return z if return_latents else decode(model, z, fast)
 
 

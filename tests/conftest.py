@@ -44,3 +44,16 @@ def sd2_ckpt(tmp_path_factory):
 def small2_ckpt(tmp_path_factory):
     """(diffusers pipeline, folder): "small" with v-prediction, upcast attention, "!" padding."""
     return _checkpoint(tmp_path_factory, "small2")
+
+
+@pytest.fixture(scope="session")
+def ip2p_ckpt(tmp_path_factory):
+    """(diffusers InstructPix2Pix pipeline, folder): "sd" with an 8-channel conv_in."""
+    return _checkpoint(tmp_path_factory, "ip2p")
+
+
+@pytest.fixture(scope="session")
+def clip_ckpt(tmp_path_factory):
+    """(transformers CLIPModel, folder): a tiny random CLIP, 32-px images."""
+    from tiny import build_clip
+    return build_clip(tmp_path_factory.mktemp("clip"))

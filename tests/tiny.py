@@ -14,6 +14,10 @@ Geometries:
            linear proj_in/out, upcast_attention, v-prediction, the OpenCLIP text encoder
            as diffusers stores it (GELU, 23 layers), "!" as the pad token.
   "small2": "small" made SD 2.x-like: v-prediction, upcast_attention, "!" padding.
+  "ip2p":  "sd" as InstructPix2Pix: conv_in takes 8 channels (z_t ⊕ image latents); saved from
+           diffusers' StableDiffusionInstructPix2PixPipeline with Euler ancestral.
+
+`build_clip` writes a tiny random transformers `CLIPModel` (vision + text towers, projections).
 """
 from __future__ import annotations
 
@@ -61,6 +65,8 @@ GEOMETRIES = {
         scheduler=dict(prediction_type="v_prediction"), pad="!",
     ),
 }
+GEOMETRIES["ip2p"] = dict(GEOMETRIES["sd"], unet=dict(GEOMETRIES["sd"]["unet"], in_channels=8),
+                          instruct=True)
 GEOMETRIES["small2"] = dict(GEOMETRIES["small"], unet=dict(GEOMETRIES["small"]["unet"],
                                                            upcast_attention=True),
                             scheduler=dict(prediction_type="v_prediction"), pad="!")
@@ -97,6 +103,15 @@ def build_pipeline(geometry: str, seed: int = 0):
     pad = {"pad_token": geo["pad"]} if "pad" in geo else {}      # SD 2.x pads with "!"
     tok = CLIPTokenizer.from_pretrained(str(TOKENIZER), model_max_length=77, **pad)  # (v5 ignores vocab_file=)
     assert len(tok) == 49408
+    if geo.get("instruct"):
+        from diffusers import (EulerAncestralDiscreteScheduler,
+                               StableDiffusionInstructPix2PixPipeline)
+        sched = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                                beta_schedule="scaled_linear")
+        return StableDiffusionInstructPix2PixPipeline(
+            vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+            safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False).to(torch.float32)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                           **geo.get("scheduler", {}))
@@ -113,3 +128,25 @@ def save_pipeline(pipe, folder: Path) -> Path:
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(TOKENIZER / name, Path(folder) / "tokenizer" / name)
     return folder
+
+
+def build_clip(folder: Path, seed: int = 0, image_size: int = 32):
+    """A tiny random transformers CLIPModel (quick-GELU, 8-px patches) saved as its own layout
+    (config.json + model.safetensors), with CLIP's BPE files beside it."""
+    import shutil
+
+    from transformers import CLIPConfig, CLIPModel
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=image_size, patch_size=8),
+        projection_dim=16)
+    model = CLIPModel(cfg).eval()
+    _jitter(model, seed)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(TOKENIZER / name, Path(folder) / name)
+    return model, Path(folder)

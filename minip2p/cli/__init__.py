@@ -1,4 +1,4 @@
-"""Command line: `minip2p generate|edit|attention|invert|reconstruct …` (and `python -m minip2p`).
+"""Command line: `minip2p generate|edit|attention|invert|reconstruct|instruct|pairs …` (and `python -m minip2p`).
 
 Every user mistake ends as one line on stderr, `minip2p: <what was wrong; what to do>`, exit
 status 2, no traceback, and no output file (images are written to a temporary file in the target
@@ -8,6 +8,8 @@ folder and renamed into place only when complete).
     generate.py  generate (text -> image; SDEdit with --image --strength)
     edit.py      edit (Prompt-to-Prompt, MasaCtrl, plug-and-play) and attention
     invert.py    invert, reconstruct, and the real-image options of edit
+    instruct.py  instruct (InstructPix2Pix)
+    pairs.py     pairs (the InstructPix2Pix data recipe: resumable, sharded)
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import sys
 import warnings
 
 from ..errors import MinipError
-from . import edit, generate, invert
+from . import edit, generate, instruct, invert, pairs
 from .common import Parser
 
 
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_commands(sub)
     edit.add_commands(sub)
     invert.add_commands(sub)
+    instruct.add_commands(sub)
+    pairs.add_commands(sub)
     return p
 
 
@@ -36,7 +40,7 @@ def main(argv=None) -> int:
     warnings.showwarning = one_line_warning
     try:
         args = build_parser().parse_args(argv)
-        args.run(args)
+        rc = args.run(args)
     except MinipError as e:
         print(f"minip2p: {e}", file=sys.stderr)
         return 2
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
         print("minip2p: out of memory; try a smaller --height/--width or --dtype fp16 on a GPU",
               file=sys.stderr)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

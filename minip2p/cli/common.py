@@ -41,6 +41,21 @@ def float_arg(name):
     return parse
 
 
+def sampler_arg(text):
+    from ..euler_a import SAMPLERS
+    if text not in SAMPLERS:
+        raise argparse.ArgumentTypeError(f"--sampler must be one of {', '.join(SAMPLERS)}, "
+                                         f"got {text!r}")
+    return text
+
+
+def ddim_only(args, what: str):
+    """Inversion and starting part-way (real images, SDEdit) are DDIM's; refuse another sampler."""
+    if getattr(args, "sampler", "ddim") != "ddim":
+        raise MinipError(f"--sampler {args.sampler}: {what} needs the deterministic ddim "
+                         "sampler; drop --sampler")
+
+
 def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: bool = False):
     """Options shared by every command that runs the model (`lean`: --free-text-encoder too,
     for the commands that encode their prompts once)."""
@@ -55,7 +70,10 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
                    help="textual-inversion embedding: its token becomes usable in prompts "
                         "(repeatable)")
     p.add_argument("--seed", type=int_arg("--seed", 0), default=0, help="noise seed (default 0)")
-    p.add_argument("--steps", type=int_arg("--steps"), default=50, help="DDIM steps (50)")
+    p.add_argument("--steps", type=int_arg("--steps"), default=50, help="sampling steps (50)")
+    p.add_argument("--sampler", type=sampler_arg, default="ddim",
+                   help="ddim (deterministic) or euler-a (Euler ancestral: fresh noise at each "
+                        "step, one noise shared by the images of an edit) (ddim)")
     p.add_argument("--guidance", type=float_arg("--guidance"), default=7.5,
                    help="classifier-free guidance scale (7.5)")
     p.add_argument("--height", type=int_arg("--height"), default=None,

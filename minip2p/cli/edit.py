@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from ..errors import MinipError
 from . import invert as cli_invert
-from .common import (add_model_options, check_out_dir, check_out_file, float_arg, int_arg,
-                     load, save_image)
+from .common import (add_model_options, check_out_dir, check_out_file, ddim_only, float_arg,
+                     int_arg, load, save_image)
 
 
 def parse_reweight(items: list[str]) -> dict[str, float]:
@@ -135,6 +135,8 @@ def cmd_edit(args):
     inverted = not noised and args.method != "pnp"      # pnp inverts with SOURCE, "" allowed
     real = cli_invert.read_input(args.image, args.inversion, args.crop,  # before the model loads
                                  prompts[0] if prompts else None, needs_prompt=inverted)
+    if real is not None or args.method == "pnp":
+        ddim_only(args, "a real image (inversion, SDEdit, plug-and-play)")
     if (real is None or noised or args.method != "p2p") and len(prompts) < 2:
         raise MinipError("edit needs a SOURCE prompt and at least one TARGET prompt "
                          "(or --image/--inversion with p2p: with no target, the reconstruction)")
@@ -170,7 +172,8 @@ def cmd_edit(args):
     elif real is None:
         control, store = method_control(args, model, prompts, args.steps)
         result = to_pil(generate(model, prompts, args.seed, args.steps, args.guidance, height,
-                                 width, control=control, fast=not args.explicit, **kw))
+                                 width, control=control, fast=not args.explicit,
+                                 sampler=args.sampler, **kw))
     else:                        # real image: the inversion's prompt is the source
         if isinstance(real, invert.Inversion):
             prompts = [real.prompt] + prompts
@@ -210,7 +213,8 @@ def cmd_attention(args):
     store = AttentionStore(1)
     image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance, height,
                             width, control=store, progress=not args.quiet,
-                            fast=not args.explicit, free_text_encoder=args.free_text_encoder))[0]
+                            fast=not args.explicit, free_text_encoder=args.free_text_encoder,
+                            sampler=args.sampler))[0]
     kind = "self" if args.self else "cross"
     pixels = views.pick_pixels(store, kind, args.map_res, image)
     if args.self:

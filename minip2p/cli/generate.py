@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import MinipError
-from .common import add_model_options, check_out_file, float_arg, load, save_image
+from .common import add_model_options, check_out_file, ddim_only, float_arg, load, save_image
 
 
 def cmd_generate(args):
@@ -15,6 +15,7 @@ def cmd_generate(args):
     if args.image:
         from .. import images
         sdedit.check_strength(args.strength)
+        ddim_only(args, "SDEdit (--image)")
         photo = images.open_image(args.image)                        # before the model loads
     model = load(args)
     height, width = check_size(model, args.height, args.width)
@@ -22,7 +23,7 @@ def cmd_generate(args):
               progress=not args.quiet, fast=not args.explicit,
               free_text_encoder=args.free_text_encoder)
     if photo is None:
-        result = generate(model, [args.prompt], **kw)
+        result = generate(model, [args.prompt], sampler=args.sampler, **kw)
     else:
         result = sdedit.generate(model, photo, [args.prompt], strength=args.strength, **kw)
     save_image(to_pil(result)[0], out)

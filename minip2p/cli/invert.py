@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import MinipError
-from .common import add_model_options, check_out_file, int_arg, load, save_image
+from .common import add_model_options, check_out_file, ddim_only, int_arg, load, save_image
 
 
 def add_inversion_options(p: argparse.ArgumentParser, flag: str = "--method"):
@@ -95,6 +95,7 @@ def input_pil(inv):
 
 def cmd_invert(args):
     from .. import invert
+    ddim_only(args, "inversion")
     out = check_inversion_out(args.out)
     got = read_input(args.image, None, args.crop, args.prompt)
     model = load(args)
@@ -107,6 +108,7 @@ def cmd_invert(args):
 def cmd_reconstruct(args):
     from .. import images, invert
     from ..pipeline import decode, to_pil
+    ddim_only(args, "reconstruction from an inversion")
     out = check_out_file(args.out)
     if args.inversion and (args.image or args.prompt):
         raise MinipError("reconstruct takes IMAGE PROMPT or --inversion FILE, not both")

@@ -27,7 +27,7 @@ from ..errors import MinipError
 from ..guidance import TEXT
 from . import align
 
-__all__ = ["AttentionStore", "Compose", "Edit", "Replace", "Refine", "Reweight", "LocalBlend",
+__all__ = ["AttentionStore", "Compose", "Edit", "Replace", "Refine", "Reweight", "LocalBlend", "SelfCopy",
            "equalizer", "build"]
 
 
@@ -197,3 +197,27 @@ def build(tok, prompts, steps, mode="auto", cross_replace=0.8, self_replace=0.4,
             raise MinipError(f"--blend needs one word per prompt ({len(prompts)}), got {len(blend)}")
         lb = LocalBlend(tok, prompts, blend, st, steps, blend_threshold, blend_start, blend_subtract)
     return Compose(edit, st, lb), st
+
+
+class SelfCopy(Controller):
+    """The InstructPix2Pix data recipe's Prompt-to-Prompt variant: no cross-attention edit; at
+    every self-attention layer (all resolutions) the maps of images 1 … B−1 are those of image 0,
+    in every guidance half (∅ and c), while the step i satisfies  threshold > i / (N − 1)
+    (the official `prompt2prompt_threshold > i / (len(sigmas) − 2)`, len(sigmas) = N + 1).
+    The official code copies the logits QKᵀ/√d before the softmax: the same maps after it."""
+
+    def __init__(self, threshold: float, steps: int):
+        if steps < 2:
+            raise MinipError("the self-attention copy schedule needs at least 2 steps")
+        self.threshold, self.steps = float(threshold), steps
+
+    def active(self, step: int) -> bool:
+        return self.threshold > step / (self.steps - 1)
+
+    def wants(self, site: Site) -> bool:
+        return site.kind == "self" and site.step is not None and self.active(site.step)
+
+    def probs(self, M, site: Site):
+        batch = site.batch_of(M.shape[0])
+        src = [batch.source_row(r) for r in range(M.shape[0])]           # image 0, same condition
+        return M[src]

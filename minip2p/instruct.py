@@ -1,0 +1,75 @@
+"""InstructPix2Pix (Brooks et al., CVPR 2023): edit a picture by an instruction ("make it blue").
+
+The model is SD 1.x whose conv_in takes 8 channels instead of 4: z_t and the picture's VAE latents
+side by side. The picture's latents are the posterior mode E(I), NOT multiplied by the scaling
+factor (as the official code and diffusers' pipeline). Each step runs three rows per image,
+
+    (T, I): the instruction and the picture     ε_TI
+    (∅, I): no text, the picture                 ε_I
+    (∅, ∅): no text, zeros for the picture      ε_∅
+
+    ε̃ = ε_∅ + s_I · (ε_I − ε_∅) + s_T · (ε_TI − ε_I)        s_T = 7.5, s_I = 1.5
+
+expressed as a `guidance.GuidanceBatch` (`instruct_layout`) and `guidance.cfg_image`, so every
+controller (an AttentionStore for the instruction's cross-attention maps) works unchanged. The
+official sampler is Euler ancestral with 100 steps (euler_a.py).
+"""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from . import images
+from .errors import MinipError
+from .guidance import GuidanceBatch
+from .loading import Model
+from .pipeline import check_size, decode, denoise, encode_text, seeded_sampler
+
+
+def check_model(model: Model) -> None:
+    """The UNet must take z_t ⊕ E(I): 2 × the VAE's latent channels."""
+    c = model.vae.cfg.latent_channels
+    if model.unet.cfg.in_channels != 2 * c:
+        raise MinipError(f"{model.name} is not an InstructPix2Pix model: its UNet takes "
+                         f"{model.unet.cfg.in_channels} input channels, not {2 * c} "
+                         "(latents ⊕ image latents); use e.g. timbrooks/instruct-pix2pix")
+
+
+def default_size(model: Model, im: Image.Image) -> tuple[int, int]:
+    """The picture's aspect ratio with its longer side the model's native size (as the official
+    edit_cli.py scales to 512), both sides multiples of the VAE's downscale factor."""
+    f = model.vae.cfg.downscale
+    native = model.unet.cfg.sample_size * f
+    W, H = im.size
+    k = native / max(W, H)
+    return max(f, round(H * k / f) * f), max(f, round(W * k / f) * f)
+
+
+@torch.no_grad()
+def image_latents(model: Model, x: torch.Tensor) -> torch.Tensor:
+    """x (1, 3, H, W) in [−1, 1] -> E(x), the posterior mode, unscaled: (1, c, H/f, W/f), fp32."""
+    return model.vae.encode(x.to(model.device, model.dtype)).float()
+
+
+def edit(model: Model, image, instruction: str, seed: int = 0, steps: int = 100,
+         guidance: float = 7.5, image_guidance: float = 1.5, sampler: str = "euler-a",
+         height: int | None = None, width: int | None = None, control=None,
+         progress: bool = True, fast: bool = True, return_latents: bool = False):
+    """A picture (PIL, or x (1, 3, H, W) in [−1, 1]) and an instruction -> the edited picture
+    (1, 3, H, W) in [0, 1] (or z_0 if `return_latents`). A PIL picture is centre-cropped and
+    resized to height × width (default: its own aspect, the model's native size)."""
+    check_model(model)
+    if isinstance(image, Image.Image):
+        if height is None and width is None:
+            height, width = default_size(model, image)
+        height, width = check_size(model, height, width)
+        image = images.to_tensor(images.fit(image, height, width))
+    height, width = check_size(model, image.shape[2], image.shape[3])
+    model.scheduler.timesteps(steps)                                         # validates steps
+    smp, z = seeded_sampler(model, sampler, seed, height, width)
+    cond = encode_text(model, [instruction])
+    uncond = encode_text(model, [""])
+    z = denoise(model, cond, uncond, z, steps, guidance, control, progress=progress, fast=fast,
+                batch=GuidanceBatch.instruct_layout(1), sampler=smp,
+                image_latents=image_latents(model, image), image_guidance=image_guidance)
+    return z if return_latents else decode(model, z, fast)
