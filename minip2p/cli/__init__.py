@@ -8,6 +8,7 @@ folder and renamed into place only when complete).
     generate.py  generate (text -> image; SDEdit with --image --strength)
     edit.py      edit (Prompt-to-Prompt, MasaCtrl, plug-and-play) and attention
     invert.py    invert, reconstruct, and the real-image options of edit
+    guide.py     guide (Self-Guidance: move, resize)
 """
 from __future__ import annotations
 
@@ -16,17 +17,19 @@ import sys
 import warnings
 
 from ..errors import MinipError
-from . import edit, generate, invert
+from . import edit, generate, guide, invert
 from .common import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="minip2p", description="Minimal Stable Diffusion with attention control: "
-                                           "Prompt-to-Prompt, MasaCtrl, plug-and-play, SDEdit.")
+                                           "Prompt-to-Prompt, MasaCtrl, plug-and-play, SDEdit, "
+                                           "Attend-and-Excite, Pix2Pix-Zero, Self-Guidance.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     generate.add_commands(sub)
     edit.add_commands(sub)
     invert.add_commands(sub)
+    guide.add_commands(sub)
     return p
 
 

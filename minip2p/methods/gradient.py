@@ -42,14 +42,14 @@ class StopForward(Exception):
 class MapRecorder(Controller):
     """Keeps the maps M (rows, heads, pixels, keys) of the sites `pick(site)` accepts, in the
     autograd graph (`maps`: list of (site, M)); `feature_pick`: also ResBlock features h at "res"
-    sites (`features`: list of (site, h)). `stop_after`: the Site.index after whose cross map the
+    sites (`feats`: list of (site, h)). `stop_after`: the Site.index after whose cross map the
     forward may stop (None: run the whole UNet)."""
 
     def __init__(self, pick: Callable[[Site], bool],
                  feature_pick: Callable[[Site], bool] | None = None, stop_after: int | None = None):
         self.pick, self.feature_pick, self.stop_after = pick, feature_pick, stop_after
         self.maps: list[tuple[Site, torch.Tensor]] = []
-        self.features: list[tuple[Site, torch.Tensor]] = []
+        self.feats: list[tuple[Site, torch.Tensor]] = []
 
     def wants(self, site: Site) -> bool:
         if site.kind == "res":
@@ -63,7 +63,7 @@ class MapRecorder(Controller):
         return M
 
     def features(self, h, site):
-        self.features.append((site, h))
+        self.feats.append((site, h))
         return h
 
 
