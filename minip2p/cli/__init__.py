@@ -1,4 +1,5 @@
-"""Command line: `minip2p generate|edit|attention|invert|reconstruct|instruct|pairs …` (and `python -m minip2p`).
+"""Command line: `minip2p generate|edit|attention|invert|reconstruct|instruct|pairs|guide …`
+(and `python -m minip2p`).
 
 Every user mistake ends as one line on stderr, `minip2p: <what was wrong; what to do>`, exit
 status 2, no traceback, and no output file (images are written to a temporary file in the target
@@ -6,10 +7,11 @@ folder and renamed into place only when complete).
 
     common.py    the parser, shared options, loading, output files
     generate.py  generate (text -> image; SDEdit with --image --strength)
-    edit.py      edit (Prompt-to-Prompt, MasaCtrl, plug-and-play) and attention
+    edit.py      edit (Prompt-to-Prompt, MasaCtrl, plug-and-play, Pix2Pix-Zero) and attention
     invert.py    invert, reconstruct, and the real-image options of edit
     instruct.py  instruct (InstructPix2Pix)
     pairs.py     pairs (the InstructPix2Pix data recipe: resumable, sharded)
+    guide.py     guide (Self-Guidance: move, resize)
 """
 from __future__ import annotations
 
@@ -18,19 +20,21 @@ import sys
 import warnings
 
 from ..errors import MinipError
-from . import edit, generate, instruct, invert, pairs
+from . import edit, generate, guide, instruct, invert, pairs
 from .common import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="minip2p", description="Minimal Stable Diffusion with attention control: "
-                                           "Prompt-to-Prompt, MasaCtrl, plug-and-play, SDEdit.")
+                                           "Prompt-to-Prompt, MasaCtrl, plug-and-play, SDEdit, "
+                                           "Attend-and-Excite, Pix2Pix-Zero, Self-Guidance.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     generate.add_commands(sub)
     edit.add_commands(sub)
     invert.add_commands(sub)
     instruct.add_commands(sub)
     pairs.add_commands(sub)
+    guide.add_commands(sub)
     return p
 
 

@@ -5,6 +5,7 @@
     edit "a cat" "a dog" --image cat.jpg --strength 0.6    … from the noised picture (SDEdit)
     edit "a cat" "a sitting cat" --method masactrl         MasaCtrl (--masa-step/-layer/-mask)
     edit "" "a blue square" --method pnp --image sq.png    plug-and-play (--pnp-features/-attention)
+    edit "a cat" "a dog" --method pix2pix-zero             Pix2Pix-Zero (--xa-guidance, sentences)
 
 Real images with MasaCtrl: `--image` inverts the picture and pins the source row to its DDIM
 trajectory at every step (the official `ref_intermediate_latents`); an `--inversion` file keeps
@@ -44,13 +45,15 @@ MAP_RES = ("show the stored maps with this many rows (default: the coarsest stor
            "resolution, 16 at 512 px as in the P2P reference)")
 
 
-EDIT_METHODS = ("p2p", "masactrl", "pnp")
+EDIT_METHODS = ("p2p", "masactrl", "pnp", "pix2pix-zero")
 P2P_FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "--self-replace",
              "blend": "--blend", "blend_threshold": "--blend-threshold", "reweight": "--reweight"}
 MASA_FLAGS = {"masa_step": "--masa-step", "masa_layer": "--masa-layer", "masa_mask": "--masa-mask"}
 PNP_FLAGS = {"pnp_features": "--pnp-features", "pnp_attention": "--pnp-attention",
              "negative_prompt": "--negative-prompt"}
-DEFAULTS = dict(mode="auto", cross_replace="0.8", self_replace="0.4", blend_threshold=0.3,
+P2PZ_FLAGS = {"source_sentences": "--source-sentences", "target_sentences": "--target-sentences",
+              "xa_guidance": "--xa-guidance"}
+DEFAULTS = dict(xa_guidance=0.1, mode="auto", cross_replace="0.8", self_replace="0.4", blend_threshold=0.3,
                 pnp_features=0.8, pnp_attention=0.5)
 
 
@@ -63,9 +66,12 @@ def check_method_flags(args):
                              f"{args.inversion_method} disagree; give --inversion-method only")
         args.method, args.inversion_method = "p2p", args.method
     args.method = args.method or "p2p"
+    if args.method == "pix2pix-zero" and args.inversion_method is None:
+        args.inversion_method = "ddim"                    # the paper inverts with DDIM
     args.inversion_method = args.inversion_method or "null-text"
-    own = {"p2p": P2P_FLAGS, "masactrl": MASA_FLAGS, "pnp": PNP_FLAGS}[args.method]
-    for flags in (P2P_FLAGS, MASA_FLAGS, PNP_FLAGS):
+    own = {"p2p": P2P_FLAGS, "masactrl": MASA_FLAGS, "pnp": PNP_FLAGS,
+           "pix2pix-zero": P2PZ_FLAGS}[args.method]
+    for flags in (P2P_FLAGS, MASA_FLAGS, PNP_FLAGS, P2PZ_FLAGS):
         for key, flag in flags.items():
             if flags is not own and getattr(args, key) is not None:
                 raise MinipError(f"{flag} belongs to another method, not --method {args.method}; "
@@ -85,6 +91,14 @@ def check_method_flags(args):
         raise MinipError("--strength (SDEdit) does not combine with --method pnp; leave it out")
     if args.strength is not None and not args.image:
         raise MinipError("--strength sets how far SDEdit noises --image; add --image PHOTO")
+    if args.method == "pix2pix-zero":
+        if args.strength is not None:
+            raise MinipError("--strength (SDEdit) does not combine with --method pix2pix-zero")
+        if (args.source_sentences is None) != (args.target_sentences is None):
+            raise MinipError("give --source-sentences and --target-sentences together (or "
+                             "neither: built-in sentences around the words that differ)")
+        if args.maps:
+            raise MinipError("--maps is not available with --method pix2pix-zero")
     if args.method == "masactrl" and not 0 <= args.masa_step < args.steps:
         raise MinipError(f"--masa-step must be in [0, {args.steps}) (a step of the {args.steps} "
                          f"denoising steps), got {args.masa_step}")
@@ -131,12 +145,17 @@ def cmd_edit(args):
     if args.map_res is not None and not args.maps:
         raise MinipError("--map-res chooses the maps of --maps; add --maps")
     prompts = [p for p in [args.source] + args.targets if p is not None]
+    sentences = (None, None)
+    if args.method == "pix2pix-zero" and args.source_sentences is not None:
+        from ..methods.pix2pix_zero import read_sentences
+        sentences = (read_sentences(args.source_sentences, "--source-sentences"),
+                     read_sentences(args.target_sentences, "--target-sentences"))
     noised = args.strength is not None                   # SDEdit: the picture is noised, not inverted
     inverted = not noised and args.method != "pnp"      # pnp inverts with SOURCE, "" allowed
     real = cli_invert.read_input(args.image, args.inversion, args.crop,  # before the model loads
                                  prompts[0] if prompts else None, needs_prompt=inverted)
-    if real is not None or args.method == "pnp":
-        ddim_only(args, "a real image (inversion, SDEdit, plug-and-play)")
+    if real is not None or args.method in ("pnp", "pix2pix-zero"):
+        ddim_only(args, "a real image (inversion, SDEdit, plug-and-play) or Pix2Pix-Zero")
     if (real is None or noised or args.method != "p2p") and len(prompts) < 2:
         raise MinipError("edit needs a SOURCE prompt and at least one TARGET prompt "
                          "(or --image/--inversion with p2p: with no target, the reconstruction)")
@@ -152,7 +171,28 @@ def cmd_edit(args):
                        len(model.unet.transformer_blocks()))
     kw = dict(progress=not args.quiet, free_text_encoder=args.free_text_encoder)
     shown = []
-    if args.method == "pnp":
+    if args.method == "pix2pix-zero":
+        from ..methods import pix2pix_zero as pz
+        from ..pipeline import decode, initial_noise
+        if isinstance(real, invert.Inversion):
+            prompts = [real.prompt] + prompts
+        if len(prompts) != 2:
+            raise MinipError("--method pix2pix-zero edits SOURCE into one TARGET")
+        src_s, tgt_s = sentences
+        if src_s is None:
+            src_s, tgt_s = pz.sentences(prompts[0], prompts[1])
+        delta = pz.direction(model, src_s, tgt_s)
+        store = None
+        if real is None:
+            z = initial_noise(model, args.seed, height, width)
+        else:
+            inv = cli_invert.inversion_for(args, model, real, prompts[0])
+            z = inv.z_T
+            shown = [cli_invert.input_pil(inv)] if inv.image is not None else []
+        z_src, z_edit = pz.edit(model, prompts[0], delta, z, args.steps, args.guidance,
+                                args.xa_guidance, progress=not args.quiet, fast=not args.explicit)
+        result = to_pil(decode(model, torch.cat([z_src, z_edit]), not args.explicit))
+    elif args.method == "pnp":
         from ..methods import pnp
         x = images.to_tensor(images.fit(real, height, width))
         store = None
@@ -233,7 +273,8 @@ def add_commands(sub):
     e.add_argument("targets", nargs="*", metavar="TARGET")
     e.add_argument("--method", choices=EDIT_METHODS + METHODS, default=None,
                    help="p2p: Prompt-to-Prompt (default); masactrl: mutual self-attention; pnp: "
-                        "plug-and-play (needs --image). (ddim, null-text, negative-prompt: the "
+                        "plug-and-play (needs --image); pix2pix-zero: edit direction + "
+                        "cross-attention guidance. (ddim, null-text, negative-prompt: the "
                         "inversion method, as before; same as --inversion-method)")
     g = e.add_argument_group("Prompt-to-Prompt (--method p2p)")
     g.add_argument("--mode", choices=["auto", "replace", "refine"], default=None,
@@ -264,6 +305,14 @@ def add_commands(sub):
                    help="inject self-attention queries and keys for this fraction (0.5)")
     q.add_argument("--negative-prompt", default=None,
                    help="the target's unconditional prompt (the official one)")
+    z = e.add_argument_group("Pix2Pix-Zero (--method pix2pix-zero)")
+    z.add_argument("--source-sentences", metavar="FILE", default=None,
+                   help="sentences about the source concept, one a line (default: templates "
+                        "around the words that differ)")
+    z.add_argument("--target-sentences", metavar="FILE", default=None,
+                   help="sentences about the target concept, one a line")
+    z.add_argument("--xa-guidance", type=float_arg("--xa-guidance"), default=None,
+                   help="cross-attention guidance step λ (0.1)")
     e.add_argument("--strength", type=float_arg("--strength"), default=None,
                    help="SDEdit: with --image, start from the picture noised this much, in (0, 1]")
     e.add_argument("--maps", action="store_true", help="also write maps-N.png per prompt")

@@ -1,0 +1,75 @@
+"""`minip2p guide PROMPT --move WORD=X,Y --resize WORD=S [--keep-appearance]`: Self-Guidance
+(methods/self_guidance.py). Writes 0.png (unguided), 1.png (guided) and strip.png to --out-dir.
+
+    guide "a red circle" --move circle=0.8,0.5            the circle to the right half
+    guide "a red circle" --resize circle=0.5 --keep-appearance
+"""
+from __future__ import annotations
+
+from ..errors import MinipError
+from .common import add_model_options, check_out_dir, ddim_only, float_arg, load, save_image
+
+
+def parse_pairs(items, flag: str, n: int) -> dict[str, tuple[float, ...]]:
+    """["circle=0.8,0.5"] -> {"circle": (0.8, 0.5)} (n numbers after '=')."""
+    out = {}
+    for item in items or []:
+        word, sep, values = item.rpartition("=")
+        try:
+            nums = tuple(float(v) for v in values.split(","))
+            if not sep or not word or len(nums) != n or any(v != v or abs(v) == float("inf")
+                                                             for v in nums):
+                raise ValueError
+        except ValueError:
+            form = "WORD=X,Y, e.g. circle=0.8,0.5" if n == 2 else "WORD=S, e.g. circle=0.5"
+            raise MinipError(f"{flag} {item!r}: expected {form}") from None
+        out[word] = nums
+    return out
+
+
+def cmd_guide(args):
+    from .. import views
+    from ..methods import self_guidance as sg
+    from ..pipeline import check_size, encode_text, generate, to_pil
+
+    moves = parse_pairs(args.move, "--move", 2)
+    resizes = {w: s for w, (s,) in parse_pairs(args.resize, "--resize", 1).items()}
+    sg.check(args.prompt, moves, resizes, args.keep_appearance, args.guide_steps)
+    out = check_out_dir(args.out_dir)
+    ddim_only(args, "Self-Guidance")
+    model = load(args)
+    height, width = check_size(model, args.height, args.width)
+    model.scheduler.timesteps(args.steps)
+    tokens = sg.tokens_of(model.tokenizer, args.prompt, {**moves, **resizes})
+    kw = dict(seed=args.seed, steps=args.steps, guidance=args.guidance, height=height,
+              width=width, progress=not args.quiet, fast=not args.explicit)
+    observed = sg.Observe(model.unet, tokens, args.keep_appearance)
+    plain = generate(model, [args.prompt], control=observed, **kw)
+    ctrl = sg.SelfGuidance(model, encode_text(model, [args.prompt]), tokens, args.steps, observed,
+                           moves, resizes, args.keep_appearance, args.guidance_weight,
+                           args.guide_steps)
+    guided = generate(model, [args.prompt], control=ctrl, **kw)
+    ims = to_pil(plain) + to_pil(guided)
+    files = {"0.png": ims[0], "1.png": ims[1],
+             "strip.png": views.strip(ims, ["unguided", "guided"])}
+    out.mkdir(exist_ok=True)
+    for name, im in files.items():
+        save_image(im, out / name)
+    print(f"wrote {', '.join(str(out / n) for n in files)}")
+
+
+def add_commands(sub):
+    g = sub.add_parser("guide", help="Self-Guidance: move or resize an object of PROMPT")
+    g.add_argument("prompt")
+    g.add_argument("--move", nargs="+", metavar="WORD=X,Y",
+                   help="move WORD's object to (X, Y), fractions of the image in [0, 1]")
+    g.add_argument("--resize", nargs="+", metavar="WORD=S", help="scale WORD's object by S > 0")
+    g.add_argument("--keep-appearance", action="store_true",
+                   help="keep the moved/resized objects' appearance from the unguided image")
+    g.add_argument("--guidance-weight", type=float_arg("--guidance-weight"), default=3.0,
+                   help="step size w of z ← z − w·∇E/‖∇E‖∞ (3)")
+    g.add_argument("--guide-steps", type=float_arg("--guide-steps"), default=0.5,
+                   help="guide in this first fraction of the steps (0.5)")
+    g.add_argument("--out-dir", default="guide", help="output folder (guide)")
+    add_model_options(g)
+    g.set_defaults(run=cmd_guide)

@@ -1,0 +1,181 @@
+"""Diffusion Self-Guidance (Epstein et al., NeurIPS 2023, arXiv 2306.00986, §3): move and resize
+an object by steering the centroid and size of its word's cross-attention map. There is no
+official code; this follows the paper's definitions.
+
+For a word k, A_k(p) is its cross-attention map in the conditional row: the mean over heads and
+over the layers with ≤ 16² pixels (each resized to the finest of them, bilinear), summed over the
+word's tokens. With pixel centres p = (x_p, y_p) ∈ [0, 1]² (x to the right, y down):
+
+    centroid(k)   = Σ_p p · A_k(p) / Σ_p A_k(p)
+    size(k)       = (1/|P|) Σ_p A_k(p)
+    shape(k)(p)   = σ(10 · (A_k(p) / max A_k − ½))             (a soft threshold at half the peak)
+    appearance(k) = Σ_p shape(k)(p) · ψ(p) / Σ_p shape(k)(p)   ψ: the decoder's last ResBlock
+                                                                features (c channels), resized
+
+Energies (primes are the same quantities in the unguided generation, same seed, same step):
+
+    move k to (x, y):   E = ‖centroid(k) − (x, y)‖₁ + |size(k) − size'(k)|
+    resize k by s:      E = |size(k) − s · size'(k)|
+    keep appearance:    E = Σ_k ‖appearance(k) − appearance'(k)‖₁      (over the edited words)
+
+Several energies add. In the first `guide_steps` of the steps (a fraction, ½ by default), before
+the DDIM step,  z_t ← z_t − w · ∇_{z_t} E / ‖∇_{z_t} E‖_∞   (w: --guidance-weight; the gradient
+is normalised so that one weight suits every model and every energy; the paper adds w·σ_t·∇E to ε
+instead, which at one step is the same direction).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..control import Controller, Site
+from ..errors import MinipError
+from ..guidance import TEXT
+from .gradient import GradientGuidance
+
+__all__ = ["word_maps", "centroid", "size", "shape", "appearance", "Observe", "SelfGuidance",
+           "check"]
+
+
+def word_maps(maps, tokens: dict[str, list[int]], row: int = 0) -> dict[str, torch.Tensor]:
+    """[(site, M (rows, heads, p, 77)), …] -> {word: A_k (side, side)} at the finest side."""
+    side = max(math.isqrt(s.pixels) for s, _ in maps)
+    layers = []
+    for s, M in maps:
+        r = math.isqrt(s.pixels)
+        m = M[row].float().mean(0).T.reshape(1, -1, r, r)                 # (1, 77, r, r)
+        if r != side:
+            m = F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)
+        layers.append(m[0])
+    A = torch.stack(layers).mean(0)                                        # (77, side, side)
+    return {w: A[t].sum(0) for w, t in tokens.items()}
+
+
+def centroid(A: torch.Tensor) -> torch.Tensor:
+    """(h, w) -> (x, y) in [0, 1]², the attention-weighted mean of the pixel centres."""
+    h, w = A.shape
+    ys = (torch.arange(h, dtype=A.dtype) + 0.5) / h
+    xs = (torch.arange(w, dtype=A.dtype) + 0.5) / w
+    total = A.sum()
+    return torch.stack([(A.sum(0) * xs).sum() / total, (A.sum(1) * ys).sum() / total])
+
+
+def size(A: torch.Tensor) -> torch.Tensor:
+    return A.mean()
+
+
+def shape(A: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(10 * (A / A.max() - 0.5))
+
+
+def appearance(A: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+    """A: (h, w); ψ: (c, H, W) -> (c,)."""
+    m = F.interpolate(shape(A)[None, None], size=psi.shape[-2:], mode="bilinear",
+                      align_corners=False)[0, 0]
+    return (psi * m).sum((1, 2)) / m.sum()
+
+
+def _last_res(unet):
+    """Pick for the decoder's last ResBlock ("res" site), whose features are ψ."""
+    block, layer = len(unet.up_blocks) - 1, len(unet.up_blocks[-1].resnets) - 1
+    return lambda s: s.kind == "res" and s.place == "up" and s.block == block and s.layer == layer
+
+
+def _pick(s: Site) -> bool:
+    return s.kind == "cross" and s.pixels <= 16 ** 2
+
+
+class Observe(Controller):
+    """The unguided generation's quantities at every step: size', shape', appearance' per word."""
+
+    def __init__(self, unet, tokens: dict[str, list[int]], features: bool):
+        self.tokens, self.feature_pick = tokens, (_last_res(unet) if features else None)
+        self.maps, self.psi, self.seen = {}, {}, {}
+
+    def wants(self, site):
+        return _pick(site) or (self.feature_pick is not None and self.feature_pick(site))
+
+    def probs(self, M, site):
+        row = site.batch_of(M.shape[0]).row(0, TEXT)
+        self.maps.setdefault(site.step, []).append((site, M[row:row + 1].detach().mean(1, keepdim=True)))
+        return M
+
+    def features(self, h, site):
+        row = site.batch_of(h.shape[0]).row(0, TEXT)
+        self.psi[site.step] = h[row].detach().float()
+        return h
+
+    def reference(self, step: int) -> dict:
+        A = word_maps(self.maps[step], self.tokens)
+        out = {w: dict(size=size(a)) for w, a in A.items()}
+        if step in self.psi:
+            for w, a in A.items():
+                out[w]["appearance"] = appearance(a, self.psi[step])
+        return out
+
+
+class SelfGuidance(GradientGuidance):
+    """moves: {word: (x, y)}; resizes: {word: s}; `observed`: the `Observe` of the unguided run."""
+
+    def __init__(self, model, cond, tokens, steps: int, observed: Observe, moves=None,
+                 resizes=None, keep_appearance: bool = False, weight: float = 1.0,
+                 guide_steps: float = 0.5):
+        super().__init__(model, cond, steps, pick=_pick)
+        self.tokens, self.observed = tokens, observed
+        self.moves, self.resizes = moves or {}, resizes or {}
+        self.keep_appearance, self.weight = keep_appearance, weight
+        self.last = round(guide_steps * steps)
+        self.feature_pick = _last_res(model.unet) if keep_appearance else None
+
+    def active(self, step):
+        return step < self.last
+
+    def energy(self, A: dict, psi, ref: dict) -> torch.Tensor:
+        E = 0.0
+        for w, (x, y) in self.moves.items():
+            E = E + (centroid(A[w]) - torch.tensor([x, y])).abs().sum()
+            E = E + (size(A[w]) - ref[w]["size"]).abs()
+        for w, s in self.resizes.items():
+            E = E + (size(A[w]) - s * ref[w]["size"]).abs()
+        if self.keep_appearance:
+            for w in {**self.moves, **self.resizes}:
+                E = E + (appearance(A[w], psi) - ref[w]["appearance"]).abs().sum()
+        return E
+
+    def update(self, z, step, t):
+        leaf, rec = self.maps_of(z, step, feature_pick=self.feature_pick)
+        A = word_maps(rec.maps, self.tokens)
+        psi = rec.feats[-1][1][0].float() if rec.feats else None
+        E = self.energy(A, psi, self.observed.reference(step))
+        (grad,) = torch.autograd.grad(E, [leaf])
+        self.energies[step] = float(E.detach())
+        return leaf.detach() - self.weight * grad / grad.abs().max().clamp(min=1e-12)
+
+
+def check(prompt: str, moves: dict, resizes: dict, keep_appearance: bool, guide_steps: float):
+    """Refuse words not in the prompt, X or Y outside [0, 1], S ≤ 0, no energy."""
+    if not moves and not resizes:
+        raise MinipError("guide needs an energy: --move WORD=X,Y or --resize WORD=S"
+                         + (" (--keep-appearance only keeps what they change)"
+                            if keep_appearance else ""))
+    words = prompt.split(" ")
+    for flag, d in (("--move", moves), ("--resize", resizes)):
+        for w in d:
+            if w not in words:
+                raise MinipError(f"{flag} {w!r}: the word is not in the prompt {prompt!r}; "
+                                 f"words are: {', '.join(words)}")
+    for w, (x, y) in moves.items():
+        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+            raise MinipError(f"--move {w}={x:g},{y:g}: X and Y are fractions of the image in "
+                             "[0, 1] (0,0 top left)")
+    for w, s in resizes.items():
+        if not s > 0:
+            raise MinipError(f"--resize {w}={s:g}: the scale must be > 0 (0.5 halves, 2 doubles)")
+    if not 0.0 < guide_steps <= 1.0:
+        raise MinipError(f"--guide-steps is a fraction of the steps in (0, 1], got {guide_steps:g}")
+
+
+def tokens_of(tok, prompt: str, words) -> dict[str, list[int]]:
+    return {w: tok.word_positions(prompt, w) for w in words}

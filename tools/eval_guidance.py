@@ -1,0 +1,206 @@
+"""Guidance through attention on the toy model: does each method do what it says, and what does it
+cost? (README, "Guidance through attention").
+
+    python tools/eval_guidance.py --n 24 --steps 20          success rates (Self-Guidance move and
+                                                             resize, Attend-and-Excite, Pix2Pix-Zero)
+    python tools/eval_guidance.py --cost --steps 3           time per step and peak memory of each
+                                                             method, minip2p and diffusers, each in
+                                                             its own process (ru_maxrss)
+    python tools/eval_guidance.py --cost --model DIR         … on another folder (SD 1.5 shape:
+                                                             tools/bench.py --keep DIR)
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from minip2p import toydata  # noqa: E402
+
+METHODS = ["plain", "excite", "guide", "pix2pix-zero", "diffusers-plain", "diffusers-excite",
+           "diffusers-pix2pix-zero"]
+
+
+def color_pixels(image, color: str) -> int:
+    """How many pixels are within 0.25 (RGB distance) of a palette colour."""
+    x = torch.as_tensor(np.asarray(image), dtype=torch.float)                 # (3, H, W)
+    ref = torch.tensor(toydata.COLORS[color])[:, None, None]
+    return int((((x - ref) ** 2).sum(0).sqrt() < 0.25).sum())
+
+
+def quality(args):
+    from minip2p.loading import load_model
+    from minip2p.methods import attend_excite, self_guidance as sg, pix2pix_zero as pz
+    from minip2p.pipeline import decode, encode_text, generate, initial_noise
+    m = load_model(args.model)
+    combos = [(c, s) for c in toydata.COLOR_NAMES[:6] for s in toydata.SHAPES]
+    cases = [(combos[i % len(combos)], i // len(combos)) for i in range(args.n)]
+    kw = dict(steps=args.steps, progress=False)
+    moved, kept, resized = [], [], []
+    for (color, shape), seed in cases:
+        prompt = f"a {color} {shape}"
+        tokens = sg.tokens_of(m.tokenizer, prompt, [shape])
+        obs = sg.Observe(m.unet, tokens, True)
+        a0 = toydata.analyse(generate(m, [prompt], seed=seed, control=obs, **kw)[0])
+        cond = encode_text(m, [prompt])
+        for x in (0.8, 0.2):
+            ctrl = sg.SelfGuidance(m, cond, tokens, args.steps, obs, moves={shape: (x, 0.5)},
+                                   keep_appearance=True, weight=args.weight)
+            a = toydata.analyse(generate(m, [prompt], seed=seed, control=ctrl, **kw)[0])
+            cx = a["center"][0] / 64
+            moved.append((cx > 0.5) == (x > 0.5))
+            kept.append(a["color"] == a0["color"] and a["shape"] == a0["shape"])
+        for s in (0.5, 1.5):
+            ctrl = sg.SelfGuidance(m, cond, tokens, args.steps, obs, resizes={shape: s},
+                                   keep_appearance=True, weight=args.weight)
+            a = toydata.analyse(generate(m, [prompt], seed=seed, control=ctrl, **kw)[0])
+            resized.append(abs(a["area"] / max(a0["area"], 1) / s - 1) <= 0.25)
+        print(f"  {prompt} seed {seed}: moved {moved[-2:]}, kept {kept[-2:]}, resized "
+              f"{resized[-2:]}", flush=True)
+    both = {"plain": [], "excite": []}
+    pairs = list(itertools.permutations(toydata.COLOR_NAMES[:4], 2))
+    for i in range(args.n):
+        (c1, c2), (s1, s2) = pairs[i % len(pairs)], ("circle", "square")
+        prompt = f"a {c1} {s1} and a {c2} {s2}"
+        x0 = generate(m, [prompt], seed=i, **kw)[0]
+        ctrl = attend_excite.build(m, prompt, encode_text(m, [prompt]), [s1, s2], args.steps,
+                                   64, 64)
+        x1 = generate(m, [prompt], seed=i, control=ctrl, **kw)[0]
+        for k, x in (("plain", x0), ("excite", x1)):
+            both[k].append(color_pixels(x, c1) >= 20 and color_pixels(x, c2) >= 20)
+    edits = {"colour": [], "shape": [], "iou": []}
+    for i in range(args.n):
+        (color, shape), seed = cases[i]
+        new_c = toydata.COLOR_NAMES[(toydata.COLOR_NAMES.index(color) + 2) % 6]
+        new_s = toydata.SHAPES[(toydata.SHAPES.index(shape) + 1) % 3]
+        src = f"a {color} {shape}"
+        for kind, tgt in (("colour", f"a {new_c} {shape}"), ("shape", f"a {color} {new_s}")):
+            d = pz.direction(m, *pz.sentences(src, tgt))
+            zs, ze = pz.edit(m, src, d, initial_noise(m, seed, 64, 64), args.steps, 7.5, 0.1,
+                             progress=False)
+            a0, a1 = (toydata.analyse(x) for x in decode(m, torch.cat([zs, ze])))
+            edits[kind].append(a1["color"] == new_c if kind == "colour" else a1["shape"] == new_s)
+            if kind == "colour":
+                edits["iou"].append(toydata.iou(a0["mask"], a1["mask"]))
+
+    def pct(xs):
+        return f"{100 * sum(xs) / max(len(xs), 1):.0f} % ({sum(xs)}/{len(xs)})"
+    print(f"\nSelf-Guidance --move {{0.8,0.2}},0.5: centroid in the asked half {pct(moved)}, "
+          f"colour and shape kept {pct(kept)}")
+    print(f"Self-Guidance --resize {{0.5,1.5}}: area × S ± 25 % {pct(resized)}")
+    print(f"Attend-and-Excite, both objects' colours present: plain {pct(both['plain'])}, "
+          f"excited {pct(both['excite'])}")
+    print(f"Pix2Pix-Zero: new colour {pct(edits['colour'])}, new shape {pct(edits['shape'])}, "
+          f"mask IoU (colour edits) {np.mean(edits['iou']):.2f}")
+
+
+def one_cost(method: str, model: str | None, steps: int) -> dict:
+    """Run one method once (after one warm-up step of plain generation) -> seconds per step."""
+    prompt, target = "a red circle and a blue square", "a red circle and a green square"
+    t0 = time.perf_counter()
+    if method.startswith("diffusers"):
+        from diffusers import (StableDiffusionAttendAndExcitePipeline, StableDiffusionPipeline,
+                               StableDiffusionPix2PixZeroPipeline, DDIMScheduler)
+        from minip2p.loading import DEFAULT_MODEL
+        folder = str(model or DEFAULT_MODEL)
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, torch_dtype=torch.float32,
+                                                       requires_safety_checker=False)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        c = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+        pipe.set_progress_bar_config(disable=True)
+        g = torch.Generator().manual_seed(0)
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        res = pipe.unet.config.sample_size // 4
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if method == "diffusers-plain":
+                pipe(prompt, num_inference_steps=steps, generator=g, output_type="latent")
+            elif method == "diffusers-excite":
+                ae = StableDiffusionAttendAndExcitePipeline(**c, requires_safety_checker=False)
+                ae.set_progress_bar_config(disable=True)
+                idx = [4, 8]                                         # circle, square
+                ae(prompt, token_indices=idx, num_inference_steps=steps, generator=g,
+                   output_type="latent", attn_res=(max(res, 8), max(res, 8)),
+                   max_iter_to_alter=steps)
+            else:
+                pz = StableDiffusionPix2PixZeroPipeline(**c, caption_generator=None,
+                                                        caption_processor=None,
+                                                        inverse_scheduler=None,
+                                                        requires_safety_checker=False)
+                pz.set_progress_bar_config(disable=True)
+                e = pz.get_embeds([prompt])
+                pz(prompt, source_embeds=e, target_embeds=pz.get_embeds([target]),
+                   num_inference_steps=steps, generator=g, output_type="latent")
+    else:
+        from minip2p.loading import load_model
+        from minip2p.methods import attend_excite, self_guidance as sg, pix2pix_zero as pzm
+        from minip2p.pipeline import check_size, encode_text, generate, initial_noise
+        m = load_model(model)
+        h, w = check_size(m, None, None)
+        t0 = time.perf_counter()
+        kw = dict(steps=steps, progress=False, return_latents=True)
+        if method == "plain":
+            generate(m, [prompt], **kw)
+        elif method == "excite":
+            ctrl = attend_excite.build(m, prompt, encode_text(m, [prompt]), ["circle", "square"],
+                                       steps, h, w, excite_steps=50)
+            generate(m, [prompt], control=ctrl, **kw)
+        elif method == "guide":
+            tokens = sg.tokens_of(m.tokenizer, prompt, ["circle"])
+            obs = sg.Observe(m.unet, tokens, False)
+            generate(m, [prompt], control=obs, **kw)
+            ctrl = sg.SelfGuidance(m, encode_text(m, [prompt]), tokens, steps, obs,
+                                   moves={"circle": (0.8, 0.5)}, guide_steps=1.0)
+            generate(m, [prompt], control=ctrl, **kw)
+        else:
+            d = pzm.direction(m, [prompt], [target])
+            pzm.edit(m, prompt, d, initial_noise(m, 0, h, w), steps, progress=False)
+    dt = time.perf_counter() - t0
+    return dict(method=method, s_per_step=dt / steps,
+                peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def cost(args):
+    print(f"{'method':26s} {'s/step':>8s} {'peak RSS MB':>12s}")
+    for method in METHODS:
+        cmd = [sys.executable, __file__, "--one", method, "--steps", str(args.steps)]
+        if args.model:
+            cmd += ["--model", args.model]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(f"{method:26s} failed: {out.stderr.strip().splitlines()[-1]}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{method:26s} {r['s_per_step']:8.3f} {r['peak_mb']:12.0f}", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--n", type=int, default=24, help="prompts × seeds per measurement (24)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--weight", type=float, default=3.0, help="Self-Guidance weight (3)")
+    p.add_argument("--cost", action="store_true")
+    p.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    if args.one:
+        print(json.dumps(one_cost(args.one, args.model, args.steps)))
+    elif args.cost:
+        cost(args)
+    else:
+        quality(args)
+
+
+if __name__ == "__main__":
+    main()
