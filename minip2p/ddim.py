@@ -31,12 +31,21 @@ class DDIM:
         # ᾱ "before" t = 0: 1 if set_alpha_to_one, else ᾱ_0 (SD 1.x)
         self.final_alpha = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
 
+    @property
+    def max_steps(self) -> int:
+        """The most steps whose timesteps all exist: the first, (steps − 1)·⌊N/steps⌋ + offset,
+        must be < N (SD 1.x/2.x: N = 1000, offset 1 -> 999; 1000 steps would ask for t = 1000)."""
+        n, offset = self.cfg.num_train_timesteps, self.cfg.steps_offset
+        return max((s for s in range(1, n + 1) if (s - 1) * (n // s) + offset < n), default=0)
+
     def timesteps(self, steps: int) -> list[int]:
         """The `steps` timesteps of sampling, high to low ("leading" spacing + steps_offset)."""
-        if not isinstance(steps, int) or steps < 1:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise MinipError(f"steps must be an integer ≥ 1, got {steps!r}")
-        if steps > self.cfg.num_train_timesteps:
-            raise MinipError(f"steps must be ≤ {self.cfg.num_train_timesteps}, got {steps}")
+        if steps > self.max_steps:
+            raise MinipError(f"steps must be ≤ {self.max_steps} for this scheduler "
+                             f"({self.cfg.num_train_timesteps} training steps, steps_offset "
+                             f"{self.cfg.steps_offset}), got {steps}")
         ratio = self.cfg.num_train_timesteps // steps
         return [i * ratio + self.cfg.steps_offset for i in reversed(range(steps))]
 

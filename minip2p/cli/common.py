@@ -57,12 +57,20 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
                    help="textual-inversion embedding: its token becomes usable in prompts "
                         "(repeatable)")
     p.add_argument("--seed", type=int_arg("--seed", 0), default=0, help="noise seed (default 0)")
-    p.add_argument("--steps", type=int_arg("--steps"), default=50, help="DDIM steps (50)")
+    p.add_argument("--steps", type=int_arg("--steps"), default=50,
+                   help="DDIM steps, from 1 to the scheduler's largest: (steps − 1)·⌊N/steps⌋ + "
+                        "steps_offset must be a training timestep < N, so 999 for SD 1.x/2.x "
+                        "(N = 1000, offset 1) (50)")
     p.add_argument("--guidance", type=float_arg("--guidance"), default=7.5,
                    help="classifier-free guidance scale (7.5)")
     p.add_argument("--height", type=int_arg("--height"), default=None,
-                   help="image height, a multiple of 8 (default: the model's native size)")
-    p.add_argument("--width", type=int_arg("--width"), default=None, help="image width")
+                   help="image height in pixels, a multiple of the VAE's downscale factor so "
+                        "that it maps to whole latents (8 for SD 1.x/2.x, 4 for the toy model); "
+                        "as large as fits in memory: a request whose estimated peak exceeds the "
+                        "available memory is refused before any work (default: the model's "
+                        "native size)")
+    p.add_argument("--width", type=int_arg("--width"), default=None,
+                   help="image width, the same rule as --height")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="weights and activations (fp32; fp16/bf16 are meant for GPUs)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (cpu)")
@@ -99,6 +107,18 @@ def load(args):
     from ..loading import load_model
     return load_model(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
                       revision=args.revision, embeddings=args.embedding)
+
+
+def preflight(args, model, images: int = 1, size=None, **kw) -> tuple[int, int]:
+    """Before any work: the size (default: the model's native one, or `size`) and the steps
+    checked, then a request whose estimated peak memory exceeds what is available refused
+    (memory.check; `kw`: rows_per_image, controlled, grad). Returns (height, width)."""
+    from .. import memory
+    from ..pipeline import check_size
+    height, width = size or check_size(model, args.height, args.width)
+    model.scheduler.timesteps(args.steps)
+    memory.check(model, images, height, width, explicit=args.explicit, **kw)
+    return height, width
 
 
 def check_out_dir(path: str) -> Path:

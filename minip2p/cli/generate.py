@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from ..errors import MinipError
-from .common import add_model_options, check_out_file, float_arg, load, save_image
+from .common import add_model_options, check_out_file, float_arg, load, preflight, save_image
 
 
 def cmd_generate(args):
     from ..methods import sdedit
-    from ..pipeline import check_size, generate, to_pil
+    from ..pipeline import generate, to_pil
     out = check_out_file(args.out)
     photo = None
     if args.strength is not None and not args.image:
@@ -17,7 +17,7 @@ def cmd_generate(args):
         sdedit.check_strength(args.strength)
         photo = images.open_image(args.image)                        # before the model loads
     model = load(args)
-    height, width = check_size(model, args.height, args.width)
+    height, width = preflight(args, model)
     kw = dict(seed=args.seed, steps=args.steps, guidance=args.guidance, height=height, width=width,
               progress=not args.quiet, fast=not args.explicit,
               free_text_encoder=args.free_text_encoder)

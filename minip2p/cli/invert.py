@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import MinipError
-from .common import add_model_options, check_out_file, int_arg, load, save_image
+from .common import add_model_options, check_out_file, int_arg, load, preflight, save_image
 
 
 def add_inversion_options(p: argparse.ArgumentParser, flag: str = "--method"):
@@ -98,6 +98,7 @@ def cmd_invert(args):
     out = check_inversion_out(args.out)
     got = read_input(args.image, None, args.crop, args.prompt)
     model = load(args)
+    preflight(args, model, grad=args.method == "null-text")
     inv = inversion_for(args, model, got, args.prompt)
     invert.save(inv, out)
     print(f"wrote {out} ({inv.method}, {inv.steps} steps, guidance {inv.guidance:g}, "
@@ -114,6 +115,9 @@ def cmd_reconstruct(args):
         raise MinipError("reconstruct needs IMAGE PROMPT (to invert) or --inversion FILE")
     got = read_input(args.image, args.inversion, args.crop, args.prompt)
     model = load(args)
+    from_file = isinstance(got, invert.Inversion)
+    preflight(args, model, size=(got.height, got.width) if from_file else None,
+              grad=not from_file and args.method == "null-text")
     inv = inversion_for(args, model, got, args.prompt)
     rec = invert.run(model, inv, [inv.prompt], progress=not args.quiet)   # (1, 3, H, W)
     save_image(to_pil(rec)[0], out)
