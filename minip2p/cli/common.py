@@ -19,7 +19,7 @@ class Parser(argparse.ArgumentParser):
         raise MinipError(f"{message} (see '{self.prog} --help')")
 
 
-def int_arg(name, minimum=1):
+def int_arg(name, minimum=1, maximum=None):
     def parse(text):
         try:
             v = int(text)
@@ -27,6 +27,8 @@ def int_arg(name, minimum=1):
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
         if v < minimum:
             raise argparse.ArgumentTypeError(f"{name} must be ≥ {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise argparse.ArgumentTypeError(f"{name} must be ≤ {maximum}, got {v}")
         return v
     return parse
 
@@ -56,7 +58,8 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
     p.add_argument("--embedding", action="append", default=[], metavar="FILE.safetensors",
                    help="textual-inversion embedding: its token becomes usable in prompts "
                         "(repeatable)")
-    p.add_argument("--seed", type=int_arg("--seed", 0), default=0, help="noise seed (default 0)")
+    p.add_argument("--seed", type=int_arg("--seed", 0, 2 ** 64 - 1), default=0,
+                   help="noise seed, 0 … 2⁶⁴ − 1 (torch's generator) (default 0)")
     p.add_argument("--steps", type=int_arg("--steps"), default=50,
                    help="DDIM steps, from 1 to the scheduler's largest: (steps − 1)·⌊N/steps⌋ + "
                         "steps_offset must be a training timestep < N, so 999 for SD 1.x/2.x "
