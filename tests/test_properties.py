@@ -174,7 +174,7 @@ REAL = {"--image": st.sampled_from(["@photo.png", "@photo.png"] + PATHS),
                                    "-1,0,0,0", "", "a,b,c,d"])}
 
 EDIT = command("edit", [texts, texts], {"--out-dir": st.sampled_from(
-    ["@out/edit", "@out/edit", "@out", "@afile", "@out/missing/edit", "@afile/sub", "@folder"])}, {
+    ["@out/edit", "@out/edit", "@out", "@afile", "@out/missing/edit", "@afile/sub", "@notes.txt"])}, {
     **model_options(), **P2P, **MASA, **PNP, **REAL,
     "--method": st.sampled_from(["p2p", "p2p", "masactrl", "pnp", "ddim", "null-text", "x"]),
     "--strength": floats(["0.5", "1"], ["0", "1.01", "nan"]),

@@ -12,7 +12,7 @@ def cmd_generate(args):
     photo = None
     if args.strength is not None and not args.image:
         raise MinipError("--strength sets how far SDEdit noises --image; add --image PHOTO")
-    if args.image:
+    if args.image is not None:                                        # "" too: refused there
         from .. import images
         sdedit.check_strength(args.strength)
         photo = images.open_image(args.image)                        # before the model loads

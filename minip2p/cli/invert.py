@@ -56,6 +56,9 @@ def read_input(image: str | None, inversion: str | None, crop: str | None, promp
     RGB image, which needs `prompt` when it is to be inverted with it), so that bad input fails
     before any work."""
     from .. import images, invert
+    for name, value in (("image", image), ("inversion file", inversion)):
+        if value is not None and not value.strip():
+            raise MinipError(f"the {name} path is empty; give a file")
     if image and inversion:
         raise MinipError("give --image or --inversion, not both")
     left, top, right, bottom = images.parse_crop(crop)
