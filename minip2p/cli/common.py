@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, atomic_write_all
 from ..errors import MinipError
 
 
@@ -106,6 +106,22 @@ def save_image(image, path: Path):
     atomic_write(path, image.save)
 
 
+def save_images(images: dict, folder: Path):
+    """{name: image} into `folder` (made if missing): every file complete, or none of them and
+    no folder made (a full disk half-way through an edit leaves nothing behind)."""
+    made = not folder.is_dir()
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        raise MinipError(f"cannot make the folder '{folder}': {e.strerror or e}") from None
+    try:
+        atomic_write_all([(folder / name, im.save) for name, im in images.items()])
+    except MinipError:
+        if made:
+            folder.rmdir()
+        raise
+
+
 def load(args):
     from ..loading import load_model
     return load_model(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
@@ -130,4 +146,6 @@ def check_out_dir(path: str) -> Path:
         raise MinipError(f"--out-dir '{out}' is a file; give a folder")
     if not out.parent.is_dir():
         raise MinipError(f"the folder holding --out-dir '{out}' does not exist; create it first")
+    if not os.access(out if out.is_dir() else out.parent, os.W_OK):
+        raise MinipError(f"--out-dir '{out}' is not writable (checked before any work)")
     return out

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import MinipError
 from . import invert as cli_invert
 from .common import (add_model_options, check_out_dir, check_out_file, float_arg, int_arg,
-                     load, preflight, save_image)
+                     load, preflight, save_image, save_images)
 
 
 def parse_reweight(items: list[str]) -> dict[str, float]:
@@ -195,9 +195,7 @@ def cmd_edit(args):
                                                                  im, pixels)
     elif args.maps:
         raise MinipError("--maps is not available with --method pnp")
-    out.mkdir(exist_ok=True)
-    for name, im in files.items():
-        save_image(im, out / name)
+    save_images(files, out)                              # all or none
     print(f"wrote {', '.join(str(out / n) for n in files)}")
 
 
