@@ -34,11 +34,25 @@ class DDIM:
         self.final_alpha = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
 
     @staticmethod
+    def max_steps_for(cfg: SchedulerConfig) -> int:
+        """The most steps whose timesteps all exist: the first, (steps − 1)·⌊N/steps⌋ + offset,
+        must be < N (SD 1.x/2.x: N = 1000, offset 1 -> 999; 1000 steps would ask for t = 1000)."""
+        n, offset = cfg.num_train_timesteps, cfg.steps_offset
+        return max((s for s in range(1, n + 1) if (s - 1) * (n // s) + offset < n), default=0)
+
+    @property
+    def max_steps(self) -> int:
+        return self.max_steps_for(self.cfg)
+
+    @staticmethod
     def check_steps(cfg: SchedulerConfig, steps) -> None:
-        if not isinstance(steps, int) or steps < 1:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise MinipError(f"steps must be an integer ≥ 1, got {steps!r}")
-        if steps > cfg.num_train_timesteps:
-            raise MinipError(f"steps must be ≤ {cfg.num_train_timesteps}, got {steps}")
+        most = DDIM.max_steps_for(cfg)
+        if steps > most:
+            raise MinipError(f"steps must be ≤ {most} for this scheduler "
+                             f"({cfg.num_train_timesteps} training steps, steps_offset "
+                             f"{cfg.steps_offset}), got {steps}")
 
     def timesteps(self, steps: int) -> list[int]:
         """The `steps` timesteps of sampling, high to low ("leading" spacing + steps_offset)."""

@@ -34,6 +34,8 @@ def parse_crop(text: str | None) -> tuple[int, int, int, int]:
 
 def open_image(path) -> Image.Image:
     """Read a file into an RGB PIL image, upright (EXIF orientation applied)."""
+    if not str(path).strip():                          # Path("") is ".", the current folder
+        raise MinipError("the image path is empty; give an image file")
     path = Path(path)
     if not path.exists():
         raise MinipError(f"image file '{path}' not found")

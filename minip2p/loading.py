@@ -119,6 +119,12 @@ def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=Non
         raise MinipError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps ...") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MinipError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type == "meta":                    # shapes only, no data: nothing to compute on
+        raise MinipError("--device meta holds no data; use cpu, cuda, cuda:1, mps ...")
+    try:                                         # mps on Linux, cuda:7 of 1 GPU, xpu without one
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError):
+        raise MinipError(f"device {str(device)!r} is not available here; use --device cpu") from None
     if variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(variant)):
         raise MinipError(f"unknown variant {variant!r}; a variant is a name such as fp16")
     path = Path(spec) if spec is not None else DEFAULT_MODEL

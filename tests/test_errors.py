@@ -138,7 +138,8 @@ def test_size_not_a_multiple_of_the_vae_factor(capsys, out_dir, small_ckpt, opt)
 
 @pytest.mark.parametrize("opt,message", [
     (["--steps", "0"], "--steps must be ≥ 1"),
-    (["--steps", "5000"], "steps must be ≤ 1000"),
+    (["--steps", "5000"], "steps must be ≤ 999 for this scheduler"),
+    (["--steps", "1000"], "steps must be ≤ 999 for this scheduler"),
     (["--seed", "abc"], "--seed must be an integer"),
     (["--seed", "-1"], "--seed must be ≥ 0"),
     (["--guidance", "lots"], "--guidance must be a number"),

@@ -16,6 +16,7 @@ folder and renamed into place only when complete).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 
@@ -42,6 +43,8 @@ def main(argv=None) -> int:
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         print(f"minip2p: warning: {message}", file=sys.stderr)
     warnings.showwarning = one_line_warning
+    if hasattr(signal, "SIGXFSZ"):      # past a file-size limit: an error to report, not a kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         args = build_parser().parse_args(argv)
         rc = args.run(args)

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, atomic_write_all
 from ..errors import MinipError
 
 
@@ -17,7 +17,7 @@ class Parser(argparse.ArgumentParser):
         raise MinipError(f"{message} (see '{self.prog} --help')")
 
 
-def int_arg(name, minimum=1):
+def int_arg(name, minimum=1, maximum=None):
     def parse(text):
         try:
             v = int(text)
@@ -25,6 +25,8 @@ def int_arg(name, minimum=1):
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
         if v < minimum:
             raise argparse.ArgumentTypeError(f"{name} must be ≥ {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise argparse.ArgumentTypeError(f"{name} must be ≤ {maximum}, got {v}")
         return v
     return parse
 
@@ -69,16 +71,25 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
     p.add_argument("--embedding", action="append", default=[], metavar="FILE.safetensors",
                    help="textual-inversion embedding: its token becomes usable in prompts "
                         "(repeatable)")
-    p.add_argument("--seed", type=int_arg("--seed", 0), default=0, help="noise seed (default 0)")
-    p.add_argument("--steps", type=int_arg("--steps"), default=50, help="sampling steps (50)")
+    p.add_argument("--seed", type=int_arg("--seed", 0, 2 ** 64 - 1), default=0,
+                   help="noise seed, 0 … 2⁶⁴ − 1 (torch's generator) (default 0)")
+    p.add_argument("--steps", type=int_arg("--steps"), default=50,
+                   help="sampling steps, from 1 to the scheduler's largest: (steps − 1)·⌊N/steps⌋ + "
+                        "steps_offset must be a training timestep < N, so 999 for SD 1.x/2.x "
+                        "(N = 1000, offset 1) (50)")
     p.add_argument("--sampler", type=sampler_arg, default="ddim",
                    help="ddim (deterministic) or euler-a (Euler ancestral: fresh noise at each "
                         "step, one noise shared by the images of an edit) (ddim)")
     p.add_argument("--guidance", type=float_arg("--guidance"), default=7.5,
                    help="classifier-free guidance scale (7.5)")
     p.add_argument("--height", type=int_arg("--height"), default=None,
-                   help="image height, a multiple of 8 (default: the model's native size)")
-    p.add_argument("--width", type=int_arg("--width"), default=None, help="image width")
+                   help="image height in pixels, a multiple of the VAE's downscale factor so "
+                        "that it maps to whole latents (8 for SD 1.x/2.x, 4 for the toy model); "
+                        "as large as fits in memory: a request whose estimated peak exceeds the "
+                        "available memory is refused before any work (default: the model's "
+                        "native size)")
+    p.add_argument("--width", type=int_arg("--width"), default=None,
+                   help="image width, the same rule as --height")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="weights and activations (fp32; fp16/bf16 are meant for GPUs)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (cpu)")
@@ -111,10 +122,38 @@ def save_image(image, path: Path):
     atomic_write(path, image.save)
 
 
+def save_images(images: dict, folder: Path):
+    """{name: image} into `folder` (made if missing): every file complete, or none of them and
+    no folder made (a full disk half-way through an edit leaves nothing behind)."""
+    made = not folder.is_dir()
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        raise MinipError(f"cannot make the folder '{folder}': {e.strerror or e}") from None
+    try:
+        atomic_write_all([(folder / name, im.save) for name, im in images.items()])
+    except MinipError:
+        if made:
+            folder.rmdir()
+        raise
+
+
 def load(args):
     from ..loading import load_model
     return load_model(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
                       revision=args.revision, embeddings=args.embedding)
+
+
+def preflight(args, model, images: int = 1, size=None, **kw) -> tuple[int, int]:
+    """Before any work: the size (default: the model's native one, or `size`) and the steps
+    checked, then a request whose estimated peak memory exceeds what is available refused
+    (memory.check; `kw`: rows_per_image, controlled, grad). Returns (height, width)."""
+    from .. import memory
+    from ..pipeline import check_size
+    height, width = size or check_size(model, args.height, args.width)
+    model.scheduler.timesteps(args.steps)
+    memory.check(model, images, height, width, explicit=args.explicit, **kw)
+    return height, width
 
 
 def check_out_dir(path: str) -> Path:
@@ -123,4 +162,6 @@ def check_out_dir(path: str) -> Path:
         raise MinipError(f"--out-dir '{out}' is a file; give a folder")
     if not out.parent.is_dir():
         raise MinipError(f"the folder holding --out-dir '{out}' does not exist; create it first")
+    if not os.access(out if out.is_dir() else out.parent, os.W_OK):
+        raise MinipError(f"--out-dir '{out}' is not writable (checked before any work)")
     return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 from ..errors import MinipError
 from . import invert as cli_invert
 from .common import (add_model_options, check_out_dir, check_out_file, ddim_only, float_arg,
-                     int_arg, load, save_image)
+                     int_arg, load, preflight, save_image, save_images)
 
 
 def parse_reweight(items: list[str]) -> dict[str, float]:
@@ -137,7 +137,7 @@ def cmd_edit(args):
     from .. import images, invert, views
     from ..control import AttentionStore, Compose, PinSource
     from ..methods import sdedit
-    from ..pipeline import check_size, generate, to_pil
+    from ..pipeline import generate, to_pil
 
     check_method_flags(args)
     if args.strength is not None:
@@ -161,8 +161,14 @@ def cmd_edit(args):
                          "(or --image/--inversion with p2p: with no target, the reconstruction)")
     out = check_out_dir(args.out_dir)
     model = load(args)
-    height, width = check_size(model, args.height, args.width)
-    model.scheduler.timesteps(args.steps)
+    from_file = isinstance(real, invert.Inversion)
+    height, width = preflight(
+        args, model, images=1 if args.method == "pnp" else len(prompts) + from_file,
+        size=(real.height, real.width) if from_file else None,
+        rows_per_image=3 if args.method == "pnp" else 2,
+        controlled=(32 ** 2 if args.maps else 16 ** 2 if args.method == "p2p" else 1),
+        grad=inverted and real is not None and not from_file
+        and args.inversion_method == "null-text")
     if args.method == "masactrl":
         from ..methods import masactrl
         if args.masa_layer is None:
@@ -235,21 +241,18 @@ def cmd_edit(args):
                                                                  im, pixels)
     elif args.maps:
         raise MinipError("--maps is not available with --method pnp")
-    out.mkdir(exist_ok=True)
-    for name, im in files.items():
-        save_image(im, out / name)
+    save_images(files, out)                              # all or none
     print(f"wrote {', '.join(str(out / n) for n in files)}")
 
 
 def cmd_attention(args):
     from .. import views
     from ..control import AttentionStore
-    from ..pipeline import check_size, generate, to_pil
+    from ..pipeline import generate, to_pil
 
     out = check_out_file(args.out)
     model = load(args)
-    height, width = check_size(model, args.height, args.width)
-    model.scheduler.timesteps(args.steps)
+    height, width = preflight(args, model, controlled=32 ** 2)
     store = AttentionStore(1)
     image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance, height,
                             width, control=store, progress=not args.quiet,

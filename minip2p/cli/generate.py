@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from ..errors import MinipError
 from .common import (add_model_options, check_out_file, ddim_only, float_arg, int_arg, load,
-                     save_image)
+                     preflight, save_image)
 
 
 def cmd_generate(args):
     from ..methods import sdedit
-    from ..pipeline import check_size, generate, to_pil
+    from ..pipeline import generate, to_pil
     out = check_out_file(args.out)
     photo = None
     if args.strength is not None and not args.image:
@@ -21,16 +21,16 @@ def cmd_generate(args):
             if w not in args.prompt.split(" "):
                 raise MinipError(f"--excite {w!r}: the word is not in the prompt "
                                  f"{args.prompt!r}; give words of the prompt")
-        if args.image:
+        if args.image is not None:                                        # "" too: refused there
             raise MinipError("--excite does not combine with --image (SDEdit); leave one out")
         ddim_only(args, "Attend-and-Excite (--excite)")
-    if args.image:
+    if args.image is not None:                                        # "" too: refused there
         from .. import images
         sdedit.check_strength(args.strength)
         ddim_only(args, "SDEdit (--image)")
         photo = images.open_image(args.image)                        # before the model loads
     model = load(args)
-    height, width = check_size(model, args.height, args.width)
+    height, width = preflight(args, model)
     kw = dict(seed=args.seed, steps=args.steps, guidance=args.guidance, height=height, width=width,
               progress=not args.quiet, fast=not args.explicit,
               free_text_encoder=args.free_text_encoder)

@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 from ..errors import MinipError
-from .common import add_model_options, check_out_dir, ddim_only, float_arg, load, save_image
+from .common import (add_model_options, check_out_dir, ddim_only, float_arg, load, preflight,
+                     save_image)
 
 
 def parse_pairs(items, flag: str, n: int) -> dict[str, tuple[float, ...]]:
@@ -30,7 +31,7 @@ def parse_pairs(items, flag: str, n: int) -> dict[str, tuple[float, ...]]:
 def cmd_guide(args):
     from .. import views
     from ..methods import self_guidance as sg
-    from ..pipeline import check_size, encode_text, generate, to_pil
+    from ..pipeline import encode_text, generate, to_pil
 
     moves = parse_pairs(args.move, "--move", 2)
     resizes = {w: s for w, (s,) in parse_pairs(args.resize, "--resize", 1).items()}
@@ -38,7 +39,7 @@ def cmd_guide(args):
     out = check_out_dir(args.out_dir)
     ddim_only(args, "Self-Guidance")
     model = load(args)
-    height, width = check_size(model, args.height, args.width)
+    height, width = preflight(args, model, grad=True)
     model.scheduler.timesteps(args.steps)
     tokens = sg.tokens_of(model.tokenizer, args.prompt, {**moves, **resizes})
     kw = dict(seed=args.seed, steps=args.steps, guidance=args.guidance, height=height,

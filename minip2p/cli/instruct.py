@@ -7,7 +7,7 @@ instruction's cross-attention maps to OUT-maps.png.
 """
 from __future__ import annotations
 
-from .common import add_model_options, check_out_file, float_arg, load, save_image
+from .common import add_model_options, check_out_file, float_arg, load, preflight, save_image
 
 
 def cmd_instruct(args):
@@ -22,6 +22,8 @@ def cmd_instruct(args):
         height, width = instruct.default_size(model, photo)
     else:
         height, width = check_size(model, args.height, args.width)
+    preflight(args, model, size=(height, width), rows_per_image=3,
+              controlled=32 ** 2 if args.maps else 1)
     store = AttentionStore(1) if args.maps else None
     result = to_pil(instruct.edit(model, images.fit(photo, height, width), args.instruction,
                                   args.seed, args.steps, args.guidance, args.image_guidance,

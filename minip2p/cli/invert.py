@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 
 from ..errors import MinipError
-from .common import add_model_options, check_out_file, ddim_only, int_arg, load, save_image
+from .common import (add_model_options, check_out_file, ddim_only, int_arg, load, preflight,
+                     save_image)
 
 
 def add_inversion_options(p: argparse.ArgumentParser, flag: str = "--method"):
@@ -56,6 +57,9 @@ def read_input(image: str | None, inversion: str | None, crop: str | None, promp
     RGB image, which needs `prompt` when it is to be inverted with it), so that bad input fails
     before any work."""
     from .. import images, invert
+    for name, value in (("image", image), ("inversion file", inversion)):
+        if value is not None and not value.strip():
+            raise MinipError(f"the {name} path is empty; give a file")
     if image and inversion:
         raise MinipError("give --image or --inversion, not both")
     left, top, right, bottom = images.parse_crop(crop)
@@ -99,6 +103,7 @@ def cmd_invert(args):
     out = check_inversion_out(args.out)
     got = read_input(args.image, None, args.crop, args.prompt)
     model = load(args)
+    preflight(args, model, grad=args.method == "null-text")
     inv = inversion_for(args, model, got, args.prompt)
     invert.save(inv, out)
     print(f"wrote {out} ({inv.method}, {inv.steps} steps, guidance {inv.guidance:g}, "
@@ -116,6 +121,9 @@ def cmd_reconstruct(args):
         raise MinipError("reconstruct needs IMAGE PROMPT (to invert) or --inversion FILE")
     got = read_input(args.image, args.inversion, args.crop, args.prompt)
     model = load(args)
+    from_file = isinstance(got, invert.Inversion)
+    preflight(args, model, size=(got.height, got.width) if from_file else None,
+              grad=not from_file and args.method == "null-text")
     inv = inversion_for(args, model, got, args.prompt)
     rec = invert.run(model, inv, [inv.prompt], progress=not args.quiet)   # (1, 3, H, W)
     save_image(to_pil(rec)[0], out)

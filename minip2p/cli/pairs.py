@@ -61,8 +61,8 @@ def cmd_pairs(args):
         clip = load_clip(args.clip, device=args.device)
     elif k == 0:
         warnings.warn("no --clip: CLIP filtering is off; the first --keep tries of each item are kept")
-    from ..pipeline import check_size
-    height, width = check_size(model, args.height, args.width)
+    from .common import preflight
+    height, width = preflight(args, model, images=2, controlled=16 ** 2)
     out.mkdir(exist_ok=True)
     pairs.write_record(out, k, parts, digest, settings, len(items))
     todo = [i for i in mine if not pairs.is_done(out, i)]
