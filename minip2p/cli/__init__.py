@@ -1,4 +1,5 @@
-"""Command line: `minip2p generate|edit|attention|invert|reconstruct …` (and `python -m minip2p`).
+"""Command line: `minip2p generate|edit|attention|invert|reconstruct|explore …` (and `python -m
+minip2p`).
 
 Every user mistake ends as one line on stderr, `minip2p: <what was wrong; what to do>`, exit
 status 2, no traceback, and no output file (images are written to a temporary file in the target
@@ -8,6 +9,7 @@ folder and renamed into place only when complete).
     generate.py  generate (text -> image; SDEdit with --image --strength)
     edit.py      edit (Prompt-to-Prompt, MasaCtrl, plug-and-play) and attention
     invert.py    invert, reconstruct, and the real-image options of edit
+    explore.py   explore (the attention explorer, a local web page)
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import sys
 import warnings
 
 from ..errors import MinipError
-from . import edit, generate, invert
+from . import edit, explore, generate, invert
 from .common import Parser
 
 
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_commands(sub)
     edit.add_commands(sub)
     invert.add_commands(sub)
+    explore.add_commands(sub)
     return p
 
 
