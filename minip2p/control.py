@@ -193,7 +193,8 @@ class AttentionStore(Controller):
         the coarsest kept): (B, pixels, keys). Needs `step_pixels`."""
         kept = self.per_step.get(step)
         if not kept:
-            raise ValueError(f"no per-step maps kept for step {step}: AttentionStore(step_pixels=…)")
+            raise ValueError(f"no per-step maps kept for step {step}: "
+                             "AttentionStore(step_pixels=…)")
         pixels = pixels or min(p for (place, *_, p) in kept if place in places)
         picked = [v for (place, *_, p), v in kept.items() if place in places and p == pixels]
         if not picked:

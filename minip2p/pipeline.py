@@ -105,8 +105,8 @@ def denoise(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: in
 
 
 class X0Recorder:
-    """A `callback` for `denoise`/`generate` that keeps the predicted ẑ_0 of every step (B, 4, h, w),
-    recovered from z_t and z_{t−1} (DDIM.x0_between): x0[i] after step i. `z_T`: the noise the
+    """A `callback` for `denoise`/`generate` that keeps the predicted ẑ_0 (B, 4, h, w) of every
+    step, recovered from z_t and z_{t−1} (DDIM.x0_between): x0[i] after step i. `z_T`: the noise the
     loop starts from (as passed to `generate(latents=…)`)."""
 
     def __init__(self, model: Model, z_T: torch.Tensor, steps: int):

@@ -66,8 +66,8 @@ def test_the_page_is_served(server):
 
 
 def test_an_edit_gives_images_every_tokens_maps_steps_svd_and_words(server):
-    status, answer, _ = submit(server, prompt=PROMPT, edits=[EDITED], steps=3, blend="circle circle",
-                               reweight="blue=2")
+    status, answer, _ = submit(server, prompt=PROMPT, edits=[EDITED], steps=3,
+                               blend="circle circle", reweight="blue=2")
     assert status == 202, answer
     job = wait(server, answer["id"])
     assert job["state"] == "done", job.get("error")
