@@ -109,11 +109,25 @@ def _words(v, key: str) -> list[str]:
     raise MinipError(f"{key} must be words separated by spaces")
 
 
+def _reweight(v) -> dict[str, float]:
+    """{"word": factor} or "word=2 other=-0.5" -> {word: factor} (finite factors)."""
+    items = [f"{k}={f}" for k, f in v.items()] if isinstance(v, dict) else _words(v, "reweight")
+    out = {}
+    for item in items:
+        word, _, factor = item.rpartition("=")
+        try:
+            out[word] = float(factor)
+            if not word or not math.isfinite(out[word]):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise MinipError(f"reweight {item!r}: expected WORD=FACTOR, e.g. blue=2") from None
+    return out
+
+
 def check_request(model, body: dict):
     """A request body (parsed JSON) -> (Request, controller, store); every problem is one
     MinipError line. The controller is built here, so that a word missing from its prompt is
     refused before the job is queued."""
-    from .cli.edit import parse_reweight
     from .pipeline import check_size
     if not isinstance(body, dict):
         raise MinipError("the request must be a JSON object")
@@ -146,10 +160,7 @@ def check_request(model, body: dict):
                 self_=_text(body, "self", "0.4") or "0.4",
                 blend=_words(body.get("blend") or [], "blend"))
     check_size(model, r.height, r.width)
-    reweight = body.get("reweight") or {}
-    if isinstance(reweight, dict):
-        reweight = [f"{k}={v}" for k, v in reweight.items()]
-    r.reweight = parse_reweight(_words(reweight, "reweight"))
+    r.reweight = _reweight(body.get("reweight") or {})
     if r.method not in ("p2p", "masactrl"):
         raise MinipError(f"unknown method {r.method!r}; use p2p or masactrl")
     if r.method == "masactrl":
