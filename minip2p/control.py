@@ -138,11 +138,16 @@ class Compose(Controller):
 class AttentionStore(Controller):
     """Sums, over steps, the prompts' attention maps at sites with ≤ max_pixels query pixels
     (32² by default, as the P2P reference), averaged over heads: sums[key] is (B, pixels, keys)
-    for the B images' conditional rows."""
+    for the B images' conditional rows.
 
-    def __init__(self, n_prompts: int, max_pixels: int = 32 ** 2):
-        self.B, self.max_pixels = n_prompts, max_pixels
+    `step_pixels`: also keep each step's cross-attention maps at sites with ≤ step_pixels pixels
+    (the coarse ones: 16² at 512 px, 0.8 MB a step for two prompts), per_step[step][key]
+    (B, pixels, keys), for attention through time (`at_step`). None (default): only the sums."""
+
+    def __init__(self, n_prompts: int, max_pixels: int = 32 ** 2, step_pixels: int | None = None):
+        self.B, self.max_pixels, self.step_pixels = n_prompts, max_pixels, step_pixels
         self.sums: dict[tuple, torch.Tensor] = {}
+        self.per_step: dict[int, dict[tuple, torch.Tensor]] = {}
         self.steps_seen: set[int] = set()
 
     @staticmethod
@@ -158,6 +163,8 @@ class AttentionStore(Controller):
         k = self.key(site)
         self.sums[k] = self.sums[k] + maps if k in self.sums else maps
         self.steps_seen.add(site.step)
+        if self.step_pixels and site.kind == "cross" and site.pixels <= self.step_pixels:
+            self.per_step.setdefault(site.step, {})[k] = maps
         return M
 
     __call__ = probs            # store(M, site): the store is also used on its own
@@ -180,6 +187,19 @@ class AttentionStore(Controller):
         if not picked:
             raise ValueError(f"no stored {kind}-attention maps at {pixels} pixels in {places}")
         return torch.stack(picked).mean(0) / max(len(self.steps_seen), 1)
+
+    def at_step(self, step: int, pixels: int | None = None, places=("up", "down")):
+        """One step's cross-attention maps, mean over the layers of one resolution (by default
+        the coarsest kept): (B, pixels, keys). Needs `step_pixels`."""
+        kept = self.per_step.get(step)
+        if not kept:
+            raise ValueError(f"no per-step maps kept for step {step}: "
+                             "AttentionStore(step_pixels=…)")
+        pixels = pixels or min(p for (place, *_, p) in kept if place in places)
+        picked = [v for (place, *_, p), v in kept.items() if place in places and p == pixels]
+        if not picked:
+            raise ValueError(f"no per-step cross-attention maps at {pixels} pixels in {places}")
+        return torch.stack(picked).mean(0)
 
 
 class PinSource(Controller):

@@ -79,6 +79,20 @@ class DDIM:
         v = model_out
         return a ** 0.5 * z - (1 - a) ** 0.5 * v, a ** 0.5 * v + (1 - a) ** 0.5 * z
 
+    def x0_between(self, z_t: torch.Tensor, z_prev: torch.Tensor, t: int, steps: int):
+        """The ẑ_0 a step used, recovered from its two ends (what `sample` yields): both are
+        √ᾱ·ẑ_0 + √(1−ᾱ)·ε with the same ẑ_0 and ε, at ᾱ_t and ᾱ_t', so
+
+            ẑ_0 = (√(1−ᾱ_t')·z_t − √(1−ᾱ_t)·z_t') / (√ᾱ_t·√(1−ᾱ_t') − √ᾱ_t'·√(1−ᾱ_t))
+
+        (ε- and v-prediction alike). After a controller's `after_step` (LocalBlend) it is the
+        ẑ_0 of the blended latents."""
+        a = self.alpha(t).double()
+        b = self.alpha(t - self.cfg.num_train_timesteps // steps).double()
+        den = a.sqrt() * (1 - b).sqrt() - b.sqrt() * (1 - a).sqrt()
+        x0 = ((1 - b).sqrt() * z_t.double() - (1 - a).sqrt() * z_prev.double()) / den
+        return x0.to(z_prev.dtype)
+
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         """The forward process in one jump: z_t = √ᾱ_t · z_0 + √(1−ᾱ_t) · ε."""
         a = self.alpha(t).to(z0.dtype)

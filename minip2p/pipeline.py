@@ -138,6 +138,19 @@ def denoise(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: in
     return z
 
 
+class X0Recorder:
+    """A `callback` for `denoise`/`generate` that keeps the predicted ẑ_0 (B, 4, h, w) of every
+    step, recovered from z_t and z_{t−1} (DDIM.x0_between): x0[i] after step i. `z_T`: the noise the
+    loop starts from (as passed to `generate(latents=…)`)."""
+
+    def __init__(self, model: Model, z_T: torch.Tensor, steps: int):
+        self.sched, self.steps, self.z, self.x0 = model.scheduler, steps, z_T.float(), []
+
+    def __call__(self, step: int, t: int, z: torch.Tensor):
+        self.x0.append(self.sched.x0_between(self.z.to(z), z, t, self.steps).cpu())
+        self.z = z
+
+
 @torch.no_grad()
 def decode(model: Model, z: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """z_0 (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32.

@@ -7,11 +7,17 @@ layers at one resolution (16² at 512 px; default: the coarsest stored down/up r
 averaged over layers, heads and steps -> one res×res map per token, divided by its max.
 Self-attention view: the top right-singular vectors of the centred (pixels × pixels) average
 self-attention map, each shown as a res×res image.
+Through time (`over_time`): one step's maps of a word (AttentionStore(step_pixels=…)) beside the
+x̂₀ of that step, one frame per step, written as a GIF (`save_gif`).
+Word heat map (`word_heat`, DAAM's aggregation, Tang et al., ACL 2023): every stored cross map,
+all layers and resolutions, upsampled (bicubic) to one size, clamped ≥ 0 and summed; a word's
+sub-word tokens averaged.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import MinipError
@@ -120,3 +126,90 @@ def strip(images: list[Image.Image], prompts: list[str]) -> Image.Image:
     size = max(TILE * 2, images[0].width)
     tiles = [im.resize((size, round(size * im.height / im.width))) for im in images]
     return caption_grid(tiles, prompts, per_row=len(tiles))
+
+
+def word_tokens(tok, prompt: str) -> list[tuple[str, list[int]]]:
+    """(word, its token positions) for each word of the prompt (split on single spaces, as
+    Prompt-to-Prompt's word lookup), empty words left out."""
+    return [(w, tok.word_positions(prompt, i)) for i, w in enumerate(prompt.split(" ")) if w]
+
+
+def word_heat(store: AttentionStore, tok, prompt: str, prompt_index: int,
+              size: tuple[int, int]) -> list[tuple[str, torch.Tensor]]:
+    """DAAM's word heat maps: [(word, (rows, cols) map, max 1)] for each word of the prompt.
+    Each stored cross-attention layer's per-token maps (heads averaged, steps summed) upsampled
+    bicubically to `size`, clamped ≥ 0, summed over layers and resolutions; the word's tokens
+    averaged."""
+    total = torch.zeros(77, *size)
+    for (place, *_, kind, pixels), maps in store.sums.items():
+        if kind != "cross":
+            continue
+        r, c = _shape_of(pixels, size)
+        m = maps[prompt_index].T.reshape(1, -1, r, c)                     # (1, 77, r, c)
+        total += F.interpolate(m, size=size, mode="bicubic", align_corners=False)[0].clamp_min(0)
+    out = []
+    for word, positions in word_tokens(tok, prompt):
+        m = total[positions].mean(0) if positions else torch.zeros(size)
+        out.append((word, m / m.max().clamp_min(1e-12)))
+    return out
+
+
+def _shape_of(pixels: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of a map with `pixels` entries over an image of size (height, width)."""
+    scale = (size[0] * size[1] / pixels) ** 0.5
+    return round(size[0] / scale), round(size[1] / scale)
+
+
+def step_maps(store: AttentionStore, prompt_index: int, positions: list[int], pixels=None):
+    """[(rows·cols,) map per step]: the tokens' summed cross-attention of each kept step, max 1."""
+    out = []
+    for step in sorted(store.per_step):
+        m = store.at_step(step, pixels)[prompt_index][:, positions].sum(-1)
+        out.append(m / m.max().clamp_min(1e-12))
+    return out
+
+
+def prompts_with(prompts: list[str], word: str) -> list[int]:
+    """Indices of the prompts that hold `word` (split on spaces); none is a MinipError."""
+    rows = [b for b, p in enumerate(prompts) if word in p.split(" ")]
+    if not rows:
+        raise MinipError(f"--over-time {word!r} is not a word of "
+                         f"{' / '.join(repr(p) for p in prompts)} (words are split on spaces)")
+    return rows
+
+
+def coarse_pixels(model, height: int, width: int) -> int:
+    """Pixels of the coarsest down/up cross-attention resolution at this image size (16² at
+    512 px for SD 1.x, 8² at 64 px for the toy model): the maps kept per step by default."""
+    f = model.vae.cfg.downscale
+    level = max(i for i, blk in enumerate(model.unet.down_blocks) if blk.attentions is not None)
+    h, w = height // f, width // f
+    for _ in range(level):                            # each down block but the last halves
+        h, w = -(-h // 2), -(-w // 2)
+    return h * w
+
+
+def over_time(store: AttentionStore, tok, prompts: list[str], word: str,
+              x0_images: list[list[Image.Image]], pixels=None) -> list[Image.Image]:
+    """One frame per step: for each prompt holding `word`, x̂₀ of that step and the word's map of
+    that step over it. x0_images[step][prompt]. A word in no prompt is a MinipError."""
+    rows = prompts_with(prompts, word)
+    maps = {b: step_maps(store, b, tok.word_positions(prompts[b], word), pixels) for b in rows}
+    steps = len(x0_images)
+    frames = []
+    for i, x0 in enumerate(x0_images):
+        tiles, captions = [], []
+        for b in rows:
+            shape = _shape(maps[b][i].numel(), x0[b])
+            tiles += [x0[b].resize((TILE, TILE), Image.BICUBIC),
+                      _heat(maps[b][i].cpu().numpy(), shape, x0[b])]
+            captions += [f"x0, prompt {b}", f"'{word}', prompt {b}"]
+        frames.append(caption_grid(tiles, captions, per_row=2,
+                                   title=f"step {i + 1}/{steps}: '{word}' and x0"))
+    return frames
+
+
+def save_gif(frames: list[Image.Image], path: str, ms: int = 250, hold: int = 1500):
+    """An animated GIF that loops, the last frame held `hold` ms."""
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], loop=0,
+                   duration=[ms] * (len(frames) - 1) + [hold])

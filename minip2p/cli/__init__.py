@@ -1,4 +1,4 @@
-"""Command line: `minip2p generate|edit|attention|invert|reconstruct|instruct|pairs|guide …`
+"""Command line: `minip2p generate|edit|attention|invert|reconstruct|instruct|pairs|guide|explore`
 (and `python -m minip2p`).
 
 Every user mistake ends as one line on stderr, `minip2p: <what was wrong; what to do>`, exit
@@ -12,6 +12,7 @@ folder and renamed into place only when complete).
     instruct.py  instruct (InstructPix2Pix)
     pairs.py     pairs (the InstructPix2Pix data recipe: resumable, sharded)
     guide.py     guide (Self-Guidance: move, resize)
+    explore.py   explore (the attention explorer, a local web page)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import sys
 import warnings
 
 from ..errors import MinipError
-from . import edit, generate, guide, instruct, invert, pairs
+from . import edit, explore, generate, guide, instruct, invert, pairs
 from .common import Parser
 
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     instruct.add_commands(sub)
     pairs.add_commands(sub)
     guide.add_commands(sub)
+    explore.add_commands(sub)
     return p
 
 

@@ -103,10 +103,12 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
         p.add_argument("--out", default=out, help=f"output image file ({out})")
 
 
-def check_out_file(path: str) -> Path:
-    """Fail before any work if the image cannot be written there."""
+def check_out_file(path: str, gif: bool = False) -> Path:
+    """Fail before any work if the image (`gif`: the animation) cannot be written there."""
     out = Path(path)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+    if gif and out.suffix.lower() != ".gif":
+        raise MinipError(f"output file {path!r}: an animation is written as GIF; end it in .gif")
+    if not gif and out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise MinipError(f"output file {path!r} must end in .png, .jpg or .webp")
     if not out.parent.is_dir():
         raise MinipError(f"output folder '{out.parent}' does not exist; create it first")

@@ -12,8 +12,9 @@ trajectory at every step (the official `ref_intermediate_latents`); an `--invers
 no trajectory, so the source follows the file's ∅_t (null-text) reconstruction instead.
 
 Every method writes 0.png (the source), 1.png … (the targets), strip.png, and with --maps
-maps-N.png. Flags of one method given to another are refused, as is anything out of range,
-before the model loads where possible.
+maps-N.png (and with --over-time WORD over-time.gif: the word's map and x̂₀ at each step). Flags
+of one method given to another are refused, as is anything out of range, before the model loads
+where possible.
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ def parse_reweight(items: list[str]) -> dict[str, float]:
 
 MAP_RES = ("show the stored maps with this many rows (default: the coarsest stored down/up "
            "resolution, 16 at 512 px as in the P2P reference)")
+
+
+OVER_TIME = ("write an animation of WORD's cross-attention map and of the predicted x̂₀ at each "
+             "denoising step (decodes every step: slow with full-size weights on a CPU)")
 
 
 EDIT_METHODS = ("p2p", "masactrl", "pnp", "pix2pix-zero")
@@ -108,8 +113,9 @@ def check_method_flags(args):
             raise MinipError(f"{flag} is a fraction of the steps in [0, 1], got {v:g}")
 
 
-def method_control(args, model, prompts, steps):
-    """(controller, attention store or None) of the chosen method for `prompts` over `steps`."""
+def method_control(args, model, prompts, steps, step_pixels=None):
+    """(controller, attention store or None) of the chosen method for `prompts` over `steps`;
+    `step_pixels`: the store also keeps each step's cross maps up to that size (--over-time)."""
     from ..control import AttentionStore, Compose
     from ..methods import p2p
     from ..methods.align import parse_window
@@ -121,14 +127,14 @@ def method_control(args, model, prompts, steps):
         ctrl = masactrl.build(model.tokenizer, prompts, steps, args.masa_step, args.masa_layer,
                               layers, tuple(args.masa_mask) if args.masa_mask else None,
                               masactrl.mask_pixels_for(height, width, model.vae.cfg.downscale))
-        store = AttentionStore(len(prompts)) if args.maps else None
+        store = AttentionStore(len(prompts), step_pixels=step_pixels) if args.maps else None
         return Compose(ctrl, store), store
     cross, self_ = parse_window(args.cross_replace), parse_window(args.self_replace)
     if isinstance(self_, dict):
         raise MinipError("--self-replace takes a number (0.4) or a start,end pair (0.1,0.4)")
     return p2p.build(model.tokenizer, prompts, steps, args.mode, cross, self_,
                      parse_reweight(args.reweight), args.blend, args.blend_threshold,
-                     store=args.maps)
+                     store=args.maps, step_pixels=step_pixels)
 
 
 def cmd_edit(args):
@@ -150,6 +156,14 @@ def cmd_edit(args):
         from ..methods.pix2pix_zero import read_sentences
         sentences = (read_sentences(args.source_sentences, "--source-sentences"),
                      read_sentences(args.target_sentences, "--target-sentences"))
+    if args.over_time is not None:
+        if not args.maps:
+            raise MinipError("--over-time animates a word's map of --maps; add --maps")
+        if args.image or args.inversion:
+            raise MinipError("--over-time follows prompts generated from noise; leave out "
+                             "--image/--inversion")
+        views.prompts_with(prompts, args.over_time)
+        ddim_only(args, "--over-time (x̂₀ of each DDIM step)")
     noised = args.strength is not None                   # SDEdit: the picture is noised, not inverted
     inverted = not noised and args.method != "pnp"      # pnp inverts with SOURCE, "" allowed
     real = cli_invert.read_input(args.image, args.inversion, args.crop,  # before the model loads
@@ -216,10 +230,12 @@ def cmd_edit(args):
                                         height, width, control, fast=not args.explicit, **kw))
         shown = [images.fit(real, height, width)]
     elif real is None:
-        control, store = method_control(args, model, prompts, args.steps)
+        step_pixels = over_time_pixels(args, model, height, width)
+        control, store = method_control(args, model, prompts, args.steps, step_pixels)
+        z_T, x0 = with_x0(args, model, height, width)
         result = to_pil(generate(model, prompts, args.seed, args.steps, args.guidance, height,
-                                 width, control=control, fast=not args.explicit,
-                                 sampler=args.sampler, **kw))
+                                 width, control=control, fast=not args.explicit, latents=z_T,
+                                 callback=x0, sampler=args.sampler, **kw))
     else:                        # real image: the inversion's prompt is the source
         if isinstance(real, invert.Inversion):
             prompts = [real.prompt] + prompts
@@ -242,7 +258,43 @@ def cmd_edit(args):
     elif args.maps:
         raise MinipError("--maps is not available with --method pnp")
     save_images(files, out)                              # all or none
-    print(f"wrote {', '.join(str(out / n) for n in files)}")
+    written = [str(out / n) for n in files]
+    if args.over_time is not None:
+        written.append(save_over_time(model, store, prompts, args.over_time, x0, args.map_res,
+                                      result[0], out / "over-time.gif"))
+    print(f"wrote {', '.join(written)}")
+
+
+def over_time_pixels(args, model, height, width) -> int | None:
+    """The per-step maps --over-time needs: --map-res's (rows × the matching columns), or the
+    coarsest down/up resolution."""
+    from .. import views
+    if args.over_time is None:
+        return None
+    if args.map_res is None:
+        return views.coarse_pixels(model, height, width)
+    return args.map_res * round(args.map_res * width / height)
+
+
+def with_x0(args, model, height, width):
+    """(z_T, an X0Recorder) for --over-time, else (None, None): generate draws z_T itself."""
+    from ..pipeline import X0Recorder, initial_noise
+    if args.over_time is None:
+        return None, None
+    z_T = initial_noise(model, args.seed, height, width)
+    return z_T, X0Recorder(model, z_T, args.steps)
+
+
+def save_over_time(model, store, prompts, word, x0, map_res, image, path) -> str:
+    """Decode every step's x̂₀ and write the GIF of `word`'s map and x̂₀ over the steps."""
+    from .. import views
+    from ..atomic import atomic_write
+    from ..pipeline import decode, to_pil
+    pixels = views.pick_pixels(store, "cross", map_res, image)
+    x0_images = [to_pil(decode(model, z)) for z in x0.x0]
+    frames = views.over_time(store, model.tokenizer, prompts, word, x0_images, pixels)
+    atomic_write(path, lambda tmp: views.save_gif(frames, tmp))
+    return str(path)
 
 
 def cmd_attention(args):
@@ -250,14 +302,24 @@ def cmd_attention(args):
     from ..control import AttentionStore
     from ..pipeline import generate, to_pil
 
-    out = check_out_file(args.out)
+    if args.over_time is not None:
+        if args.self:
+            raise MinipError("--over-time shows a word's cross-attention; leave out --self")
+        views.prompts_with([args.prompt], args.over_time)
+        ddim_only(args, "--over-time (x̂₀ of each DDIM step)")
+    out = check_out_file(args.out, gif=args.over_time is not None)
     model = load(args)
     height, width = preflight(args, model, controlled=32 ** 2)
-    store = AttentionStore(1)
+    store = AttentionStore(1, step_pixels=over_time_pixels(args, model, height, width))
+    z_T, x0 = with_x0(args, model, height, width)
     image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance, height,
-                            width, control=store, progress=not args.quiet,
-                            fast=not args.explicit, free_text_encoder=args.free_text_encoder,
-                            sampler=args.sampler))[0]
+                            width, control=store, progress=not args.quiet, latents=z_T,
+                            callback=x0, fast=not args.explicit,
+                            free_text_encoder=args.free_text_encoder, sampler=args.sampler))[0]
+    if args.over_time is not None:
+        save_over_time(model, store, [args.prompt], args.over_time, x0, args.map_res, image, out)
+        print(f"wrote {out}")
+        return
     kind = "self" if args.self else "cross"
     pixels = views.pick_pixels(store, kind, args.map_res, image)
     if args.self:
@@ -320,6 +382,7 @@ def add_commands(sub):
                    help="SDEdit: with --image, start from the picture noised this much, in (0, 1]")
     e.add_argument("--maps", action="store_true", help="also write maps-N.png per prompt")
     e.add_argument("--map-res", type=int_arg("--map-res"), metavar="ROWS", help=MAP_RES)
+    e.add_argument("--over-time", metavar="WORD", help=OVER_TIME + " (over-time.gif)")
     e.add_argument("--out-dir", default="edit", help="output folder (edit)")
     add_model_options(e, lean=True)
     cli_invert.add_edit_options(e)
@@ -331,5 +394,6 @@ def add_commands(sub):
     a.add_argument("--components", type=int_arg("--components"), default=6,
                    help="how many components (--self)")
     a.add_argument("--map-res", type=int_arg("--map-res"), metavar="ROWS", help=MAP_RES)
+    a.add_argument("--over-time", metavar="WORD", help=OVER_TIME + " (--out NAME.gif)")
     add_model_options(a, out="maps.png", lean=True)
     a.set_defaults(run=cmd_attention)

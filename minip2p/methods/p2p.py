@@ -168,12 +168,14 @@ class LocalBlend(Controller):
 
 def build(tok, prompts, steps, mode="auto", cross_replace=0.8, self_replace=0.4,
           reweight: dict | None = None, blend: list | None = None, blend_threshold=0.3,
-          blend_start=0.0, blend_subtract=None, self_max_pixels=16 ** 2, store=True):
+          blend_start=0.0, blend_subtract=None, self_max_pixels=16 ** 2, store=True,
+          step_pixels: int | None = None):
     """The usual P2P controller from options -> (Compose(edit, store, blend), store).
 
     mode: "replace" (word swap), "refine" (added words) or "auto" (replace when every prompt
     has as many words as the source, else refine). Identical prompts with `reweight` give a
     pure re-weighting. `blend`: one word (or list of words) per prompt, source first.
+    `step_pixels`: the store also keeps each step's cross maps up to this size (AttentionStore).
     """
     if len(prompts) < 2:
         raise MinipError("an edit needs a source prompt and at least one target prompt")
@@ -190,7 +192,7 @@ def build(tok, prompts, steps, mode="auto", cross_replace=0.8, self_replace=0.4,
         edit = (Replace if mode == "replace" else Refine)(tok, prompts, steps, **kw)
         if reweight:
             edit = Reweight(tok, prompts, steps, equalizer(tok, prompts, reweight), prev=edit, **kw)
-    st = AttentionStore(len(prompts)) if (store or blend) else None
+    st = AttentionStore(len(prompts), step_pixels=step_pixels) if (store or blend) else None
     lb = None
     if blend:
         if len(blend) != len(prompts):

@@ -1,0 +1,197 @@
+"""The explorer's HTTP API (minip2p/explore.py) on the shipped toy model: a run's result, every bad
+input as a 4xx with a one-line reason (and the server still serving), no file served from outside
+its output folder, and 5 concurrent jobs all done, in order."""
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from minip2p.cli import main
+from minip2p.explore import MAX_BODY, make_server
+from minip2p.loading import load_model
+
+PROMPT, EDITED = "a big red circle on the left", "a big blue circle on the left"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(host, port, explorer) of a server on a free loopback port; output in a tmp folder."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("explore")
+    (root / "secret.png").write_bytes(b"not for the page")           # beside the output folder
+    srv, explorer = make_server(load_model(None), "127.0.0.1", 0, root / "out")
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv.server_address[0], srv.server_address[1], explorer
+    srv.shutdown()
+    srv.server_close()
+    explorer.close()
+    torch.set_num_threads(before)
+
+
+def request(server, method, path, body=None, headers=None):
+    """(status, parsed JSON or raw bytes, content type)."""
+    conn = http.client.HTTPConnection(server[0], server[1], timeout=60)
+    conn.request(method, path, body=body, headers=headers or {})
+    r = conn.getresponse()
+    data, kind = r.read(), r.getheader("Content-Type", "")
+    conn.close()
+    return r.status, (json.loads(data) if kind.startswith("application/json") else data), kind
+
+
+def submit(server, **body):
+    return request(server, "POST", "/api/run", json.dumps(body).encode(),
+                   {"Content-Type": "application/json"})
+
+
+def wait(server, job_id, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        status, job, _ = request(server, "GET", f"/api/jobs/{job_id}")
+        assert status == 200
+        if job["state"] in ("done", "error"):
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(job_id)
+
+
+def test_the_page_is_served(server):
+    status, page, kind = request(server, "GET", "/")
+    assert status == 200 and kind.startswith("text/html") and b"minip2p explorer" in page
+
+
+def test_an_edit_gives_images_every_tokens_maps_steps_svd_and_words(server):
+    status, answer, _ = submit(server, prompt=PROMPT, edits=[EDITED], steps=3,
+                               blend="circle circle", reweight="blue=2")
+    assert status == 202, answer
+    job = wait(server, answer["id"])
+    assert job["state"] == "done", job.get("error")
+    r = job["result"]
+    assert r["prompts"] == [PROMPT, EDITED] and len(r["images"]) == 2
+    assert r["tokens"][0] == ["<start>", "a", "big", "red", "circle", "on", "the", "left", "<end>"]
+    m = r["maps"]
+    assert (m["rows"], m["cols"]) == (8, 8)                        # the toy's coarse maps
+    assert len(m["final"][1]) == 9 and len(m["final"][1][4]) == 64
+    assert len(m["steps"]) == len(r["x0"]) == 3 and len(r["x0"][0]) == 2
+    assert m["steps"][0][0][4] != m["steps"][2][0][4]               # the map changes over steps
+    assert len(r["svd"]["components"][0]) == 6
+    words = r["words"]
+    assert [w["word"] for w in words["maps"][0]] == PROMPT.split()
+    assert len(words["maps"][0][0]["map"]) == words["rows"] * words["cols"] == 16 * 16
+    for url in [*r["images"], r["x0"][0][0], r["x0"][2][1]]:
+        status, png, kind = request(server, "GET", url)
+        assert status == 200 and kind == "image/png" and png.startswith(b"\x89PNG")
+
+
+def test_masactrl_and_a_prompt_alone_run(server):
+    ids = [submit(server, prompt=PROMPT, edits=["a small red circle on the left"], steps=2,
+                  method="masactrl", masa_step=1)[1]["id"],
+           submit(server, prompt=PROMPT, steps=2)[1]["id"]]
+    for i in ids:
+        job = wait(server, i)
+        assert job["state"] == "done", job.get("error")
+    assert len(job["result"]["images"]) == 1
+
+
+BAD = [
+    ({"prompt": ""}, "empty"),
+    ({"prompt": "   "}, "empty"),
+    ({"prompt": PROMPT, "steps": 0}, "steps must be in [1, 100]"),
+    ({"prompt": PROMPT, "steps": 101}, "steps must be in [1, 100]"),
+    ({"prompt": PROMPT, "steps": 2.5}, "steps must be an integer"),
+    ({"prompt": PROMPT, "steps": "many"}, "steps must be a number"),
+    ({"prompt": PROMPT, "height": 2048}, "height must be in"),
+    ({"prompt": PROMPT, "width": 66}, "multiple of 4"),
+    ({"prompt": PROMPT, "seed": -1}, "seed must be in"),
+    ({"prompt": PROMPT, "guidance": "nan"}, "guidance must be a number"),
+    ({"prompt": PROMPT, "edits": [EDITED], "blend": "circle square"}, "'square' is not"),
+    ({"prompt": PROMPT, "edits": [EDITED], "blend": "circle"}, "one word per prompt"),
+    ({"prompt": PROMPT, "edits": [EDITED], "reweight": "green=2"}, "'green' is not"),
+    ({"prompt": PROMPT, "edits": [EDITED], "reweight": "blue=x"}, "WORD=FACTOR"),
+    ({"prompt": PROMPT, "reweight": "red=2"}, "give an edited prompt"),
+    ({"prompt": PROMPT, "edits": [EDITED], "cross": "2"}, "window"),
+    ({"prompt": PROMPT, "edits": [EDITED], "method": "dreambooth"}, "unknown method"),
+    ({"prompt": PROMPT, "edits": [EDITED], "method": "masactrl", "masa_step": 10, "steps": 5},
+     "masa_step must be in [0, 4]"),
+    ({"prompt": PROMPT, "edits": [EDITED] * 4}, "at most 3"),
+    ({"prompt": PROMPT, "edits": "x" * 500}, "at most 400"),
+    ([PROMPT], "JSON object"),
+]
+
+
+@pytest.mark.parametrize("body,needle", BAD, ids=[n for _, n in BAD])
+def test_bad_fields_are_400_with_one_line(server, body, needle):
+    before = len(server[2].jobs)
+    status, answer, _ = request(server, "POST", "/api/run", json.dumps(body).encode())
+    assert status == 400 and needle in answer["error"], answer
+    assert "\n" not in answer["error"] and len(server[2].jobs) == before     # nothing queued
+    assert request(server, "GET", "/")[0] == 200                             # still serving
+
+
+@pytest.mark.parametrize("method,path,body,headers,code,needle", [
+    ("POST", "/api/run", b"{\"prompt\": ", {}, 400, "malformed JSON"),
+    ("POST", "/api/run", b"\xff\xfe", {}, 400, "malformed JSON"),
+    ("POST", "/api/run", b"x" * (MAX_BODY + 1), {}, 413, "at most"),
+    ("POST", "/api/run", None, {"Content-Length": str(10 ** 9)}, 413, "at most"),
+    ("POST", "/api/run", None, {"Content-Length": "ten"}, 411, "Content-Length"),
+    ("POST", "/api/other", b"{}", {}, 404, "/api/run"),
+    ("GET", "/nothing", None, {}, 404, "no page"),
+    ("GET", "/api/jobs/999999", None, {}, 404, "no job"),
+    ("PUT", "/api/run", b"{}", {}, 405, "not used"),
+    ("DELETE", "/out/1-image-0.png", None, {}, 405, "not used"),
+])
+def test_bad_requests_are_4xx_with_one_line(server, method, path, body, headers, code, needle):
+    status, answer, _ = request(server, method, path, body, headers)
+    assert status == code and needle in answer["error"] and "\n" not in answer["error"], answer
+    assert request(server, "GET", "/")[0] == 200
+
+
+@pytest.mark.parametrize("path", [
+    "/out/../secret.png", "/out/%2e%2e/secret.png", "/out/..%2fsecret.png", "/out//etc/passwd",
+    "/out/1-image-0.png/../../secret.png", "/../secret.png", "/out/explore.html",
+    "/explore.py", "/out/", "/out/.minip2p-x.png", "/out/1-image-0.PNG",
+])
+def test_no_file_outside_the_output_folder_is_served(server, path):
+    status, answer, _ = request(server, "GET", path)
+    assert status == 404 and "error" in answer
+
+
+def test_five_concurrent_jobs_all_finish_in_order(server):
+    explorer = server[2]
+    go, answers = threading.Barrier(5), [None] * 5
+
+    def post(i):
+        go.wait()
+        answers[i] = submit(server, prompt=PROMPT, steps=2, seed=i)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(a[0] == 202 for a in answers), answers
+    ids = sorted(a[1]["id"] for a in answers)
+    assert len(set(ids)) == 5
+    assert max(a[1]["ahead"] for a in answers) >= 1                 # some waited in the queue
+    jobs = [wait(server, i) for i in ids]
+    assert all(j["state"] == "done" for j in jobs)
+    done = [i for i in explorer.finished if i in ids]
+    assert done == ids                                             # in the order they came
+
+
+def test_cli_refuses_a_busy_port_and_warns_off_loopback(capsys):
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["explore", "--host", "0.0.0.0", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("minip2p: warning: serving on 0.0.0.0")
+    assert err[1].startswith("minip2p: cannot serve on 0.0.0.0") and len(err) == 2
+    assert main(["explore", "--port", "-1"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
