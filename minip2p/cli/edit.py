@@ -164,6 +164,10 @@ def cmd_edit(args):
                              "--image/--inversion")
         views.prompts_with(prompts, args.over_time)
         ddim_only(args, "--over-time (x̂₀ of each DDIM step)")
+        if args.method not in ("p2p", "masactrl") or args.strength is not None:
+            raise MinipError(f"--over-time follows p2p and masactrl edits generated from noise, "
+                             f"not --method {args.method}" +
+                             (" with --strength" if args.strength is not None else ""))
     noised = args.strength is not None                   # SDEdit: the picture is noised, not inverted
     inverted = not noised and args.method != "pnp"      # pnp inverts with SOURCE, "" allowed
     real = cli_invert.read_input(args.image, args.inversion, args.crop,  # before the model loads
