@@ -12,6 +12,11 @@ steps, and checks the promise of the CLI:
              no output, no temporary file;
     never    a traceback (an exception escaping `main` fails the test).
 
+Commands: generate, edit, attention, invert, reconstruct, guide, instruct (always a one-line
+failure on the toy model, whose UNet has 4 input channels, not InstructPix2Pix's 8), pairs
+(validation, and --samples 1 --steps 2 for success) and explore (argument and bind failures
+only: its success path serves forever).
+
 CI runs a fixed budget (MAX_EXAMPLES per command, a deadline per example); set
 MINIP2P_HYPOTHESIS_EXAMPLES=2000 for a large run. Failing examples stay in hypothesis' database
 (.hypothesis/ in the working folder, git-ignored) and are replayed first on the next run.
@@ -65,6 +70,17 @@ def assets(tmp_path_factory):
     (d / "empty.png").write_bytes(b"")
     (d / "folder").mkdir()
     (d / "afile").write_text("x")
+    (d / "src.txt").write_text("a red circle\na red disc on a wall\n")
+    (d / "tgt.txt").write_text("a blue circle\na blue disc on a wall\n")
+    (d / "blank.txt").write_text("\n  \n")
+    (d / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (d / "caps.jsonl").write_text('{"caption": "a red circle", "edit": "make it blue", '
+                                  '"output": "a blue circle"}\n')
+    (d / "caps-bad.jsonl").write_text('{"caption": "a red circle", "edit"\n')
+    (d / "caps-list.jsonl").write_text('[1, 2]\n')
+    (d / "caps-keys.jsonl").write_text('{"caption": "a red circle"}\n')
+    (d / "caps-types.jsonl").write_text('{"caption": 1, "edit": null, "output": []}\n')
+    (d / "caps-blank.jsonl").write_text("\n\n")
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         rc = main(["invert", str(d / "photo.png"), "a red circle", "--method", "ddim", "--steps",
                    "2", "--height", "32", "--width", "32", "--quiet",
@@ -113,6 +129,7 @@ def model_options(out=None):
             "--variant": st.sampled_from(["fp16", "", "../x", "v"]),
             "--revision": st.sampled_from(["main", ""]),
             "--embedding": st.sampled_from(PATHS),
+            "--sampler": st.sampled_from(["ddim", "euler-a", "euler-a", "", "euler", "DDIM"]),
             "--explicit": st.just(None), "--free-text-encoder": st.just(None)}
     if out:
         opts["--out"] = out
@@ -125,7 +142,8 @@ def image_out(name):
                             "@out/x.PNG", "@out/é ü.png"])
 
 
-def command(name, positional, required, optional, always=("--steps", "--height", "--width")):
+def command(name, positional, required, optional, always=("--steps", "--height", "--width"),
+            quiet=True):
     """argv for `name`: positional strategies, the required options, then up to four of the
     optional ones (so that one bad value does not hide the next every time). The options
     named in `always` default to cheap values when not drawn (1 step, 32 px)."""
@@ -145,13 +163,15 @@ def command(name, positional, required, optional, always=("--steps", "--height",
                 argv += [key, *value]
             else:
                 argv += [key, value]
-        return argv + ["--quiet"]
+        return argv + ["--quiet"] * quiet
     return build()
 
 
 GENERATE = command("generate", [texts], {"--out": image_out("a.png")}, {
     **model_options(), "--image": st.sampled_from(["@photo.png"] + PATHS),
-    "--strength": floats(["0.5", "1", "0.01"], ["0", "-0.5", "1.01", "nan", ""])})
+    "--strength": floats(["0.5", "1", "0.01"], ["0", "-0.5", "1.01", "nan", ""]),
+    "--excite": st.lists(words, min_size=1, max_size=2),
+    "--excite-steps": ints(["0", "1", "25"], ["-1", "", "x", "1.5", "nan"])})
 
 P2P = {"--mode": st.sampled_from(["auto", "replace", "refine", "swap", ""]),
        "--cross-replace": st.sampled_from(["0.8", "0.2,0.8", "default=1.0,blue=0.4", "1.5", "-0.1",
@@ -174,17 +194,26 @@ REAL = {"--image": st.sampled_from(["@photo.png", "@photo.png"] + PATHS),
         "--crop": st.sampled_from(["0,0,0,0", "1,2,3,4", "0,0,39,0", "100,0,0,0", "1,2,3",
                                    "-1,0,0,0", "", "a,b,c,d"])}
 
+P2PZ = {"--xa-guidance": floats(["0.1", "0", "1e3"], ["nan", "inf", ""]),
+        "--source-sentences": st.sampled_from(["@src.txt", "@src.txt", "@blank.txt", "@latin1.txt"]
+                                              + PATHS),
+        "--target-sentences": st.sampled_from(["@tgt.txt", "@tgt.txt", "@blank.txt"] + PATHS)}
+
 EDIT = command("edit", [texts, texts], {"--out-dir": st.sampled_from(
     ["@out/edit", "@out/edit", "@out", "@afile", "@out/missing/edit", "@afile/sub", "@notes.txt"])}, {
     **model_options(), **P2P, **MASA, **PNP, **REAL,
-    "--method": st.sampled_from(["p2p", "p2p", "masactrl", "pnp", "ddim", "null-text", "x"]),
+    "--method": st.sampled_from(["p2p", "p2p", "masactrl", "pnp", "pix2pix-zero", "pix2pix-zero",
+                                 "ddim", "null-text", "x"]),
     "--strength": floats(["0.5", "1"], ["0", "1.01", "nan"]),
-    "--maps": st.just(None), "--map-res": ints(["8", "4", "16"], ["0", "3", "100", "-1"])})
+    "--maps": st.just(None), "--map-res": ints(["8", "4", "16"], ["0", "3", "100", "-1"]),
+    "--over-time": words, **P2PZ})
 
 ATTENTION = command("attention", [texts], {"--out": image_out("maps.png")}, {
     **model_options(), "--self": st.just(None),
     "--components": ints(["1", "3", "6"], ["0", "-1", "1000", "x"]),
-    "--map-res": ints(["8", "4", "16"], ["0", "3", "100", "-1"])})
+    "--map-res": ints(["8", "4", "16"], ["0", "3", "100", "-1"]), "--over-time": words})
+ATTENTION = st.one_of(ATTENTION, st.tuples(ATTENTION, st.sampled_from(["@out/t.gif", "@out/t.png"]))
+                      .map(lambda t: [*t[0][:-1], "--over-time", "red", "--out", t[1], "--quiet"]))
 
 INVERT = command("invert", [st.sampled_from(["@photo.png", "@photo.png"] + PATHS), texts], {
     "--out": st.sampled_from(["@out/inv.safetensors", "@out/inv.safetensors", "@out/inv.png",
@@ -202,15 +231,84 @@ RECONSTRUCT = st.one_of(RECONSTRUCT, st.tuples(
     lambda t: [t[2][0], t[0], t[1], *t[2][1:]]))
 
 
+GUIDE = command("guide", [texts], {"--out-dir": st.sampled_from(
+    ["@out/guide", "@out/guide", "@out", "@afile", "@out/missing/g", "@afile/sub"])}, {
+    **model_options(),
+    "--move": st.lists(st.one_of(st.sampled_from(
+        ["circle=0.8,0.5", "red=0,1", "circle=1.5,0.5", "circle=nan,0", "circle=0.5",
+         "=0.5,0.5", "circle=", "circle", "zebra=0.5,0.5", "circle=a,b", "circle=0.2,0.3,0.4"]),
+        st.builds("{}={},{}".format, words, *[st.sampled_from(["0.5", "-1", "inf", ""])] * 2)),
+        min_size=1, max_size=2),
+    "--resize": st.lists(st.one_of(st.sampled_from(
+        ["circle=0.5", "red=2", "circle=0", "circle=-1", "circle=inf", "circle=1,2", "=1"]),
+        st.builds("{}={}".format, words, st.sampled_from(["0.5", "2", "0", "nan"]))),
+        min_size=1, max_size=2),
+    "--keep-appearance": st.just(None),
+    "--guidance-weight": floats(["3", "0", "1e3"], ["nan", "inf", ""]),
+    "--guide-steps": floats(["0.5", "0", "1"], ["-0.1", "1.5", "nan"])})
+# the moves need a word of the prompt: half the examples guide "circle" of "a red circle"
+GUIDE = st.one_of(GUIDE, st.tuples(GUIDE, st.sampled_from(["--move", "--resize"])).map(
+    lambda t: [t[0][0], "a red circle", *t[0][2:-1],
+               t[1], "circle=0.7,0.5" if t[1] == "--move" else "circle=0.8", "--quiet"]))
+
+# the toy UNet has 4 input channels, InstructPix2Pix's 8: every run fails in one line
+INSTRUCT = command("instruct", [st.sampled_from(["@photo.png", "@photo.png"] + PATHS), texts],
+                   {"--out": image_out("i.png")}, {
+    **model_options(), "--image-guidance": floats(["1.5", "0", "-1"], ["nan", "inf", ""]),
+    "--maps": st.just(None)})
+
+PAIRS_OPTIONS = {
+    "--samples": ints(["1"], ["0", "-1", "", "x", "1.5"]),
+    "--keep": ints(["1", "4"], ["0", "-1", "x"]),
+    "--min-p2p": floats(["0.1", "0", "1"], ["-0.1", "1.1", "nan", "inf"]),
+    "--max-p2p": floats(["0.9", "1", "0"], ["-0.1", "1.1", "nan", "inf"]),
+    "--clip-threshold": floats(["0.2", "0", "1"], ["nan", "inf", ""]),
+    "--clip-dir-threshold": floats(["0.2", "-1"], ["nan", "inf", ""]),
+    "--clip-img-threshold": floats(["0.7", "1"], ["nan", "inf", ""]),
+    "--partition": st.sampled_from(["0/1", "0/2", "1/2", "2/2", "-1/2", "0/0", "1/0", "a/b", "1",
+                                    "", "0/1/2", "1 / 2", "0/" + "9" * 30]),
+    "--check": st.sampled_from(["@out", "@out/nothing", "@afile", ""]),
+    "--clip": st.sampled_from(PATHS),
+    **{k: v for k, v in model_options().items() if k not in ("--free-text-encoder",)},
+    "--steps": ints(["2", "2"], ["1", "0", "-1", "", "x"])}
+PAIRS = command("pairs", [st.sampled_from(
+    ["@caps.jsonl", "@caps.jsonl", "@caps-bad.jsonl", "@caps-list.jsonl", "@caps-keys.jsonl",
+     "@caps-types.jsonl", "@caps-blank.jsonl", "@latin1.txt", "@photo.png"] + PATHS)],
+    {"--out": st.sampled_from(["@out/pairs", "@out/pairs", "@out", "@afile", "@out/missing/p",
+                               "@afile/sub"]),
+     "--samples": st.just("1"), "--steps": st.just("2")},
+    PAIRS_OPTIONS, always=("--height", "--width"))
+
+# the success path serves forever: every example has a bad --port or a --host it cannot bind
+BAD_PORTS = ["-1", "", "x", "1.5", "65536", "70000", "9" * 30, "nan"]
+BAD_HOSTS = ["999.1.1.1", "10.255.255.1", "a b", "::1", "0.0.0.0.0"]   # no name to look up
+EXPLORE_OPTIONS = {k: v for k, v in model_options().items()
+                   if k in ("--model", "--revision", "--variant", "--embedding", "--dtype",
+                            "--device")}
+EXPLORE_OPTIONS.update({"--out-dir": st.sampled_from(["@out/x", "@afile", "@afile/sub", ""]),
+                        "--verbose": st.just(None)})
+EXPLORE = st.one_of(
+    command("explore", [], {"--port": st.sampled_from(BAD_PORTS)}, EXPLORE_OPTIONS, always=(),
+            quiet=False),
+    command("explore", [], {"--host": st.sampled_from(BAD_HOSTS),
+                            "--port": st.sampled_from(["0"] + BAD_PORTS)},
+            EXPLORE_OPTIONS, always=(), quiet=False))
+
+
 # ---- the property --------------------------------------------------------------------------
 
 def files(root: Path) -> set:
     return {p.relative_to(root).as_posix() for p in root.rglob("*")}
 
 
+def last(argv, flag):
+    """The value of `flag` (argparse keeps the last one given)."""
+    return argv[len(argv) - argv[::-1].index(flag)]
+
+
 def promised(argv, out: Path) -> str:
     """The file a successful generate/attention/invert/reconstruct must write (relative)."""
-    return Path(argv[argv.index("--out") + 1]).relative_to(out).as_posix()
+    return Path(last(argv, "--out")).relative_to(out).as_posix()
 
 
 def check_cli(argv, assets: Path):
@@ -229,16 +327,27 @@ def check_cli(argv, assets: Path):
         assert files(assets) == before_assets, "an input folder was written to"
         assert not [p for p in added if Path(p).name.startswith(".minip2p-")], "temporary file"
         assert "Traceback" not in err
-        if rc == 0:
+        if argv[0] == "pairs" and rc in (0, 1):
+            assert all(line.startswith("minip2p: warning: ") for line in lines), err
+            if "--check" in argv:                    # a report on stdout, nothing written
+                assert std.count("\n") == 1 and " items: " in std and added == set(), (std, added)
+            else:
+                assert rc == 0
+                folder = Path(last(argv, "--out"))
+                assert list(folder.glob("run-*.json")) and added and all(
+                    (out / p).resolve().is_relative_to(folder.resolve()) or out / p == folder
+                    for p in added), added
+        elif rc == 0:
+            assert argv[0] not in ("instruct", "explore"), "succeeded where it cannot"
             assert all(line.startswith("minip2p: warning: ") for line in lines), err
             written = {Path(p).relative_to(out).as_posix()
                        for p in std.strip().removeprefix("wrote ").split(" (")[0].split(", ")}
             assert written and added == written | {str(Path(p).parent) for p in written
                                                    if Path(p).parent != Path(".")}, (added, std)
-            if argv[0] != "edit":
-                assert written == {promised(argv, out)}
-            else:
+            if argv[0] in ("edit", "guide"):
                 assert {"0.png", "1.png", "strip.png"} <= {Path(p).name for p in written}
+            else:
+                assert written == {promised(argv, out)}
         else:
             errors = [line for line in lines if not line.startswith("minip2p: warning: ")]
             assert rc == 2, (rc, err)
@@ -276,3 +385,30 @@ def test_invert(assets, argv):
 @given(argv=RECONSTRUCT)
 def test_reconstruct(assets, argv):
     check_cli(argv, assets)
+
+
+FEW = settings(SETTINGS, max_examples=max(2, MAX_EXAMPLES // 2))   # the slower commands
+
+
+@SETTINGS
+@given(argv=GUIDE)
+def test_guide(assets, argv):
+    check_cli(argv, assets)
+
+
+@SETTINGS
+@given(argv=INSTRUCT)
+def test_instruct(assets, argv):
+    assert check_cli(argv, assets) == 2
+
+
+@FEW
+@given(argv=PAIRS)
+def test_pairs(assets, argv):
+    check_cli(argv, assets)
+
+
+@SETTINGS
+@given(argv=EXPLORE)
+def test_explore(assets, argv):
+    assert check_cli(argv, assets) == 2

@@ -37,7 +37,8 @@ def add_commands(sub):
     x.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (127.0.0.1: this machine only; another one is "
                         "reachable by others, with a warning)")
-    x.add_argument("--port", type=int_arg("--port", 0), default=7860, help="port (7860)")
+    x.add_argument("--port", type=int_arg("--port", 0, 65535), default=7860,
+                   help="port, 0 … 65535 (0: any free one) (7860)")
     x.add_argument("--out-dir", default=None,
                    help="keep the images here (default: a temporary folder, removed on exit)")
     x.add_argument("--verbose", action="store_true", help="log every request")
