@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..errors import MinipError
 from .common import (add_model_options, check_out_dir, ddim_only, float_arg, load, preflight,
-                     save_image)
+                     save_images)
 
 
 def parse_pairs(items, flag: str, n: int) -> dict[str, tuple[float, ...]]:
@@ -53,9 +53,7 @@ def cmd_guide(args):
     ims = to_pil(plain) + to_pil(guided)
     files = {"0.png": ims[0], "1.png": ims[1],
              "strip.png": views.strip(ims, ["unguided", "guided"])}
-    out.mkdir(exist_ok=True)
-    for name, im in files.items():
-        save_image(im, out / name)
+    save_images(files, out)                              # all or none
     print(f"wrote {', '.join(str(out / n) for n in files)}")
 
 
