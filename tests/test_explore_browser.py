@@ -130,6 +130,8 @@ PIXELS = ("(sel) => { const i = document.querySelector(sel), c = document.create
           "c.width = i.naturalWidth; c.height = i.naturalHeight; const x = c.getContext('2d');"
           "x.drawImage(i, 0, 0); return Array.from(x.getImageData(0, 0, c.width, c.height).data)"
           ".reduce((a, b) => a + b, 0); }")
+X0_LOADED = ("(() => { const i = document.getElementById('x0-img'); "
+             "return i.complete && i.naturalWidth > 0 })()")   # decoded, not just requested
 
 
 @pytest.fixture()
@@ -174,17 +176,18 @@ def test_the_page_in_chromium(explorer, tmp_path):
             == [8, 8, True]
 
         # the step slider: at its left end, step 1's x̂₀ and map replace the last step's
+        browser.wait(X0_LOADED)                          # the image may still be loading
         last = (browser.js("document.getElementById('x0-img').src"),
                 browser.js(f"({PIXELS})('#x0-img')"))
         browser.click("#step", at=0.02)
         assert browser.js("document.getElementById('step-label').textContent") == "1 / 10"
-        browser.wait("document.getElementById('x0-img').complete")
+        browser.wait(X0_LOADED)
         first = (browser.js("document.getElementById('x0-img').src"),
                  browser.js(f"({PIXELS})('#x0-img')"))
         assert first[0] != last[0] and first[0].endswith("-x0-0-1.png")
         assert first[1] != last[1]                                        # x̂₀ changed
         browser.click("#step", at=0.6)
-        browser.wait("document.getElementById('x0-img').complete")
+        browser.wait(X0_LOADED)
         shot = tmp_path / "explorer.png"
         browser.screenshot(shot)
         assert shot.read_bytes().startswith(b"\x89PNG")
