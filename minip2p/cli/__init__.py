@@ -7,7 +7,8 @@ folder and renamed into place only when complete).
 
     common.py    the parser, shared options, loading, output files
     generate.py  generate (text -> image; SDEdit with --image --strength)
-    edit.py      edit (Prompt-to-Prompt, MasaCtrl, plug-and-play, Pix2Pix-Zero) and attention
+    edit.py      edit (Prompt-to-Prompt, MasaCtrl, plug-and-play, Pix2Pix-Zero)
+    attention.py attention (maps, SVD components, attention through time)
     invert.py    invert, reconstruct, and the real-image options of edit
     instruct.py  instruct (InstructPix2Pix)
     pairs.py     pairs (the InstructPix2Pix data recipe: resumable, sharded)
@@ -22,7 +23,7 @@ import sys
 import warnings
 
 from ..errors import MinipError
-from . import edit, explore, generate, guide, instruct, invert, pairs
+from . import attention, edit, explore, generate, guide, instruct, invert, pairs
 from .common import Parser
 
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     generate.add_commands(sub)
     edit.add_commands(sub)
+    attention.add_commands(sub)
     invert.add_commands(sub)
     instruct.add_commands(sub)
     pairs.add_commands(sub)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 
 from ..errors import MinipError
-from . import invert as cli_invert
-from .common import (add_model_options, check_out_dir, check_out_file, ddim_only, float_arg,
-                     int_arg, load, preflight, save_image, save_images)
+from .attention import MAP_RES, OVER_TIME, over_time_pixels, save_over_time, with_x0
+from .invert import add_edit_options, input_pil, inversion_for, read_input
+from .common import (add_model_options, check_out_dir, ddim_only, float_arg,
+                     int_arg, load, preflight, save_images)
 
 
 def parse_reweight(items: list[str]) -> dict[str, float]:
@@ -40,14 +41,6 @@ def parse_reweight(items: list[str]) -> dict[str, float]:
         if out[word] != out[word] or abs(out[word]) == float("inf"):
             raise MinipError(f"--reweight {item!r}: the factor must be a finite number")
     return out
-
-
-MAP_RES = ("show the stored maps with this many rows (default: the coarsest stored down/up "
-           "resolution, 16 at 512 px as in the P2P reference)")
-
-
-OVER_TIME = ("write an animation of WORD's cross-attention map and of the predicted x̂₀ at each "
-             "denoising step (decodes every step: slow with full-size weights on a CPU)")
 
 
 EDIT_METHODS = ("p2p", "masactrl", "pnp", "pix2pix-zero")
@@ -170,7 +163,7 @@ def cmd_edit(args):
                              (" with --strength" if args.strength is not None else ""))
     noised = args.strength is not None                   # SDEdit: the picture is noised, not inverted
     inverted = not noised and args.method != "pnp"      # pnp inverts with SOURCE, "" allowed
-    real = cli_invert.read_input(args.image, args.inversion, args.crop,  # before the model loads
+    real = read_input(args.image, args.inversion, args.crop,  # before the model loads
                                  prompts[0] if prompts else None, needs_prompt=inverted)
     if real is not None or args.method in ("pnp", "pix2pix-zero"):
         ddim_only(args, "a real image (inversion, SDEdit, plug-and-play) or Pix2Pix-Zero")
@@ -210,9 +203,9 @@ def cmd_edit(args):
         if real is None:
             z = initial_noise(model, args.seed, height, width)
         else:
-            inv = cli_invert.inversion_for(args, model, real, prompts[0])
+            inv = inversion_for(args, model, real, prompts[0])
             z = inv.z_T
-            shown = [cli_invert.input_pil(inv)] if inv.image is not None else []
+            shown = [input_pil(inv)] if inv.image is not None else []
         z_src, z_edit = pz.edit(model, prompts[0], delta, z, args.steps, args.guidance,
                                 args.xa_guidance, progress=not args.quiet, fast=not args.explicit)
         result = to_pil(decode(model, torch.cat([z_src, z_edit]), not args.explicit))
@@ -243,7 +236,7 @@ def cmd_edit(args):
     else:                        # real image: the inversion's prompt is the source
         if isinstance(real, invert.Inversion):
             prompts = [real.prompt] + prompts
-        inv = cli_invert.inversion_for(args, model, real, prompts[0] if prompts else None)
+        inv = inversion_for(args, model, real, prompts[0] if prompts else None)
         if len(prompts) > 1:
             control, store = method_control(args, model, prompts, args.steps)
             if args.method == "masactrl" and inv.latents is not None:
@@ -251,7 +244,7 @@ def cmd_edit(args):
         else:                     # no target: the reconstruction
             control = store = AttentionStore(1) if args.maps else None
         result = to_pil(invert.run(model, inv, prompts, control, args.guidance, **kw))
-        shown = [cli_invert.input_pil(inv)] if inv.image is not None else []
+        shown = [input_pil(inv)] if inv.image is not None else []
     files = {f"{i}.png": im for i, im in enumerate(result)}
     files["strip.png"] = views.strip(shown + result, ["input"] * len(shown) + prompts)
     if args.maps and store is not None:
@@ -267,71 +260,6 @@ def cmd_edit(args):
         written.append(save_over_time(model, store, prompts, args.over_time, x0, args.map_res,
                                       result[0], out / "over-time.gif"))
     print(f"wrote {', '.join(written)}")
-
-
-def over_time_pixels(args, model, height, width) -> int | None:
-    """The per-step maps --over-time needs: --map-res's (rows × the matching columns), or the
-    coarsest down/up resolution."""
-    from .. import views
-    if args.over_time is None:
-        return None
-    if args.map_res is None:
-        return views.coarse_pixels(model, height, width)
-    return args.map_res * round(args.map_res * width / height)
-
-
-def with_x0(args, model, height, width):
-    """(z_T, an X0Recorder) for --over-time, else (None, None): generate draws z_T itself."""
-    from ..pipeline import X0Recorder, initial_noise
-    if args.over_time is None:
-        return None, None
-    z_T = initial_noise(model, args.seed, height, width)
-    return z_T, X0Recorder(model, z_T, args.steps)
-
-
-def save_over_time(model, store, prompts, word, x0, map_res, image, path) -> str:
-    """Decode every step's x̂₀ and write the GIF of `word`'s map and x̂₀ over the steps."""
-    from .. import views
-    from ..atomic import atomic_write
-    from ..pipeline import decode, to_pil
-    pixels = views.pick_pixels(store, "cross", map_res, image)
-    x0_images = [to_pil(decode(model, z)) for z in x0.x0]
-    frames = views.over_time(store, model.tokenizer, prompts, word, x0_images, pixels)
-    atomic_write(path, lambda tmp: views.save_gif(frames, tmp))
-    return str(path)
-
-
-def cmd_attention(args):
-    from .. import views
-    from ..control import AttentionStore
-    from ..pipeline import generate, to_pil
-
-    if args.over_time is not None:
-        if args.self:
-            raise MinipError("--over-time shows a word's cross-attention; leave out --self")
-        views.prompts_with([args.prompt], args.over_time)
-        ddim_only(args, "--over-time (x̂₀ of each DDIM step)")
-    out = check_out_file(args.out, gif=args.over_time is not None)
-    model = load(args)
-    height, width = preflight(args, model, controlled=32 ** 2)
-    store = AttentionStore(1, step_pixels=over_time_pixels(args, model, height, width))
-    z_T, x0 = with_x0(args, model, height, width)
-    image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance, height,
-                            width, control=store, progress=not args.quiet, latents=z_T,
-                            callback=x0, fast=not args.explicit,
-                            free_text_encoder=args.free_text_encoder, sampler=args.sampler))[0]
-    if args.over_time is not None:
-        save_over_time(model, store, [args.prompt], args.over_time, x0, args.map_res, image, out)
-        print(f"wrote {out}")
-        return
-    kind = "self" if args.self else "cross"
-    pixels = views.pick_pixels(store, kind, args.map_res, image)
-    if args.self:
-        sheet = views.self_attention_image(store, args.prompt, 0, image, args.components, pixels)
-    else:
-        sheet = views.cross_attention_image(store, model.tokenizer, args.prompt, 0, image, pixels)
-    save_image(sheet, out)
-    print(f"wrote {out}")
 
 
 def add_commands(sub):
@@ -389,15 +317,5 @@ def add_commands(sub):
     e.add_argument("--over-time", metavar="WORD", help=OVER_TIME + " (over-time.gif)")
     e.add_argument("--out-dir", default="edit", help="output folder (edit)")
     add_model_options(e, lean=True)
-    cli_invert.add_edit_options(e)
+    add_edit_options(e)
     e.set_defaults(run=cmd_edit)
-
-    a = sub.add_parser("attention", help="show each token's cross-attention map")
-    a.add_argument("prompt")
-    a.add_argument("--self", action="store_true", help="self-attention SVD components instead")
-    a.add_argument("--components", type=int_arg("--components"), default=6,
-                   help="how many components (--self)")
-    a.add_argument("--map-res", type=int_arg("--map-res"), metavar="ROWS", help=MAP_RES)
-    a.add_argument("--over-time", metavar="WORD", help=OVER_TIME + " (--out NAME.gif)")
-    add_model_options(a, out="maps.png", lean=True)
-    a.set_defaults(run=cmd_attention)

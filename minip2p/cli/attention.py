@@ -1,0 +1,92 @@
+"""`minip2p attention PROMPT`: each token's cross-attention map (or the self-attention SVD
+components), and attention through time (`--over-time WORD`: a GIF of the word's map and of x̂₀
+at every step; `edit --maps --over-time` uses the same helpers)."""
+from __future__ import annotations
+
+from ..errors import MinipError
+from .common import (add_model_options, check_out_file, ddim_only, int_arg, load, preflight,
+                     save_image)
+
+MAP_RES = ("show the stored maps with this many rows (default: the coarsest stored down/up "
+           "resolution, 16 at 512 px as in the P2P reference)")
+
+
+OVER_TIME = ("write an animation of WORD's cross-attention map and of the predicted x̂₀ at each "
+             "denoising step (decodes every step: slow with full-size weights on a CPU)")
+
+
+def over_time_pixels(args, model, height, width) -> int | None:
+    """The per-step maps --over-time needs: --map-res's (rows × the matching columns), or the
+    coarsest down/up resolution."""
+    from .. import views
+    if args.over_time is None:
+        return None
+    if args.map_res is None:
+        return views.coarse_pixels(model, height, width)
+    return args.map_res * round(args.map_res * width / height)
+
+
+def with_x0(args, model, height, width):
+    """(z_T, an X0Recorder) for --over-time, else (None, None): generate draws z_T itself."""
+    from ..pipeline import X0Recorder, initial_noise
+    if args.over_time is None:
+        return None, None
+    z_T = initial_noise(model, args.seed, height, width)
+    return z_T, X0Recorder(model, z_T, args.steps)
+
+
+def save_over_time(model, store, prompts, word, x0, map_res, image, path) -> str:
+    """Decode every step's x̂₀ and write the GIF of `word`'s map and x̂₀ over the steps."""
+    from .. import views
+    from ..atomic import atomic_write
+    from ..pipeline import decode, to_pil
+    pixels = views.pick_pixels(store, "cross", map_res, image)
+    x0_images = [to_pil(decode(model, z)) for z in x0.x0]
+    frames = views.over_time(store, model.tokenizer, prompts, word, x0_images, pixels)
+    atomic_write(path, lambda tmp: views.save_gif(frames, tmp))
+    return str(path)
+
+
+def cmd_attention(args):
+    from .. import views
+    from ..control import AttentionStore
+    from ..pipeline import generate, to_pil
+
+    if args.over_time is not None:
+        if args.self:
+            raise MinipError("--over-time shows a word's cross-attention; leave out --self")
+        views.prompts_with([args.prompt], args.over_time)
+        ddim_only(args, "--over-time (x̂₀ of each DDIM step)")
+    out = check_out_file(args.out, gif=args.over_time is not None)
+    model = load(args)
+    height, width = preflight(args, model, controlled=32 ** 2)
+    store = AttentionStore(1, step_pixels=over_time_pixels(args, model, height, width))
+    z_T, x0 = with_x0(args, model, height, width)
+    image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance, height,
+                            width, control=store, progress=not args.quiet, latents=z_T,
+                            callback=x0, fast=not args.explicit,
+                            free_text_encoder=args.free_text_encoder, sampler=args.sampler))[0]
+    if args.over_time is not None:
+        save_over_time(model, store, [args.prompt], args.over_time, x0, args.map_res, image, out)
+        print(f"wrote {out}")
+        return
+    kind = "self" if args.self else "cross"
+    pixels = views.pick_pixels(store, kind, args.map_res, image)
+    if args.self:
+        sheet = views.self_attention_image(store, args.prompt, 0, image, args.components, pixels)
+    else:
+        sheet = views.cross_attention_image(store, model.tokenizer, args.prompt, 0, image, pixels)
+    save_image(sheet, out)
+    print(f"wrote {out}")
+
+
+def add_commands(sub):
+    a = sub.add_parser("attention", help="show each token's cross-attention map")
+    a.add_argument("prompt")
+    a.add_argument("--self", action="store_true", help="self-attention SVD components instead")
+    a.add_argument("--components", type=int_arg("--components"), default=6,
+                   help="how many components (--self)")
+    a.add_argument("--map-res", type=int_arg("--map-res"), metavar="ROWS", help=MAP_RES)
+    a.add_argument("--over-time", metavar="WORD", help=OVER_TIME + " (--out NAME.gif)")
+    add_model_options(a, out="maps.png", lean=True)
+    a.set_defaults(run=cmd_attention)
