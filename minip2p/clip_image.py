@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CLIP_TOKENIZER, read_safetensors, strict_build
-from .clip import CLIPEmbeddings, CLIPEncoder, TextModel
+from .clip import CLIPEncoder, TextModel
 from .config import TextConfig, _build, read_json
 from .errors import MinipError
 
