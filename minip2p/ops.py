@@ -1,16 +1,18 @@
-"""The CPU kernels the fast path picks: linear layers y = x Wᵀ + b, and attention over long
-key sequences.
+"""The CPU kernels the fast path may pick: linear layers y = x Wᵀ + b, GEGLU, and attention
+over long key sequences -- each either PyTorch's own or oneDNN's, whichever `autotune` measured
+faster on this machine for this shape.
 
-PyTorch sends an fp32 `nn.Linear` on the CPU to MKL's sgemm. On the AMD EPYC (AVX-512) machines
-this project is built on, that runs at about half the speed of oneDNN's matmul, which PyTorch
-also ships (it is what runs its convolutions): at the UNet's shapes, 2 threads, about 130-190 vs
-210-420 GFLOP/s (`python tools/bench_kernels.py`). So the fast path calls oneDNN directly through
-`torch.ops.mkldnn._linear_pointwise`, the oneDNN linear op PyTorch registers for its compiler's
-CPU backend (it can also fuse an activation or a product into the matmul: `geglu` below).
+PyTorch sends an fp32 `nn.Linear` on the CPU to MKL's sgemm. PyTorch also ships oneDNN (it runs
+its convolutions), and registers oneDNN's matmul for its compiler's CPU backend as
+`torch.ops.mkldnn._linear_pointwise`, which can also fuse an activation or a product into the
+matmul (`geglu` below). Which is faster depends on the machine: on one AMD EPYC oneDNN ran at
+about twice MKL's GFLOP/s at the UNet's shapes, on an Intel Xeon 4 % slower
+(`python tools/bench_kernels.py`). So the choice is measured, per shape (minip2p/autotune.py).
 
-That op has no backward (its inputs get no gradient), so it is used only where autograd is
-off; everything else -- the explicit path, training, null-text inversion's gradient steps, GPU,
-fp16 -- takes `nn.Linear` unchanged. `tests/test_fast.py` proves both give the same outputs.
+That op has no backward (its inputs get no gradient), so it is a candidate only where autograd
+is off; everything else -- the explicit path, training, null-text inversion's gradient steps,
+GPU, fp16 -- takes `nn.Linear` unchanged. tests/test_fast.py and tests/test_autotune.py prove
+every candidate gives the explicit path's outputs.
 """
 from __future__ import annotations
 
@@ -18,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autotune import tuner
+
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ROWS = 2048                  # rows of the real input the tuner times each candidate on
+
+
+def _dnn(x, w, b, attr="none", algorithm=""):
+    """oneDNN's x Wᵀ + b, with `attr` ("gelu": its exact erf algorithm "none") fused after it."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], algorithm)
 
 
 def onednn_ok(x: torch.Tensor, fast: bool) -> bool:
@@ -32,43 +42,72 @@ def linear(layer: nn.Linear | nn.Conv2d, x: torch.Tensor, fast: bool = False) ->
 
     `layer` may also be a 1×1 `nn.Conv2d` (SD 1.x's proj_in/proj_out): on a token sequence it is
     the same linear map, with its weight (out, in, 1, 1) read as (out, in)."""
-    w = layer.weight.flatten(1)                                       # (out, in): a view
+    w, b = layer.weight.flatten(1), layer.bias                        # (out, in): a view
     if onednn_ok(x, fast):
-        return torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "none", [], "")
-    return F.linear(x, w, layer.bias)
+        xs = x.reshape(-1, w.shape[1])[:ROWS]                         # the slice to time on
+        pick = tuner().pick("linear", (x.numel() // w.shape[1], *w.shape[::-1]),
+                            {"torch": lambda: F.linear(xs, w, b), "onednn": lambda: _dnn(xs, w, b)})
+        if pick == "onednn":
+            return _dnn(x, w, b)
+    return F.linear(x, w, b)
 
 
 def geglu(proj: nn.Linear, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
     """GEGLU (Shazeer 2020): [a, g] = x Wᵀ + b, out = a · GELU(g). x: (..., in) -> (..., out/2).
 
-    The fast path runs it as two oneDNN matmuls with the GELU and the product fused into them
-    (no (…, 2·inner) tensor, no separate GELU or multiply pass)."""
-    if not onednn_ok(x, fast):
-        a, g = proj(x).chunk(2, dim=-1)
-        return a * F.gelu(g)
+    The oneDNN candidate is two matmuls with the GELU and the product fused into them (no
+    (…, 2·inner) tensor, no separate GELU or multiply pass)."""
+    if onednn_ok(x, fast):
+        xs = x.reshape(-1, proj.in_features)[:ROWS]
+        pick = tuner().pick("geglu", (x.numel() // proj.in_features, proj.in_features,
+                                      proj.out_features),
+                            {"torch": lambda: _geglu_torch(proj, xs, fast),
+                             "onednn": lambda: _geglu_dnn(proj, xs)})
+        if pick == "onednn":
+            return _geglu_dnn(proj, x)
+    return _geglu_torch(proj, x, fast)
+
+
+def _geglu_torch(proj: nn.Linear, x: torch.Tensor, fast: bool) -> torch.Tensor:
+    a, g = linear(proj, x, fast).chunk(2, dim=-1)
+    return a * F.gelu(g)
+
+
+def _geglu_dnn(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     inner = proj.out_features // 2
     w, b = proj.weight, proj.bias
     wa, wg = w[:inner], w[inner:]                                     # row blocks: views
     ba, bg = (None, None) if b is None else (b[:inner], b[inner:])
-    gate = torch.ops.mkldnn._linear_pointwise(x, wg, bg, "gelu", [], "none")     # GELU(x W_gᵀ + b_g)
+    gate = _dnn(x, wg, bg, "gelu", "none")                                  # GELU(x W_gᵀ + b_g)
     return torch.ops.mkldnn._linear_pointwise.binary(x, gate, wa, ba, "mul")     # (x W_aᵀ + b_a)·gate
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast: bool = False,
-         mask: torch.Tensor | None = None, min_keys: int = 1024,
-         chunk: int = 1 << 22) -> torch.Tensor:
+         mask: torch.Tensor | None = None, min_keys: int = 1024) -> torch.Tensor:
     """softmax(Q Kᵀ/√d + mask)·V without keeping M. q: (b, h, n, d); k, v: (b, h, m, d) ->
     (b, h, n, d); `mask` (additive, broadcast to (b, h, n, m)) goes to PyTorch's kernel.
 
-    `F.scaled_dot_product_attention`, except for long key sequences (m ≥ `min_keys`: the 64² and
-    32² self-attention at 512 px) on the oneDNN path: there, per (image, head), slices of
-    queries go through two oneDNN matmuls -- S = Q_i Kᵀ, P = softmax(S), O_i = P V -- so only a
-    slice of M of at most `chunk` entries (16 MB) exists at a time. Measured against PyTorch's
-    fused CPU kernel at 64² (4 × 8 heads × 4096 × 40): 470 vs 626 ms (`tools/bench_kernels.py`)."""
+    `F.scaled_dot_product_attention`, or, for long key sequences (m ≥ `min_keys`: the 64² and 32²
+    self-attention at 512 px) on the oneDNN path when the tuner measured it faster on one
+    image·head, `dnn_attention`'s query slices."""
+    m = k.shape[2]
+    if mask is None and onednn_ok(q, fast) and m >= min_keys:
+        q1, k1, v1 = q[:1, :1], k[:1, :1], v[:1, :1]                  # one image, one head
+        pick = tuner().pick("attention", (q.shape[2], m, q.shape[3]),
+                            {"sdpa": lambda: F.scaled_dot_product_attention(q1, k1, v1),
+                             "onednn": lambda: dnn_attention(q1, k1, v1)})
+        if pick == "onednn":
+            return dnn_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def dnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  chunk: int = 1 << 22) -> torch.Tensor:
+    """Per (image, head), slices of queries through two oneDNN matmuls -- S = Q_i Kᵀ/√d,
+    P = softmax(S), O_i = P V -- so only a slice of M of at most `chunk` entries (16 MB) exists at
+    a time. Shapes as `sdpa`."""
     b, h, n, d = q.shape
     m = k.shape[2]
-    if mask is not None or not (onednn_ok(q, fast) and m >= min_keys):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     qs = (q * d ** -0.5).reshape(b * h, n, d)                          # Q/√d, (b·h, n, d)
     ks = k.reshape(b * h, m, d)                                        # (b·h, m, d)
     vt = v.transpose(-1, -2).reshape(b * h, d, m)                      # Vᵀ, (b·h, d, m)
@@ -76,7 +115,6 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast: bool = False,
     rows = max(1, min(n, chunk // m))                                  # queries per slice
     for j in range(b * h):
         for i in range(0, n, rows):
-            s = torch.ops.mkldnn._linear_pointwise(qs[j, i:i + rows], ks[j], None, "none", [], "")
-            out[j, i:i + rows] = torch.ops.mkldnn._linear_pointwise(    # (rows, m) · (m, d)
-                s.softmax(dim=-1), vt[j], None, "none", [], "")
+            s = _dnn(qs[j, i:i + rows], ks[j], None)                   # (rows, d) · (d, m)
+            out[j, i:i + rows] = _dnn(s.softmax(dim=-1), vt[j], None)  # (rows, m) · (m, d)
     return out.view(b, h, n, d)

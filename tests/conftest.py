@@ -1,10 +1,13 @@
 """Session fixtures: tiny random SD-family checkpoints written once per test run."""
 import os
+import tempfile
 import warnings
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never touch the network
+# the kernel tuner's cache (minip2p/autotune.py) in a folder of this run, not the user's
+os.environ.setdefault("MINIP2P_CACHE_DIR", tempfile.mkdtemp(prefix="minip2p-kernels-"))
 warnings.filterwarnings("ignore", module="diffusers")
 warnings.filterwarnings("ignore", module="transformers")
 

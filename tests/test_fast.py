@@ -8,7 +8,7 @@ The reference limits scale with it: store ≤ 4² (= 32² at 512 px), self-repla
 import pytest
 import torch
 
-from minip2p import ops
+from minip2p import autotune, ops
 from minip2p.control import Controller
 from minip2p.methods import p2p
 from minip2p.pipeline import decode, generate
@@ -106,7 +106,15 @@ def _layers():
     return lin, conv, nobias, torch.randn(3, 17, 24, generator=g)
 
 
-def test_onednn_linear_equals_nn_linear():
+@pytest.fixture
+def onednn():
+    """Every oneDNN candidate forced, whatever this machine's tuner would pick."""
+    old = autotune.set_tuner(autotune.forced(linear="onednn", geglu="onednn", attention="onednn"))
+    yield
+    autotune.set_tuner(old)
+
+
+def test_onednn_linear_equals_nn_linear(onednn):
     lin, conv, nobias, x = _layers()
     with torch.no_grad():
         for layer in (lin, nobias):
@@ -122,7 +130,7 @@ def test_onednn_linear_equals_nn_linear():
         assert ops.geglu(proj, x, fast=True).shape == (3, 17, 40)
 
 
-def test_onednn_linear_is_not_used_under_autograd():
+def test_onednn_linear_is_not_used_under_autograd(onednn):
     """oneDNN's op has no backward: with gradients on, the fast path must take nn.Linear
     (null-text inversion differentiates through the UNet with fast=True)."""
     lin, _, _, x = _layers()
@@ -134,9 +142,9 @@ def test_onednn_linear_is_not_used_under_autograd():
 
 
 @pytest.mark.skipif(not ops.ONEDNN, reason="this PyTorch build has no oneDNN linear")
-def test_fast_unet_call_runs_its_linear_layers_on_onednn(sd_model):
-    """A guard that is not a timing: every linear layer of a fast UNet call (q, k, v, out,
-    proj_in/out, GEGLU, FF) goes to oneDNN, and none of the explicit call does."""
+def test_fast_unet_call_runs_its_linear_layers_on_onednn(sd_model, onednn):
+    """A guard that is not a timing: with oneDNN picked, every linear layer of a fast UNet call
+    (q, k, v, out, proj_in/out, GEGLU, FF) goes to oneDNN, and none of the explicit call does."""
     unet = sd_model.unet
     z, c = torch.randn(2, 4, 8, 8), torch.randn(2, 77, unet.cfg.cross_attention_dim)
     counts = {}
@@ -155,7 +163,7 @@ def test_fast_unet_call_runs_its_linear_layers_on_onednn(sd_model):
 
 
 @pytest.mark.parametrize("n,m,chunk", [(50, 1100, 1 << 22), (50, 1100, 3000), (7, 1024, 1024)])
-def test_sdpa_slices_equal_fused_attention(n, m, chunk):
+def test_sdpa_slices_equal_fused_attention(n, m, chunk, onednn):
     """ops.sdpa's oneDNN query slices (long key sequences) = F.scaled_dot_product_attention,
     including slices that do not divide the queries evenly (chunk // m rows per slice)."""
     g = torch.Generator().manual_seed(1)
@@ -163,10 +171,11 @@ def test_sdpa_slices_equal_fused_attention(n, m, chunk):
     k, v = torch.randn(2, 3, m, 16, generator=g), torch.randn(2, 3, m, 16, generator=g)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     with torch.no_grad():
-        out = ops.sdpa(q, k, v, fast=True, chunk=chunk)
+        out = ops.dnn_attention(q, k, v, chunk=chunk)
+        assert (ops.sdpa(q, k, v, fast=True, min_keys=m) - ref).abs().max() <= 1e-5
     assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-5
     q.requires_grad_()                                     # under autograd: PyTorch's kernel,
-    out = ops.sdpa(q, k, v, fast=True, chunk=chunk)       # so gradients reach q
+    out = ops.sdpa(q, k, v, fast=True, min_keys=m)        # so gradients reach q
     assert (out - ref).abs().max() <= 1e-5
     out.sum().backward()
     assert q.grad is not None and q.grad.abs().sum() > 0

@@ -96,6 +96,9 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--explicit", action="store_true",
                    help="form every attention map explicitly (the reference path; slower)")
+    p.add_argument("--no-autotune", action="store_true",
+                   help="do not time the fast path's kernel choices on this machine; take "
+                        "PyTorch's own kernels (reproducible runs; also MINIP2P_NO_AUTOTUNE=1)")
     if lean:
         p.add_argument("--free-text-encoder", action="store_true",
                        help="free the text encoder once the prompts are encoded (less memory)")
@@ -141,7 +144,10 @@ def save_images(images: dict, folder: Path):
 
 
 def load(args):
+    from ..autotune import Tuner, set_tuner
     from ..loading import load_model
+    if getattr(args, "no_autotune", False):
+        set_tuner(Tuner(enabled=False))
     return load_model(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
                       revision=args.revision, embeddings=args.embedding)
 

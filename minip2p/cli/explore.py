@@ -52,4 +52,6 @@ def add_commands(sub):
                    help="textual-inversion embedding (repeatable)")
     x.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     x.add_argument("--device", default="cpu", help="cpu, cuda, mps … (cpu)")
+    x.add_argument("--no-autotune", action="store_true",
+                   help="PyTorch's own kernels, no timing of the fast path's choices")
     x.set_defaults(run=cmd_explore)

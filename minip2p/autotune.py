@@ -1,0 +1,171 @@
+"""Kernels chosen by measurement on the running machine, never by a constant.
+
+The fast path has a choice at a few places, and which side wins depends on the CPU, the PyTorch
+build, the thread count and the shape: on one AMD EPYC MKL's sgemm ran at half oneDNN's speed, on
+an Intel Xeon oneDNN lost 4 % and PyTorch's fused attention beat oneDNN query slices by 16 %.
+
+    kind        candidates                   where (minip2p/ops.py, pipeline.decode)
+    linear      torch | onednn               y = x Wᵀ + b          (MKL sgemm vs oneDNN matmul)
+    geglu       torch | onednn               a · GELU(g)           (three passes vs two fused matmuls)
+    attention   sdpa  | onednn               softmax(QKᵀ/√d)·V, m ≥ 1024 keys (fused vs query slices)
+    decode      contiguous | channels_last   the VAE decoder's memory layout
+
+The first time the fast path meets a (kind, shape) on a machine, `Tuner.pick` times every
+candidate on a slice of the real input (≤ 2048 rows, one image·head of attention, one decoder
+ResNet block at 128²), in alternation, best of ≥ `REPS` rounds and ≥ 20 ms, and keeps the
+fastest. Choices are
+cached in one JSON file (`$MINIP2P_CACHE_DIR`, else `$XDG_CACHE_HOME/minip2p`, else
+`~/.cache/minip2p`, file `kernels.json`) under the key  CPU model | torch version | threads,
+so a new machine, a new PyTorch or another `torch.set_num_threads` measures again.
+
+`--no-autotune` (every model-running command) or `MINIP2P_NO_AUTOTUNE=1` switch measuring off
+for reproducible runs: then every choice is PyTorch's own kernel (the `DEFAULT` column), with no
+file read or written. The explicit path (fast=False) never asks. Every candidate computes the same
+function; tests/test_autotune.py proves each one equals the explicit path.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+KINDS = {"linear": ("torch", "onednn"), "geglu": ("torch", "onednn"),
+         "attention": ("sdpa", "onednn"), "decode": ("contiguous", "channels_last")}
+DEFAULT = {kind: names[0] for kind, names in KINDS.items()}       # PyTorch's own kernels
+REPS = 3
+ENV_OFF = "MINIP2P_NO_AUTOTUNE"
+
+
+@functools.cache
+def cpu_model() -> str:
+    """'AMD EPYC …' / 'Intel(R) Xeon(R) …' from /proc/cpuinfo, else platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def cache_file() -> Path:
+    root = os.environ.get("MINIP2P_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = os.path.join(xdg, "minip2p")
+    return Path(root) / "kernels.json"
+
+
+def machine_key() -> str:
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def best_times(run: dict[str, Callable[[], object]], budget: float = 0.02,
+               rounds: int = 50) -> dict[str, float]:
+    """The best time of each candidate, timed in alternation (A B A B …: a burst of load hits
+    both alike) for at least `REPS` rounds and until `budget` seconds were spent, at most
+    `rounds`. Small ops get many tries, so one preempted run cannot decide."""
+    for fn in run.values():
+        fn()                                                      # warm-up: allocations, packing
+    best = {name: float("inf") for name in run}
+    spent, n = 0.0, 0
+    while n < REPS or (spent < budget and n < rounds):
+        for name, fn in run.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            best[name], spent = min(best[name], dt), spent + dt
+        n += 1
+    return best
+
+
+class Tuner:
+    """Picks, per (kind, shape), the fastest candidate measured on this machine; remembers it."""
+
+    def __init__(self, enabled: bool = True, path: Path | None = None,
+                 fixed: dict[str, str] | None = None):
+        for kind, name in (fixed or {}).items():
+            if name not in KINDS.get(kind, ()):
+                raise ValueError(f"unknown kernel {kind}={name}; choose from {KINDS}")
+        self.enabled = enabled and fixed is None
+        self.fixed = fixed or {}                                 # kind -> choice, never measured
+        self.path = path
+        self.table: dict[str, dict[str, str]] = {}               # machine key -> {site: choice}
+        self.timings: dict[str, dict[str, float]] = {}           # this process's measurements
+        self.measured = 0                                        # how many picks were timed here
+        self._loaded = False
+
+    def _load(self):
+        self._loaded = True
+        try:
+            data = json.loads(self.path.read_text())
+            self.table = {k: dict(v) for k, v in data.items() if isinstance(v, dict)}
+        except (OSError, ValueError, AttributeError):
+            self.table = {}                                      # absent or unreadable: measure
+
+    def _save(self):
+        """Merge into the file (another process may have added keys) and replace it atomically;
+        a cache that cannot be written is not an error -- the choice is still used here."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                on_disk = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                on_disk = {}
+            for mkey, sites in self.table.items():
+                on_disk.setdefault(mkey, {}).update(sites)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(on_disk, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def pick(self, kind: str, shape: tuple, run: dict[str, Callable[[], object]]) -> str:
+        """The candidate to use for `kind` at `shape`; `run[name]()` runs candidate `name` once on
+        a representative slice (only called when this machine has not measured it yet)."""
+        if not self.enabled:
+            return self.fixed.get(kind, DEFAULT[kind])
+        if not self._loaded:
+            if self.path is None:
+                self.path = cache_file()
+            self._load()
+        sites = self.table.setdefault(machine_key(), {})
+        site = f"{kind} {'x'.join(str(s) for s in shape)}"
+        if site not in sites or sites[site] not in run:
+            with torch.no_grad():
+                times = best_times(run)
+            sites[site] = min(times, key=times.get)
+            self.timings[site] = times
+            self.measured += 1
+            self._save()
+        return sites[site]
+
+
+_tuner: Tuner | None = None
+
+
+def tuner() -> Tuner:
+    """This process's tuner: on unless MINIP2P_NO_AUTOTUNE is set (to anything but 0/empty)."""
+    global _tuner
+    if _tuner is None:
+        _tuner = Tuner(enabled=os.environ.get(ENV_OFF, "") in ("", "0"))
+    return _tuner
+
+
+def set_tuner(t: Tuner) -> Tuner:
+    """Replace this process's tuner (the CLI's --no-autotune, tests); returns the old one."""
+    global _tuner
+    old, _tuner = _tuner, t
+    return old
+
+
+def forced(**choices: str) -> Tuner:
+    """A tuner that always answers `choices` (other kinds: PyTorch's own) -- for tests and for
+    reproducing a choice made on another machine."""
+    return Tuner(fixed=choices)

@@ -1,0 +1,120 @@
+"""Kernels chosen by measurement (minip2p/autotune.py): every candidate the tuner can pick equals
+the explicit path; a choice is measured once per machine key and cached; --no-autotune and
+MINIP2P_NO_AUTOTUNE take PyTorch's own kernels with no file touched."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minip2p import autotune
+from minip2p.autotune import KINDS, Tuner, forced
+from minip2p.pipeline import decode
+
+# every candidate of every kind at least once, plus the two mixed assignments
+ASSIGNMENTS = [{k: names[0] for k, names in KINDS.items()},
+               {k: names[1] for k, names in KINDS.items()},
+               {"linear": "onednn", "geglu": "torch", "attention": "sdpa", "decode": "channels_last"},
+               {"linear": "torch", "geglu": "onednn", "attention": "onednn", "decode": "contiguous"}]
+
+
+@pytest.fixture
+def use():
+    """use(tuner): this process's tuner for the test, restored after."""
+    old = autotune.set_tuner(autotune.tuner())
+    yield autotune.set_tuner
+    autotune.set_tuner(old)
+
+
+@pytest.mark.parametrize("choice", ASSIGNMENTS, ids=lambda c: ",".join(c.values()))
+def test_every_candidate_equals_the_explicit_path(sd_model, use, choice):
+    """A UNet call on 32×32 latents (the top level's self-attention has 1024 keys, so the
+    attention choice is made there) and a decode, under each forced assignment, against
+    fast=False: nn.Linear, explicit softmax(QKᵀ/√d)·V, the default layout."""
+    use(forced(**choice))
+    unet = sd_model.unet
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 32, 32, generator=g)
+    c = torch.randn(2, 77, unet.cfg.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        fast, ref = unet(z, 10, c, fast=True), unet(z, 10, c, fast=False)
+    assert (fast - ref).abs().max() <= 2e-5 * max(1.0, ref.abs().max().item())
+    images = {f: decode(sd_model, z[:1, :, :8, :8], fast=f) for f in (True, False)}
+    assert (images[True] - images[False]).abs().max() <= 1e-5
+
+
+def test_a_choice_is_measured_once_and_cached(tmp_path):
+    path = tmp_path / "kernels.json"
+    calls = []
+    run = {name: (lambda n=name: calls.append(n)) for name in KINDS["linear"]}
+    t = Tuner(path=path)
+    pick = t.pick("linear", (64, 8, 8), run)
+    assert pick in KINDS["linear"] and t.measured == 1
+    assert set(calls) == set(KINDS["linear"]) and len(calls) >= 2 * (autotune.REPS + 1)
+    calls.clear()
+    assert t.pick("linear", (64, 8, 8), run) == pick and not calls          # this process
+    again = Tuner(path=path)                                                 # a new process
+    assert again.pick("linear", (64, 8, 8), run) == pick and not calls and again.measured == 0
+    data = json.loads(path.read_text())
+    assert data[autotune.machine_key()] == {"linear 64x8x8": pick}
+    assert autotune.cpu_model() in autotune.machine_key()
+    assert torch.__version__ in autotune.machine_key()
+
+
+def test_another_thread_count_measures_again(tmp_path):
+    threads = torch.get_num_threads()
+    run = {name: (lambda: None) for name in KINDS["geglu"]}
+    t = Tuner(path=tmp_path / "k.json")
+    t.pick("geglu", (4, 4, 8), run)
+    try:
+        torch.set_num_threads(threads + 1)
+        t.pick("geglu", (4, 4, 8), run)
+    finally:
+        torch.set_num_threads(threads)
+    assert t.measured == 2 and len(json.loads((tmp_path / "k.json").read_text())) == 2
+
+
+def test_a_broken_or_unwritable_cache_is_measured_again_not_an_error(tmp_path):
+    bad = tmp_path / "kernels.json"
+    bad.write_text("{not json")
+    run = {name: (lambda: None) for name in KINDS["attention"]}
+    t = Tuner(path=bad)
+    assert t.pick("attention", (1, 2, 3), run) in KINDS["attention"] and t.measured == 1
+    assert json.loads(bad.read_text())                                      # repaired
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    t = Tuner(path=blocked / "kernels.json")                                # folder is a file
+    assert t.pick("attention", (1, 2, 3), run) in KINDS["attention"]
+
+
+def test_disabled_and_forced_tuners_never_measure(tmp_path):
+    run = {name: (lambda: pytest.fail("measured")) for name in KINDS["decode"]}
+    off = Tuner(enabled=False, path=tmp_path / "k.json")
+    assert off.pick("decode", (1,), run) == autotune.DEFAULT["decode"]
+    assert forced(decode="channels_last").pick("decode", (1,), run) == "channels_last"
+    assert not (tmp_path / "k.json").exists()
+    with pytest.raises(ValueError):
+        forced(linear="mkl")
+
+
+def _generate(tmp_path, *flags, env=None):
+    cache = tmp_path / "cache"
+    run_env = {k: v for k, v in os.environ.items() if k != "MINIP2P_NO_AUTOTUNE"}
+    run_env.update(MINIP2P_CACHE_DIR=str(cache), **(env or {}))
+    r = subprocess.run([sys.executable, "-m", "minip2p", "generate", "a red circle", "--steps", "2",
+                        "--quiet", "--out", str(tmp_path / "x.png"), *flags],
+                       capture_output=True, text=True, env=run_env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return cache / "kernels.json"
+
+
+def test_the_cli_tunes_and_no_autotune_and_the_variable_switch_it_off(tmp_path):
+    assert not _generate(tmp_path, "--no-autotune").exists()
+    assert not _generate(tmp_path, env={"MINIP2P_NO_AUTOTUNE": "1"}).exists()
+    table = json.loads(_generate(tmp_path).read_text())
+    (key, sites), = table.items()
+    assert "threads" in key and any(s.startswith("linear ") for s in sites)
+    assert any(s.startswith("decode ") for s in sites)
+    assert all(v in sum(KINDS.values(), ()) for v in sites.values())
