@@ -19,6 +19,8 @@ memory: the process's peak RSS (getrusage ru_maxrss, load included) on CPU,
 torch.cuda.max_memory_allocated on CUDA; max|Δ| of the images against the diffusers row that
 should give the same images (community-edit against diffusers-plain: how much the edit changed).
 With no --model the full SD 1.5-shape random checkpoint is built as tools/parity.py does.
+On the CPU the rows are also set against the compute floor (tools/floor.py): the run's FLOPs ÷
+the best GEMM/conv rate measured at the start of the same run with the same threads.
 On a shared CPU, --threads 1 gives steadier figures than torch's default. Usage:
   python tools/bench.py --community DIR/pipeline_prompt2prompt.py --size 512 --steps 3 --threads 1
   python tools/bench.py --community DIR/pipeline_prompt2prompt.py --tiny        # seconds
@@ -35,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
+sys.path.insert(0, str(ROOT / "tools"))
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
 ROWS = ["minip2p-plain", "minip2p-edit", "minip2p-edit-explicit", "diffusers-plain",
         "community-edit"]
@@ -185,11 +188,33 @@ def child(name: str, args, folder: Path, save: Path) -> dict | None:
     return res
 
 
+def floor_table(res: dict, args, folder: Path, rate: float, kernel: str):
+    """Each row's s/step and decode against the floor (tools/floor.py): FLOPs of one step (the
+    UNet on 4 rows: 2 prompts with guidance) and of decoding 2 images, ÷ the best rate measured
+    in this run."""
+    from floor import configs, decode_flops, unet_flops
+    ucfg, vcfg = configs(folder)
+    step = unet_flops(ucfg, vcfg, 4, args.size, args.size)
+    dec = 2 * decode_flops(vcfg, args.size, args.size)
+    print(f"\nFloor: best rate measured in this run {rate / 1e9:.0f} GFLOP/s ({kernel}); one step "
+          f"{step / 1e9:,.1f} GFLOP -> {step / rate:.2f} s; decoding 2 images {dec / 1e9:,.1f} "
+          f"GFLOP -> {dec / rate:.2f} s\n")
+    print("| row | s/step | step / floor | decode s | decode / floor | run s | run / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    total = (args.steps * step + dec) / rate
+    for name, r in res.items():
+        print(f"| {name} | {r['s_step']:.2f} | {r['s_step'] / (step / rate):.2f}x | "
+              f"{r['decode']:.1f} | {r['decode'] / (dec / rate):.2f}x | {r['run']:.1f} | "
+              f"{r['run'] / total:.2f}x |")
+
+
 def table(res: dict, args, mem: str, build_s: float | None):
     geo = "tiny" if args.tiny else "SD 1.5 shape" if args.model is None else str(args.model)
     threads = "/".join(sorted({str(r["threads"]) for r in res.values()}))
     built = f"; checkpoint built in {build_s:.0f} s" if build_s else ""
-    print(f"\n{geo}, random weights, {args.dtype} on {args.device} ({threads} threads), "
+    from minip2p.autotune import cpu_model
+    where = f"{args.device}: {cpu_model()}" if args.device == "cpu" else args.device
+    print(f"\n{geo}, random weights, {args.dtype} on {where} ({threads} threads), "
           f"{args.size}x{args.size}, {args.steps} steps, guidance {args.guidance}, "
           f"seed {args.seed}, 2 prompts{built}"
           f"{'; minip2p rows free the text encoder after encoding' if args.free_text_encoder else ''}")
@@ -270,6 +295,12 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             build_model(folder, args.tiny, args.seed)
             build_s = time.perf_counter() - t0
+        floor = None
+        if args.device == "cpu":
+            from floor import best_rate
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            floor = best_rate()                       # this machine, these threads, this run
         res = {}
         for name in rows:
             r = child(name, args, folder, Path(tmp) / f"{name}.pt")
@@ -279,7 +310,9 @@ def main(argv=None) -> int:
             if name in res and ref in res:
                 a, b = torch.load(Path(tmp) / f"{name}.pt"), torch.load(Path(tmp) / f"{ref}.pt")
                 res[name]["diff"] = (a - b).abs().max().item()
-    table(res, args, mem, build_s)
+        table(res, args, mem, build_s)
+        if floor:
+            floor_table(res, args, folder, *floor)
     ratios(res)
     return 0 if len(res) == len(rows) else 1
 

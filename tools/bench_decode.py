@@ -39,18 +39,24 @@ def interleave(rows: dict, rounds: int):
     return outs, times, faults
 
 
-def report(what: str, outs: dict, times: dict, stat: str = "mean", faults: dict | None = None):
+def report(what: str, outs: dict, times: dict, stat: str = "mean", faults: dict | None = None,
+           flops: dict | None = None, rate: float | None = None):
     """A markdown table: per row the mean (or median) and min time, the mean minor page faults
-    if given, and max|Δ| of its output against the first row's (– where the shapes differ)."""
+    if given, the row's GFLOP and its time over the floor (FLOPs ÷ `rate`, tools/floor.py) if
+    given, and max|Δ| of its output against the first row's (– where the shapes differ)."""
     centre = statistics.mean if stat == "mean" else statistics.median
     first = next(iter(outs.values()))
     heads = [what, f"{stat} s", "min s"] + (["minor page faults"] if faults else [])
+    heads += ["GFLOP", "floor s", f"{stat} / floor"] if flops else []
     print("| " + " | ".join(heads + ["max abs diff vs first row"]) + " |")
     print("|---|" + "---:|" * len(heads))
     for name, out in outs.items():
         fmt = ".3f" if min(times[name]) < 1 else ".2f"
         cells = [name, f"{centre(times[name]):{fmt}}", f"{min(times[name]):{fmt}}"]
         cells += [str(sum(faults[name]) // len(faults[name]))] if faults else []
+        if flops:
+            floor = flops[name] / rate
+            cells += [f"{flops[name] / 1e9:,.1f}", f"{floor:{fmt}}", f"{centre(times[name]) / floor:.2f}x"]
         diff = f"{(out - first).abs().max().item():.1e}" if out.shape == first.shape else "–"
         print("| " + " | ".join(cells + [diff]) + " |")
 

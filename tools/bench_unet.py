@@ -25,10 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_decode import interleave, report  # noqa: E402  (tools/ is this script's folder)
+from floor import best_rate, unet_flops  # noqa: E402
 from minip2p.guidance import GuidanceBatch  # noqa: E402
 from minip2p.methods import masactrl, p2p, pnp  # noqa: E402
 from minip2p.loading import load_model  # noqa: E402
 from minip2p.pipeline import encode_text  # noqa: E402
+from minip2p.autotune import cpu_model  # noqa: E402
 
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
 
@@ -71,9 +73,13 @@ def main(argv=None):
         ref = UNet2DConditionModel.from_pretrained(str(args.model / "unet")).eval()
         rows["diffusers UNet (SDPA), plain"] = lambda: ref(z, t, context).sample
     outs, times, _ = interleave(rows, args.rounds)
+    rate, kernel = best_rate()                                       # same run, same threads
+    per = {b: unet_flops(unet.cfg, model.vae.cfg, b, args.size, args.size) for b in (3, 4)}
+    flops = {name: per[3 if "3 rows" in name else 4] for name in rows}
     print(f"\n{args.model}, UNet batch 4 at {args.size}x{args.size}, t = {t}, {args.threads} "
-          f"threads, {args.rounds} interleaved rounds\n")
-    report("UNet call", outs, times, "median")
+          f"threads, {args.rounds} interleaved rounds; {cpu_model()}; best rate measured now "
+          f"{rate / 1e9:.0f} GFLOP/s ({kernel}); floor = GFLOP / that rate\n")
+    report("UNet call", outs, times, "median", flops=flops, rate=rate)
 
 if __name__ == "__main__":
     main()

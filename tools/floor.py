@@ -1,0 +1,99 @@
+"""The compute floor of a benchmark: its FLOPs ÷ the best GEMM/conv rate of this machine.
+
+    floor (s)   = FLOPs of the run / best rate (FLOP/s)
+    reached     = floor / measured seconds          (1.0 would be every FLOP at the best rate)
+
+FLOPs are counted by `torch.utils.flop_counter` on meta-device copies of the model's UNet and VAE
+(shapes only, no data, no time): the explicit path's matmuls, bmms and convolutions -- the same
+count on either path, since the fast path changes kernels, not arithmetic. SD 1.5 at 512²: 803.3
+GFLOP per image per UNet call, 2514.5 GFLOP per decoded image. The best rate is measured in the
+same run, on the same threads: the best of PyTorch's F.linear (MKL) and oneDNN's matmul at three
+of the UNet's GEMM shapes, and of a 3×3 convolution in both memory layouts, each the best of a few
+tries. Used by tools/bench.py and tools/bench_unet.py.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+# (tokens, in, out) of the UNet's big GEMMs at 512 px, and a 3×3 conv of its first level
+GEMMS = [(4096, 1280, 320), (4096, 640, 2560), (1024, 1280, 5120)]
+CONV = (2, 320, 64, 64)
+
+
+def _count(fn) -> int:
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def configs(folder) -> tuple:
+    """(UNetConfig, VAEConfig) of a diffusers-layout folder, without loading any weight."""
+    from minip2p.config import UNetConfig, VAEConfig
+    return tuple(cls.from_dict(json.loads((Path(folder) / sub / "config.json").read_text()))
+                 for sub, cls in (("unet", UNetConfig), ("vae", VAEConfig)))
+
+
+def unet_flops(ucfg, vcfg, batch: int, height: int, width: int) -> int:
+    """FLOPs of one UNet call on `batch` latents of an height × width image."""
+    from minip2p.unet import UNet2DConditionModel
+    f = vcfg.downscale
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(ucfg)
+
+    def call():
+        z = torch.empty(batch, ucfg.in_channels, height // f, width // f)
+        unet(z, torch.tensor(500.0), torch.empty(batch, 77, ucfg.cross_attention_dim), fast=False)
+    return _count(call)
+
+
+def decode_flops(vcfg, height: int, width: int) -> int:
+    """FLOPs of decoding one height × width image."""
+    from minip2p.vae import AutoencoderKL
+    f = vcfg.downscale
+    with torch.device("meta"):
+        vae = AutoencoderKL(vcfg)
+    return _count(lambda: vae.decode(torch.empty(1, vcfg.latent_channels, height // f, width // f)))
+
+
+def _best(fn, reps: int = 3) -> float:
+    fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return min(out)
+
+
+@torch.no_grad()
+def best_rate(reps: int = 3) -> tuple[float, str]:
+    """(FLOP/s, which kernel and shape) -- the fastest GEMM or conv measured now."""
+    g = torch.Generator().manual_seed(0)
+    rates = {}
+    dnn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    for n, cin, cout in GEMMS:
+        x, w = torch.randn(n, cin, generator=g), torch.randn(cout, cin, generator=g)
+        flop = 2 * n * cin * cout
+        rates[f"F.linear {n}x{cin}->{cout}"] = flop / _best(lambda: F.linear(x, w), reps)
+        if dnn is not None:
+            rates[f"oneDNN matmul {n}x{cin}->{cout}"] = flop / _best(
+                lambda: dnn(x, w, None, "none", [], ""), reps)
+    b, c, h, w_ = CONV
+    x, k = torch.randn(b, c, h, w_, generator=g), torch.randn(c, c, 3, 3, generator=g)
+    flop = 2 * b * c * c * 9 * h * w_
+    for name, fmt in (("conv3x3", torch.contiguous_format), ("conv3x3 channels-last", torch.channels_last)):
+        xf, kf = x.contiguous(memory_format=fmt), k.contiguous(memory_format=fmt)
+        rates[f"{name} {b}x{c}x{h}x{w_}"] = flop / _best(lambda: F.conv2d(xf, kf, padding=1), reps)
+    best = max(rates, key=rates.get)
+    return rates[best], best
+
+
+def floor_text(flops: float, seconds: float, rate: float) -> str:
+    floor = flops / rate
+    return f"{flops / 1e9:,.1f} GFLOP, floor {floor:.2f} s, reached {floor / seconds:.0%} ({seconds / floor:.2f}x the floor)"
