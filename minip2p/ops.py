@@ -92,7 +92,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast: bool = False,
     image·head, `dnn_attention`'s query slices."""
     m = k.shape[2]
     if mask is None and onednn_ok(q, fast) and m >= min_keys:
-        q1, k1, v1 = q[:1, :1], k[:1, :1], v[:1, :1]                  # one image, one head
+        q1, k1, v1 = (t[:1, :1].contiguous() for t in (q, k, v))     # one image, one head
         pick = tuner().pick("attention", (q.shape[2], m, q.shape[3]),
                             {"sdpa": lambda: F.scaled_dot_product_attention(q1, k1, v1),
                              "onednn": lambda: dnn_attention(q1, k1, v1)})
@@ -109,8 +109,8 @@ def dnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, h, n, d = q.shape
     m = k.shape[2]
     qs = (q * d ** -0.5).reshape(b * h, n, d)                          # Q/√d, (b·h, n, d)
-    ks = k.reshape(b * h, m, d)                                        # (b·h, m, d)
-    vt = v.transpose(-1, -2).reshape(b * h, d, m)                      # Vᵀ, (b·h, d, m)
+    ks = k.reshape(b * h, m, d).contiguous()                           # (b·h, m, d)
+    vt = v.transpose(-1, -2).reshape(b * h, d, m).contiguous()         # Vᵀ, (b·h, d, m)
     out = q.new_empty(b * h, n, d)
     rows = max(1, min(n, chunk // m))                                  # queries per slice
     for j in range(b * h):
