@@ -105,6 +105,10 @@ class DDIM:
         x0, eps = self._split(model_out, z, a_t.to(z.dtype))
         return a_prev.to(z.dtype) ** 0.5 * x0 + (1 - a_prev.to(z.dtype)) ** 0.5 * eps
 
+    def epsilon(self, model_out: torch.Tensor, z: torch.Tensor, t: int) -> torch.Tensor:
+        """The ε that `model_out` means at z_t (itself for ε-prediction)."""
+        return self._split(model_out, z, self.alpha(t).to(z.dtype))[1]
+
     def invert_step(self, model_out: torch.Tensor, t: int, z: torch.Tensor, steps: int):
         """One inversion step z_{t'} -> z_t, t' = t - 1000/steps. `model_out` is ε_θ(z_{t'}, t):
         the noise at the latent we have, with the timestep we go to (null-text inversion code),

@@ -2,6 +2,7 @@
 
 DDIM inversion (guidance 1, source prompt c): run DDIM backwards from z_0 = E(x)·scaling_factor,
     z_t = invert_step(ε_θ(z_{t'}, t, c), z_{t'}),  t' = t − 1000/N      gives z_0, z_1, …, z_T
+optionally with each ε_θ regularised towards white noise first (Pix2Pix-Zero: noise_reg.py),
 then denoise from z_T with one of three ∅_t (the edit loop uses ∅_t for every prompt):
     ddim             ∅_t = ψ("")                 (reconstruction drifts at guidance 7.5)
     null-text        ∅_t optimised (Mokady et al. 2022, arXiv 2211.09794): for i = 0 … N−1,
@@ -20,7 +21,8 @@ UNet itself runs in the model's dtype; ∅ is cast on the way in, the gradient o
 The inversion file is one safetensors file: tensors z_T (1, 4, h, w), uncond (N or 1, 1, 77, d)
 (1 when ∅_t is the same at every step), probe (k, 2) (the model's weight norms and sizes), image
 (H, W, 3) uint8 (the input as cropped and resized); metadata format, version, prompt, method,
-steps, guidance, height, width, model, model_config (a hash of the configs). It is written to a
+steps, guidance, height, width, model, model_config (a hash of the configs), and regularised
+(the noise regulariser's settings, "" when none). It is written to a
 temporary file and renamed into place.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ from . import images
 from .atomic import atomic_write
 from .errors import MinipError
 from .guidance import cfg
+from .noise_reg import Regulariser, regularise
 from .pipeline import decode, denoise, encode_text
 
 FORMAT, VERSION = "minip2p-inversion", 1
@@ -59,6 +62,7 @@ class Inversion:
     image: torch.Tensor | None = None   # (H, W, 3) uint8: the input the inversion saw
     latents: list | None = None         # DDIM inversion z_0 … z_T (in memory only)
     losses: list | None = None          # null-text: the inner losses of each step (in memory)
+    regularised: str = ""               # Regulariser.describe() of a regularised inversion
 
     def per_step(self) -> list[torch.Tensor]:
         """∅_t for each of the N steps: a list of (1, 77, d)."""
@@ -69,12 +73,16 @@ class Inversion:
 
 @torch.no_grad()
 def ddim_invert(model, z0: torch.Tensor, cond: torch.Tensor, steps: int,
-                progress: bool = True) -> list[torch.Tensor]:
-    """z_0 (1, 4, h, w) -> [z_0, z_1, …, z_T] (N + 1 latents, fp32), guidance 1 with c."""
+                progress: bool = True, reg: Regulariser | None = None) -> list[torch.Tensor]:
+    """z_0 (1, 4, h, w) -> [z_0, z_1, …, z_T] (N + 1 latents, fp32), guidance 1 with c;
+    `reg`: each ε_θ regularised (noise_reg.regularise) before its step."""
     sched, z = model.scheduler, z0.float()
-    latents = [z]
+    latents, gen = [z], reg.generator() if reg else None
     for t in tqdm(sched.timesteps(steps)[::-1], disable=not progress, desc="DDIM inversion"):
         eps = model.unet(z.to(model.dtype), t, cond).float()              # ε_θ(z_{t'}, t, c)
+        if reg is not None:
+            t_prev = t - sched.cfg.num_train_timesteps // steps
+            eps = regularise(eps, reg, gen, lambda o: sched.epsilon(o, z, t_prev))
         z = sched.invert_step(eps, t, z, steps)                           # z_{t'} -> z_t
         latents.append(z)
     return latents
@@ -123,8 +131,10 @@ def null_text(model, latents: list[torch.Tensor], cond: torch.Tensor, uncond: to
 
 
 def invert(model, x: torch.Tensor, prompt: str, method: str = "null-text", steps: int = 50,
-           guidance: float = 7.5, inner_steps: int = 10, progress: bool = True) -> Inversion:
-    """An image x (1, 3, H, W) in [−1, 1] described by `prompt` -> Inversion."""
+           guidance: float = 7.5, inner_steps: int = 10, progress: bool = True,
+           reg: Regulariser | None = None) -> Inversion:
+    """An image x (1, 3, H, W) in [−1, 1] described by `prompt` -> Inversion (`reg`: the
+    DDIM inversion's ε regularised as Pix2Pix-Zero's)."""
     if method not in METHODS:
         raise MinipError(f"unknown inversion method {method!r}; use {', '.join(METHODS)}")
     if not isinstance(inner_steps, int) or inner_steps < 1:
@@ -132,7 +142,7 @@ def invert(model, x: torch.Tensor, prompt: str, method: str = "null-text", steps
     model.scheduler.timesteps(steps)                                       # validates steps
     z0 = images.encode(model, x)                                          # (1, 4, h, w)
     cond, empty = encode_text(model, [prompt]), encode_text(model, [""])   # (1, 77, d) each
-    latents = ddim_invert(model, z0, cond, steps, progress)
+    latents = ddim_invert(model, z0, cond, steps, progress, reg)
     losses = None
     if method == "null-text":
         found, losses, _ = null_text(model, latents, cond, empty, guidance, inner_steps,
@@ -144,7 +154,8 @@ def invert(model, x: torch.Tensor, prompt: str, method: str = "null-text", steps
     pixels = ((x[0].float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return Inversion(latents[-1].cpu(), uncond.cpu(), prompt, method, steps, float(guidance),
                      x.shape[2], x.shape[3], model.name, digest, probe,
-                     pixels.permute(1, 2, 0).contiguous(), latents, losses)
+                     pixels.permute(1, 2, 0).contiguous(), latents, losses,
+                     reg.describe() if reg else "")
 
 
 def run(model, inv: Inversion, prompts: list[str], control=None, guidance: float | None = None,
@@ -211,7 +222,8 @@ def save(inv: Inversion, path) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = dict(format=FORMAT, version=str(VERSION), prompt=inv.prompt, method=inv.method,
                 steps=str(inv.steps), guidance=repr(inv.guidance), height=str(inv.height),
-                width=str(inv.width), model=inv.model, model_config=inv.model_config)
+                width=str(inv.width), model=inv.model, model_config=inv.model_config,
+                regularised=inv.regularised)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
@@ -242,7 +254,8 @@ def load(path) -> Inversion:
         inv = Inversion(tensors["z_T"].float(), tensors["uncond"].float(), meta["prompt"],
                         meta["method"], int(meta["steps"]), float(meta["guidance"]),
                         int(meta["height"]), int(meta["width"]), meta["model"],
-                        meta["model_config"], tensors["probe"].float(), tensors.get("image"))
+                        meta["model_config"], tensors["probe"].float(), tensors.get("image"),
+                        regularised=meta.get("regularised", ""))
         assert inv.method in METHODS and inv.steps >= 1
         assert inv.z_T.dim() == 4 and inv.z_T.shape[0] == 1
         assert inv.uncond.dim() == 4 and inv.uncond.shape[0] in (1, inv.steps)

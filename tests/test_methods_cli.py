@@ -36,6 +36,7 @@ def test_default_masactrl_layer_is_the_papers_on_sd_structure(sd_model):
     ["--method", "masactrl", "--masa-step", "0", "--image", "PHOTO", "--inversion-method", "ddim"],
     ["--method", "p2p", "--image", "PHOTO", "--strength", "0.5", "--blend", "squirrel", "lion"],
     ["--method", "masactrl", "--image", "PHOTO", "--strength", "0.75", "--masa-step", "0"],
+    ["--method", "pix2pix-zero", "--image", "PHOTO", "--regularise", "--reg-steps", "1"],
 ])
 def test_methods_write_their_images(capsys, tmp_path, sd_ckpt, photo, args):
     args = [str(photo) if a == "PHOTO" else a for a in args]
@@ -73,6 +74,12 @@ def test_plug_and_play_from_an_empty_source_prompt(capsys, tmp_path, sd_ckpt, ph
     (["--method", "pnp", "--image", "PHOTO", "--pnp-attention", "1.5"], "--pnp-attention"),
     (["--method", "pnp", "--image", "PHOTO", "--strength", "0.5"], "--strength"),
     (["--method", "null-text", "--inversion-method", "ddim", "--image", "PHOTO"], "disagree"),
+    (["--method", "pix2pix-zero", "--regularise"], "without --image"),
+    (["--method", "pix2pix-zero", "--image", "PHOTO", "--lambda-ac", "5"], "add --regularise"),
+    (["--method", "pix2pix-zero", "--image", "PHOTO", "--regularise", "--lambda-kl", "-1"],
+     "--lambda-kl must be a finite number ≥ 0"),
+    (["--image", "PHOTO", "--strength", "0.5", "--regularise"], "SDEdit"),
+    (["--method", "pnp", "--image", "PHOTO", "--regularise"], "plain DDIM trajectory"),
 ])
 def test_bad_method_input_is_one_line(capsys, tmp_path, sd_ckpt, photo, args, needle):
     args = [str(photo) if a == "PHOTO" else a for a in args]

@@ -3,11 +3,16 @@ shapes on flat backgrounds, captioned in the toy model's words), never generated
 
 For each picture and method: invert (DDIM inversion, then the method's ∅_t), denoise back at the
 guidance scale, decode, PSNR against the input. "VAE alone" (encode, decode) bounds what any
-inversion can reach.
+inversion can reach. With --regularise each method runs a second time on Pix2Pix-Zero's
+regularised DDIM inversion (noise_reg.py, the reference's settings, lags from seed 0). The noise
+statistics of z_T (what the edit starts from; N(0, I) would give 0, 1, 0): mean, standard
+deviation, and the lag-1 autocorrelation, the centred correlation of each latent pixel with its
+right and lower neighbours, averaged over channels and the two directions.
 
     python tools/eval_inversion.py                               # weights/toy on the CPU
     python tools/eval_inversion.py --device cuda --dtype fp16    # on a GPU
     python tools/eval_inversion.py --model PATH --steps 50 --pictures 2
+    python tools/eval_inversion.py --methods ddim --regularise      # Pix2Pix-Zero's inversion
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minip2p import images, invert  # noqa: E402
+from minip2p.noise_reg import Regulariser  # noqa: E402
 from minip2p.errors import MinipError  # noqa: E402
 from minip2p.loading import load_model  # noqa: E402
 from minip2p.pipeline import check_size, decode  # noqa: E402
@@ -49,6 +55,14 @@ def picture(color: str, shape: str, bg: str | None, size: int) -> tuple[str, Ima
     return f"a {color} {shape}" + (f" on a {bg} background" if bg else ""), im
 
 
+def lag1(z: torch.Tensor) -> float:
+    """Centred lag-1 autocorrelation of z (1, C, h, w), right and down, mean over channels."""
+    z = z[0] - z[0].mean((1, 2), keepdim=True)
+    var = (z * z).mean((1, 2))
+    return ((z * z.roll(1, 2)).mean((1, 2)) / var + (z * z.roll(1, 1)).mean((1, 2)) / var
+            ).mean().item() / 2
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -64,6 +78,8 @@ def main(argv=None):
     p.add_argument("--inner-steps", type=int, default=10)
     p.add_argument("--pictures", type=int, default=4, help=f"how many (≤ {len(PICTURES)})")
     p.add_argument("--methods", nargs="+", default=list(invert.METHODS), choices=invert.METHODS)
+    p.add_argument("--regularise", action="store_true",
+                   help="each method also on the regularised DDIM inversion (Pix2Pix-Zero)")
     args = p.parse_args(argv)
     try:
         model = load_model(args.model, args.dtype, args.device)
@@ -75,34 +91,44 @@ def main(argv=None):
     print(f"model {model.name}, {width}×{height}, {args.dtype} on {where}; {args.steps} steps, "
           f"guidance {args.guidance:g}, ≤ {args.inner_steps} null-text steps per step")
     pics = [picture(*spec, size=height) for spec in PICTURES[:args.pictures]]
-    rows = {"VAE alone": ([], [], [])}
+    rows = {"VAE alone": ([], [], [], [])}
+    runs = [(m, None) for m in args.methods]
+    if args.regularise:
+        runs += [(m, Regulariser()) for m in args.methods]
     for caption, im in pics:
         x = images.to_tensor(images.fit(im, height, width))                    # (1, 3, H, W)
         target = (x + 1) / 2
         rows["VAE alone"][0].append(images.psnr(decode(model, images.encode(model, x)).cpu(),
                                                 target))
-        for method in args.methods:
+        for method, reg in runs:
             sync(args.device)
             t0 = time.perf_counter()
             inv = invert.invert(model, x, caption, method, args.steps, args.guidance,
-                                args.inner_steps, progress=False)
+                                args.inner_steps, progress=False, reg=reg)
             sync(args.device)
             t1 = time.perf_counter()
             rec = invert.run(model, inv, [caption], progress=False).cpu()
             sync(args.device)
             t2 = time.perf_counter()
-            psnr, t_inv, t_rec = rows.setdefault(method, ([], [], []))
+            name = method + (" + regularised" if reg else "")
+            psnr, t_inv, t_rec, stats = rows.setdefault(name, ([], [], [], []))
             psnr.append(images.psnr(rec, target))
             t_inv.append(t1 - t0)
             t_rec.append(t2 - t1)
-            print(f"  {caption:<40} {method:<16} {psnr[-1]:6.2f} dB  invert {t1 - t0:6.2f} s  "
-                  f"reconstruct {t2 - t1:5.2f} s", flush=True)
-    print("\n| method | PSNR mean (dB) | PSNR min | invert (s/image) | reconstruct (s/image) |")
-    print("|---|---|---|---|---|")
-    for method, (psnr, t_inv, t_rec) in rows.items():
+            z = inv.z_T.float()
+            stats.append((z.mean().item(), z.std().item(), lag1(z)))
+            print(f"  {caption:<40} {name:<28} {psnr[-1]:6.2f} dB  invert {t1 - t0:6.2f} s  "
+                  f"reconstruct {t2 - t1:5.2f} s  z_T mean {stats[-1][0]:+.3f} std "
+                  f"{stats[-1][1]:.3f} lag-1 {stats[-1][2]:+.3f}", flush=True)
+    print("\n| method | PSNR mean (dB) | PSNR min | invert (s/image) | reconstruct (s/image) "
+          "| z_T mean | z_T std | z_T lag-1 autocorr. |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (psnr, t_inv, t_rec, stats) in rows.items():
         times = (f"{sum(t_inv) / len(t_inv):.2f} | {sum(t_rec) / len(t_rec):.2f}" if t_inv
                  else "– | –")
-        print(f"| {method} | {sum(psnr) / len(psnr):.2f} | {min(psnr):.2f} | {times} |")
+        noise = " | ".join(format(sum(s[k] for s in stats) / len(stats), f)
+                           for k, f in enumerate(("+.3f", ".3f", "+.3f"))) if stats else "– | – | –"
+        print(f"| {name} | {sum(psnr) / len(psnr):.2f} | {min(psnr):.2f} | {times} | {noise} |")
 
 
 if __name__ == "__main__":

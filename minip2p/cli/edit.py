@@ -6,6 +6,8 @@
     edit "a cat" "a sitting cat" --method masactrl         MasaCtrl (--masa-step/-layer/-mask)
     edit "" "a blue square" --method pnp --image sq.png    plug-and-play (--pnp-features/-attention)
     edit "a cat" "a dog" --method pix2pix-zero             Pix2Pix-Zero (--xa-guidance, sentences)
+    edit "a cat" "a dog" --method pix2pix-zero --image cat.jpg --regularise
+                                                           … its regularised DDIM inversion
 
 Real images with MasaCtrl: `--image` inverts the picture and pins the source row to its DDIM
 trajectory at every step (the official `ref_intermediate_latents`); an `--inversion` file keeps
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from ..errors import MinipError
 from .attention import MAP_RES, OVER_TIME, over_time_pixels, save_over_time, with_x0
-from .invert import add_edit_options, input_pil, inversion_for, read_input
+from .invert import add_edit_options, input_pil, inversion_for, read_input, regulariser
 from .common import (add_model_options, check_out_dir, ddim_only, float_arg,
                      int_arg, load, preflight, save_images)
 
@@ -163,6 +165,10 @@ def cmd_edit(args):
                              (" with --strength" if args.strength is not None else ""))
     noised = args.strength is not None                   # SDEdit: the picture is noised, not inverted
     inverted = not noised and args.method != "pnp"      # pnp inverts with SOURCE, "" allowed
+    regulariser(args, "an --inversion file is already inverted" if args.inversion else
+                "SDEdit (--strength) noises the picture" if noised else
+                "--method pnp keeps the plain DDIM trajectory" if args.method == "pnp" else
+                "nothing is inverted without --image" if not args.image else None)
     real = read_input(args.image, args.inversion, args.crop,  # before the model loads
                                  prompts[0] if prompts else None, needs_prompt=inverted)
     if real is not None or args.method in ("pnp", "pix2pix-zero"):

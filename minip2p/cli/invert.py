@@ -13,8 +13,8 @@ import warnings
 from pathlib import Path
 
 from ..errors import MinipError
-from .common import (add_model_options, check_out_file, ddim_only, int_arg, load, preflight,
-                     save_image)
+from .common import (add_model_options, check_out_file, ddim_only, float_arg, int_arg, load,
+                     preflight, save_image)
 
 
 def add_inversion_options(p: argparse.ArgumentParser, flag: str = "--method"):
@@ -26,6 +26,15 @@ def add_inversion_options(p: argparse.ArgumentParser, flag: str = "--method"):
                         "(best, slow); negative-prompt: ∅ = the prompt (fast) (null-text)")
     p.add_argument("--inner-steps", type=int_arg("--inner-steps"), default=10,
                    help="null-text: at most this many Adam steps per denoising step (10)")
+    p.add_argument("--regularise", action="store_true",
+                   help="Pix2Pix-Zero's regularised DDIM inversion: each ε pushed towards white "
+                        "noise (auto-correlation and KL terms; lags drawn from --seed)")
+    p.add_argument("--reg-steps", type=int_arg("--reg-steps"), default=None,
+                   help="--regularise: rounds of gradient steps per inversion step (5)")
+    p.add_argument("--lambda-ac", type=float_arg("--lambda-ac"), default=None,
+                   help="--regularise: auto-correlation step size λ_AC (20)")
+    p.add_argument("--lambda-kl", type=float_arg("--lambda-kl"), default=None,
+                   help="--regularise: KL step size λ_KL (20)")
     p.add_argument("--crop", default=None, metavar="L,T,R,B",
                    help="pixels cut off the left, top, right, bottom edges before the centre "
                         "crop (none)")
@@ -38,6 +47,27 @@ def add_edit_options(e: argparse.ArgumentParser):
                    help="edit the image of this inversion file (its prompt is the source; "
                         "every positional prompt is a target)")
     add_inversion_options(e, "--inversion-method")
+
+
+REG_FLAGS = {"reg_steps": "--reg-steps", "lambda_ac": "--lambda-ac", "lambda_kl": "--lambda-kl"}
+
+
+def regulariser(args, not_inverting: str | None = None):
+    """--regularise and its settings -> noise_reg.Regulariser (None without it). Refused, with
+    the reason `not_inverting`, where this command DDIM-inverts nothing; its settings without
+    --regularise are refused too."""
+    from ..noise_reg import Regulariser
+    given = [flag for key, flag in REG_FLAGS.items() if getattr(args, key) is not None]
+    if given and not args.regularise:
+        raise MinipError(f"{given[0]} sets the regularised inversion; add --regularise")
+    if not args.regularise:
+        return None
+    if not_inverting:
+        raise MinipError(f"--regularise regularises the DDIM inversion of --image, and "
+                         f"{not_inverting}; leave it out")
+    pick = lambda key, default: default if getattr(args, key) is None else getattr(args, key)  # noqa: E731
+    return Regulariser(pick("lambda_ac", 20.0), pick("lambda_kl", 20.0), pick("reg_steps", 5),
+                       seed=args.seed)
 
 
 def check_inversion_out(path: str) -> Path:
@@ -88,7 +118,7 @@ def inversion_for(args, model, got, prompt: str | None):
     x = images.to_tensor(images.fit(got, height, width))                # (1, 3, H, W)
     method = getattr(args, "inversion_method", None) or args.method
     return invert.invert(model, x, prompt, method, args.steps, args.guidance,
-                         args.inner_steps, progress=not args.quiet)
+                         args.inner_steps, progress=not args.quiet, reg=regulariser(args))
 
 
 def input_pil(inv):
@@ -101,13 +131,15 @@ def cmd_invert(args):
     from .. import invert
     ddim_only(args, "inversion")
     out = check_inversion_out(args.out)
+    regulariser(args)
     got = read_input(args.image, None, args.crop, args.prompt)
     model = load(args)
     preflight(args, model, grad=args.method == "null-text")
     inv = inversion_for(args, model, got, args.prompt)
     invert.save(inv, out)
-    print(f"wrote {out} ({inv.method}, {inv.steps} steps, guidance {inv.guidance:g}, "
-          f"{inv.width}×{inv.height}, prompt {inv.prompt!r})")
+    print(f"wrote {out} ({inv.method}" + (", regularised" if inv.regularised else "") +
+          f", {inv.steps} steps, guidance {inv.guidance:g}, {inv.width}×{inv.height}, "
+          f"prompt {inv.prompt!r})")
 
 
 def cmd_reconstruct(args):
@@ -119,6 +151,7 @@ def cmd_reconstruct(args):
         raise MinipError("reconstruct takes IMAGE PROMPT or --inversion FILE, not both")
     if not args.inversion and not (args.image and args.prompt):
         raise MinipError("reconstruct needs IMAGE PROMPT (to invert) or --inversion FILE")
+    regulariser(args, "an --inversion file is already inverted" if args.inversion else None)
     got = read_input(args.image, args.inversion, args.crop, args.prompt)
     model = load(args)
     from_file = isinstance(got, invert.Inversion)

@@ -14,9 +14,9 @@ text-embedding space, while cross-attention guidance keeps the source's structur
 the unconditional and the conditional copy of z_t each take their own gradient step, and DDIM
 continues from the unconditional copy). The sentences are the user's files, or a built-in
 template set around the words that differ between SOURCE and TARGET ("cat" → "dog"), plus the
-two prompts themselves. Real images: z_T from the DDIM inversion of the picture under SOURCE
-(the paper's regularised inversion -- auto-correlation and KL terms on the predicted noise -- is
-not implemented; see README).
+two prompts themselves. Real images: z_T from the DDIM inversion of the picture under SOURCE,
+with `--regularise` the paper's regularised inversion (auto-correlation and KL terms on each
+predicted noise: noise_reg.py).
 
 Memory: the reference keeps every map of every step (fp32, heads kept) between the passes; at
 512 px and 50 steps that is ~6.6 GB, as in diffusers. On the toy model it is small.
