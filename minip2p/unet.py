@@ -128,7 +128,9 @@ class Transformer2DModel(nn.Module):
         for depth, block in enumerate(self.transformer_blocks):
             x = block(x, context, replace(site, depth=depth), control)
         x = linear(self.proj_out, x, fast)
-        return rearrange(x, "b (h w) c -> b c h w", h=h, w=w) + res
+        # res first: the sum takes res's memory layout. (x's view first would make it channels-last,
+        # and PyTorch would then copy the next convolution's weight to that layout at every call.)
+        return res + rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
 
 
 class Downsample2D(nn.Module):
