@@ -11,9 +11,9 @@ an Intel Xeon oneDNN lost 4 % and PyTorch's fused attention beat oneDNN query sl
     decode      contiguous | channels_last   the VAE decoder's memory layout
 
 The first time the fast path meets a (kind, shape) on a machine, `Tuner.pick` times every
-candidate on a slice of the real input (≤ 2048 rows, one image·head of attention, one decoder
-ResNet block at 128²), in alternation, best of ≥ `REPS` rounds and ≥ 20 ms, and keeps the
-fastest. Choices are
+candidate on a slice of the real input (256-2048 rows, about 0.5 GFLOP; one image·head of
+attention; one decoder ResNet block at 64²), in alternation, best of ≥ `REPS` rounds and ≥ 20 ms,
+and keeps the fastest. Choices are
 cached in one JSON file (`$MINIP2P_CACHE_DIR`, else `$XDG_CACHE_HOME/minip2p`, else
 `~/.cache/minip2p`, file `kernels.json`) under the key  CPU model | torch version | threads,
 so a new machine, a new PyTorch or another `torch.set_num_threads` measures again.
@@ -38,7 +38,7 @@ import torch
 KINDS = {"linear": ("torch", "onednn"), "geglu": ("torch", "onednn"),
          "attention": ("sdpa", "onednn"), "decode": ("contiguous", "channels_last")}
 DEFAULT = {kind: names[0] for kind, names in KINDS.items()}       # PyTorch's own kernels
-REPS = 3
+REPS = 2
 ENV_OFF = "MINIP2P_NO_AUTOTUNE"
 
 

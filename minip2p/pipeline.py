@@ -157,7 +157,7 @@ def decode(model: Model, z: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """z_0 (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32.
 
     `fast`: run the decoder in the memory layout `autotune` measured faster here (one ResNet
-    block of the decoder's last level on a 128² slice, both layouts). In PyTorch's default layout
+    block of the decoder's last level on a 64² slice, both layouts). In PyTorch's default layout
     every oneDNN convolution reorders its input and output to and from a blocked layout;
     channels-last skips that (SD 1.5-shape VAE, 512 px, 2 threads, one AMD EPYC: 11.57 -> 9.30 s
     per image, `tools/bench_decode.py`). `fast=False` keeps PyTorch's default layout. Same images
@@ -176,11 +176,11 @@ def decode_layout(model: Model) -> torch.memory_format:
         return torch.channels_last
     block = model.vae.decoder.up_blocks[-1].resnets[-1]
     c = block.conv1.in_channels
-    x = torch.randn(1, c, 128, 128)
+    x = torch.randn(1, c, 64, 64)
     run = {name: (lambda f=fmt: block(x.contiguous(memory_format=f)))
            for name, fmt in (("contiguous", torch.contiguous_format),
                              ("channels_last", torch.channels_last))}
-    pick = tuner().pick("decode", (c, 128, 128), run)
+    pick = tuner().pick("decode", (c, 64, 64), run)
     return torch.channels_last if pick == "channels_last" else torch.contiguous_format
 
 
