@@ -1,6 +1,7 @@
-"""The VAE decode alone: minip2p's fast path (channels-last), its default layout, and diffusers'
-AutoencoderKL on the same folder, interleaved round by round in one process (so a noisy machine
-slows all three alike). Prints mean wall time and minor page faults per decode.
+"""The VAE decode alone: minip2p's fast path in the layout the tuner picked here
+(minip2p/autotune.py), each of the two layouts forced, and diffusers' AutoencoderKL on the same
+folder, interleaved round by round in one process (so a noisy machine slows all rows alike).
+Prints mean wall time, minor page faults and the time over the floor (tools/floor.py) per decode.
 
     python tools/bench_decode.py --model SD15_FOLDER --threads 2 --rounds 3
     (SD15_FOLDER: a diffusers-layout folder, e.g. one kept by `tools/bench.py --keep`)
@@ -18,9 +19,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
+from floor import best_rate, decode_flops  # noqa: E402
+from minip2p import autotune  # noqa: E402
 from minip2p.loading import load_model  # noqa: E402
-from minip2p.pipeline import decode  # noqa: E402
+from minip2p.pipeline import decode, decode_layout  # noqa: E402
 
 
 def interleave(rows: dict, rounds: int):
@@ -73,18 +77,33 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     sf = model.vae.cfg.scaling_factor
-    z = torch.randn(args.images, 4, args.size // 8, args.size // 8,
+    f = model.vae.cfg.downscale
+    z = torch.randn(args.images, model.vae.cfg.latent_channels, args.size // f, args.size // f,
                     generator=torch.Generator().manual_seed(0)) * 5
-    rows = {"minip2p fast (channels-last)": lambda: decode(model, z, fast=True),
-            "minip2p default layout": lambda: decode(model, z, fast=False)}
+    picked = "channels_last" if decode_layout(model) == torch.channels_last else "contiguous"
+
+    def forced(layout):
+        def run():
+            old = autotune.set_tuner(autotune.forced(decode=layout))
+            try:
+                return decode(model, z, fast=True)
+            finally:
+                autotune.set_tuner(old)
+        return run
+    rows = {f"minip2p fast (tuner's pick here: {picked})": lambda: decode(model, z, fast=True),
+            "minip2p, channels-last forced": forced("channels_last"),
+            "minip2p, default layout forced": forced("contiguous")}
     if not args.no_diffusers:
         from diffusers import AutoencoderKL
         ref = AutoencoderKL.from_pretrained(str(args.model / "vae")).eval()
         rows["diffusers AutoencoderKL"] = lambda: (ref.decode(z / sf).sample / 2 + 0.5).clamp(0, 1)
     outs, times, faults = interleave(rows, args.rounds)
+    rate, kernel = best_rate()
+    flops = args.images * decode_flops(model.vae.cfg, args.size, args.size)
     print(f"\n{args.model}, {args.images} x {args.size}x{args.size}, {args.threads} threads, "
-          f"{args.rounds} interleaved rounds\n")
-    report("decode", outs, times, "mean", faults)
+          f"{args.rounds} interleaved rounds; {autotune.cpu_model()}; best rate measured now "
+          f"{rate / 1e9:.0f} GFLOP/s ({kernel})\n")
+    report("decode", outs, times, "mean", faults, flops={k: flops for k in rows}, rate=rate)
 
 if __name__ == "__main__":
     main()
