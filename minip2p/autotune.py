@@ -12,8 +12,10 @@ an Intel Xeon oneDNN lost 4 % and PyTorch's fused attention beat oneDNN query sl
 
 The first time the fast path meets a (kind, shape) on a machine, `Tuner.pick` times every
 candidate on a slice of the real input (256-2048 rows, about 0.5 GFLOP; one image·head of
-attention; one decoder ResNet block at 64²), in alternation, best of ≥ `REPS` rounds and ≥ 20 ms,
-and keeps the fastest. Choices are
+attention), in alternation, best of ≥ `REPS` rounds and ≥ 20 ms, and keeps the fastest. The
+decoder's layout cannot be judged on a slice (its cost is in reorders and fresh pages of
+full-size tensors), so `Tuner.trial` has the real decodes at a new size run once in each layout
+(an edit's two images, or two calls) and keeps the faster: no extra work. Choices are
 cached in one JSON file (`$MINIP2P_CACHE_DIR`, else `$XDG_CACHE_HOME/minip2p`, else
 `~/.cache/minip2p`, file `kernels.json`) under the key  CPU model | torch version | threads,
 so a new machine, a new PyTorch or another `torch.set_num_threads` measures again.
@@ -96,7 +98,7 @@ class Tuner:
         self.enabled = enabled and fixed is None
         self.fixed = fixed or {}                                 # kind -> choice, never measured
         self.path = path
-        self.table: dict[str, dict[str, str]] = {}               # machine key -> {site: choice}
+        self.table: dict[str, dict] = {}        # machine key -> {site: choice, or trial times}
         self.timings: dict[str, dict[str, float]] = {}           # this process's measurements
         self.measured = 0                                        # how many picks were timed here
         self._loaded = False
@@ -126,18 +128,20 @@ class Tuner:
         except OSError:
             pass
 
+    def _sites(self) -> dict[str, str]:
+        if not self._loaded:
+            if self.path is None:
+                self.path = cache_file()
+            self._load()
+        return self.table.setdefault(machine_key(), {})
+
     def pick(self, kind: str, shape: tuple, run: dict[str, Callable[[], object]]) -> str:
         """The candidate to use for `kind` at `shape`; `run[name]()` runs candidate `name` once on
         a representative slice (only called when this machine has not measured it yet)."""
         if not self.enabled:
             return self.fixed.get(kind, DEFAULT[kind])
-        if not self._loaded:
-            if self.path is None:
-                self.path = cache_file()
-            self._load()
-        sites = self.table.setdefault(machine_key(), {})
-        site = f"{kind} {'x'.join(str(s) for s in shape)}"
-        if site not in sites or sites[site] not in run:
+        sites, site = self._sites(), _site(kind, shape)
+        if not isinstance(sites.get(site), str) or sites[site] not in run:
             with torch.no_grad():
                 times = best_times(run)
             sites[site] = min(times, key=times.get)
@@ -145,6 +149,34 @@ class Tuner:
             self.measured += 1
             self._save()
         return sites[site]
+
+    def trial(self, kind: str, shape: tuple) -> tuple[str, bool]:
+        """For work too big to time on a slice (the decode: its layout matters only at full size):
+        (candidate, True) while some candidate has not yet run the real work at `shape` on this
+        machine -- the caller times that work and hands the seconds to `record` -- then
+        (choice, False). Trials are cached like choices, so single-image runs also get there."""
+        if not self.enabled:
+            return self.fixed.get(kind, DEFAULT[kind]), False
+        got = self._sites().get(_site(kind, shape))
+        if isinstance(got, str) and got in KINDS[kind]:
+            return got, False
+        tried = got if isinstance(got, dict) else {}
+        return next(name for name in KINDS[kind] if name not in tried), True
+
+    def record(self, kind: str, shape: tuple, name: str, seconds: float):
+        sites, site = self._sites(), _site(kind, shape)
+        tried = sites[site] if isinstance(sites.get(site), dict) else {}
+        tried[name] = seconds
+        sites[site] = tried
+        if len(tried) == len(KINDS[kind]):                       # every candidate ran: decide
+            sites[site] = min(tried, key=tried.get)
+            self.timings[site] = dict(tried)
+            self.measured += 1
+        self._save()
+
+
+def _site(kind: str, shape: tuple) -> str:
+    return f"{kind} {'x'.join(str(s) for s in shape)}"
 
 
 _tuner: Tuner | None = None

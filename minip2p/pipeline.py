@@ -14,6 +14,7 @@ it to the end. SDEdit starts it part-way (`start`, see methods/sdedit.py).
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterator
 
 import numpy as np
@@ -156,32 +157,26 @@ class X0Recorder:
 def decode(model: Model, z: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """z_0 (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32.
 
-    `fast`: run the decoder in the memory layout `autotune` measured faster here (one ResNet
-    block of the decoder's last level on a 64² slice, both layouts). In PyTorch's default layout
+    `fast`: run the decoder in the memory layout `autotune` measured faster here (the first two
+    decodes at a size on a machine run one in each layout, timed). In PyTorch's default layout
     every oneDNN convolution reorders its input and output to and from a blocked layout;
     channels-last skips that (SD 1.5-shape VAE, 512 px, 2 threads, one AMD EPYC: 11.57 -> 9.30 s
-    per image, `tools/bench_decode.py`). `fast=False` keeps PyTorch's default layout. Same images
+    per image, `tools/bench_decode.py`); elsewhere (GPU, fp16) fast = channels-last.
+    `fast=False` keeps PyTorch's default layout. Same images
     within float rounding (tests/test_fast.py, tests/test_autotune.py)."""
     z = (z / model.vae.cfg.scaling_factor).to(model.device, model.dtype)
-    layout = decode_layout(model) if fast else torch.contiguous_format
-    # one image at a time: the decoder's activations dominate peak memory, not its speed
-    x = torch.cat([model.vae.decode(zi[None].contiguous(memory_format=layout)).float()
-                   .contiguous() for zi in z])
-    return (x / 2 + 0.5).clamp(0, 1)
-
-
-def decode_layout(model: Model) -> torch.memory_format:
-    """The decoder's layout on this machine: measured once (autotune), CPU fp32 only."""
-    if model.device.type != "cpu" or model.dtype != torch.float32:
-        return torch.channels_last
-    block = model.vae.decoder.up_blocks[-1].resnets[-1]
-    c = block.conv1.in_channels
-    x = torch.randn(1, c, 64, 64)
-    run = {name: (lambda f=fmt: block(x.contiguous(memory_format=f)))
-           for name, fmt in (("contiguous", torch.contiguous_format),
-                             ("channels_last", torch.channels_last))}
-    pick = tuner().pick("decode", (c, 64, 64), run)
-    return torch.channels_last if pick == "channels_last" else torch.contiguous_format
+    tuned = fast and model.device.type == "cpu" and model.dtype == torch.float32
+    images = []
+    for zi in z:           # one image at a time: the decoder's activations dominate peak memory
+        pick, trial = tuner().trial("decode", tuple(zi.shape)) if tuned else ("", False)
+        layout = (torch.channels_last if (pick == "channels_last" or fast and not tuned)
+                  else torch.contiguous_format)
+        t0 = time.perf_counter()
+        images.append(model.vae.decode(zi[None].contiguous(memory_format=layout)).float()
+                      .contiguous())
+        if trial:
+            tuner().record("decode", tuple(zi.shape), pick, time.perf_counter() - t0)
+    return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
 
 def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,

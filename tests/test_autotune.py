@@ -45,6 +45,22 @@ def test_every_candidate_equals_the_explicit_path(sd_model, use, choice):
     assert (images[True] - images[False]).abs().max() <= 1e-5
 
 
+def test_the_decode_layout_is_tried_on_the_real_decodes_then_kept(sd_model, use, tmp_path):
+    """No slice for the decoder: the first decodes at a size run once in each layout (timed),
+    the faster is cached; the images of the trials equal the default layout's."""
+    t = Tuner(path=tmp_path / "k.json")
+    use(t)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = decode(sd_model, z, fast=False)
+    assert (decode(sd_model, z, fast=True) - ref).abs().max() <= 1e-5     # two trials
+    assert t.measured == 1 and set(t.timings["decode 4x8x8"]) == set(KINDS["decode"])
+    choice, trial = t.trial("decode", (4, 8, 8))
+    assert not trial and choice == min(t.timings["decode 4x8x8"], key=t.timings["decode 4x8x8"].get)
+    assert json.loads((tmp_path / "k.json").read_text())[autotune.machine_key()] == {
+        "decode 4x8x8": choice}
+    assert (decode(sd_model, z, fast=True) - ref).abs().max() <= 1e-5
+
+
 def test_a_choice_is_measured_once_and_cached(tmp_path):
     path = tmp_path / "kernels.json"
     calls = []
@@ -116,5 +132,8 @@ def test_the_cli_tunes_and_no_autotune_and_the_variable_switch_it_off(tmp_path):
     table = json.loads(_generate(tmp_path).read_text())
     (key, sites), = table.items()
     assert "threads" in key and any(s.startswith("linear ") for s in sites)
-    assert any(s.startswith("decode ") for s in sites)
-    assert all(v in sum(KINDS.values(), ()) for v in sites.values())
+    assert all(v in sum(KINDS.values(), ()) for s, v in sites.items() if not s.startswith("decode"))
+    (decode_site, tried), = ((s, v) for s, v in sites.items() if s.startswith("decode"))
+    assert list(tried) == ["contiguous"]                    # one image: one layout tried so far
+    sites = json.loads(_generate(tmp_path).read_text())[key]                # the next run
+    assert sites[decode_site] in KINDS["decode"]                            # tries the other: chosen

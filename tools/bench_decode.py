@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from floor import best_rate, decode_flops  # noqa: E402
 from minip2p import autotune  # noqa: E402
 from minip2p.loading import load_model  # noqa: E402
-from minip2p.pipeline import decode, decode_layout  # noqa: E402
+from minip2p.pipeline import decode  # noqa: E402
 
 
 def interleave(rows: dict, rounds: int):
@@ -80,8 +80,6 @@ def main(argv=None):
     f = model.vae.cfg.downscale
     z = torch.randn(args.images, model.vae.cfg.latent_channels, args.size // f, args.size // f,
                     generator=torch.Generator().manual_seed(0)) * 5
-    picked = "channels_last" if decode_layout(model) == torch.channels_last else "contiguous"
-
     def forced(layout):
         def run():
             old = autotune.set_tuner(autotune.forced(decode=layout))
@@ -90,7 +88,7 @@ def main(argv=None):
             finally:
                 autotune.set_tuner(old)
         return run
-    rows = {f"minip2p fast (tuner's pick here: {picked})": lambda: decode(model, z, fast=True),
+    rows = {"minip2p fast (the tuner's layout)": lambda: decode(model, z, fast=True),
             "minip2p, channels-last forced": forced("channels_last"),
             "minip2p, default layout forced": forced("contiguous")}
     if not args.no_diffusers:
@@ -98,6 +96,9 @@ def main(argv=None):
         ref = AutoencoderKL.from_pretrained(str(args.model / "vae")).eval()
         rows["diffusers AutoencoderKL"] = lambda: (ref.decode(z / sf).sample / 2 + 0.5).clamp(0, 1)
     outs, times, faults = interleave(rows, args.rounds)
+    picked, _ = autotune.tuner().trial("decode", tuple(z[0].shape))
+    print(f"\nthe tuner's decode layout here: {picked} (its first two calls are its two trials, "
+          f"the warm-up and round 1)")
     rate, kernel = best_rate()
     flops = args.images * decode_flops(model.vae.cfg, args.size, args.size)
     print(f"\n{args.model}, {args.images} x {args.size}x{args.size}, {args.threads} threads, "
