@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Why the fast path sends CPU linear layers and long attention to oneDNN (minip2p/ops.py): the
-kernels side by side at the shapes of the SD 1.5 UNet at 512 px (batch 4 = two prompts with
-guidance).
+"""The fast path's kernel candidates (minip2p/ops.py) side by side at full size, at the shapes of
+the SD 1.5 UNet at 512 px (batch 4 = two prompts with guidance) -- what minip2p/autotune.py
+chooses between, per shape, on slices.
 
 For each linear shape: GFLOP/s of `F.linear` (PyTorch's default, MKL sgemm) and of oneDNN's
 matmul (`ops.linear(..., fast=True)`), the best of --reps runs, and max|Δ| between their
@@ -56,8 +56,8 @@ def main():
             layer = nn.Linear(cin, cout)
             flop = 2 * n * cin * cout
             t_mkl = best(lambda: F.linear(x, layer.weight, layer.bias), args.reps)
-            t_dnn = best(lambda: ops.linear(layer, x, fast=True), args.reps)
-            d = (ops.linear(layer, x, fast=True) - layer(x)).abs().max().item()
+            t_dnn = best(lambda: ops._dnn(x, layer.weight, layer.bias), args.reps)
+            d = (ops._dnn(x, layer.weight, layer.bias) - layer(x)).abs().max().item()
             total["mkl"] += t_mkl
             total["dnn"] += t_dnn
             print(f"{f'{n} x {cin} -> {cout}':>24} {flop / t_mkl / 1e9:>7.0f} GF/s {flop / t_dnn / 1e9:>5.0f} "
@@ -68,15 +68,15 @@ def main():
             x = torch.randn(n, dim, generator=g)
             proj = nn.Linear(dim, dim * 8)
             t_ref = best(lambda: ops.geglu(proj, x, fast=False), args.reps)
-            t_dnn = best(lambda: ops.geglu(proj, x, fast=True), args.reps)
-            d = (ops.geglu(proj, x, fast=True) - ops.geglu(proj, x, fast=False)).abs().max().item()
+            t_dnn = best(lambda: ops._geglu_dnn(proj, x), args.reps)
+            d = (ops._geglu_dnn(proj, x) - ops.geglu(proj, x, fast=False)).abs().max().item()
             print(f"GEGLU {n} x {dim}: chunk+GELU+mul {t_ref * 1e3:.0f} ms, fused oneDNN "
                   f"{t_dnn * 1e3:.0f} ms ({t_ref / t_dnn:.2f}x), max|Δ| {d:.1e}")
         for side, dim in [(64, 320), (32, 640)]:                     # 8 heads, batch 4
             q, k, v = (torch.randn(4, 8, side * side, dim // 8, generator=g) for _ in range(3))
             t_ref = best(lambda: F.scaled_dot_product_attention(q, k, v), args.reps)
-            t_dnn = best(lambda: ops.sdpa(q, k, v, fast=True), args.reps)
-            d = (ops.sdpa(q, k, v, fast=True) - F.scaled_dot_product_attention(q, k, v)).abs().max()
+            t_dnn = best(lambda: ops.dnn_attention(q, k, v), args.reps)
+            d = (ops.dnn_attention(q, k, v) - F.scaled_dot_product_attention(q, k, v)).abs().max()
             print(f"self-attention {side}x{side} (4, 8, {side * side}, {dim // 8}): SDPA "
                   f"{t_ref * 1e3:.0f} ms, oneDNN slices {t_dnn * 1e3:.0f} ms "
                   f"({t_ref / t_dnn:.2f}x), max|Δ| {d.item():.1e}")
