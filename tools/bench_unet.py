@@ -30,6 +30,7 @@ from minip2p.guidance import GuidanceBatch  # noqa: E402
 from minip2p.methods import masactrl, p2p, pnp  # noqa: E402
 from minip2p.loading import load_model  # noqa: E402
 from minip2p.pipeline import encode_text  # noqa: E402
+from minip2p import autotune  # noqa: E402
 from minip2p.autotune import cpu_model  # noqa: E402
 
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
@@ -80,6 +81,10 @@ def main(argv=None):
           f"threads, {args.rounds} interleaved rounds; {cpu_model()}; best rate measured now "
           f"{rate / 1e9:.0f} GFLOP/s ({kernel}); floor = GFLOP / that rate\n")
     report("UNet call", outs, times, "median", flops=flops, rate=rate)
+    print(f"\nthe tuner's choices here ({autotune.cache_file()}, {autotune.machine_key()}):")
+    for site, choice in sorted(autotune.tuner().table.get(autotune.machine_key(), {}).items()):
+        times = autotune.tuner().timings.get(site, {})
+        print(f"  {site:28} {choice:14} " + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()))
 
 if __name__ == "__main__":
     main()
