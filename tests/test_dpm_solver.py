@@ -159,6 +159,28 @@ class DiffusersSampler:
         return self.s.step(out, t, z).prev_sample
 
 
+class BlendedHistory(DPMSolverPP):
+    """dpm_solver.py's rejected choice (2): x̂₀(t_{i−2}) blended with the mask the latents got
+    (for a 0/1 mask: where the edited row's latents differ from the source's)."""
+
+    def step(self, out, t, z, steps):
+        if self._prev is not None:
+            k, x0 = self._prev
+            inside = (z[1:] != z[:1]).any(dim=1, keepdim=True).to(x0)
+            self._prev = (k, torch.cat([x0[:1], x0[:1] + inside * (x0[1:] - x0[:1])]))
+        return super().step(out, t, z, steps)
+
+
+class RestartedHistory(DPMSolverPP):
+    """dpm_solver.py's rejected choice (1): first order again after any edit of the latents."""
+
+    def step(self, out, t, z, steps):
+        if getattr(self, "given", None) is not None and not torch.equal(self.given, z.float()):
+            self._prev = None
+        self.given = super().step(out, t, z, steps)
+        return self.given
+
+
 def test_local_blend_under_dpm(sd_model):
     """Replace + LocalBlend over 8 dpm++ steps: the same as diffusers' scheduler with the same
     blend between its steps (the history kept as the model gave it, dpm_solver.py); the source
@@ -188,6 +210,11 @@ def test_local_blend_under_dpm(sd_model):
     assert 0 < outside.sum() < outside.numel()
     assert maxdiff(ours[1][outside], ours[0][outside]) == 0
     assert maxdiff(ours[1], ours[0]) > 1e-2
+    blended, restarted = run(BlendedHistory(sd_model.scheduler.cfg))[0], \
+        run(RestartedHistory(sd_model.scheduler.cfg))[0]
+    print(f"the other histories (README): blended max|Δ| {maxdiff(blended, ours):.2e}, "
+          f"restarted {maxdiff(restarted, ours):.2e} (max|z| {ours.abs().max():.1f})")
+    assert reldiff(restarted, ours) > 1e-2             # the kept history is not a first-order run
 
 
 def test_attention_store_averages_the_dpm_steps(sd_model):
