@@ -13,8 +13,9 @@ and the model is read as a data predictor (the "++"):
 Timesteps: the points t_0 > t_1 > … > t_{N−1} are round(linspace(0, 999, N + 1)) high to low with
 the 0 dropped ("linspace" spacing: 20 steps give 999, 949, 899, …, 50), and t_N is the end,
 σ = 0, α = 1 ("final_sigmas_type zero"). This is diffusers' `DPMSolverMultistepScheduler` with
-its defaults, which is what SD 1.5's and SD 2.x's scheduler configs give it (they name no
-timestep spacing, and `steps_offset` only moves "leading" spacing). No Karras σs.
+its defaults, and what its `from_config` makes of a scheduler config that names no timestep
+spacing, as SD 1.5's (written before diffusers had the option; `steps_offset` moves only
+"leading" spacing). A model's own scheduler config does not change it here. No Karras σs.
 
 Step i (i = 1 … N) goes from t_{i−1} to t_i with the fresh x̂₀(t_{i−1}) and, from the step
 before, x̂₀(t_{i−2}):
