@@ -68,7 +68,7 @@ class DPMSolverPP:
         self.cfg = cfg
         self.alphas_cumprod = DDIM(cfg).alphas_cumprod.double()          # ᾱ_t, t = 0..999
         self._steps, self._t = None, []
-        self._prev = None                             # (index i − 1, x̂₀(t_{i−2})) of this run
+        self._prev = None                 # (the loop step that made it, that step's x̂₀)
 
     def timesteps(self, steps: int) -> list[int]:
         """t_0 … t_{N−1}: round(linspace(0, 999, N + 1)), high to low, the 0 dropped."""
@@ -86,10 +86,8 @@ class DPMSolverPP:
     def scale_input(self, z: torch.Tensor, t: int, steps: int) -> torch.Tensor:
         return z
 
-    def alpha_sigma(self, t: int | None) -> tuple[float, float]:
-        """(α_t, σ_t) in float64; t = None is the end of the schedule, (1, 0)."""
-        if t is None:
-            return 1.0, 0.0
+    def alpha_sigma(self, t: int) -> tuple[float, float]:
+        """(α_t, σ_t) in float64."""
         ab = self.alphas_cumprod[t].item()
         return ab ** 0.5, (1 - ab) ** 0.5
 
@@ -115,10 +113,10 @@ class DPMSolverPP:
             out = x0                                  # lands on x̂₀
         else:
             t_next = ts[k + 1]
-            (a_s, s_s), (a_t, s_t) = self.alpha_sigma(ts[k]), self.alpha_sigma(t_next)
+            s_s, (a_t, s_t) = self.alpha_sigma(ts[k])[1], self.alpha_sigma(t_next)
             h = self.lam(t_next) - self.lam(ts[k])
             d = x0                                    # first order (no history yet): DDIM
-            if k > 0 and self._prev is not None and self._prev[0] == k - 1:
+            if self._prev is not None and self._prev[0] == k - 1:   # step k − 1 of this run
                 r = (self.lam(ts[k]) - self.lam(ts[k - 1])) / h
                 d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * self._prev[1]
             out = (s_t / s_s) * z - a_t * math.expm1(-h) * d
