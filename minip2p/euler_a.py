@@ -24,7 +24,6 @@ import torch
 
 from .config import SchedulerConfig
 from .ddim import DDIM
-from .errors import MinipError
 
 
 class EulerAncestral:
@@ -83,14 +82,3 @@ class EulerAncestral:
         noise = torch.randn((1, *z.shape[1:]), generator=self.generator)   # one for all rows
         return z + noise.to(z.device) * s_up
 
-
-SAMPLERS = ("ddim", "euler-a")
-
-
-def make_sampler(name: str, cfg: SchedulerConfig, generator: torch.Generator | None = None):
-    """"ddim" or "euler-a" -> a sampler object (timesteps, init_sigma, scale_input, step)."""
-    if name == "ddim":
-        return DDIM(cfg)
-    if name == "euler-a":
-        return EulerAncestral(cfg, generator)
-    raise MinipError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from .autotune import tuner
 from .control import Controller
 from .errors import MinipError
-from .euler_a import make_sampler
 from .guidance import IMAGE, TEXT, UNCOND, GuidanceBatch
 from .loading import Model
+from .samplers import make_sampler
 
 
 def check_size(model: Model, height: int | None, width: int | None) -> tuple[int, int]:
@@ -53,8 +53,8 @@ def initial_noise(model: Model, seed: int, height: int, width: int,
 
 
 def seeded_sampler(model: Model, name: str, seed: int, height: int, width: int):
-    """(sampler, z_T) for a seed: DDIM, or Euler ancestral drawing its step noise from the
-    generator that drew z_T (one stream per seed, as diffusers with `generator=`)."""
+    """(sampler, z_T) for a seed: DDIM, DPM-Solver++, or Euler ancestral drawing its step noise
+    from the generator that drew z_T (one stream per seed, as diffusers with `generator=`)."""
     gen = torch.Generator("cpu").manual_seed(int(seed))
     z = initial_noise(model, seed, height, width, generator=gen)
     return make_sampler(name, model.scheduler.cfg, gen), z
@@ -83,8 +83,8 @@ def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int
     counted from there, 0 … steps − start − 1.
     `fast`: fused attention wherever no controller reads or writes the probabilities; `fast=False`
     forms every M = softmax(QKᵀ/√d) explicitly (the reference path; tests prove both equal).
-    `sampler`: DDIM (default, `model.scheduler`) or `euler_a.EulerAncestral`; z_T is given with
-    unit variance and scaled by the sampler's `init_sigma` (1 for DDIM).
+    `sampler`: DDIM (default, `model.scheduler`) or another of `samplers.SAMPLERS`; z_T is given
+    with unit variance and scaled by the sampler's `init_sigma` (1 for DDIM and DPM-Solver++).
     `image_latents` (InstructPix2Pix, see instruct.py): (1 or B, c, h, w) concatenated to each
     row's z_t as `batch.image_cond` gives them; then `batch` has "image" rows and ε̃ is
     `cfg_image` with `guidance` (s_T) and `image_guidance` (s_I).
@@ -186,7 +186,8 @@ def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
              free_text_encoder: bool = False, start: int = 0, sampler: str = "ddim"):
     """Prompts -> images (B, 3, H, W) in [0, 1] (or z_0 if `return_latents`).
 
-    `sampler`: "ddim" or "euler-a" (Euler ancestral: one noise per step, shared by the prompts).
+    `sampler`: "ddim", "euler-a" (Euler ancestral: one noise per step, shared by the prompts) or
+    "dpm++" (DPM-Solver++ 2M), see samplers.py.
     `free_text_encoder`: drop `model.text_encoder` once the prompts are encoded, so its weights
     (0.5 GB fp32 at SD 1.x) are not held during denoising; the model then encodes no new prompts.
     `latents` with `start`: begin part-way through the schedule from these z (SDEdit)."""

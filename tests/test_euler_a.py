@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from minip2p.cli import main
-from minip2p.euler_a import EulerAncestral, make_sampler
+from minip2p.euler_a import EulerAncestral
+from minip2p.samplers import make_sampler
 from minip2p.errors import MinipError
 from minip2p.methods import p2p
 from minip2p.pipeline import generate

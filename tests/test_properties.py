@@ -129,7 +129,8 @@ def model_options(out=None):
             "--variant": st.sampled_from(["fp16", "", "../x", "v"]),
             "--revision": st.sampled_from(["main", ""]),
             "--embedding": st.sampled_from(PATHS),
-            "--sampler": st.sampled_from(["ddim", "euler-a", "euler-a", "", "euler", "DDIM"]),
+            "--sampler": st.sampled_from(["ddim", "euler-a", "dpm++", "dpm++", "", "euler", "DDIM",
+                                          "dpm"]),
             "--explicit": st.just(None), "--free-text-encoder": st.just(None)}
     if out:
         opts["--out"] = out

@@ -4,6 +4,7 @@ dominant colour, shape from the fill ratio). Prints a markdown table.
 
     python tools/eval_toy.py                          # weights/toy, ~3 min on 2 CPU cores
     python tools/eval_toy.py --figures weights/toy/figures --card weights/toy/README.md
+    python tools/eval_toy.py --sampler dpm++ --steps 20   # DPM-Solver++ (2M), README's table
 
 fidelity   144 prompts (6 templates x 24 colour-shape pairs, 3 pairs never seen in training),
            one seed each: colour / shape / position / size / background accuracy
@@ -31,6 +32,7 @@ from minip2p import views  # noqa: E402
 from minip2p.methods import p2p  # noqa: E402
 from minip2p.loading import load_model  # noqa: E402
 from minip2p.pipeline import decode, denoise, encode_text, generate, to_pil  # noqa: E402
+from minip2p.samplers import SAMPLERS, make_sampler  # noqa: E402
 from minip2p.toydata import COLOR_NAMES, HELD_OUT, SHAPES, Captions, analyse, draw, iou  # noqa: E402
 
 TEMPLATES = ["a {c} {s}", "a big {c} {s}", "a small {c} {s} on the left", "a {c} {s} at the top",
@@ -63,15 +65,18 @@ def check_position(prompt, a, size=64):
     return None
 
 
-def images_for(model, prompts, seeds, steps, guidance, batch=48):
-    """One picture per prompt, each from its own seed (z_T as the pipeline draws it)."""
+def images_for(model, prompts, seeds, steps, guidance, sampler="ddim", batch=48):
+    """One picture per prompt, each from its own seed (z_T as the pipeline draws it); Euler
+    ancestral's step noise from a generator seeded with the first seed of the batch."""
     from minip2p.pipeline import initial_noise
     out = []
     uncond = encode_text(model, [""])
     for i in range(0, len(prompts), batch):
         ps, ss = prompts[i:i + batch], seeds[i:i + batch]
         z = torch.cat([initial_noise(model, s, 64, 64) for s in ss])
-        z = denoise(model, encode_text(model, ps), uncond, z, steps, guidance, progress=False)
+        smp = make_sampler(sampler, model.scheduler.cfg, torch.Generator().manual_seed(ss[0]))
+        z = denoise(model, encode_text(model, ps), uncond, z, steps, guidance, progress=False,
+                    sampler=smp)
         out.append(decode(model, z))
     return torch.cat(out)
 
@@ -100,7 +105,7 @@ def fidelity(model, args, rows):
     prompts = fidelity_prompts()
     t0 = time.time()
     ims = images_for(model, [p for p, _, _ in prompts], [args.seed + i for i in range(len(prompts))],
-                     args.steps, args.guidance)
+                     args.steps, args.guidance, args.sampler)
     res = {"all": [], "seen": [], "held out": []}
     for (p, c, s), im in zip(prompts, ims):
         a = analyse(im)
@@ -111,7 +116,7 @@ def fidelity(model, args, rows):
         res["held out" if (c, s) in HELD_OUT else "seen"].append(r)
     big = [r["area"] for r in res["all"] if " big " in r["prompt"]]
     small = [r["area"] for r in res["all"] if " small " in r["prompt"]]
-    rows.append(("**fidelity**", f"{len(prompts)} prompts, 1 seed each, {args.steps} DDIM steps, "
+    rows.append(("**fidelity**", f"{len(prompts)} prompts, 1 seed each, {args.steps} {args.sampler} steps, "
                  f"guidance {args.guidance} ({time.time() - t0:.0f} s)"))
     for k in ("all", "seen", "held out"):
         rows.append((f"colour accuracy, {k}", pct([r["color"] for r in res[k]])))
@@ -153,9 +158,9 @@ EDITS_SHAPE = [("a big red circle on the left", "circle", "square"),
 def run_edit(model, src, tgt, args):
     control, store = p2p.build(model.tokenizer, [src, tgt], args.steps, "replace")
     ims = generate(model, [src, tgt], seed=args.seed, steps=args.steps, guidance=args.guidance,
-                   control=control, progress=False)
+                   control=control, progress=False, sampler=args.sampler)
     plain = generate(model, [tgt], seed=args.seed, steps=args.steps, guidance=args.guidance,
-                     progress=False)[0]
+                     progress=False, sampler=args.sampler)[0]
     return ims[0], ims[1], plain, store
 
 
@@ -185,7 +190,8 @@ def p2p_eval(model, args, rows):
         attn.append(iou(m, a["mask"]))
         shown.append((src, tgt, a_im, b_im, plain, store))
     rows.append(("**Prompt-to-Prompt** (Replace, cross 0.8, self 0.4)",
-                 f"{len(EDITS_COLOR)} colour swaps, {len(EDITS_SHAPE)} shape swaps ({time.time() - t0:.0f} s)"))
+                 f"{len(EDITS_COLOR)} colour swaps, {len(EDITS_SHAPE)} shape swaps, {args.steps} "
+                 f"{args.sampler} steps ({time.time() - t0:.0f} s)"))
     rows.append(("colour swap: mask IoU with the source, mean (min)",
                  f"{np.mean(ious):.3f} ({np.min(ious):.3f})"))
     rows.append(("colour swap: new colour shown", pct(new_color)))
@@ -230,6 +236,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default weights/toy)")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddim (default), euler-a or dpm++ (DPM-Solver++ 2M)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-threshold", type=float, default=0.5)

@@ -44,7 +44,7 @@ def float_arg(name):
 
 
 def sampler_arg(text):
-    from ..euler_a import SAMPLERS
+    from ..samplers import SAMPLERS
     if text not in SAMPLERS:
         raise argparse.ArgumentTypeError(f"--sampler must be one of {', '.join(SAMPLERS)}, "
                                          f"got {text!r}")
@@ -54,8 +54,8 @@ def sampler_arg(text):
 def ddim_only(args, what: str):
     """Inversion and starting part-way (real images, SDEdit) are DDIM's; refuse another sampler."""
     if getattr(args, "sampler", "ddim") != "ddim":
-        raise MinipError(f"--sampler {args.sampler}: {what} needs the deterministic ddim "
-                         "sampler; drop --sampler")
+        raise MinipError(f"--sampler {args.sampler}: {what} needs the ddim sampler; "
+                         "drop --sampler")
 
 
 def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: bool = False):
@@ -78,8 +78,9 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
                         "steps_offset must be a training timestep < N, so 999 for SD 1.x/2.x "
                         "(N = 1000, offset 1) (50)")
     p.add_argument("--sampler", type=sampler_arg, default="ddim",
-                   help="ddim (deterministic) or euler-a (Euler ancestral: fresh noise at each "
-                        "step, one noise shared by the images of an edit) (ddim)")
+                   help="ddim (deterministic), euler-a (Euler ancestral: fresh noise at each "
+                        "step, one noise shared by the images of an edit) or dpm++ "
+                        "(DPM-Solver++ 2M: deterministic, second order, for 20-25 steps) (ddim)")
     p.add_argument("--guidance", type=float_arg("--guidance"), default=7.5,
                    help="classifier-free guidance scale (7.5)")
     p.add_argument("--height", type=int_arg("--height"), default=None,
