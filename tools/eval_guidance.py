@@ -209,8 +209,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=24, help="prompts × seeds per measurement (24)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--weight", type=float, default=0.25, help="Self-Guidance weight v (0.25)")
-    p.add_argument("--guide-steps", type=float, default=0.5,
-                   help="Self-Guidance: guide in this first fraction of the steps (0.5)")
+    p.add_argument("--guide-steps", type=float, default=0.8,
+                   help="Self-Guidance: guide in this first fraction of the steps (0.8)")
     p.add_argument("--only", choices=["self-guidance"],
                    help="measure this method only (success rates)")
     p.add_argument("--cost", action="store_true")
