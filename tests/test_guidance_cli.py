@@ -35,11 +35,33 @@ def test_maps_stay_in_the_graph_and_the_forward_stops_early(toy):
 
 def test_self_guidance_quantities():
     A = torch.zeros(8, 8)
-    A[2:4, 6:8] = 1.0
-    c = sg.centroid(A)
-    assert torch.allclose(c, torch.tensor([7 / 8, 3 / 8]))
-    assert sg.size(A).item() == pytest.approx(4 / 64)
-    assert sg.shape(A)[2, 6] > 0.99 and sg.shape(A)[0, 0] < 0.01
+    A[2:4, 6:8] = 1.0                   # a normalised map: the word on 4 cells, 0 elsewhere
+    S = sg.shape(A)
+    assert S[2, 6] > 0.99 and S[0, 0] < 0.01
+    # the soft threshold leaves 60 cells at σ(−5) ≈ 0.0067: centroid and size within that
+    assert torch.allclose(sg.centroid(A), torch.tensor([7 / 8, 3 / 8]), atol=0.04)
+    assert sg.size(A).item() == pytest.approx(4 / 64, abs=0.01)
+    # T: moving the centroid by 4 cells moves the block by exactly 4 cells
+    moved = sg.transform(A, torch.tensor([7 / 8, 3 / 8]), torch.tensor([3 / 8, 3 / 8]), 1.0)
+    want = torch.zeros(8, 8)
+    want[2:4, 2:4] = 1.0
+    assert (moved - want).abs().max() < 1e-5
+    # scaling by √2 about the centre doubles the area (bilinear edges: within 15 %)
+    B = torch.zeros(16, 16)
+    B[6:10, 6:10] = 1.0
+    c = torch.tensor([0.5, 0.5])
+    assert sg.transform(B, c, c, 2 ** 0.5).sum().item() == pytest.approx(2 * 16, rel=0.15)
+
+
+def test_word_maps_are_normalised_per_layer():
+    from minip2p.control import Site
+    M = torch.rand(1, 2, 16, 77)
+    sites = [(Site("up", 1, i, 0, "cross", 16), M * (i + 1) + i) for i in range(2)]
+    A = sg.word_maps(sites, {"w": [3]})["w"]
+    assert A.shape == (4, 4) and A.min().item() == pytest.approx(0.0, abs=1e-6)
+    assert A.max().item() == pytest.approx(1.0, abs=1e-6)
+    # a layer's scale and offset do not count: both layers normalise to the same map
+    assert torch.allclose(A, sg.word_maps(sites[:1], {"w": [3]})["w"], atol=1e-6)
 
 
 def run(tmp_path, *args):

@@ -39,14 +39,12 @@ def color_pixels(image, color: str) -> int:
     return int((((x - ref) ** 2).sum(0).sqrt() < 0.25).sum())
 
 
-def quality(args):
-    from minip2p.loading import load_model
-    from minip2p.methods import attend_excite, self_guidance as sg, pix2pix_zero as pz
-    from minip2p.pipeline import decode, encode_text, generate, initial_noise
-    m = load_model(args.model)
-    combos = [(c, s) for c in toydata.COLOR_NAMES[:6] for s in toydata.SHAPES]
-    cases = [(combos[i % len(combos)], i // len(combos)) for i in range(args.n)]
+def self_guidance_quality(m, args, cases) -> str:
+    """Self-Guidance --move {0.8,0.2},0.5 and --resize {0.5,1.5} of each case's shape word."""
+    from minip2p.methods import self_guidance as sg
+    from minip2p.pipeline import encode_text, generate
     kw = dict(steps=args.steps, progress=False)
+    sgkw = dict(keep_appearance=True, weight=args.weight, guide_steps=args.guide_steps)
     moved, kept, resized = [], [], []
     for (color, shape), seed in cases:
         prompt = f"a {color} {shape}"
@@ -54,20 +52,45 @@ def quality(args):
         obs = sg.Observe(m.unet, tokens, True)
         a0 = toydata.analyse(generate(m, [prompt], seed=seed, control=obs, **kw)[0])
         cond = encode_text(m, [prompt])
+        xs, ratios = [], []
         for x in (0.8, 0.2):
             ctrl = sg.SelfGuidance(m, cond, tokens, args.steps, obs, moves={shape: (x, 0.5)},
-                                   keep_appearance=True, weight=args.weight)
+                                   **sgkw)
             a = toydata.analyse(generate(m, [prompt], seed=seed, control=ctrl, **kw)[0])
             cx = a["center"][0] / 64
+            xs.append(cx)
             moved.append((cx > 0.5) == (x > 0.5))
             kept.append(a["color"] == a0["color"] and a["shape"] == a0["shape"])
         for s in (0.5, 1.5):
-            ctrl = sg.SelfGuidance(m, cond, tokens, args.steps, obs, resizes={shape: s},
-                                   keep_appearance=True, weight=args.weight)
+            ctrl = sg.SelfGuidance(m, cond, tokens, args.steps, obs, resizes={shape: s}, **sgkw)
             a = toydata.analyse(generate(m, [prompt], seed=seed, control=ctrl, **kw)[0])
-            resized.append(abs(a["area"] / max(a0["area"], 1) / s - 1) <= 0.25)
-        print(f"  {prompt} seed {seed}: moved {moved[-2:]}, kept {kept[-2:]}, resized "
-              f"{resized[-2:]}", flush=True)
+            ratios.append(a["area"] / max(a0["area"], 1))
+            resized.append(abs(ratios[-1] / s - 1) <= 0.25)
+        print(f"  {prompt} seed {seed}: x {a0['center'][0] / 64:.2f} -> {xs[0]:.2f} / "
+              f"{xs[1]:.2f}, moved {moved[-2:]}, kept {kept[-2:]}, area ×{ratios[0]:.2f} / "
+              f"×{ratios[1]:.2f}, resized {resized[-2:]}", flush=True)
+    return (f"Self-Guidance --move {{0.8,0.2}},0.5: centroid in the asked half {pct(moved)}, "
+            f"colour and shape kept {pct(kept)}\n"
+            f"Self-Guidance --resize {{0.5,1.5}}: area × S ± 25 % {pct(resized)}")
+
+
+def pct(xs):
+    return f"{100 * sum(xs) / max(len(xs), 1):.0f} % ({sum(xs)}/{len(xs)})"
+
+
+def quality(args):
+    from minip2p.loading import load_model
+    from minip2p.methods import attend_excite, pix2pix_zero as pz
+    from minip2p.pipeline import decode, encode_text, generate, initial_noise
+    m = load_model(args.model)
+    combos = [(c, s) for c in toydata.COLOR_NAMES[:6] for s in toydata.SHAPES]
+    cases = [(combos[i % len(combos)], i // len(combos)) for i in range(args.n)]
+    kw = dict(steps=args.steps, progress=False)
+    if args.only in (None, "self-guidance"):
+        report = self_guidance_quality(m, args, cases)
+        if args.only:
+            print("\n" + report)
+            return
     both = {"plain": [], "excite": []}
     pairs = list(itertools.permutations(toydata.COLOR_NAMES[:4], 2))
     for i in range(args.n):
@@ -94,11 +117,7 @@ def quality(args):
             if kind == "colour":
                 edits["iou"].append(toydata.iou(a0["mask"], a1["mask"]))
 
-    def pct(xs):
-        return f"{100 * sum(xs) / max(len(xs), 1):.0f} % ({sum(xs)}/{len(xs)})"
-    print(f"\nSelf-Guidance --move {{0.8,0.2}},0.5: centroid in the asked half {pct(moved)}, "
-          f"colour and shape kept {pct(kept)}")
-    print(f"Self-Guidance --resize {{0.5,1.5}}: area × S ± 25 % {pct(resized)}")
+    print("\n" + report)
     print(f"Attend-and-Excite, both objects' colours present: plain {pct(both['plain'])}, "
           f"excited {pct(both['excite'])}")
     print(f"Pix2Pix-Zero: new colour {pct(edits['colour'])}, new shape {pct(edits['shape'])}, "
@@ -259,7 +278,11 @@ def main(argv=None):
     p.add_argument("--model", default=None)
     p.add_argument("--n", type=int, default=24, help="prompts × seeds per measurement (24)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--weight", type=float, default=3.0, help="Self-Guidance weight (3)")
+    p.add_argument("--weight", type=float, default=0.25, help="Self-Guidance weight v (0.25)")
+    p.add_argument("--guide-steps", type=float, default=0.8,
+                   help="Self-Guidance: guide in this first fraction of the steps (0.8)")
+    p.add_argument("--only", choices=["self-guidance"],
+                   help="measure this method only (success rates)")
     p.add_argument("--cost", action="store_true")
     p.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -64,11 +64,12 @@ def add_commands(sub):
                    help="move WORD's object to (X, Y), fractions of the image in [0, 1]")
     g.add_argument("--resize", nargs="+", metavar="WORD=S", help="scale WORD's object by S > 0")
     g.add_argument("--keep-appearance", action="store_true",
-                   help="keep the moved/resized objects' appearance from the unguided image")
-    g.add_argument("--guidance-weight", type=float_arg("--guidance-weight"), default=3.0,
-                   help="step size w of z ← z − w·∇E/‖∇E‖∞ (3)")
-    g.add_argument("--guide-steps", type=float_arg("--guide-steps"), default=0.5,
-                   help="guide in this first fraction of the steps (0.5)")
+                   help="keep the moved/resized objects' appearance from the unguided image "
+                        "(on in README's measurements)")
+    g.add_argument("--guidance-weight", type=float_arg("--guidance-weight"), default=0.25,
+                   help="step size v of z ← z − v·∇E/rms(∇E) (0.25)")
+    g.add_argument("--guide-steps", type=float_arg("--guide-steps"), default=0.8,
+                   help="guide in this first fraction of the steps (0.8)")
     g.add_argument("--out-dir", default="guide", help="output folder (guide)")
     add_model_options(g)
     g.set_defaults(run=cmd_guide)

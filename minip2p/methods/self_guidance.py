@@ -1,27 +1,41 @@
 """Diffusion Self-Guidance (Epstein et al., NeurIPS 2023, arXiv 2306.00986, §3): move and resize
-an object by steering the centroid and size of its word's cross-attention map. There is no
-official code; this follows the paper's definitions.
+an object by steering the properties of its word's cross-attention map. There is no official
+code; this follows the paper's definitions.
 
-For a word k, A_k(p) is its cross-attention map in the conditional row: the mean over heads and
-over the layers with ≤ 16² pixels (each resized to the finest of them, bilinear), summed over the
-word's tokens. With pixel centres p = (x_p, y_p) ∈ [0, 1]² (x to the right, y down):
+For a word k, A_k(p) is its cross-attention map in the conditional row, read in the decoder (the
+"up" cross-attention layers with ≤ 16² pixels): per layer the mean over heads, summed over the
+word's tokens, resized to the finest of these layers (bilinear), smoothed by a Gaussian (3×3,
+σ 0.5) and min-max normalised to [0, 1]; then the mean over the layers. With pixel centres
+p = (x_p, y_p) ∈ [0, 1]² (x to the right, y down):
 
-    centroid(k)   = Σ_p p · A_k(p) / Σ_p A_k(p)
-    size(k)       = (1/|P|) Σ_p A_k(p)
-    shape(k)(p)   = σ(10 · (A_k(p) / max A_k − ½))             (a soft threshold at half the peak)
+    shape(k)(p)   = σ(10 · (A_k(p) − ½))                      (a soft threshold at half)
+    size(k)       = (1/|P|) Σ_p shape(k)(p)
+    centroid(k)   = Σ_p p · shape(k)(p) / Σ_p shape(k)(p)
     appearance(k) = Σ_p shape(k)(p) · ψ(p) / Σ_p shape(k)(p)   ψ: the decoder's last ResBlock
                                                                 features (c channels), resized
 
-Energies (primes are the same quantities in the unguided generation, same seed, same step):
+Energies (primes: the same quantities in the unguided generation, same seed, same step; T_k: the
+affine map that moves centroid'(k) to the target and scales by √s about it, so areas scale by s):
 
-    move k to (x, y):   E = ‖centroid(k) − (x, y)‖₁ + |size(k) − size'(k)|
-    resize k by s:      E = |size(k) − s · size'(k)|
-    keep appearance:    E = Σ_k ‖appearance(k) − appearance'(k)‖₁      (over the edited words)
+    move k to (x, y):   E = ‖centroid(k) − (x, y)‖₁ + mean_p |shape(k) − T_k(shape'(k))|
+                        T_k: translation by (x, y) − centroid'(k)
+    resize k by s:      E = |size(k) − s · size'(k)| + mean_p |shape(k) − T_k(shape'(k))|
+                        T_k: scaling by √s about centroid'(k)
+    keep appearance:    E = Σ_k ‖appearance(k) − appearance'(k)‖₁ / c   (over the edited words)
 
-Several energies add. In the first `guide_steps` of the steps (a fraction, ½ by default), before
-the DDIM step,  z_t ← z_t − w · ∇_{z_t} E / ‖∇_{z_t} E‖_∞   (w: --guidance-weight; the gradient
-is normalised so that one weight suits every model and every energy; the paper adds w·σ_t·∇E to ε
-instead, which at one step is the same direction).
+Several energies add. In the first `guide_steps` of the steps (a fraction, 0.8 by default),
+before the DDIM step, `iterations` times (2; ε_θ and E evaluated again each time)
+
+    z_t ← z_t − v · ∇_{z_t} E / rms(∇_{z_t} E),     rms(g) = √(mean g²),  v: --guidance-weight
+
+so every gradient step moves z_t by v in RMS, whatever the energy's scale. (The appearance
+distance is a mean over the c channels: summed, it outweighed the size and shape terms ≈ 10×
+and the normalised step kept the object's size instead of changing it.) The paper instead adds
+the gradient to the noise estimate, ε̃_t = ε_t + v · σ_t · ∇_{z_t} E (σ_t = √(1 − ᾱ_t)); on the
+toy model that form either barely moved the object (v 30) or destroyed the image (v 300):
+the unnormalised gradient varies ≈ 5× from step to step and σ_t puts the largest steps at the
+first steps, where a word's map does not yet show the object (README, "Guidance through
+attention").
 """
 from __future__ import annotations
 
@@ -33,41 +47,57 @@ import torch.nn.functional as F
 from ..control import Controller, Site
 from ..errors import MinipError
 from ..guidance import TEXT
+from .attend_excite import gaussian_kernel
 from .gradient import GradientGuidance
 
-__all__ = ["word_maps", "centroid", "size", "shape", "appearance", "Observe", "SelfGuidance",
-           "check"]
+__all__ = ["word_maps", "centroid", "size", "shape", "appearance", "transform", "Observe",
+           "SelfGuidance", "check"]
+
+
+def _normalise(A: torch.Tensor) -> torch.Tensor:
+    """(n, h, w) -> Gaussian-smoothed, min-max normalised to [0, 1] per map."""
+    A = F.conv2d(F.pad(A[:, None], (1, 1, 1, 1), mode="replicate"), gaussian_kernel().to(A))[:, 0]
+    lo = A.amin((1, 2), keepdim=True)
+    hi = A.amax((1, 2), keepdim=True)
+    return (A - lo) / (hi - lo).clamp(min=1e-12)
 
 
 def word_maps(maps, tokens: dict[str, list[int]], row: int = 0) -> dict[str, torch.Tensor]:
     """[(site, M (rows, heads, p, 77)), …] -> {word: A_k (side, side)} at the finest side."""
     side = max(math.isqrt(s.pixels) for s, _ in maps)
+    words = list(tokens)
     layers = []
     for s, M in maps:
         r = math.isqrt(s.pixels)
-        m = M[row].float().mean(0).T.reshape(1, -1, r, r)                 # (1, 77, r, r)
+        m = M[row].float().mean(0).T.reshape(-1, r, r)                      # (77, r, r)
+        m = torch.stack([m[tokens[w]].sum(0) for w in words])[None]           # (1, k, r, r)
         if r != side:
             m = F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)
-        layers.append(m[0])
-    A = torch.stack(layers).mean(0)                                        # (77, side, side)
-    return {w: A[t].sum(0) for w, t in tokens.items()}
+        layers.append(_normalise(m[0]))
+    A = torch.stack(layers).mean(0)                                            # (k, side, side)
+    return dict(zip(words, A))
 
 
-def centroid(A: torch.Tensor) -> torch.Tensor:
-    """(h, w) -> (x, y) in [0, 1]², the attention-weighted mean of the pixel centres."""
-    h, w = A.shape
-    ys = (torch.arange(h, dtype=A.dtype) + 0.5) / h
-    xs = (torch.arange(w, dtype=A.dtype) + 0.5) / w
-    total = A.sum()
-    return torch.stack([(A.sum(0) * xs).sum() / total, (A.sum(1) * ys).sum() / total])
-
-
-def size(A: torch.Tensor) -> torch.Tensor:
-    return A.mean()
+def _grid(h: int, w: int, dtype=torch.float32):
+    ys = (torch.arange(h, dtype=dtype) + 0.5) / h
+    xs = (torch.arange(w, dtype=dtype) + 0.5) / w
+    return xs, ys
 
 
 def shape(A: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(10 * (A / A.max() - 0.5))
+    return torch.sigmoid(10 * (A - 0.5))
+
+
+def size(A: torch.Tensor) -> torch.Tensor:
+    return shape(A).mean()
+
+
+def centroid(A: torch.Tensor) -> torch.Tensor:
+    """(h, w) -> (x, y) in [0, 1]², the mean of the pixel centres weighted by shape(A)."""
+    S = shape(A)
+    xs, ys = _grid(*A.shape, A.dtype)
+    total = S.sum()
+    return torch.stack([(S.sum(0) * xs).sum() / total, (S.sum(1) * ys).sum() / total])
 
 
 def appearance(A: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
@@ -77,6 +107,16 @@ def appearance(A: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
     return (psi * m).sum((1, 2)) / m.sum()
 
 
+def transform(S: torch.Tensor, c: torch.Tensor, to: torch.Tensor, scale: float) -> torch.Tensor:
+    """T(S): the map S (h, w) moved so that the point c goes to `to` and scaled by `scale`
+    about it (both in [0, 1]²); outside the image reads 0. T(S)(p) = S(c + (p − to)/scale)."""
+    c, to = c * 2 - 1, to * 2 - 1                                   # grid_sample's [−1, 1]
+    theta = torch.tensor([[1 / scale, 0.0, 0.0], [0.0, 1 / scale, 0.0]], dtype=S.dtype)
+    theta[:, 2] = c - to / scale
+    grid = F.affine_grid(theta[None], [1, 1, *S.shape], align_corners=False)
+    return F.grid_sample(S[None, None], grid, align_corners=False, padding_mode="zeros")[0, 0]
+
+
 def _last_res(unet):
     """Pick for the decoder's last ResBlock ("res" site), whose features are ψ."""
     block, layer = len(unet.up_blocks) - 1, len(unet.up_blocks[-1].resnets) - 1
@@ -84,15 +124,16 @@ def _last_res(unet):
 
 
 def _pick(s: Site) -> bool:
-    return s.kind == "cross" and s.pixels <= 16 ** 2
+    return s.kind == "cross" and s.place == "up" and s.pixels <= 16 ** 2
 
 
 class Observe(Controller):
-    """The unguided generation's quantities at every step: size', shape', appearance' per word."""
+    """The unguided generation's quantities at every step: shape', size', centroid',
+    appearance' per word."""
 
     def __init__(self, unet, tokens: dict[str, list[int]], features: bool):
         self.tokens, self.feature_pick = tokens, (_last_res(unet) if features else None)
-        self.maps, self.psi, self.seen = {}, {}, {}
+        self.maps, self.psi = {}, {}
 
     def wants(self, site):
         return _pick(site) or (self.feature_pick is not None and self.feature_pick(site))
@@ -109,7 +150,7 @@ class Observe(Controller):
 
     def reference(self, step: int) -> dict:
         A = word_maps(self.maps[step], self.tokens)
-        out = {w: dict(size=size(a)) for w, a in A.items()}
+        out = {w: dict(shape=shape(a), size=size(a), centroid=centroid(a)) for w, a in A.items()}
         if step in self.psi:
             for w, a in A.items():
                 out[w]["appearance"] = appearance(a, self.psi[step])
@@ -117,15 +158,16 @@ class Observe(Controller):
 
 
 class SelfGuidance(GradientGuidance):
-    """moves: {word: (x, y)}; resizes: {word: s}; `observed`: the `Observe` of the unguided run."""
+    """moves: {word: (x, y)}; resizes: {word: s}; `observed`: the `Observe` of the unguided run;
+    weight: v, the RMS of each step of z_t."""
 
     def __init__(self, model, cond, tokens, steps: int, observed: Observe, moves=None,
-                 resizes=None, keep_appearance: bool = False, weight: float = 1.0,
-                 guide_steps: float = 0.5):
+                 resizes=None, keep_appearance: bool = False, weight: float = 0.25,
+                 guide_steps: float = 0.8, iterations: int = 2):
         super().__init__(model, cond, steps, pick=_pick)
         self.tokens, self.observed = tokens, observed
         self.moves, self.resizes = moves or {}, resizes or {}
-        self.keep_appearance, self.weight = keep_appearance, weight
+        self.keep_appearance, self.weight, self.iterations = keep_appearance, weight, iterations
         self.last = round(guide_steps * steps)
         self.feature_pick = _last_res(model.unet) if keep_appearance else None
 
@@ -135,23 +177,30 @@ class SelfGuidance(GradientGuidance):
     def energy(self, A: dict, psi, ref: dict) -> torch.Tensor:
         E = 0.0
         for w, (x, y) in self.moves.items():
-            E = E + (centroid(A[w]) - torch.tensor([x, y])).abs().sum()
-            E = E + (size(A[w]) - ref[w]["size"]).abs()
+            to = torch.tensor([x, y])
+            E = E + (centroid(A[w]) - to).abs().sum()
+            target = transform(ref[w]["shape"], ref[w]["centroid"], to, 1.0)
+            E = E + (shape(A[w]) - target).abs().mean()
         for w, s in self.resizes.items():
             E = E + (size(A[w]) - s * ref[w]["size"]).abs()
+            c = ref[w]["centroid"]
+            E = E + (shape(A[w]) - transform(ref[w]["shape"], c, c, math.sqrt(s))).abs().mean()
         if self.keep_appearance:
             for w in {**self.moves, **self.resizes}:
-                E = E + (appearance(A[w], psi) - ref[w]["appearance"]).abs().sum()
+                E = E + (appearance(A[w], psi) - ref[w]["appearance"]).abs().mean()
         return E
 
     def update(self, z, step, t):
-        leaf, rec = self.maps_of(z, step, feature_pick=self.feature_pick)
-        A = word_maps(rec.maps, self.tokens)
-        psi = rec.feats[-1][1][0].float() if rec.feats else None
-        E = self.energy(A, psi, self.observed.reference(step))
-        (grad,) = torch.autograd.grad(E, [leaf])
-        self.energies[step] = float(E.detach())
-        return leaf.detach() - self.weight * grad / grad.abs().max().clamp(min=1e-12)
+        ref = self.observed.reference(step)
+        for _ in range(self.iterations):
+            leaf, rec = self.maps_of(z, step, feature_pick=self.feature_pick)
+            A = word_maps(rec.maps, self.tokens)
+            psi = rec.feats[-1][1][0].float() if rec.feats else None
+            E = self.energy(A, psi, ref)
+            (grad,) = torch.autograd.grad(E, [leaf])
+            self.energies[step] = float(E.detach())
+            z = leaf.detach() - self.weight * grad / grad.pow(2).mean().sqrt().clamp(min=1e-12)
+        return z
 
 
 def check(prompt: str, moves: dict, resizes: dict, keep_appearance: bool, guide_steps: float):
