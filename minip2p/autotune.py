@@ -102,6 +102,7 @@ class Tuner:
         self.timings: dict[str, dict[str, float]] = {}           # this process's measurements
         self.measured = 0                                        # how many picks were timed here
         self._loaded = False
+        self._memo: dict[tuple, str] = {}                        # (threads, kind, shape) -> choice
 
     def _load(self):
         self._loaded = True
@@ -140,6 +141,9 @@ class Tuner:
         a representative slice (only called when this machine has not measured it yet)."""
         if not self.enabled:
             return self.fixed.get(kind, DEFAULT[kind])
+        memo = (torch.get_num_threads(), kind, shape)     # every linear layer asks: keep it cheap
+        if memo in self._memo:
+            return self._memo[memo]
         sites, site = self._sites(), _site(kind, shape)
         if not isinstance(sites.get(site), str) or sites[site] not in run:
             with torch.no_grad():
@@ -148,6 +152,7 @@ class Tuner:
             self.timings[site] = times
             self.measured += 1
             self._save()
+        self._memo[memo] = sites[site]
         return sites[site]
 
     def trial(self, kind: str, shape: tuple) -> tuple[str, bool]:

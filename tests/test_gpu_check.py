@@ -24,3 +24,5 @@ def test_gpu_check_smoke_writes_its_tables(tmp_path):
     for row in ("minip2p-plain", "minip2p-edit", "diffusers-plain"):
         assert f"| {row} |" in bench
     assert "Floor: best rate measured in this run" in bench
+    dpm = (tmp_path / "bench_dpm.txt").read_text()                  # the DPM-Solver++ rows
+    assert "dpm++ steps" in dpm and "| minip2p-edit |" in dpm and "(diffusers-plain) |" in dpm

@@ -118,12 +118,12 @@ def row_minip2p(name, args, device):
     images, t = clock.run(lambda: generate(
         m, PROMPTS, args.seed, args.steps, args.guidance, args.size, args.size, control=control,
         progress=False, fast=name != "minip2p-edit-explicit",
-        free_text_encoder=args.free_text_encoder))
+        free_text_encoder=args.free_text_encoder, sampler=args.sampler))
     return images, load, t
 
 
 def row_diffusers(name, args, device):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
     dtype = DTYPES[args.dtype]
     t0 = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -131,6 +131,9 @@ def row_diffusers(name, args, device):
         requires_safety_checker=False)
     sched = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False,  # SD 1.x DDIM
                                       set_alpha_to_one=False, steps_offset=1)
+    if args.sampler == "dpm++":     # its defaults, as minip2p/dpm_solver.py (tests/test_dpm_solver.py)
+        sched = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
+                                                        timestep_spacing="linspace")
     if name == "community-edit":
         P2P = load_file(Path(args.community), "community_prompt2prompt").Prompt2PromptPipeline
         pipe = P2P(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
@@ -172,7 +175,8 @@ def child(name: str, args, folder: Path, save: Path) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--row", name, "--model", str(folder),
            "--save", str(save), "--device", args.device, "--dtype", args.dtype,
            "--steps", str(args.steps), "--size", str(args.size), "--seed", str(args.seed),
-           "--guidance", str(args.guidance), "--threads", str(args.threads)] + \
+           "--guidance", str(args.guidance), "--threads", str(args.threads),
+           "--sampler", args.sampler] + \
           (["--store"] if args.store else []) + \
           (["--free-text-encoder"] if args.free_text_encoder else []) + \
           (["--community", args.community] if args.community else [])
@@ -215,7 +219,7 @@ def table(res: dict, args, mem: str, build_s: float | None):
     from minip2p.autotune import cpu_model
     where = f"{args.device}: {cpu_model()}" if args.device == "cpu" else args.device
     print(f"\n{geo}, random weights, {args.dtype} on {where} ({threads} threads), "
-          f"{args.size}x{args.size}, {args.steps} steps, guidance {args.guidance}, "
+          f"{args.size}x{args.size}, {args.steps} {args.sampler} steps, guidance {args.guidance}, "
           f"seed {args.seed}, 2 prompts{built}"
           f"{'; minip2p rows free the text encoder after encoding' if args.free_text_encoder else ''}")
     print(f"\n| row | load s | run s | CPU s | text s | denoise s | s/step | it/s | decode s | "
@@ -272,6 +276,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each row "
                     "(default: torch's own choice; 1 is steadier on a shared machine)")
     ap.add_argument("--seed", type=int, default=8888)
+    ap.add_argument("--sampler", choices=["ddim", "dpm++"], default="ddim",
+                    help="every row's sampler (dpm++: DPM-Solver++ 2M, diffusers' "
+                         "DPMSolverMultistepScheduler in its rows)")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, print one JSON line
     ap.add_argument("--save", help=argparse.SUPPRESS)

@@ -150,7 +150,7 @@ def excite_side(down_block_types, latent_side: int) -> int:
     return int(map_pixels(model, latent_side, latent_side) ** 0.5)
 
 
-def diffusers_cost(method: str, model: str | None, steps: int):
+def diffusers_cost(method: str, model: str | None, steps: int, size: int | None = None):
     """diffusers' pipeline for `method` on the same folder, fp32, DDIM, default size; the same
     settings as minip2p's row: guidance 7.5, A&E on every step with minip2p's thresholds (the
     reference's {0, 10, 20} scaled to `steps`, at most 20 refinement iterations) and its map
@@ -165,16 +165,17 @@ def diffusers_cost(method: str, model: str | None, steps: int):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     c = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+    hw = dict(height=size, width=size) if size else {}
     with torch.no_grad():
-        pipe(PROMPT, num_inference_steps=1, output_type="latent")                # warm-up
-    side = pipe.unet.config.sample_size                   # minip2p's z_T (initial_noise, seed 0)
+        pipe(PROMPT, num_inference_steps=1, output_type="latent", **hw)          # warm-up
+    side = size // pipe.vae_scale_factor if size else pipe.unet.config.sample_size  # minip2p's z_T
     z = torch.randn((1, pipe.vae.config.latent_channels, side, side),
                     generator=torch.Generator().manual_seed(0))
     n = count_unet(pipe.unet)
     t0 = time.perf_counter()
     with torch.no_grad():
         if method == "diffusers-plain":
-            pipe(PROMPT, num_inference_steps=steps, latents=z, output_type="latent")
+            pipe(PROMPT, num_inference_steps=steps, latents=z, output_type="latent", **hw)
         elif method == "diffusers-excite":
             ae = StableDiffusionAttendAndExcitePipeline(**c, requires_safety_checker=False)
             ae.set_progress_bar_config(disable=True)
@@ -183,7 +184,7 @@ def diffusers_cost(method: str, model: str | None, steps: int):
             max_iter, thresholds = scaled(steps, 50)
             ae(PROMPT, token_indices=[words["circle</w>"], words["square</w>"]],
                num_inference_steps=steps, latents=z, output_type="latent",
-               attn_res=(res, res), max_iter_to_alter=max_iter, thresholds=thresholds)
+               attn_res=(res, res), max_iter_to_alter=max_iter, thresholds=thresholds, **hw)
         else:
             pz = StableDiffusionPix2PixZeroPipeline(**c, caption_generator=None,
                                                     caption_processor=None,
@@ -192,18 +193,18 @@ def diffusers_cost(method: str, model: str | None, steps: int):
             pz.set_progress_bar_config(disable=True)
             pz(PROMPT, source_embeds=pz.get_embeds([PROMPT]),
                target_embeds=pz.get_embeds([TARGET]), num_inference_steps=steps, latents=z,
-               output_type="latent", cross_attention_guidance_amount=0.1)
+               output_type="latent", cross_attention_guidance_amount=0.1, **hw)
     return time.perf_counter() - t0, n
 
 
-def minip2p_cost(method: str, model: str | None, steps: int):
+def minip2p_cost(method: str, model: str | None, steps: int, size: int | None = None):
     """minip2p's row, as the CLI runs it (fast kernels), after the same warm-up."""
     from minip2p.loading import load_model
     from minip2p.methods import attend_excite, self_guidance as sg, pix2pix_zero as pzm
     from minip2p.pipeline import check_size, encode_text, generate, initial_noise
     m = load_model(model)
-    h, w = check_size(m, None, None)
-    kw = dict(steps=steps, progress=False, return_latents=True)
+    h, w = check_size(m, size, size)
+    kw = dict(steps=steps, progress=False, return_latents=True, height=h, width=w)
     generate(m, [PROMPT], **dict(kw, steps=1))                                  # warm-up
     n = count_unet(m.unet)
     t0 = time.perf_counter()
@@ -226,11 +227,11 @@ def minip2p_cost(method: str, model: str | None, steps: int):
     return time.perf_counter() - t0, n
 
 
-def one_cost(method: str, model: str | None, steps: int) -> dict:
+def one_cost(method: str, model: str | None, steps: int, size: int | None = None) -> dict:
     """Run one method once, after a 1-step plain generation as warm-up -> seconds per step,
     peak RSS of the process, UNet calls and rows during the timed run."""
     run = diffusers_cost if method.startswith("diffusers") else minip2p_cost
-    dt, n = run(method, model, steps)
+    dt, n = run(method, model, steps, size)
     return dict(method=method, s_per_step=dt / steps, unet_calls=n["calls"],
                 unet_rows=n["rows"],
                 peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -243,6 +244,8 @@ def cost(args):
         cmd = [sys.executable, __file__, "--one", method, "--steps", str(args.steps)]
         if args.model:
             cmd += ["--model", args.model]
+        if args.size:
+            cmd += ["--size", str(args.size)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"{method:24s} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}",
@@ -251,7 +254,7 @@ def cost(args):
         got[method] = r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{method:24s} {r['s_per_step']:8.3f} s/step {r['peak_mb']:8.0f} MB peak RSS  "
               f"UNet calls {r['unet_calls']} ({r['unet_rows']} rows)", flush=True)
-    print(f"\nmodel {args.model or 'weights/toy'}, {args.steps} steps, {torch.get_num_threads()} "
+    print(f"\nmodel {args.model or 'weights/toy'}, {args.size or 'native'} px, {args.steps} steps, {torch.get_num_threads()} "
           "threads; ratio = minip2p / diffusers (< 1: minip2p faster or smaller); × plain = the "
           "method's s/step over its own library's plain generation; calls = UNet calls (rows)\n")
     print("| method | minip2p s/step | diffusers s/step | ratio | minip2p × plain | "
@@ -284,11 +287,12 @@ def main(argv=None):
     p.add_argument("--only", choices=["self-guidance"],
                    help="measure this method only (success rates)")
     p.add_argument("--cost", action="store_true")
+    p.add_argument("--size", type=int, default=None, help="--cost: image side (default: the model's)")
     p.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.one:
-        print(json.dumps(one_cost(args.one, args.model, args.steps)))
+        print(json.dumps(one_cost(args.one, args.model, args.steps, args.size)))
     elif args.cost:
         cost(args)
     else:

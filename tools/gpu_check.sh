@@ -49,7 +49,7 @@ bench=${PIPESTATUS[0]}
 dpm=0
 if "$PY" tools/bench.py --help 2>/dev/null | grep -q -- "--sampler"; then
     "$PY" tools/bench.py "${DEV[@]}" --model "$MODEL" --size "$SIZE" --steps "$DPM_STEPS" \
-        --sampler dpm++ --rows minip2p-plain,minip2p-edit 2>&1 | tee "$OUT/bench_dpm.txt"
+        --sampler dpm++ --rows minip2p-plain,minip2p-edit,diffusers-plain 2>&1 | tee "$OUT/bench_dpm.txt"
     dpm=${PIPESTATUS[0]}
 fi
 rm -rf "$(dirname "$MODEL")"
