@@ -4,9 +4,9 @@ the SD 1.5 UNet at 512 px (batch 4 = two prompts with guidance) -- what minip2p/
 chooses between, per shape, on slices.
 
 For each linear shape: GFLOP/s of `F.linear` (PyTorch's default, MKL sgemm) and of oneDNN's
-matmul (`ops.linear(..., fast=True)`), the best of --reps runs, and max|Δ| between their
-outputs; then the fused GEGLU (`ops.geglu`) against chunk + GELU + multiply; then self-attention
-at 64² and 32² (`F.scaled_dot_product_attention` against `ops.sdpa`'s oneDNN query slices).
+matmul (`ops._dnn`, the oneDNN candidate of `ops.linear`), the best of --reps runs, and max|Δ| between their
+outputs; then the fused GEGLU (`ops._geglu_dnn`) against chunk + GELU + multiply; then self-attention
+at 64² and 32² (`F.scaled_dot_product_attention` against `ops.dnn_attention`'s oneDNN query slices).
 Usage:
   python tools/bench_kernels.py --threads 2
 """
