@@ -136,18 +136,20 @@ class Tuner:
             self._load()
         return self.table.setdefault(machine_key(), {})
 
-    def pick(self, kind: str, shape: tuple, run: dict[str, Callable[[], object]]) -> str:
-        """The candidate to use for `kind` at `shape`; `run[name]()` runs candidate `name` once on
-        a representative slice (only called when this machine has not measured it yet)."""
+    def pick(self, kind: str, shape: tuple,
+             candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:
+        """The candidate to use for `kind` at `shape`. `candidates()` -> {name: run}, `run()` runs
+        candidate `name` once on a representative slice; called only when this machine has not
+        measured `shape` yet (so a layer's call costs one dict lookup once it has)."""
         if not self.enabled:
             return self.fixed.get(kind, DEFAULT[kind])
         memo = (torch.get_num_threads(), kind, shape)     # every linear layer asks: keep it cheap
         if memo in self._memo:
             return self._memo[memo]
         sites, site = self._sites(), _site(kind, shape)
-        if not isinstance(sites.get(site), str) or sites[site] not in run:
+        if sites.get(site) not in KINDS[kind]:
             with torch.no_grad():
-                times = best_times(run)
+                times = best_times(candidates())
             sites[site] = min(times, key=times.get)
             self.timings[site] = times
             self.measured += 1

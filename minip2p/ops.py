@@ -52,11 +52,12 @@ def linear(layer: nn.Linear | nn.Conv2d, x: torch.Tensor, fast: bool = False) ->
     the same linear map, with its weight (out, in, 1, 1) read as (out, in)."""
     w, b = layer.weight.flatten(1), layer.bias                        # (out, in): a view
     if onednn_ok(x, fast):
-        xs = x.reshape(-1, w.shape[1])
-        xs = xs[:tune_rows(len(xs), *w.shape[::-1])]                  # the slice to time on
-        pick = tuner().pick("linear", (x.numel() // w.shape[1], *w.shape[::-1]),
-                            {"torch": lambda: F.linear(xs, w, b), "onednn": lambda: _dnn(xs, w, b)})
-        if pick == "onednn":
+        def candidates():                                             # timed on a slice
+            xs = x.reshape(-1, w.shape[1])
+            xs = xs[:tune_rows(len(xs), *w.shape[::-1])]
+            return {"torch": lambda: F.linear(xs, w, b), "onednn": lambda: _dnn(xs, w, b)}
+        shape = (x.numel() // w.shape[1], *w.shape[::-1])               # (tokens, in, out)
+        if tuner().pick("linear", shape, candidates) == "onednn":
             return _dnn(x, w, b)
     return F.linear(x, w, b)
 
@@ -67,13 +68,13 @@ def geglu(proj: nn.Linear, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
     The oneDNN candidate is two matmuls with the GELU and the product fused into them (no
     (…, 2·inner) tensor, no separate GELU or multiply pass)."""
     if onednn_ok(x, fast):
-        xs = x.reshape(-1, proj.in_features)
-        xs = xs[:tune_rows(len(xs), proj.in_features, proj.out_features)]
-        pick = tuner().pick("geglu", (x.numel() // proj.in_features, proj.in_features,
-                                      proj.out_features),
-                            {"torch": lambda: _geglu_torch(proj, xs, fast),
-                             "onednn": lambda: _geglu_dnn(proj, xs)})
-        if pick == "onednn":
+        def candidates():
+            xs = x.reshape(-1, proj.in_features)
+            xs = xs[:tune_rows(len(xs), proj.in_features, proj.out_features)]
+            return {"torch": lambda: _geglu_torch(proj, xs, fast),
+                    "onednn": lambda: _geglu_dnn(proj, xs)}
+        shape = (x.numel() // proj.in_features, proj.in_features, proj.out_features)
+        if tuner().pick("geglu", shape, candidates) == "onednn":
             return _geglu_dnn(proj, x)
     return _geglu_torch(proj, x, fast)
 
@@ -102,11 +103,11 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast: bool = False,
     image·head, `dnn_attention`'s query slices."""
     m = k.shape[2]
     if mask is None and onednn_ok(q, fast) and m >= min_keys:
-        q1, k1, v1 = (t[:1, :1].contiguous() for t in (q, k, v))     # one image, one head
-        pick = tuner().pick("attention", (q.shape[2], m, q.shape[3]),
-                            {"sdpa": lambda: F.scaled_dot_product_attention(q1, k1, v1),
-                             "onednn": lambda: dnn_attention(q1, k1, v1)})
-        if pick == "onednn":
+        def candidates():
+            q1, k1, v1 = (t[:1, :1].contiguous() for t in (q, k, v))  # one image, one head
+            return {"sdpa": lambda: F.scaled_dot_product_attention(q1, k1, v1),
+                    "onednn": lambda: dnn_attention(q1, k1, v1)}
+        if tuner().pick("attention", (q.shape[2], m, q.shape[3]), candidates) == "onednn":
             return dnn_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 

@@ -166,11 +166,11 @@ def decode(model: Model, z: torch.Tensor, fast: bool = True) -> torch.Tensor:
     within float rounding (tests/test_fast.py, tests/test_autotune.py)."""
     z = (z / model.vae.cfg.scaling_factor).to(model.device, model.dtype)
     tuned = fast and model.device.type == "cpu" and model.dtype == torch.float32
+    untuned = "channels_last" if fast else "contiguous"
     images = []
     for zi in z:           # one image at a time: the decoder's activations dominate peak memory
-        pick, trial = tuner().trial("decode", tuple(zi.shape)) if tuned else ("", False)
-        layout = (torch.channels_last if (pick == "channels_last" or fast and not tuned)
-                  else torch.contiguous_format)
+        pick, trial = tuner().trial("decode", tuple(zi.shape)) if tuned else (untuned, False)
+        layout = torch.channels_last if pick == "channels_last" else torch.contiguous_format
         t0 = time.perf_counter()
         images.append(model.vae.decode(zi[None].contiguous(memory_format=layout)).float()
                       .contiguous())

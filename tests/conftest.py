@@ -12,6 +12,18 @@ warnings.filterwarnings("ignore", module="diffusers")
 warnings.filterwarnings("ignore", module="transformers")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): their
+    ops are all small, and one thread is many times faster than several (which spin-wait,
+    badly so on a busy 2-core machine)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _checkpoint(tmp_path_factory, geometry):
     from tiny import build_pipeline, save_pipeline
     pipe = build_pipeline(geometry)

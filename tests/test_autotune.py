@@ -66,13 +66,13 @@ def test_a_choice_is_measured_once_and_cached(tmp_path):
     calls = []
     run = {name: (lambda n=name: calls.append(n)) for name in KINDS["linear"]}
     t = Tuner(path=path)
-    pick = t.pick("linear", (64, 8, 8), run)
+    pick = t.pick("linear", (64, 8, 8), lambda: run)
     assert pick in KINDS["linear"] and t.measured == 1
     assert set(calls) == set(KINDS["linear"]) and len(calls) >= 2 * (autotune.REPS + 1)
     calls.clear()
-    assert t.pick("linear", (64, 8, 8), run) == pick and not calls          # this process
+    assert t.pick("linear", (64, 8, 8), lambda: run) == pick and not calls          # this process
     again = Tuner(path=path)                                                 # a new process
-    assert again.pick("linear", (64, 8, 8), run) == pick and not calls and again.measured == 0
+    assert again.pick("linear", (64, 8, 8), lambda: run) == pick and not calls and again.measured == 0
     data = json.loads(path.read_text())
     assert data[autotune.machine_key()] == {"linear 64x8x8": pick}
     assert autotune.cpu_model() in autotune.machine_key()
@@ -83,10 +83,10 @@ def test_another_thread_count_measures_again(tmp_path):
     threads = torch.get_num_threads()
     run = {name: (lambda: None) for name in KINDS["geglu"]}
     t = Tuner(path=tmp_path / "k.json")
-    t.pick("geglu", (4, 4, 8), run)
+    t.pick("geglu", (4, 4, 8), lambda: run)
     try:
         torch.set_num_threads(threads + 1)
-        t.pick("geglu", (4, 4, 8), run)
+        t.pick("geglu", (4, 4, 8), lambda: run)
     finally:
         torch.set_num_threads(threads)
     assert t.measured == 2 and len(json.loads((tmp_path / "k.json").read_text())) == 2
@@ -97,19 +97,19 @@ def test_a_broken_or_unwritable_cache_is_measured_again_not_an_error(tmp_path):
     bad.write_text("{not json")
     run = {name: (lambda: None) for name in KINDS["attention"]}
     t = Tuner(path=bad)
-    assert t.pick("attention", (1, 2, 3), run) in KINDS["attention"] and t.measured == 1
+    assert t.pick("attention", (1, 2, 3), lambda: run) in KINDS["attention"] and t.measured == 1
     assert json.loads(bad.read_text())                                      # repaired
     blocked = tmp_path / "file"
     blocked.write_text("")
     t = Tuner(path=blocked / "kernels.json")                                # folder is a file
-    assert t.pick("attention", (1, 2, 3), run) in KINDS["attention"]
+    assert t.pick("attention", (1, 2, 3), lambda: run) in KINDS["attention"]
 
 
 def test_disabled_and_forced_tuners_never_measure(tmp_path):
     run = {name: (lambda: pytest.fail("measured")) for name in KINDS["decode"]}
     off = Tuner(enabled=False, path=tmp_path / "k.json")
-    assert off.pick("decode", (1,), run) == autotune.DEFAULT["decode"]
-    assert forced(decode="channels_last").pick("decode", (1,), run) == "channels_last"
+    assert off.pick("decode", (1,), lambda: run) == autotune.DEFAULT["decode"]
+    assert forced(decode="channels_last").pick("decode", (1,), lambda: run) == "channels_last"
     assert not (tmp_path / "k.json").exists()
     with pytest.raises(ValueError):
         forced(linear="mkl")

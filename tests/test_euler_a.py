@@ -10,29 +10,15 @@ from minip2p.samplers import make_sampler
 from minip2p.errors import MinipError
 from minip2p.methods import p2p
 from minip2p.pipeline import generate
+from tiny import maxdiff, reldiff, sample_with
 
 PROMPT = "a painting of a squirrel eating a burger"
 
 
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
-
-
-def reldiff(ours, ref):
-    """max|Δ| / max(1, max|ref|): the random UNet's ε is large (σ_0 ≈ 14.6 times it), so its
-    final latents reach |z| ≈ 70 and fp32 rounding alone gives ~1e-4 in absolute terms."""
-    return maxdiff(ours, ref) / max(1.0, ref.abs().max().item())
-
-
 def reference(pipe, prompt, steps, seed, **kw):
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
-    comp = dict(pipe.components)
-    comp["scheduler"] = EulerAncestralDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **kw)
-    ref = StableDiffusionPipeline(**comp)
-    ref.set_progress_bar_config(disable=True)
-    return ref(prompt, num_inference_steps=steps, guidance_scale=7.5,
-               generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+    from diffusers import EulerAncestralDiscreteScheduler
+    return sample_with(pipe, EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **kw), prompt, steps, seed)
 
 
 @pytest.mark.parametrize("steps", [4, 9])

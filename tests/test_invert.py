@@ -18,13 +18,7 @@ from minip2p.pipeline import denoise, encode_text
 RED, BLUE, GREY = (230, 26, 26), (26, 64, 230), (128, 128, 128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on shared cores they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
 
 
 def drawn(size=64, color=RED, shape="circle", w=None):

@@ -22,12 +22,7 @@ CAT = "a photo of a cat sitting on a sofa"
 DOG = "a photo of a dog jumping on a sofa"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
 
 
 def minip2p_run(model, control, size, fast=True, latents=None):

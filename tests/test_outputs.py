@@ -9,7 +9,6 @@ import subprocess
 import uuid
 
 import pytest
-import torch
 from PIL import Image
 
 from minip2p.cli import main
@@ -17,12 +16,7 @@ from minip2p.cli import main
 SMALL = ["--steps", "1", "--height", "32", "--width", "32", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
 
 
 @contextlib.contextmanager

@@ -16,12 +16,7 @@ EDITED = "a big blue circle on the left"
 STEPS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

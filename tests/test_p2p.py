@@ -28,14 +28,7 @@ CAT = "a painting of a cat eating a burger"
 SOURCE_TOL = 2e-4    # |Δz| of the source row, batch of 1 vs 3: measured ≤ 5e-5 (|z| ≲ 40)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are all small ops: one thread is many times faster than several
-    (which spin-wait, badly so on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module", params=list(SIZES))

@@ -45,13 +45,7 @@ SMALL = "a photo of a small house on a big mountain"
 BUNNY = "a smiling bunny doll"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is many times faster than several (see test_p2p.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

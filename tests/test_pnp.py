@@ -22,13 +22,7 @@ PROMPT, GUIDANCE = "a photo of a pink toy horse on the beach", 7.5
 TOL, END_TO_END_TOL = 1e-4, 5e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is many times faster than several (see test_p2p.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
@@ -49,13 +48,7 @@ SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=timedelta(seconds=120),
 WORDS = ["red", "blue", "green", "circle", "square", "triangle", "big", "small"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI machine's 2 cores are shared: one thread avoids oversubscription (20× here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,7 @@ def maxdiff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module", params=GEOMETRIES)

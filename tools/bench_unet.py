@@ -81,7 +81,7 @@ def main(argv=None):
     outs, times, _ = interleave(rows, args.rounds)
     rate, kernel = best_rate()                                       # same run, same threads
     per = {b: unet_flops(unet.cfg, model.vae.cfg, b, args.size, args.size) for b in (3, 4)}
-    flops = {name: per[3 if "3 rows" in name else 4] for name in rows}
+    flops = {name: per[len(out)] for name, out in outs.items()}       # each row's batch
     print(f"\n{args.model}, UNet batch 4 at {args.size}x{args.size}, t = {t}, {args.threads} "
           f"threads, {args.rounds} interleaved rounds; {cpu_model()}; best rate measured now "
           f"{rate / 1e9:.0f} GFLOP/s ({kernel}); floor = GFLOP / that rate\n")

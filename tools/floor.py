@@ -9,17 +9,19 @@ count on either path, since the fast path changes kernels, not arithmetic. SD 1.
 GFLOP per image per UNet call, 2514.5 GFLOP per decoded image. The best rate is measured in the
 same run, on the same threads: the best of PyTorch's F.linear (MKL) and oneDNN's matmul at three
 of the UNet's GEMM shapes, and of a 3×3 convolution in both memory layouts, each the best of a few
-tries. Used by tools/bench.py and tools/bench_unet.py.
+tries (autotune.best_times). Used by tools/bench.py and tools/bench_unet.py.
 """
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+
+from minip2p import ops
+from minip2p.autotune import best_times
 
 # (tokens, in, out) of the UNet's big GEMMs at 512 px, and a 3×3 conv of its first level
 GEMMS = [(4096, 1280, 320), (4096, 640, 2560), (1024, 1280, 5120)]
@@ -61,35 +63,25 @@ def decode_flops(vcfg, height: int, width: int) -> int:
     return _count(lambda: vae.decode(torch.empty(1, vcfg.latent_channels, height // f, width // f)))
 
 
-def _best(fn, reps: int = 3) -> float:
-    fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return min(out)
-
-
 @torch.no_grad()
-def best_rate(reps: int = 3) -> tuple[float, str]:
+def best_rate() -> tuple[float, str]:
     """(FLOP/s, which kernel and shape) -- the fastest GEMM or conv measured now."""
     g = torch.Generator().manual_seed(0)
     rates = {}
-    dnn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
     for n, cin, cout in GEMMS:
         x, w = torch.randn(n, cin, generator=g), torch.randn(cout, cin, generator=g)
         flop = 2 * n * cin * cout
-        rates[f"F.linear {n}x{cin}->{cout}"] = flop / _best(lambda: F.linear(x, w), reps)
-        if dnn is not None:
-            rates[f"oneDNN matmul {n}x{cin}->{cout}"] = flop / _best(
-                lambda: dnn(x, w, None, "none", [], ""), reps)
+        run = {f"F.linear {n}x{cin}->{cout}": lambda: F.linear(x, w)}
+        if ops.ONEDNN:
+            run[f"oneDNN matmul {n}x{cin}->{cout}"] = lambda: ops._dnn(x, w, None)
+        rates.update({name: flop / t for name, t in best_times(run).items()})
     b, c, h, w_ = CONV
     x, k = torch.randn(b, c, h, w_, generator=g), torch.randn(c, c, 3, 3, generator=g)
     flop = 2 * b * c * c * 9 * h * w_
-    for name, fmt in (("conv3x3", torch.contiguous_format), ("conv3x3 channels-last", torch.channels_last)):
-        xf, kf = x.contiguous(memory_format=fmt), k.contiguous(memory_format=fmt)
-        rates[f"{name} {b}x{c}x{h}x{w_}"] = flop / _best(lambda: F.conv2d(xf, kf, padding=1), reps)
+    xl, kl = (t.contiguous(memory_format=torch.channels_last) for t in (x, k))
+    run = {f"conv3x3 {b}x{c}x{h}x{w_}": lambda: F.conv2d(x, k, padding=1),
+           f"conv3x3 channels-last {b}x{c}x{h}x{w_}": lambda: F.conv2d(xl, kl, padding=1)}
+    rates.update({name: flop / t for name, t in best_times(run).items()})
     best = max(rates, key=rates.get)
     return rates[best], best
 
