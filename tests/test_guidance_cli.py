@@ -8,7 +8,7 @@ from minip2p.cli import main
 from minip2p.loading import load_model
 from minip2p.methods import self_guidance as sg
 from minip2p.methods.gradient import MapRecorder, cond_rows, forward_with_grad
-from minip2p.pipeline import encode_text, initial_noise
+from minip2p.pipeline import encode_text, generate, initial_noise
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,24 @@ def test_self_guidance_quantities():
     assert sg.transform(B, c, c, 2 ** 0.5).sum().item() == pytest.approx(2 * 16, rel=0.15)
 
 
+def test_the_step_vanishes_at_the_energy_minimum_and_is_capped_at_v(toy):
+    """Polyak step d = E·∇E/‖∇E‖², rms(d) ≤ v: resizing by 1 from the unguided latents (E ≈ 0)
+    leaves z_t (a step of fixed size v would move it by v, and grew objects ×1.3); a move far
+    from the object is capped at exactly v; the default iteration counts are 2 / 4."""
+    prompt, tokens = "a red circle", {"circle": [3]}
+    obs = sg.Observe(toy.unet, tokens, True)
+    generate(toy, [prompt], seed=0, steps=4, control=obs, progress=False)
+    cond, z = encode_text(toy, [prompt]), initial_noise(toy, 0, 64, 64)
+    rms = lambda d: d.pow(2).mean().sqrt().item()                       # noqa: E731
+    same = sg.SelfGuidance(toy, cond, tokens, 4, obs, resizes={"circle": 1.0},
+                           keep_appearance=True)
+    assert same.iterations == 4 and rms(same.before_step(z, 0) - z) < 1e-3 * same.weight
+    far = sg.SelfGuidance(toy, cond, tokens, 4, obs, moves={"circle": (0.95, 0.05)},
+                          iterations=1, weight=0.02)
+    assert rms(far.before_step(z, 2) - z) == pytest.approx(0.02, rel=1e-4)
+    assert sg.SelfGuidance(toy, cond, tokens, 4, obs, moves={"circle": (0.9, 0.5)}).iterations == 2
+
+
 def test_word_maps_are_normalised_per_layer():
     from minip2p.control import Site
     M = torch.rand(1, 2, 16, 77)
@@ -90,6 +108,8 @@ BAD = [
     (["guide", "a red circle", "--resize", "circle=0"], "> 0"),
     (["guide", "a red circle", "--resize", "circle=-2"], "> 0"),
     (["guide", "a red circle"], "needs an energy"),
+    (["guide", "a red circle", "--move", "circle=0.8,0.5", "--guidance-weight", "-1"], "≥ 0"),
+    (["guide", "a red circle", "--move", "circle=0.8,0.5", "--guide-iterations", "0"], "≥ 1"),
     (["guide", "a red circle", "--keep-appearance"], "needs an energy"),
     (["edit", "a red circle", "a blue circle", "--method", "pix2pix-zero",
       "--source-sentences", "EMPTY", "--target-sentences", "EMPTY"], "holds no sentence"),

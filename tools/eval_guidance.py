@@ -9,6 +9,11 @@ cost? (README, "Guidance through attention").
                                                              ratio minip2p / diffusers
     python tools/eval_guidance.py --cost --model DIR         … on another folder (SD 1.5 shape:
                                                              tools/bench.py --keep DIR)
+    python tools/eval_guidance.py --only self-guidance --cases 0-5,12-17 --iterations 3
+                                                             Self-Guidance on some of the cases,
+                                                             other settings
+    python tools/eval_guidance.py --size-fit --n 48          does size(k) follow the object's
+                                                             area? (unguided, last step)
 """
 from __future__ import annotations
 
@@ -44,7 +49,8 @@ def self_guidance_quality(m, args, cases) -> str:
     from minip2p.methods import self_guidance as sg
     from minip2p.pipeline import encode_text, generate
     kw = dict(steps=args.steps, progress=False)
-    sgkw = dict(keep_appearance=True, weight=args.weight, guide_steps=args.guide_steps)
+    sgkw = dict(keep_appearance=True, weight=args.weight, guide_steps=args.guide_steps,
+                iterations=args.iterations)
     moved, kept, resized = [], [], []
     for (color, shape), seed in cases:
         prompt = f"a {color} {shape}"
@@ -74,6 +80,42 @@ def self_guidance_quality(m, args, cases) -> str:
             f"Self-Guidance --resize {{0.5,1.5}}: area × S ± 25 % {pct(resized)}")
 
 
+def size_fit(args):
+    """size(k) at the last step against the object's area over unguided generations of
+    "a [small|big] COLOUR SHAPE": the least-squares line and the correlation."""
+    from minip2p.loading import load_model
+    from minip2p.methods import self_guidance as sg
+    from minip2p.pipeline import generate
+    m = load_model(args.model)
+    combos = [(z, c, s) for z in ("small", "", "big") for c in toydata.COLOR_NAMES[:6]
+              for s in toydata.SHAPES]
+    area, size = [], []
+    for i in range(args.n):
+        z, c, s = combos[(i * 7) % len(combos)]
+        prompt = " ".join(w for w in ("a", z, c, s) if w)
+        tokens = sg.tokens_of(m.tokenizer, prompt, [s])
+        obs = sg.Observe(m.unet, tokens, False)
+        a = toydata.analyse(generate(m, [prompt], seed=i, control=obs, steps=args.steps,
+                                     progress=False)[0])
+        area.append(a["area"] / 64 ** 2)
+        size.append(float(sg.size(sg.word_maps(obs.maps[args.steps - 1], tokens)[s])))
+    k, c = np.polyfit(area, size, 1)
+    print(f"size(k) = {k:.3f}·area {c:+.3f} (area: fraction of the image, "
+          f"{min(area):.3f}–{max(area):.3f}), correlation {np.corrcoef(area, size)[0, 1]:.3f}, "
+          f"{args.n} generations")
+
+
+def pick_cases(cases, spec: str | None):
+    """--cases "0-5,12-17" -> those of the cases."""
+    if not spec:
+        return cases
+    keep = set()
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        keep.update(range(int(a), int(b or a) + 1))
+    return [c for i, c in enumerate(cases) if i in keep]
+
+
 def pct(xs):
     return f"{100 * sum(xs) / max(len(xs), 1):.0f} % ({sum(xs)}/{len(xs)})"
 
@@ -87,7 +129,7 @@ def quality(args):
     cases = [(combos[i % len(combos)], i // len(combos)) for i in range(args.n)]
     kw = dict(steps=args.steps, progress=False)
     if args.only in (None, "self-guidance"):
-        report = self_guidance_quality(m, args, cases)
+        report = self_guidance_quality(m, args, pick_cases(cases, args.cases))
         if args.only:
             print("\n" + report)
             return
@@ -282,10 +324,16 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=24, help="prompts × seeds per measurement (24)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--weight", type=float, default=0.25, help="Self-Guidance weight v (0.25)")
-    p.add_argument("--guide-steps", type=float, default=0.8,
-                   help="Self-Guidance: guide in this first fraction of the steps (0.8)")
+    p.add_argument("--guide-steps", type=float, default=1.0,
+                   help="Self-Guidance: guide in this first fraction of the steps (1.0)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="Self-Guidance: gradient steps per guided step (default: the "
+                        "method's, 2 for moves, 4 for resizes)")
     p.add_argument("--only", choices=["self-guidance"],
                    help="measure this method only (success rates)")
+    p.add_argument("--cases", help="Self-Guidance: only these of the --n cases, e.g. 0-5,12-17")
+    p.add_argument("--size-fit", action="store_true",
+                   help="size(k) against the object's area over --n unguided generations")
     p.add_argument("--cost", action="store_true")
     p.add_argument("--size", type=int, default=None, help="--cost: image side (default: the model's)")
     p.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
@@ -293,6 +341,8 @@ def main(argv=None):
     torch.manual_seed(0)
     if args.one:
         print(json.dumps(one_cost(args.one, args.model, args.steps, args.size)))
+    elif args.size_fit:
+        size_fit(args)
     elif args.cost:
         cost(args)
     else:

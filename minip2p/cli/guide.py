@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 from ..errors import MinipError
-from .common import (add_model_options, check_out_dir, ddim_only, float_arg, load, preflight,
-                     save_images)
+from .common import (add_model_options, check_out_dir, ddim_only, float_arg, int_arg, load,
+                     preflight, save_images)
 
 
 def parse_pairs(items, flag: str, n: int) -> dict[str, tuple[float, ...]]:
@@ -35,7 +35,8 @@ def cmd_guide(args):
 
     moves = parse_pairs(args.move, "--move", 2)
     resizes = {w: s for w, (s,) in parse_pairs(args.resize, "--resize", 1).items()}
-    sg.check(args.prompt, moves, resizes, args.keep_appearance, args.guide_steps)
+    sg.check(args.prompt, moves, resizes, args.keep_appearance, args.guide_steps,
+             args.guidance_weight)
     out = check_out_dir(args.out_dir)
     ddim_only(args, "Self-Guidance")
     model = load(args)
@@ -48,7 +49,7 @@ def cmd_guide(args):
     plain = generate(model, [args.prompt], control=observed, **kw)
     ctrl = sg.SelfGuidance(model, encode_text(model, [args.prompt]), tokens, args.steps, observed,
                            moves, resizes, args.keep_appearance, args.guidance_weight,
-                           args.guide_steps)
+                           args.guide_steps, args.guide_iterations)
     guided = generate(model, [args.prompt], control=ctrl, **kw)
     ims = to_pil(plain) + to_pil(guided)
     files = {"0.png": ims[0], "1.png": ims[1],
@@ -67,9 +68,13 @@ def add_commands(sub):
                    help="keep the moved/resized objects' appearance from the unguided image "
                         "(on in README's measurements)")
     g.add_argument("--guidance-weight", type=float_arg("--guidance-weight"), default=0.25,
-                   help="step size v of z ← z − v·∇E/rms(∇E) (0.25)")
-    g.add_argument("--guide-steps", type=float_arg("--guide-steps"), default=0.8,
-                   help="guide in this first fraction of the steps (0.8)")
+                   help="largest RMS v of a guidance step of z (0.25): z ← z − d, "
+                        "d = E·∇E/‖∇E‖² capped at rms(d) ≤ v")
+    g.add_argument("--guide-steps", type=float_arg("--guide-steps"), default=1.0,
+                   help="guide in this first fraction of the steps (1.0: all)")
+    g.add_argument("--guide-iterations", type=int_arg("--guide-iterations", 1, 50), default=None,
+                   metavar="N", help="gradient steps per guided step (2 for moves, 4 when "
+                                     "a word is resized)")
     g.add_argument("--out-dir", default="guide", help="output folder (guide)")
     add_model_options(g)
     g.set_defaults(run=cmd_guide)
