@@ -96,7 +96,8 @@ class Controller:
 
 class Compose(Controller):
     """Several controllers in order (e.g. edit, then store, then blend): each hook runs every
-    controller that wants the site, in order; `attend` takes the first output given."""
+    controller that wants the site, in order; `attend` takes the first output given, skipping a
+    controller whose `attend` is only a `shortcut` (P2P's fused edits) when others want the site."""
 
     def __init__(self, *controllers: Controller | None):
         self.controllers = [c for c in controllers if c is not None]
@@ -111,11 +112,13 @@ class Compose(Controller):
         return M
 
     def attend(self, q, k, v, site):
-        for c in self.controllers:
-            if c.wants(site):
-                out = c.attend(q, k, v, site)
-                if out is not None:
-                    return out
+        wanting = [c for c in self.controllers if c.wants(site)]
+        for c in wanting:
+            if getattr(c, "shortcut", False) and len(wanting) > 1:
+                continue                # a shortcut would hide the maps from the others' probs
+            out = c.attend(q, k, v, site)
+            if out is not None:
+                return out
         return None
 
     def features(self, h, site):

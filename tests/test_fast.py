@@ -42,6 +42,18 @@ def controllers(tok):
     yield "refine", REFINE, p2p.build(tok, REFINE, 6, "refine", **small)[0]
     yield "reweight", PROMPTS, p2p.build(tok, PROMPTS, 6, reweight={"burger": -1.5}, **small)[0]
     yield "blend", PROMPTS, p2p.build(tok, PROMPTS, 6, blend=["squirrel", "lion"], **small)[0]
+    # no store: the edit alone at every cross site, where the fast path never forms M* (p2p.py)
+    nostore = dict(small, store=False)
+    yield "replace-fused", PROMPTS, p2p.build(tok, PROMPTS, 6, "replace", **nostore)[0]
+    yield "refine-fused", REFINE, p2p.build(tok, REFINE, 6, "refine", **nostore)[0]
+    yield "reweight-fused", PROMPTS, p2p.build(tok, PROMPTS, 6, reweight={"burger": -1.5},
+                                               **nostore)[0]
+    yield "refine-reweight-fused", REFINE, p2p.build(tok, REFINE, 6, reweight={"big": 2.0},
+                                                     **nostore)[0]
+    yield "reweight-alone-fused", PROMPTS[:1] * 2, p2p.build(
+        tok, PROMPTS[:1] * 2, 6, reweight={"squirrel": 3.0}, **nostore)[0]
+    yield "replace-window-fused", PROMPTS, p2p.build(tok, PROMPTS, 6, "replace", cross_replace=0.5,
+                                                     **nostore)[0]
 
 
 def test_fast_equals_explicit_without_controller(sd_model):
@@ -50,7 +62,11 @@ def test_fast_equals_explicit_without_controller(sd_model):
     assert (a - b).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["store", "replace", "refine", "reweight", "blend"])
+FUSED = ["replace-fused", "refine-fused", "reweight-fused", "refine-reweight-fused",
+         "reweight-alone-fused", "replace-window-fused"]
+
+
+@pytest.mark.parametrize("name", ["store", "replace", "refine", "reweight", "blend"] + FUSED)
 def test_fast_equals_explicit_for_every_controller(sd_model, name):
     runs = {}
     for fast in (True, False):
@@ -59,6 +75,19 @@ def test_fast_equals_explicit_for_every_controller(sd_model, name):
     d = (runs[True] - runs[False]).abs().max().item()
     print(f"{name}: fast vs explicit max|Δ| = {d:.2e}")
     assert d <= 1e-4
+
+
+def test_a_lone_edit_forms_no_cross_map_on_the_fast_path_and_shares_them_with_a_store(sd_model):
+    """Alone, the edit's cross sites go through `Edit.attend` (two fused attentions, no M*);
+    beside a store (which reads the maps) the shortcut steps aside and the maps are formed."""
+    tok = sd_model.tokenizer
+    alone = Recorder(p2p.build(tok, PROMPTS, 6, "replace", store=False)[0])
+    alone.attend = alone.inner.attend
+    generate(sd_model, PROMPTS, control=alone, fast=True, **KW)
+    assert alone.formed and not [s for s in alone.formed if s.kind == "cross"]
+    shared, st = p2p.build(tok, PROMPTS, 6, "replace", store=True)
+    generate(sd_model, PROMPTS, control=shared, fast=True, **KW)
+    assert st.steps_seen == set(range(6)) and st.sums
 
 
 def test_fast_path_forms_no_full_resolution_self_attention_map(sd_model):

@@ -16,12 +16,22 @@ unconditional rows are never touched. `site.step` is the denoising step t (index
 
 Controllers compose with `Compose(edit, store, blend)`: the edit runs first, so the store keeps
 the edited maps -- as the official code does (it stores a tensor it then edits in place).
+
+Fast path, cross sites no other controller reads: every edit is linear in the maps,
+Edit(M)_b = M_src·A_b + M_b·diag(D_b) (Replace: A = mapper, D = 0; Refine: A selects the aligned
+source tokens, D = 1 − aligned; Reweight: either, times diag(c)), so by associativity
+
+    M*_b · V_b = softmax(Q_src K_srcᵀ/√d) · (A_b diag(w) V_b) + softmax(Q_b K_bᵀ/√d) · (diag(w D_b + 1 − w) V_b)
+
+two fused attentions with changed values; M* is never formed (`Edit.attend`; tests/test_fast.py
+proves it equals the explicit path). Outside the window (w = 0) the edit does not want the site.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..attention import softmax_attention
 from ..control import AttentionStore, Compose, Controller, Site
 from ..errors import MinipError
 from ..guidance import TEXT
@@ -43,12 +53,38 @@ class Edit(Controller):
         self.tau_self = align.self_replace_range(steps, self_replace)   # [start, end) steps
         self.self_max_pixels = self_max_pixels
 
+    shortcut = True            # `attend` only avoids forming M*: Compose skips it for shared sites
+
     def _self_active(self, site: Site) -> bool:
         return site.pixels <= self.self_max_pixels and \
             self.tau_self[0] <= site.step < self.tau_self[1]
 
     def wants(self, site: Site) -> bool:
-        return site.kind == "cross" or (site.kind == "self" and self._self_active(site))
+        if site.kind == "cross":                       # w_t = 0 for every token: nothing to do
+            return site.step is None or bool(self.tau_cross[site.step].any())
+        return site.kind == "self" and self._self_active(site)
+
+    def linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (B-1, 77, 77), D (B-1, 77)) with edit_cross(base, edits)_b = base·A_b + edits_b·D_b."""
+        raise NotImplementedError
+
+    def attend(self, q, k, v, site: Site):
+        """Fast path, cross sites: the edited rows' output without forming M* (module docstring)."""
+        if not site.fast or site.kind != "cross" or site.step is None:
+            return None
+        batch = site.batch_of(q.shape[0])
+        src, tgt = batch.row(0, TEXT), [batch.row(b, TEXT) for b in range(1, self.B)]
+        A, D = (t.to(v) for t in self.linear_form())
+        w = self.tau_cross[site.step].to(v)                                # (B-1, 77)
+        out = softmax_attention(q, k, v, fast=True)                        # (rows, h, n, d)
+        vt = v[tgt]                                                        # (B-1, h, 77, d)
+        v_src = torch.einsum("bwn,bhnd->bhwd", A * w[:, None, :], vt)     # A_b diag(w) V_b
+        srcs = [src] * len(tgt)
+        new = softmax_attention(q[srcs], k[srcs], v_src, fast=True)
+        own = w * D + 1 - w                                                # (B-1, 77)
+        if own.abs().max() > 0:
+            new = new + softmax_attention(q[tgt], k[tgt], own[:, None, :, None] * vt, fast=True)
+        return out.index_copy(0, torch.tensor(tgt, device=out.device), new)
 
     def probs(self, M, site: Site):
         if site.step is None:
@@ -79,6 +115,9 @@ class Replace(Edit):
     def edit_cross(self, base, edits):
         return torch.einsum("hpw,bwn->bhpn", base, self.mapper.to(base))
 
+    def linear_form(self):
+        return self.mapper, torch.zeros(self.mapper.shape[:2])
+
 
 class Refine(Edit):
     """Added/removed words: aligned target tokens take their source column, new ones keep theirs."""
@@ -91,6 +130,12 @@ class Refine(Edit):
         mapped = base[:, :, self.mapper].permute(2, 0, 1, 3)               # (B-1, h, p, 77)
         aligned = self.aligned.to(base)[:, None, None, :]                  # 1: has a source token
         return mapped * aligned + edits * (1 - aligned)
+
+    def linear_form(self):
+        a = self.aligned.float()
+        A = torch.zeros(*a.shape, a.shape[1]).scatter_(                    # A[b, mapper[b, n], n]
+            1, self.mapper.long().clamp(min=0)[:, None, :], a[:, None, :])
+        return A, 1 - a
 
 
 class Reweight(Edit):
@@ -105,6 +150,13 @@ class Reweight(Edit):
     def edit_cross(self, base, edits):
         mapped = self.prev.edit_cross(base, edits) if self.prev else base.expand_as(edits)
         return mapped * self.factors.to(base)[:, None, None, :]
+
+    def linear_form(self):
+        c = self.factors.float()
+        if self.prev is None:
+            return torch.eye(c.shape[1]).expand(c.shape[0], -1, -1) * c[:, None, :], torch.zeros_like(c)
+        A, D = self.prev.linear_form()
+        return A * c[:, None, :], D * c
 
 
 def equalizer(tok, prompts, reweight: dict[str, float]) -> torch.Tensor:
