@@ -32,9 +32,8 @@ moves, 4 when a word is resized), a Polyak step capped at v in RMS:
 rms(d) = √(mean d²), v: --guidance-weight. E / ‖g‖² is the step that brings the linearised
 energy to 0 (its minimum), so steps shrink as the object reaches its target and vanish at it;
 the cap keeps a step from leaving the range of latents the model knows. (A step of fixed size,
-z_t ← z_t − v · g / rms(g), moved z_t by v even at E's minimum: asked to resize by 1 it grew
-objects ×1.27–1.35, and every resize ended ≈ 1.2× the asked area; README, "Guidance through
-attention".) The appearance distance is a mean over the c channels: summed, it outweighed the
+z_t ← z_t − v · g / rms(g), moved z_t by v even at E's minimum, and every resize ended ≈ 1.2×
+the asked area; README, "Guidance through attention".) The appearance distance is a mean over the c channels: summed, it outweighed the
 size and shape terms ≈ 10×. The paper instead adds the gradient to the noise estimate,
 ε̃_t = ε_t + v · σ_t · ∇_{z_t} E (σ_t = √(1 − ᾱ_t)); on the toy model that form either barely
 moved the object (v 30) or destroyed the image (v 300): the raw gradient varies ≈ 5× from step
