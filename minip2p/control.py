@@ -67,7 +67,13 @@ class Site:
 
 
 class Controller:
-    """Base class: every hook is a no-op, and `wants` nothing. Subclasses override what they use."""
+    """Base class: every hook is a no-op, and `wants` nothing. Subclasses override what they use.
+
+    `shortcut`: True when `attend` only computes what `probs` would give without forming M (P2P's
+    fused edits); `Compose` then skips it at sites another controller wants, whose `probs` needs M.
+    """
+
+    shortcut = False
 
     def wants(self, site: Site) -> bool:
         """Should the hooks of this site be called?"""
@@ -114,7 +120,7 @@ class Compose(Controller):
     def attend(self, q, k, v, site):
         wanting = [c for c in self.controllers if c.wants(site)]
         for c in wanting:
-            if getattr(c, "shortcut", False) and len(wanting) > 1:
+            if c.shortcut and len(wanting) > 1:
                 continue                # a shortcut would hide the maps from the others' probs
             out = c.attend(q, k, v, site)
             if out is not None:

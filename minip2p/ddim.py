@@ -60,6 +60,10 @@ class DDIM:
         ratio = self.cfg.num_train_timesteps // steps
         return [i * ratio + self.cfg.steps_offset for i in reversed(range(steps))]
 
+    def prev(self, t: int, steps: int) -> int:
+        """t' = t − 1000/steps, the timestep after t in sampling (before it in inversion)."""
+        return t - self.cfg.num_train_timesteps // steps
+
     def init_sigma(self, steps: int) -> float:
         """z_T = 1 · n: DDIM works on the ᾱ-scaled latents themselves (cf. euler_a.py)."""
         return 1.0
@@ -88,7 +92,7 @@ class DDIM:
         (ε- and v-prediction alike). After a controller's `after_step` (LocalBlend) it is the
         ẑ_0 of the blended latents."""
         a = self.alpha(t).double()
-        b = self.alpha(t - self.cfg.num_train_timesteps // steps).double()
+        b = self.alpha(self.prev(t, steps)).double()
         den = a.sqrt() * (1 - b).sqrt() - b.sqrt() * (1 - a).sqrt()
         x0 = ((1 - b).sqrt() * z_t.double() - (1 - a).sqrt() * z_prev.double()) / den
         return x0.to(z_prev.dtype)
@@ -101,7 +105,7 @@ class DDIM:
     def step(self, model_out: torch.Tensor, t: int, z: torch.Tensor, steps: int) -> torch.Tensor:
         """One denoising step z_t -> z_{t - 1000/steps}."""
         a_t = self.alpha(t)
-        a_prev = self.alpha(t - self.cfg.num_train_timesteps // steps)
+        a_prev = self.alpha(self.prev(t, steps))
         x0, eps = self._split(model_out, z, a_t.to(z.dtype))
         return a_prev.to(z.dtype) ** 0.5 * x0 + (1 - a_prev.to(z.dtype)) ** 0.5 * eps
 
@@ -113,7 +117,6 @@ class DDIM:
         """One inversion step z_{t'} -> z_t, t' = t - 1000/steps. `model_out` is ε_θ(z_{t'}, t):
         the noise at the latent we have, with the timestep we go to (null-text inversion code),
         the usual approximation ε_θ(z_{t'}, t) ≈ ε_θ(z_t, t)."""
-        t_prev = t - self.cfg.num_train_timesteps // steps
-        a_prev, a_t = self.alpha(t_prev).to(z.dtype), self.alpha(t).to(z.dtype)
+        a_prev, a_t = self.alpha(self.prev(t, steps)).to(z.dtype), self.alpha(t).to(z.dtype)
         x0, eps = self._split(model_out, z, a_prev)
         return a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * eps

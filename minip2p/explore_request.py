@@ -149,7 +149,7 @@ def check_request(model, body: dict):
 def _controller(model, r: Request, step_pixels: int):
     """(controller, store) for the request: the store keeps each step's coarse cross maps."""
     from .control import AttentionStore, Compose
-    from .methods import masactrl, p2p
+    from .methods import p2p
     from .methods.align import parse_window
     if len(r.prompts) == 1 or r.method == "masactrl":
         if r.reweight or r.blend:

@@ -81,8 +81,7 @@ def ddim_invert(model, z0: torch.Tensor, cond: torch.Tensor, steps: int,
     for t in tqdm(sched.timesteps(steps)[::-1], disable=not progress, desc="DDIM inversion"):
         eps = model.unet(z.to(model.dtype), t, cond).float()              # ε_θ(z_{t'}, t, c)
         if reg is not None:
-            t_prev = t - sched.cfg.num_train_timesteps // steps
-            eps = regularise(eps, reg, gen, lambda o: sched.epsilon(o, z, t_prev))
+            eps = regularise(eps, reg, gen, lambda o: sched.epsilon(o, z, sched.prev(t, steps)))
         z = sched.invert_step(eps, t, z, steps)                           # z_{t'} -> z_t
         latents.append(z)
     return latents

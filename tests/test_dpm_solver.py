@@ -11,7 +11,7 @@ from minip2p.dpm_solver import DPMSolverPP
 from minip2p.guidance import TEXT
 from minip2p.methods import p2p
 from minip2p.pipeline import denoise, encode_text, generate, initial_noise
-from tiny import maxdiff, reldiff, sample_with
+from tiny import maxdiff, reldiff, sampler_vs_diffusers
 
 PROMPT = "a painting of a squirrel eating a burger"
 EDIT = "a painting of a lion eating a burger"
@@ -23,10 +23,6 @@ def diffusers_dpm(**kw):
                                        beta_schedule="scaled_linear", steps_offset=1, **kw)
 
 
-def reference(pipe, prompt, steps, seed, **kw):
-    return sample_with(pipe, diffusers_dpm(**kw), prompt, steps, seed)
-
-
 # Tolerance: relative 1e-5 of max|z|. Measured: ε-prediction 10 / 20 steps max|Δ| 9.2e-5 /
 # 5.0e-5 at max|z| ≈ 60 (relative 1.5e-6 / 8e-7); v-prediction below. The two differ only in
 # float rounding (diffusers forms α, σ, λ in fp32 from interpolated σs, we in fp64 from ᾱ), which
@@ -34,24 +30,19 @@ def reference(pipe, prompt, steps, seed, **kw):
 # wrong r_i, a timestep off by one) moves the latents by ≥ 1e-2 relative.
 @pytest.mark.parametrize("steps", [10, 20])
 def test_dpm_equals_diffusers(sd_ckpt, sd_model, steps):
-    ours = generate(sd_model, [PROMPT], seed=3, steps=steps, sampler="dpm++", progress=False,
-                    return_latents=True)
-    ref = reference(sd_ckpt[0], PROMPT, steps, 3)
-    d = reldiff(ours, ref)
-    print(f"DPM-Solver++ 2M, {steps} steps vs diffusers: latents max|Δ| = {maxdiff(ours, ref):.2e}"
-          f", relative to max|z| = {d:.2e}")
+    m, d = sampler_vs_diffusers(sd_model, sd_ckpt[0], "dpm++", diffusers_dpm(), steps, 3)
+    print(f"DPM-Solver++ 2M, {steps} steps vs diffusers: latents max|Δ| = {m:.2e}, relative to "
+          f"max|z| = {d:.2e}")
     assert d <= 1e-5
 
 
 def test_dpm_v_prediction_equals_diffusers(small2_ckpt):
     from minip2p.loading import load_model
     pipe, folder = small2_ckpt
-    ours = generate(load_model(folder), [PROMPT], seed=1, steps=10, sampler="dpm++",
-                    progress=False, return_latents=True)
-    ref = reference(pipe, PROMPT, 10, 1, prediction_type="v_prediction")
-    d = reldiff(ours, ref)
-    print(f"DPM-Solver++ 2M (v-prediction), 10 steps vs diffusers: latents max|Δ| = "
-          f"{maxdiff(ours, ref):.2e}, relative {d:.2e}")
+    m, d = sampler_vs_diffusers(load_model(folder), pipe, "dpm++",
+                                diffusers_dpm(prediction_type="v_prediction"), 10, 1)
+    print(f"DPM-Solver++ 2M (v-prediction), 10 steps vs diffusers: latents max|Δ| = {m:.2e}, "
+          f"relative {d:.2e}")
     assert d <= 1e-5
 
 

@@ -10,34 +10,30 @@ from minip2p.samplers import make_sampler
 from minip2p.errors import MinipError
 from minip2p.methods import p2p
 from minip2p.pipeline import generate
-from tiny import maxdiff, reldiff, sample_with
+from tiny import maxdiff, reldiff, sampler_vs_diffusers
 
 PROMPT = "a painting of a squirrel eating a burger"
 
 
-def reference(pipe, prompt, steps, seed, **kw):
+def diffusers_euler_a(**kw):
     from diffusers import EulerAncestralDiscreteScheduler
-    return sample_with(pipe, EulerAncestralDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **kw), prompt, steps, seed)
+    return EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                           beta_schedule="scaled_linear", **kw)
 
 
 @pytest.mark.parametrize("steps", [4, 9])
 def test_euler_a_equals_diffusers(sd_ckpt, sd_model, steps):
-    ours = generate(sd_model, [PROMPT], seed=3, steps=steps, sampler="euler-a", progress=False,
-                    return_latents=True)
-    ref = reference(sd_ckpt[0], PROMPT, steps, 3)
-    d = reldiff(ours, ref)
-    print(f"Euler ancestral, {steps} steps vs diffusers: latents max|Δ| = {maxdiff(ours, ref):.2e}"
-          f", relative to max|z| = {d:.2e}")
+    m, d = sampler_vs_diffusers(sd_model, sd_ckpt[0], "euler-a", diffusers_euler_a(), steps, 3)
+    print(f"Euler ancestral, {steps} steps vs diffusers: latents max|Δ| = {m:.2e}, relative to "
+          f"max|z| = {d:.2e}")
     assert d <= 1e-4
 
 
 def test_euler_a_v_prediction_equals_diffusers(small2_ckpt):
     from minip2p.loading import load_model
     pipe, folder = small2_ckpt
-    ours = generate(load_model(folder), [PROMPT], seed=1, steps=5, sampler="euler-a",
-                    progress=False, return_latents=True)
-    d = reldiff(ours, reference(pipe, PROMPT, 5, 1, prediction_type="v_prediction"))
+    _, d = sampler_vs_diffusers(load_model(folder), pipe, "euler-a",
+                                diffusers_euler_a(prediction_type="v_prediction"), 5, 1)
     print(f"Euler ancestral (v-prediction) vs diffusers: latents relative max|Δ| = {d:.2e}")
     assert d <= 1e-4
 

@@ -87,7 +87,8 @@ def test_a_lone_edit_forms_no_cross_map_on_the_fast_path_and_shares_them_with_a_
     assert alone.formed and not [s for s in alone.formed if s.kind == "cross"]
     shared, st = p2p.build(tok, PROMPTS, 6, "replace", store=True)
     generate(sd_model, PROMPTS, control=shared, fast=True, **KW)
-    assert st.steps_seen == set(range(6)) and st.sums
+    stored_cross = {key for key in st.sums if key[4] == "cross"}          # key: …, kind, pixels
+    assert st.steps_seen == set(range(6)) and len(stored_cross) == 16     # every cross site
 
 
 def test_fast_path_forms_no_full_resolution_self_attention_map(sd_model):

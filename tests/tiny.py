@@ -170,3 +170,14 @@ def reldiff(ours, ref) -> float:
     """max|Δ| / max(1, max|ref|): absolute for values of order one, relative for the large final
     latents of the random UNets (|z| ≈ 50-70), where fp32 rounding alone is ~1e-4 absolute."""
     return maxdiff(ours, ref) / max(1.0, ref.abs().max().item())
+
+
+def sampler_vs_diffusers(model, pipe, sampler: str, scheduler, steps: int, seed: int,
+                         prompt: str = "a painting of a squirrel eating a burger"):
+    """minip2p's `sampler` on `model` against diffusers' `scheduler` on the same files (`pipe`),
+    same prompt, seed and steps: (max|Δ|, reldiff) of the final latents."""
+    from minip2p.pipeline import generate
+    ours = generate(model, [prompt], seed=seed, steps=steps, sampler=sampler, progress=False,
+                    return_latents=True)
+    ref = sample_with(pipe, scheduler, prompt, steps, seed)
+    return maxdiff(ours, ref), reldiff(ours, ref)

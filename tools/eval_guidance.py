@@ -1,19 +1,14 @@
 """Guidance through attention on the toy model: does each method do what it says, and what does it
 cost? (README, "Guidance through attention").
 
-    python tools/eval_guidance.py --n 24 --steps 20          success rates (Self-Guidance move and
-                                                             resize, Attend-and-Excite, Pix2Pix-Zero)
-    python tools/eval_guidance.py --cost --steps 3           time per step and peak memory of each
-                                                             method, minip2p and diffusers, each in
-                                                             its own process (ru_maxrss), with the
-                                                             ratio minip2p / diffusers
-    python tools/eval_guidance.py --cost --model DIR         … on another folder (SD 1.5 shape:
-                                                             tools/bench.py --keep DIR)
+    python tools/eval_guidance.py --n 24 --steps 20     success rates (Self-Guidance move and
+                                                        resize, Attend-and-Excite, Pix2Pix-Zero)
     python tools/eval_guidance.py --only self-guidance --cases 0-5,12-17 --iterations 3
-                                                             Self-Guidance on some of the cases,
-                                                             other settings
-    python tools/eval_guidance.py --size-fit --n 48          does size(k) follow the object's
-                                                             area? (unguided, last step)
+                                                        Self-Guidance alone, some cases, settings
+    python tools/eval_guidance.py --size-fit --n 48     does size(k) follow the object's area?
+    python tools/eval_guidance.py --cost --steps 3      time per step, peak memory (ru_maxrss):
+                                                        minip2p / diffusers, a process per method
+    python tools/eval_guidance.py --cost --model DIR    … on a `tools/bench.py --keep DIR` folder
 """
 from __future__ import annotations
 
@@ -81,28 +76,30 @@ def self_guidance_quality(m, args, cases) -> str:
 
 
 def size_fit(args):
-    """size(k) at the last step against the object's area over unguided generations of
-    "a [small|big] COLOUR SHAPE": the least-squares line and the correlation."""
+    """size(k) against the object's area over unguided generations of "a [small|big] COLOUR
+    SHAPE": the correlation at a few steps, and the least-squares line at the last."""
     from minip2p.loading import load_model
     from minip2p.methods import self_guidance as sg
     from minip2p.pipeline import generate
     m = load_model(args.model)
     combos = [(z, c, s) for z in ("small", "", "big") for c in toydata.COLOR_NAMES[:6]
               for s in toydata.SHAPES]
-    area, size = [], []
-    for i in range(args.n):
-        z, c, s = combos[(i * 7) % len(combos)]
+    at = sorted({0, 3, 6, args.steps // 2, args.steps - 1})
+    area, size = [], {i: [] for i in at}
+    for n in range(args.n):
+        z, c, s = combos[(n * 7) % len(combos)]
         prompt = " ".join(w for w in ("a", z, c, s) if w)
         tokens = sg.tokens_of(m.tokenizer, prompt, [s])
         obs = sg.Observe(m.unet, tokens, False)
-        a = toydata.analyse(generate(m, [prompt], seed=i, control=obs, steps=args.steps,
+        a = toydata.analyse(generate(m, [prompt], seed=n, control=obs, steps=args.steps,
                                      progress=False)[0])
         area.append(a["area"] / 64 ** 2)
-        size.append(float(sg.size(sg.word_maps(obs.maps[args.steps - 1], tokens)[s])))
-    k, c = np.polyfit(area, size, 1)
-    print(f"size(k) = {k:.3f}·area {c:+.3f} (area: fraction of the image, "
-          f"{min(area):.3f}–{max(area):.3f}), correlation {np.corrcoef(area, size)[0, 1]:.3f}, "
-          f"{args.n} generations")
+        for i in at:
+            size[i].append(float(sg.size(sg.word_maps(obs.maps[i], tokens)[s])))
+    corr = ", ".join(f"step {i} {np.corrcoef(area, size[i])[0, 1]:.2f}" for i in at)
+    k, c = np.polyfit(area, size[at[-1]], 1)
+    print(f"{args.n} generations, area {min(area):.3f}–{max(area):.3f} of the image; correlation "
+          f"of size(k) with the area: {corr}; last step: size(k) = {k:.3f}·area {c:+.3f}")
 
 
 def pick_cases(cases, spec: str | None):

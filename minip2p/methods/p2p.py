@@ -28,6 +28,8 @@ proves it equals the explicit path). Outside the window (w = 0) the edit does no
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -53,7 +55,7 @@ class Edit(Controller):
         self.tau_self = align.self_replace_range(steps, self_replace)   # [start, end) steps
         self.self_max_pixels = self_max_pixels
 
-    shortcut = True            # `attend` only avoids forming M*: Compose skips it for shared sites
+    shortcut = True            # `attend` only avoids forming M* (control.Controller.shortcut)
 
     def _self_active(self, site: Site) -> bool:
         return site.pixels <= self.self_max_pixels and \
@@ -68,15 +70,22 @@ class Edit(Controller):
         """(A (B-1, 77, 77), D (B-1, 77)) with edit_cross(base, edits)_b = base·A_b + edits_b·D_b."""
         raise NotImplementedError
 
+    @functools.cached_property
+    def _linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.linear_form()                      # fixed by the prompts: built once
+
+    def _tail(self, src: int, tgt: list[int], rows: int) -> bool:
+        """The usual layout [∅ × B, c × B]: the edited rows are the last ones, after the source."""
+        return tgt == list(range(src + 1, src + self.B)) and src + self.B == rows
+
     def attend(self, q, k, v, site: Site):
         """Fast path, cross sites: the edited rows' output without forming M* (module docstring)."""
         if not site.fast or site.kind != "cross" or site.step is None:
             return None
         batch = site.batch_of(q.shape[0])
         src, tgt = batch.row(0, TEXT), [batch.row(b, TEXT) for b in range(1, self.B)]
-        A, D = (t.to(v) for t in self.linear_form())
+        A, D = (t.to(v) for t in self._linear)
         w = self.tau_cross[site.step].to(v)                                # (B-1, 77)
-        out = softmax_attention(q, k, v, fast=True)                        # (rows, h, n, d)
         vt = v[tgt]                                                        # (B-1, h, 77, d)
         v_src = torch.einsum("bwn,bhnd->bhwd", A * w[:, None, :], vt)     # A_b diag(w) V_b
         srcs = [src] * len(tgt)
@@ -84,6 +93,10 @@ class Edit(Controller):
         own = w * D + 1 - w                                                # (B-1, 77)
         if own.abs().max() > 0:
             new = new + softmax_attention(q[tgt], k[tgt], own[:, None, :, None] * vt, fast=True)
+        if self._tail(src, tgt, q.shape[0]):                               # the other rows only
+            head = slice(0, src + 1)
+            return torch.cat([softmax_attention(q[head], k[head], v[head], fast=True), new])
+        out = softmax_attention(q, k, v, fast=True)                        # (rows, h, n, d)
         return out.index_copy(0, torch.tensor(tgt, device=out.device), new)
 
     def probs(self, M, site: Site):
@@ -97,7 +110,7 @@ class Edit(Controller):
             new = w * self.edit_cross(base, edits) + (1 - w) * edits
         else:
             new = base.expand_as(edits)                                   # take the source's map
-        if tgt == list(range(src + 1, src + self.B)) and src + self.B == M.shape[0]:
+        if self._tail(src, tgt, M.shape[0]):
             return torch.cat([M[:src + 1], new.to(M.dtype)])              # [∅ × B, c × B]
         return M.index_copy(0, torch.tensor(tgt, device=M.device), new.to(M.dtype))
 

@@ -204,8 +204,8 @@ class SelfGuidance(GradientGuidance):
             psi = rec.feats[-1][1][0].float() if rec.feats else None
             E = self.energy(A, psi, ref)
             (grad,) = torch.autograd.grad(E, [leaf])
-            self.energies[step] = float(E.detach())
-            d = float(E.detach()) / grad.pow(2).sum().clamp(min=1e-24) * grad     # E/‖g‖² · g
+            self.energies[step] = e = float(E.detach())
+            d = e / grad.pow(2).sum().clamp(min=1e-24) * grad                     # E/‖g‖² · g
             rms = float(d.pow(2).mean().sqrt())
             z = leaf.detach() - d * min(1.0, self.weight / max(rms, 1e-12))
         return z
