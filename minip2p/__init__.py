@@ -1,4 +1,26 @@
-"""minip2p: a minimal, readable Stable Diffusion 1.x with Prompt-to-Prompt built in."""
+"""minip2p: a minimal, readable Stable Diffusion with attention control built into its forward pass.
+
+    from minip2p import load_model, methods
+    model = load_model()                  # the shipped toy model; or a folder, a Hub id, a file
+    result = methods.run(model, "p2p", ["a red circle", "a blue circle"], steps=20)
+
+The lesson is at the door: attention.py (softmax(QKᵀ/√d)·V, and where a controller sees M),
+control.py (the hooks), guidance.py (classifier-free guidance), pipeline.py (the sampling loop).
+Then model/ (the networks), load/ (checkpoints), samplers/, methods/ (every editing method and
+their registry), real/ (real pictures and inversions), fast/ (kernels picked by measurement),
+explore/ (the web page), data/ (InstructPix2Pix's training pairs) and cli/.
+"""
 from .errors import MinipError
 
-__all__ = ["MinipError"]
+__all__ = ["MinipError", "load_model", "methods"]
+
+
+def __getattr__(name):
+    # imported on first use, so that `minip2p --help` and the error type need no torch
+    if name == "load_model":
+        from .load import load_model
+        return load_model
+    if name == "methods":
+        from . import methods
+        return methods
+    raise AttributeError(f"module 'minip2p' has no attribute {name!r}")

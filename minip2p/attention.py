@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from .control import Controller, Site
-from .ops import linear, sdpa
+from .fast.kernels import linear, sdpa
 
 __all__ = ["Site", "Controller", "attention", "softmax_attention", "Attention"]
 

@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .autotune import tuner
+from .fast.autotune import tuner
 from .control import Controller
 from .errors import MinipError
 from .guidance import IMAGE, TEXT, UNCOND, GuidanceBatch
-from .loading import Model
+from .load import Model
 from .samplers import make_sampler
 
 

@@ -1,7 +1,7 @@
 """diffusers StableDiffusionPipeline -> an original CompVis single-file state dict (test-only).
 
 Written from the CompVis / ldm module layout (openaimodel.UNetModel, autoencoder Encoder/Decoder,
-FrozenCLIPEmbedder), independently of minip2p.single_file: the direction is the opposite one
+FrozenCLIPEmbedder), independently of minip2p.load.single_file: the direction is the opposite one
 (diffusers name -> CompVis name) and the block indices are computed by walking the UNet the way
 ldm builds it, not read from a table. Validated against diffusers' own single-file loader in
 test_single_file.py.

@@ -45,7 +45,7 @@ def small_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd_model(sd_ckpt):
-    from minip2p.loading import load_model
+    from minip2p.load import load_model
     return load_model(sd_ckpt[1])
 
 

@@ -14,7 +14,7 @@ import torch
 from minip2p.methods.align import (cross_replace_window, parse_window, refine_mapper, refine_mappers,
                            replace_mapper, replace_mappers, self_replace_range)
 from minip2p.errors import MinipError
-from minip2p.tokenizer import ClipTokenizer
+from minip2p.model.tokenizer import ClipTokenizer
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "clip-tokenizer"
 SQUIRREL = "a painting of a squirrel eating a burger"

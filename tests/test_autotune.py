@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from minip2p import autotune
-from minip2p.autotune import KINDS, Tuner, forced
+from minip2p.fast import autotune
+from minip2p.fast.autotune import KINDS, Tuner, forced
 from minip2p.pipeline import decode
 
 # every candidate of every kind at least once, plus the two mixed assignments

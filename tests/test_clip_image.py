@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minip2p.clip_image import load_clip
+from minip2p.data.clip_image import load_clip
 from minip2p.errors import MinipError
 
 
@@ -43,7 +43,7 @@ def test_clip_equals_transformers(clip_ckpt):
 
 def test_preprocessing_is_clips():
     """Square input: the recipe's bicubic resize + mean/std; wide input: centre crop."""
-    from minip2p.clip_image import MEAN, STD, CLIPModel
+    from minip2p.data.clip_image import MEAN, STD, CLIPModel
     m = CLIPModel.__new__(CLIPModel)
     m.cfg = type("C", (), {"vision": type("V", (), {"image_size": 8})})()
     x = torch.rand(1, 3, 16, 16)

@@ -7,7 +7,7 @@ import torch
 
 from minip2p.cli import main
 from minip2p.control import AttentionStore, Compose, Controller
-from minip2p.dpm_solver import DPMSolverPP
+from minip2p.samplers.dpm_solver import DPMSolverPP
 from minip2p.guidance import TEXT
 from minip2p.methods import p2p
 from minip2p.pipeline import denoise, encode_text, generate, initial_noise
@@ -37,7 +37,7 @@ def test_dpm_equals_diffusers(sd_ckpt, sd_model, steps):
 
 
 def test_dpm_v_prediction_equals_diffusers(small2_ckpt):
-    from minip2p.loading import load_model
+    from minip2p.load import load_model
     pipe, folder = small2_ckpt
     m, d = sampler_vs_diffusers(load_model(folder), pipe, "dpm++",
                                 diffusers_dpm(prediction_type="v_prediction"), 10, 1)
@@ -49,7 +49,7 @@ def test_dpm_v_prediction_equals_diffusers(small2_ckpt):
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
 def test_dpm_step_equals_diffusers_given_the_same_output(pred):
     """The solver alone: the same network output at every step; timesteps identical."""
-    from minip2p.config import SchedulerConfig
+    from minip2p.model.config import SchedulerConfig
     for steps in (1, 2, 3, 14, 15, 25):
         ref = diffusers_dpm(prediction_type=pred)
         ref.set_timesteps(steps)

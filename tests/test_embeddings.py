@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from minip2p.methods import p2p
 from minip2p.errors import MinipError
-from minip2p.loading import load_model
+from minip2p.load import load_model
 
 D = 48                                                   # the "small" geometry's text width
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from minip2p.cli import main
 from minip2p.errors import MinipError
-from minip2p.loading import WEIGHTS, load_model
+from minip2p.load import WEIGHTS, load_model
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 OFFLINE_REPO = "minip2p-tests/no-such-model"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minip2p.cli import main
-from minip2p.euler_a import EulerAncestral
+from minip2p.samplers.euler_a import EulerAncestral
 from minip2p.samplers import make_sampler
 from minip2p.errors import MinipError
 from minip2p.methods import p2p
@@ -30,7 +30,7 @@ def test_euler_a_equals_diffusers(sd_ckpt, sd_model, steps):
 
 
 def test_euler_a_v_prediction_equals_diffusers(small2_ckpt):
-    from minip2p.loading import load_model
+    from minip2p.load import load_model
     pipe, folder = small2_ckpt
     _, d = sampler_vs_diffusers(load_model(folder), pipe, "euler-a",
                                 diffusers_euler_a(prediction_type="v_prediction"), 5, 1)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from minip2p.cli import main
-from minip2p.explore import MAX_BODY, make_server
-from minip2p.loading import load_model
+from minip2p.explore.server import MAX_BODY, make_server
+from minip2p.load import load_model
 
 PROMPT, EDITED = "a big red circle on the left", "a big blue circle on the left"
 

@@ -18,8 +18,8 @@ import time
 import pytest
 import torch
 
-from minip2p.explore import make_server
-from minip2p.loading import load_model
+from minip2p.explore.server import make_server
+from minip2p.load import load_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")

@@ -8,7 +8,7 @@ The reference limits scale with it: store ≤ 4² (= 32² at 512 px), self-repla
 import pytest
 import torch
 
-from minip2p import autotune, ops
+from minip2p.fast import autotune, kernels as ops
 from minip2p.control import Controller
 from minip2p.methods import p2p
 from minip2p.pipeline import decode, generate
@@ -185,7 +185,7 @@ def test_fast_unet_call_runs_its_linear_layers_on_onednn(sd_model, onednn):
             unet(z, 10, c, fast=fast)
         names = [e.name for e in prof.events()]
         counts[fast] = (names.count("mkldnn::_linear_pointwise"), names.count("aten::linear"))
-    from minip2p.unet import BasicTransformerBlock, Transformer2DModel
+    from minip2p.model.unet import BasicTransformerBlock, Transformer2DModel
     blocks = sum(isinstance(m, BasicTransformerBlock) for m in unet.modules())
     spatial = sum(isinstance(m, Transformer2DModel) for m in unet.modules())
     # per transformer block: attn1 q k v out, attn2 q k v out, GEGLU as 2 fused calls, FF out;

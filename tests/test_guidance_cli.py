@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minip2p.cli import main
-from minip2p.loading import load_model
+from minip2p.load import load_model
 from minip2p.methods import self_guidance as sg
 from minip2p.methods.gradient import MapRecorder, cond_rows, forward_with_grad
 from minip2p.pipeline import encode_text, generate, initial_noise

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from minip2p.errors import MinipError
-from minip2p.loading import load_model
+from minip2p.load import load_model
 
 REPO = "minip2p-tests/tiny-sd"
 MAIN, FP16 = "a" * 40, "b" * 40                    # two commits: plain files; fp16 files only

@@ -50,7 +50,7 @@ def test_wheel_installs_and_runs_from_anywhere(tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = run([py, "-c", "import minip2p, minip2p.checkpoint as c; "
+    where = run([py, "-c", "import minip2p, minip2p.load.checkpoint as c; "
                  "print(minip2p.__file__); print(c.DEFAULT_MODEL)"], env=env, cwd=elsewhere)
     assert all(line.startswith(str(site)) for line in where.stdout.split()), where.stdout
     p = run([venv / "bin" / "minip2p", "edit", "a big red circle on the left",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from minip2p import instruct
+from minip2p.methods import instruct
 from minip2p.cli import main
 from minip2p.errors import MinipError
 from minip2p.guidance import IMAGE, TEXT, UNCOND, GuidanceBatch, cfg, cfg_image
@@ -27,7 +27,7 @@ def picture(size=64):
 
 @pytest.fixture(scope="module")
 def ip2p_model(ip2p_ckpt):
-    from minip2p.loading import load_model
+    from minip2p.load import load_model
     return load_model(ip2p_ckpt[1])
 
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, features
 
-from minip2p import images, invert
+from minip2p.real import images, invert
 from minip2p.methods import p2p
 from minip2p.cli import main
 from minip2p.errors import MinipError
-from minip2p.loading import DEFAULT_MODEL, load_model
+from minip2p.load import DEFAULT_MODEL, load_model
 from minip2p.pipeline import denoise, encode_text
 
 RED, BLUE, GREY = (230, 26, 26), (26, 64, 230), (128, 128, 128)

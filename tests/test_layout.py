@@ -73,6 +73,13 @@ def test_the_package_never_imports_the_oracles():
 
 def test_layout_shows_the_architecture():
     names = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")}
-    assert {"control.py", "guidance.py", "attention.py", "unet.py", "pipeline.py"} <= names
-    assert {"methods/p2p.py", "methods/masactrl.py", "methods/pnp.py", "methods/sdedit.py"} <= names
+    assert {"control.py", "guidance.py", "attention.py", "pipeline.py"} <= names   # the lesson
+    assert {"model/unet.py", "model/vae.py", "model/clip.py", "model/tokenizer.py"} <= names
+    assert {"load/__init__.py", "load/hub.py", "load/single_file.py"} <= names
+    assert {"samplers/ddim.py", "samplers/dpm_solver.py", "samplers/euler_a.py"} <= names
+    assert {"methods/p2p.py", "methods/masactrl.py", "methods/pnp.py", "methods/sdedit.py",
+            "methods/instruct.py", "methods/noise_reg.py"} <= names
+    assert {"real/invert.py", "explore/server.py", "fast/autotune.py", "data/pairs.py"} <= names
     assert {"cli/__init__.py", "cli/common.py", "cli/edit.py"} <= names
+    flat = {n for n in names if "/" not in n}
+    assert len(flat) <= 10, f"the package root holds {sorted(flat)}: give each a folder"

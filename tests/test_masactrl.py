@@ -12,7 +12,7 @@ import torch
 import masactrl_oracle as O
 from minip2p.control import Compose, PinSource
 from minip2p.errors import MinipError
-from minip2p.invert import ddim_invert
+from minip2p.real.invert import ddim_invert
 from minip2p.methods import masactrl
 from minip2p.pipeline import encode_text, generate, initial_noise
 

@@ -10,8 +10,8 @@ import pytest
 
 from minip2p import memory
 from minip2p.cli import main
-from minip2p.ddim import DDIM
-from minip2p.loading import load_model
+from minip2p.samplers.ddim import DDIM
+from minip2p.load import load_model
 
 
 def peak_rss(argv) -> int:

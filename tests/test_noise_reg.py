@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minip2p import images, invert, noise_reg as nr
+from minip2p.real import images, invert
+from minip2p.methods import noise_reg as nr
 from minip2p.errors import MinipError
 from minip2p.pipeline import encode_text
 

@@ -7,8 +7,8 @@ from PIL import Image
 from minip2p import views
 from minip2p.cli import main
 from minip2p.control import AttentionStore
-from minip2p.ddim import DDIM
-from minip2p.loading import load_model
+from minip2p.samplers.ddim import DDIM
+from minip2p.load import load_model
 from minip2p.pipeline import X0Recorder, generate, initial_noise
 
 PROMPT = "a big red circle on the left"

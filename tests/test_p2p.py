@@ -17,7 +17,7 @@ from minip2p.attention import Site
 from minip2p.control import Controller
 from minip2p.errors import MinipError
 from minip2p.cli import main
-from minip2p.loading import load_model
+from minip2p.load import load_model
 from minip2p.pipeline import generate
 
 STEPS = 6

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minip2p import pairs
+from minip2p.data import pairs
 from minip2p.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

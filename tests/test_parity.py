@@ -6,9 +6,9 @@ Measured maxima are printed (pytest -s) and asserted against the tolerances belo
 import pytest
 import torch
 
-from minip2p.config import SchedulerConfig
-from minip2p.ddim import DDIM
-from minip2p.loading import load_model
+from minip2p.model.config import SchedulerConfig
+from minip2p.samplers.ddim import DDIM
+from minip2p.load import load_model
 from minip2p.pipeline import decode, generate, initial_noise
 
 GEOMETRIES = ["sd_ckpt", "small_ckpt"]

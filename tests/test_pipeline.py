@@ -37,7 +37,7 @@ def test_overlong_prompt_warns_in_one_line(sd_ckpt, tmp_path, capsys):
 def test_free_text_encoder_drops_it_after_encoding_and_changes_nothing(sd_ckpt, sd_model, tmp_path,
                                                                         capsys):
     from minip2p.errors import MinipError
-    from minip2p.loading import load_model
+    from minip2p.load import load_model
     import pytest
     lean = load_model(sd_ckpt[1])                       # its own copy: the fixture stays whole
     kw = dict(seed=3, steps=3, height=64, width=64, progress=False, return_latents=True)

@@ -11,10 +11,10 @@ import torch
 from PIL import Image, ImageDraw
 
 import pnp_oracle as O
-from minip2p import images
+from minip2p.real import images
 from minip2p.control import Controller
 from minip2p.errors import MinipError
-from minip2p.invert import ddim_invert
+from minip2p.real.invert import ddim_invert
 from minip2p.methods import pnp
 from minip2p.pipeline import denoise, encode_text
 
@@ -150,7 +150,7 @@ def test_bad_trajectory_and_image(sd_model, picture):
 
 def test_bf16_runs_both_paths(sd_ckpt, picture):
     """The injected attention in bf16 (QKᵀ upcast on the explicit path): finite, close to fp32."""
-    from minip2p.loading import load_model
+    from minip2p.load import load_model
     m16, m32 = load_model(sd_ckpt[1], dtype="bf16"), load_model(sd_ckpt[1])
     kw = dict(steps=3, features=1.0, attention=1.0, progress=False, return_latents=True)
     want = pnp.edit(m32, picture, PROMPT, **kw)

@@ -12,11 +12,11 @@ import torch
 
 import p2p_oracle as O
 from compvis import save_sd2_single_file
-from minip2p import invert
+from minip2p.real import invert
 from minip2p.methods import p2p
-from minip2p.config import SchedulerConfig
-from minip2p.ddim import DDIM
-from minip2p.loading import load_model
+from minip2p.model.config import SchedulerConfig
+from minip2p.samplers.ddim import DDIM
+from minip2p.load import load_model
 from minip2p.pipeline import check_size, decode, generate, initial_noise
 
 GEOMETRIES = ["sd2_ckpt", "small2_ckpt"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from minip2p import images
+from minip2p.real import images
 from minip2p.cli import main
 from minip2p.errors import MinipError
 from minip2p.methods import p2p, sdedit

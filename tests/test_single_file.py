@@ -17,9 +17,9 @@ import torch
 import tiny
 from compvis import save_single_file
 from minip2p.errors import MinipError
-from minip2p.loading import load_model
+from minip2p.load import load_model
 from minip2p.pipeline import decode, generate, initial_noise
-from minip2p.single_file import load_single_file
+from minip2p.load.single_file import load_single_file
 
 PROMPTS = ["a photo of a red circle", "A Squirrel, eating a BURGER!"]
 SD32 = dict(  # SD 1.x's default groups and heads, so a file with no config can be read

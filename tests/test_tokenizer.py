@@ -1,4 +1,4 @@
-"""minip2p.tokenizer against transformers' CLIPTokenizer built from the same two files."""
+"""minip2p.model.tokenizer against transformers' CLIPTokenizer built from the same two files."""
 import json
 import random
 import shutil
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minip2p.errors import MinipError
-from minip2p.tokenizer import END, LENGTH, START, ClipTokenizer
+from minip2p.model.tokenizer import END, LENGTH, START, ClipTokenizer
 
 transformers = pytest.importorskip("transformers")
 

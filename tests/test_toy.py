@@ -8,10 +8,10 @@ import pytest
 import numpy as np
 import torch
 
-from minip2p import toydata
-from minip2p.loading import DEFAULT_MODEL, load_model
+from tools import toydata
+from minip2p.load import DEFAULT_MODEL, load_model
 from minip2p.pipeline import generate
-from minip2p.tokenizer import ClipTokenizer
+from minip2p.model.tokenizer import ClipTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

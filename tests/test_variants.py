@@ -3,7 +3,7 @@ import copy
 
 import torch
 
-from minip2p.loading import load_model
+from minip2p.load import load_model
 from minip2p.pipeline import generate
 
 

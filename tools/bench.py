@@ -105,7 +105,7 @@ def noise(args, channels=4) -> torch.Tensor:
 
 def row_minip2p(name, args, device):
     from minip2p.methods import p2p
-    from minip2p.loading import load_model
+    from minip2p.load import load_model
     from minip2p.pipeline import generate
     t0 = time.perf_counter()
     m = load_model(args.model, dtype=args.dtype, device=device)
@@ -216,7 +216,7 @@ def table(res: dict, args, mem: str, build_s: float | None):
     geo = "tiny" if args.tiny else "SD 1.5 shape" if args.model is None else str(args.model)
     threads = "/".join(sorted({str(r["threads"]) for r in res.values()}))
     built = f"; checkpoint built in {build_s:.0f} s" if build_s else ""
-    from minip2p.autotune import cpu_model
+    from minip2p.fast.autotune import cpu_model
     where = f"{args.device}: {cpu_model()}" if args.device == "cpu" else args.device
     print(f"\n{geo}, random weights, {args.dtype} on {where} ({threads} threads), "
           f"{args.size}x{args.size}, {args.steps} {args.sampler} steps, guidance {args.guidance}, "

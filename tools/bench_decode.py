@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from floor import best_rate, decode_flops  # noqa: E402
-from minip2p import autotune  # noqa: E402
-from minip2p.loading import load_model  # noqa: E402
+from minip2p.fast import autotune  # noqa: E402
+from minip2p.load import load_model  # noqa: E402
 from minip2p.pipeline import decode  # noqa: E402
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minip2p import ops  # noqa: E402
+from minip2p.fast import kernels as ops  # noqa: E402
 
 # (tokens, in, out): q/k/v/out and proj_in/out, GEGLU half, FF out -- at 64², 32², 16²
 SHAPES = [(16384, 320, 320), (16384, 320, 1280), (16384, 1280, 320),

@@ -29,10 +29,10 @@ from bench_decode import interleave, report  # noqa: E402  (tools/ is this scrip
 from floor import best_rate, unet_flops  # noqa: E402
 from minip2p.guidance import GuidanceBatch  # noqa: E402
 from minip2p.methods import masactrl, p2p, pnp  # noqa: E402
-from minip2p.loading import load_model  # noqa: E402
+from minip2p.load import load_model  # noqa: E402
 from minip2p.pipeline import encode_text  # noqa: E402
-from minip2p import autotune  # noqa: E402
-from minip2p.autotune import cpu_model  # noqa: E402
+from minip2p.fast import autotune  # noqa: E402
+from minip2p.fast.autotune import cpu_model  # noqa: E402
 
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from minip2p import toydata  # noqa: E402
+from tools import toydata  # noqa: E402
 
 METHODS = ["plain", "excite", "guide", "pix2pix-zero", "diffusers-plain", "diffusers-excite",
            "diffusers-pix2pix-zero"]
@@ -78,7 +78,7 @@ def self_guidance_quality(m, args, cases) -> str:
 def size_fit(args):
     """size(k) against the object's area over unguided generations of "a [small|big] COLOUR
     SHAPE": the correlation at a few steps, and the least-squares line at the last."""
-    from minip2p.loading import load_model
+    from minip2p.load import load_model
     from minip2p.methods import self_guidance as sg
     from minip2p.pipeline import generate
     m = load_model(args.model)
@@ -118,7 +118,7 @@ def pct(xs):
 
 
 def quality(args):
-    from minip2p.loading import load_model
+    from minip2p.load import load_model
     from minip2p.methods import attend_excite, pix2pix_zero as pz
     from minip2p.pipeline import decode, encode_text, generate, initial_noise
     m = load_model(args.model)
@@ -196,7 +196,7 @@ def diffusers_cost(method: str, model: str | None, steps: int, size: int | None 
     side, Pix2Pix-Zero's two passes with λ = 0.1 and one sentence on each side."""
     from diffusers import (DDIMScheduler, StableDiffusionAttendAndExcitePipeline,
                            StableDiffusionPipeline, StableDiffusionPix2PixZeroPipeline)
-    from minip2p.loading import DEFAULT_MODEL
+    from minip2p.load import DEFAULT_MODEL
     from minip2p.methods.attend_excite import scaled
     pipe = StableDiffusionPipeline.from_pretrained(str(model or DEFAULT_MODEL), safety_checker=None,
                                                    torch_dtype=torch.float32,
@@ -238,7 +238,7 @@ def diffusers_cost(method: str, model: str | None, steps: int, size: int | None 
 
 def minip2p_cost(method: str, model: str | None, steps: int, size: int | None = None):
     """minip2p's row, as the CLI runs it (fast kernels), after the same warm-up."""
-    from minip2p.loading import load_model
+    from minip2p.load import load_model
     from minip2p.methods import attend_excite, self_guidance as sg, pix2pix_zero as pzm
     from minip2p.pipeline import check_size, encode_text, generate, initial_noise
     m = load_model(model)

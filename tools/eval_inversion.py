@@ -26,10 +26,10 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minip2p import images, invert  # noqa: E402
-from minip2p.noise_reg import Regulariser  # noqa: E402
+from minip2p.real import images, invert  # noqa: E402
+from minip2p.methods.noise_reg import Regulariser  # noqa: E402
 from minip2p.errors import MinipError  # noqa: E402
-from minip2p.loading import load_model  # noqa: E402
+from minip2p.load import load_model  # noqa: E402
 from minip2p.pipeline import check_size, decode  # noqa: E402
 
 RGB = {"red": (230, 26, 26), "green": (26, 166, 38), "blue": (26, 64, 230),

@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minip2p.loading import load_model  # noqa: E402
+from minip2p.load import load_model  # noqa: E402
 from minip2p.methods import masactrl, p2p, pnp  # noqa: E402
 from minip2p.pipeline import generate  # noqa: E402
-from minip2p.toydata import Captions, analyse, draw, iou  # noqa: E402
+from tools.toydata import Captions, analyse, draw, iou  # noqa: E402
 
 COLOURS = ["red", "blue", "green", "yellow"]
 CHANGES = {"size (big -> small)": ("a big {c} {s}", "a small {c} {s}", ["circle", "square"]),

@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 from minip2p import views  # noqa: E402
 from minip2p.methods import p2p  # noqa: E402
-from minip2p.loading import load_model  # noqa: E402
+from minip2p.load import load_model  # noqa: E402
 from minip2p.pipeline import decode, denoise, encode_text, generate, to_pil  # noqa: E402
 from minip2p.samplers import SAMPLERS, make_sampler  # noqa: E402
-from minip2p.toydata import COLOR_NAMES, HELD_OUT, SHAPES, Captions, analyse, draw, iou  # noqa: E402
+from tools.toydata import COLOR_NAMES, HELD_OUT, SHAPES, Captions, analyse, draw, iou  # noqa: E402
 
 TEMPLATES = ["a {c} {s}", "a big {c} {s}", "a small {c} {s} on the left", "a {c} {s} at the top",
              "a big {c} {s} on the right on a {b} background",

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from minip2p import ops
-from minip2p.autotune import best_times
+from minip2p.fast import kernels as ops
+from minip2p.fast.autotune import best_times
 
 # (tokens, in, out) of the UNet's big GEMMs at 512 px, and a 3×3 conv of its first level
 GEMMS = [(4096, 1280, 320), (4096, 640, 2560), (1024, 1280, 5120)]
@@ -36,14 +36,14 @@ def _count(fn) -> int:
 
 def configs(folder) -> tuple:
     """(UNetConfig, VAEConfig) of a diffusers-layout folder, without loading any weight."""
-    from minip2p.config import UNetConfig, VAEConfig
+    from minip2p.model.config import UNetConfig, VAEConfig
     return tuple(cls.from_dict(json.loads((Path(folder) / sub / "config.json").read_text()))
                  for sub, cls in (("unet", UNetConfig), ("vae", VAEConfig)))
 
 
 def unet_flops(ucfg, vcfg, batch: int, height: int, width: int) -> int:
     """FLOPs of one UNet call on `batch` latents of an height × width image."""
-    from minip2p.unet import UNet2DConditionModel
+    from minip2p.model.unet import UNet2DConditionModel
     f = vcfg.downscale
     with torch.device("meta"):
         unet = UNet2DConditionModel(ucfg)
@@ -56,7 +56,7 @@ def unet_flops(ucfg, vcfg, batch: int, height: int, width: int) -> int:
 
 def decode_flops(vcfg, height: int, width: int) -> int:
     """FLOPs of decoding one height × width image."""
-    from minip2p.vae import AutoencoderKL
+    from minip2p.model.vae import AutoencoderKL
     f = vcfg.downscale
     with torch.device("meta"):
         vae = AutoencoderKL(vcfg)

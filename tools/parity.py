@@ -139,7 +139,7 @@ class Side:
 
 
 def run_ours(folder, inp, args, device, dtype) -> tuple[Side, torch.Tensor]:
-    from minip2p.loading import load_model
+    from minip2p.load import load_model
     from minip2p.pipeline import generate, initial_noise
     side = Side("minip2p", device)
     m = side.run("load", lambda: load_model(folder, dtype=args.dtype, device=device))

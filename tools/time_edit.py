@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minip2p.loading import load_model  # noqa: E402
+from minip2p.load import load_model  # noqa: E402
 from minip2p.methods import p2p  # noqa: E402
 from minip2p.pipeline import generate  # noqa: E402
 from minip2p.samplers import SAMPLERS  # noqa: E402

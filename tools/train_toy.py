@@ -38,13 +38,13 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minip2p import toydata  # noqa: E402
-from minip2p.clip import CLIPTextModel  # noqa: E402
-from minip2p.config import SchedulerConfig, TextConfig, UNetConfig, VAEConfig  # noqa: E402
-from minip2p.ddim import DDIM  # noqa: E402
-from minip2p.tokenizer import ClipTokenizer  # noqa: E402
-from minip2p.unet import UNet2DConditionModel  # noqa: E402
-from minip2p.vae import AutoencoderKL  # noqa: E402
+from tools import toydata  # noqa: E402
+from minip2p.model.clip import CLIPTextModel  # noqa: E402
+from minip2p.model.config import SchedulerConfig, TextConfig, UNetConfig, VAEConfig  # noqa: E402
+from minip2p.samplers.ddim import DDIM  # noqa: E402
+from minip2p.model.tokenizer import ClipTokenizer  # noqa: E402
+from minip2p.model.unet import UNet2DConditionModel  # noqa: E402
+from minip2p.model.vae import AutoencoderKL  # noqa: E402
 
 TOKENIZER = ROOT / "weights" / "clip-tokenizer"
 DIFFUSERS_VERSION = "0.30.0"
@@ -311,11 +311,11 @@ def main(argv=None):
         f"{sorted(toydata.HELD_OUT)}")
 
     if args.vae_from:                            # stage 1 done by an earlier run
-        from minip2p.loading import load_folder
+        from minip2p.load import load_folder
         vae = load_folder(args.vae_from, device=device).vae
         unet, text = fresh_unet_and_text(device)
     elif args.init:                              # continue from a trained folder (stage 2 only)
-        from minip2p.loading import load_folder
+        from minip2p.load import load_folder
         m = load_folder(args.init, device=device)
         vae, unet, text = m.vae, m.unet.train().requires_grad_(True), \
             m.text_encoder.train().requires_grad_(True)

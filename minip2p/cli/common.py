@@ -145,8 +145,8 @@ def save_images(images: dict, folder: Path):
 
 
 def load(args):
-    from ..autotune import Tuner, set_tuner
-    from ..loading import load_model
+    from ..fast.autotune import Tuner, set_tuner
+    from ..load import load_model
     if getattr(args, "no_autotune", False):
         set_tuner(Tuner(enabled=False))
     return load_model(args.model, dtype=args.dtype, device=args.device, variant=args.variant,

@@ -59,7 +59,7 @@ DEFAULTS = dict(xa_guidance=0.1, mode="auto", cross_replace="0.8", self_replace=
 
 def check_method_flags(args):
     """`--method` (legacy: an inversion method name) and no flag of another method; fill defaults."""
-    from ..invert import METHODS
+    from ..real.invert import METHODS
     if args.method in METHODS:                     # `edit --method null-text` (before --method p2p)
         if args.inversion_method not in (None, args.method):
             raise MinipError(f"--method {args.method} and --inversion-method "
@@ -135,7 +135,8 @@ def method_control(args, model, prompts, steps, step_pixels=None):
 def cmd_edit(args):
     import torch
 
-    from .. import images, invert, views
+    from ..real import images, invert
+    from .. import views
     from ..control import AttentionStore, Compose, PinSource
     from ..methods import sdedit
     from ..pipeline import generate, to_pil
@@ -269,7 +270,7 @@ def cmd_edit(args):
 
 
 def add_commands(sub):
-    from ..invert import METHODS
+    from ..real.invert import METHODS
     e = sub.add_parser("edit", help="edit SOURCE into each TARGET (Prompt-to-Prompt, MasaCtrl, "
                                     "plug-and-play; SDEdit with --image --strength)")
     e.add_argument("source", nargs="?", help="the source prompt (with --inversion: a target)")

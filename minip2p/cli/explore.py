@@ -14,7 +14,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def cmd_explore(args):
-    from ..explore import make_server
+    from ..explore.server import make_server
     if args.host not in LOOPBACK:
         warnings.warn(f"serving on {args.host}: anyone who can reach this machine can run jobs "
                       "on it and see its images (there is no login)")

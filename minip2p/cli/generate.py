@@ -25,7 +25,7 @@ def cmd_generate(args):
             raise MinipError("--excite does not combine with --image (SDEdit); leave one out")
         ddim_only(args, "Attend-and-Excite (--excite)")
     if args.image is not None:                                        # "" too: refused there
-        from .. import images
+        from ..real import images
         sdedit.check_strength(args.strength)
         ddim_only(args, "SDEdit (--image)")
         photo = images.open_image(args.image)                        # before the model loads

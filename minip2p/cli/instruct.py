@@ -11,7 +11,9 @@ from .common import add_model_options, check_out_file, float_arg, load, prefligh
 
 
 def cmd_instruct(args):
-    from .. import images, instruct, views
+    from ..real import images
+    from ..methods import instruct
+    from .. import views
     from ..control import AttentionStore
     from ..pipeline import check_size, to_pil
     out = check_out_file(args.out)

@@ -20,7 +20,7 @@ from .common import (add_model_options, check_out_file, ddim_only, float_arg, in
 def add_inversion_options(p: argparse.ArgumentParser, flag: str = "--method"):
     """`flag`: `--method` for invert/reconstruct, `--inversion-method` for edit (whose `--method`
     picks the editing method; default None there, filled in by edit.check_method_flags)."""
-    from ..invert import METHODS
+    from ..real.invert import METHODS
     p.add_argument(flag, choices=METHODS, default="null-text" if flag == "--method" else None,
                    help="ddim: DDIM inversion, ∅ = \"\"; null-text: optimise ∅ per step "
                         "(best, slow); negative-prompt: ∅ = the prompt (fast) (null-text)")
@@ -56,7 +56,7 @@ def regulariser(args, not_inverting: str | None = None):
     """--regularise and its settings -> noise_reg.Regulariser (None without it). Refused, with
     the reason `not_inverting`, where this command DDIM-inverts nothing; its settings without
     --regularise are refused too."""
-    from ..noise_reg import Regulariser
+    from ..methods.noise_reg import Regulariser
     given = [flag for key, flag in REG_FLAGS.items() if getattr(args, key) is not None]
     if given and not args.regularise:
         raise MinipError(f"{given[0]} sets the regularised inversion; add --regularise")
@@ -86,7 +86,7 @@ def read_input(image: str | None, inversion: str | None, crop: str | None, promp
     """Before the model loads: read --inversion (-> Inversion) or --image (-> the margin-cropped
     RGB image, which needs `prompt` when it is to be inverted with it), so that bad input fails
     before any work."""
-    from .. import images, invert
+    from ..real import images, invert
     for name, value in (("image", image), ("inversion file", inversion)):
         if value is not None and not value.strip():
             raise MinipError(f"the {name} path is empty; give a file")
@@ -106,7 +106,7 @@ def read_input(image: str | None, inversion: str | None, crop: str | None, promp
 def inversion_for(args, model, got, prompt: str | None):
     """An Inversion for `got` (from read_input): checked against the model and options, or made
     now from the image, described by `prompt`."""
-    from .. import images, invert
+    from ..real import images, invert
     from ..pipeline import check_size
     if isinstance(got, invert.Inversion):
         invert.check(got, model, args.steps, args.height, args.width, f"'{args.inversion}'")
@@ -128,7 +128,7 @@ def input_pil(inv):
 
 
 def cmd_invert(args):
-    from .. import invert
+    from ..real import invert
     ddim_only(args, "inversion")
     out = check_inversion_out(args.out)
     regulariser(args)
@@ -143,7 +143,7 @@ def cmd_invert(args):
 
 
 def cmd_reconstruct(args):
-    from .. import images, invert
+    from ..real import images, invert
     from ..pipeline import decode, to_pil
     ddim_only(args, "reconstruction from an inversion")
     out = check_out_file(args.out)

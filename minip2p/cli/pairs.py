@@ -17,7 +17,7 @@ from .common import add_model_options, float_arg, int_arg, load
 
 
 def _settings(args):
-    from ..pairs import Settings
+    from ..data.pairs import Settings
     if not 0 <= args.min_p2p <= args.max_p2p <= 1:
         raise MinipError(f"need 0 ≤ --min-p2p ≤ --max-p2p ≤ 1, got {args.min_p2p:g} and "
                          f"{args.max_p2p:g}")
@@ -34,7 +34,7 @@ def _settings(args):
 def cmd_pairs(args):
     from pathlib import Path
 
-    from .. import pairs
+    from ..data import pairs
     if (args.out is None) == (args.check is None):
         raise MinipError("give --out DIR (make pairs) or --check DIR (report on them), one of them")
     items, digest = pairs.read_captions(args.captions)
@@ -57,7 +57,7 @@ def cmd_pairs(args):
     model = load(args)
     clip = None
     if args.clip:
-        from ..clip_image import load_clip
+        from ..data.clip_image import load_clip
         clip = load_clip(args.clip, device=args.device)
     elif k == 0:
         warnings.warn("no --clip: CLIP filtering is off; the first --keep tries of each item are kept")
@@ -76,7 +76,7 @@ def run_items(model, clip, items, todo, out, s, height, width, k, parts, skipped
     import torch
     from tqdm.auto import tqdm
 
-    from .. import pairs
+    from ..data import pairs
     from ..methods.p2p import SelfCopy
     from ..pipeline import decode, denoise, encode_text, seeded_sampler, to_pil
     uncond = encode_text(model, [""])

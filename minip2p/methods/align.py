@@ -18,7 +18,7 @@ does, so "burger," is a different word from "burger".
 import torch
 
 from ..errors import MinipError
-from ..tokenizer import END, LENGTH, START
+from ..model.tokenizer import END, LENGTH, START
 
 _WINDOW_FORMS = ("expected a number (0.8), a start,end pair (0.2,0.8), or word=value items "
                  "(default=1.0,lion=0.4 or lion=0.2:0.6)")

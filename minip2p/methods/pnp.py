@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import images
+from ..real import images
 from ..attention import softmax_attention
 from ..control import Compose, Controller, PinSource, Site
 from ..errors import MinipError
 from ..guidance import TEXT, UNCOND, GuidanceBatch
-from ..invert import ddim_invert
+from ..real.invert import ddim_invert
 from ..pipeline import check_size, decode, denoise, encode_text
 
 NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"      # config_pnp.yaml

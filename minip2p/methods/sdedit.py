@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import images
+from ..real import images
 from ..errors import MinipError
 from ..pipeline import check_size, decode, encode_text, initial_noise, denoise
 

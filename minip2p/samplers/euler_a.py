@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import SchedulerConfig
+from ..model.config import SchedulerConfig
 from .ddim import DDIM
 
 

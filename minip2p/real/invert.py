@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import images
-from .atomic import atomic_write
-from .errors import MinipError
-from .guidance import cfg
-from .noise_reg import Regulariser, regularise
-from .pipeline import decode, denoise, encode_text
+from ..atomic import atomic_write
+from ..errors import MinipError
+from ..guidance import cfg
+from ..methods.noise_reg import Regulariser, regularise
+from ..pipeline import decode, denoise, encode_text
 
 FORMAT, VERSION = "minip2p-inversion", 1
 METHODS = ("ddim", "null-text", "negative-prompt")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import SchedulerConfig
-from .errors import MinipError
+from ..model.config import SchedulerConfig
+from ..errors import MinipError
 
 
 class DDIM:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import MinipError
+from ..errors import MinipError
 
 
 @dataclass(frozen=True)

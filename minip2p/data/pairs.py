@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
-from .errors import MinipError
+from ..atomic import atomic_write
+from ..errors import MinipError
 
 FIELDS = ("caption", "edit", "output")
 DONE = "metadata.jsonl"

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from .config import SchedulerConfig, TextConfig, UNetConfig, VAEConfig, read_json
-from .ddim import DDIM
-from .errors import MinipError
+from ..model.config import SchedulerConfig, TextConfig, UNetConfig, VAEConfig, read_json
+from ..samplers.ddim import DDIM
+from ..errors import MinipError
 from .checkpoint import CLIP_TOKENIZER, Model, read_safetensors, strict_build
-from .clip import CLIPTextModel
-from .tokenizer import ClipTokenizer
-from .unet import UNet2DConditionModel
-from .vae import AutoencoderKL
+from ..model.clip import CLIPTextModel
+from ..model.tokenizer import ClipTokenizer
+from ..model.unet import UNet2DConditionModel
+from ..model.vae import AutoencoderKL
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 OPENCLIP = "cond_stage_model.model."                  # SD 2.x's text encoder

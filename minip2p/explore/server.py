@@ -34,9 +34,8 @@ from urllib.parse import urlsplit
 
 import torch
 
-from .errors import MinipError
-from .explore_request import (FILE_NAME, KEEP_JOBS, MAX_BODY, MAX_QUEUE, BadRequest, Request,
-                              check_request)
+from ..errors import MinipError
+from .requests import FILE_NAME, KEEP_JOBS, MAX_BODY, MAX_QUEUE, BadRequest, Request, check_request
 
 # the limits, request checking and the controller: explore_request.py
 
@@ -78,8 +77,8 @@ def _unit(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
 @torch.no_grad()
 def run_job(model, job: Job, out_dir: Path):
     """Denoise, decoding x̂₀ after every step; then the maps. Fills job.step and job.result."""
-    from . import views
-    from .pipeline import decode, encode_text, initial_noise, sample, to_pil
+    from .. import views
+    from ..pipeline import decode, encode_text, initial_noise, sample, to_pil
     r, store, tok = job.request, job.store, model.tokenizer
     start = time.perf_counter()
 
@@ -207,7 +206,7 @@ class Explorer:
 
 # ------------------------------------------------------------------------------- HTTP
 
-PAGE = "explore.html"
+PAGE = "page.html"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -291,7 +290,7 @@ def make_server(model, host: str = "127.0.0.1", port: int = 7860,
     """A ThreadingHTTPServer for the explorer (not yet serving: call serve_forever) and its
     Explorer (close it after shutting the server down)."""
     explorer = Explorer(model, out_dir)
-    page = resources.files("minip2p").joinpath(PAGE).read_bytes()
+    page = resources.files("minip2p.explore").joinpath(PAGE).read_bytes()
     handler = type("ExploreHandler", (Handler,), {"explorer": explorer, "page": page,
                                                   "quiet": quiet})
     try:

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import Attention
-from .control import Controller, Site
+from ..attention import Attention
+from ..control import Controller, Site
 from .config import UNetConfig
-from .ops import geglu, linear
+from ..fast.kernels import geglu, linear
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos=True, shift=0.0):

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CLIP_TOKENIZER, read_safetensors, strict_build
-from .clip import CLIPEncoder, TextModel
-from .config import TextConfig, _build, read_json
-from .errors import MinipError
+from ..load.checkpoint import CLIP_TOKENIZER, read_safetensors, strict_build
+from ..model.clip import CLIPEncoder, TextModel
+from ..model.config import TextConfig, _build, read_json
+from ..errors import MinipError
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -156,7 +156,7 @@ class CLIPModel(nn.Module):
 def load_clip(folder, device="cpu") -> CLIPModel:
     """A transformers CLIPModel folder (config.json, model.safetensors) -> CLIPModel, strictly;
     a Hub repo id (owner/name) is resolved in huggingface_hub's cache first."""
-    from .tokenizer import ClipTokenizer
+    from ..model.tokenizer import ClipTokenizer
     path = Path(folder)
     if not path.exists() and "/" in str(folder) and not str(folder).startswith((".", "/")):
         try:

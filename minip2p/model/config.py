@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import MinipError
+from ..errors import MinipError
 
 
 def read_json(path: Path) -> dict:

@@ -57,7 +57,7 @@ import math
 import numpy as np
 import torch
 
-from .config import SchedulerConfig
+from ..model.config import SchedulerConfig
 from .ddim import DDIM
 
 

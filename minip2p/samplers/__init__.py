@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .config import SchedulerConfig
+from ..model.config import SchedulerConfig
 from .ddim import DDIM
 from .dpm_solver import DPMSolverPP
-from .errors import MinipError
+from ..errors import MinipError
 from .euler_a import EulerAncestral
 
 SAMPLERS = ("ddim", "euler-a", "dpm++")

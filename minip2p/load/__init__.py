@@ -26,13 +26,13 @@ import torch
 
 from .checkpoint import (CLIP_TOKENIZER, DEFAULT_MODEL, DTYPES, PICKLE_SUFFIXES,  # noqa: F401
                          WEIGHTS, Model, read_safetensors, strict_build)
-from .clip import CLIPTextModel
-from .config import SchedulerConfig, TextConfig, UNetConfig, VAEConfig, read_json
-from .ddim import DDIM
-from .errors import MinipError
-from .tokenizer import ClipTokenizer
-from .unet import UNet2DConditionModel
-from .vae import AutoencoderKL
+from ..model.clip import CLIPTextModel
+from ..model.config import SchedulerConfig, TextConfig, UNetConfig, VAEConfig, read_json
+from ..samplers.ddim import DDIM
+from ..errors import MinipError
+from ..model.tokenizer import ClipTokenizer
+from ..model.unet import UNet2DConditionModel
+from ..model.vae import AutoencoderKL
 
 
 def _vae_keys(state):

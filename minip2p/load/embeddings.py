@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import PICKLE_SUFFIXES
-from .errors import MinipError
+from ..errors import MinipError
 
 MULTI_KEYS = ("string_to_param.*", "string_to_param", "emb_params")
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from ..attention import attention
 from .config import VAEConfig
 from .unet import ResnetBlock2D
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from .errors import MinipError
+from ..errors import MinipError
 
 START, END, LENGTH = 49406, 49407, 77  # <|startoftext|>, <|endoftext|>, ids per prompt
 START_TEXT, END_TEXT = "<|startoftext|>", "<|endoftext|>"

@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from . import images
-from .errors import MinipError
-from .guidance import GuidanceBatch
-from .loading import Model
-from .pipeline import check_size, decode, denoise, encode_text, seeded_sampler
+from ..real import images
+from ..errors import MinipError
+from ..guidance import GuidanceBatch
+from ..load import Model
+from ..pipeline import check_size, decode, denoise, encode_text, seeded_sampler
 
 
 def check_model(model: Model) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import MinipError
+from ..errors import MinipError
 
 
 def parse_crop(text: str | None) -> tuple[int, int, int, int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import MinipError
+from ..errors import MinipError
 
 CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
            "tokenizer/merges.txt", "unet/config.json", "vae/config.json",

@@ -15,14 +15,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .clip import CLIPTextModel
-from .ddim import DDIM
-from .errors import MinipError
-from .tokenizer import ClipTokenizer
-from .unet import UNet2DConditionModel
-from .vae import AutoencoderKL
+from ..model.clip import CLIPTextModel
+from ..samplers.ddim import DDIM
+from ..errors import MinipError
+from ..model.tokenizer import ClipTokenizer
+from ..model.unet import UNet2DConditionModel
+from ..model.vae import AutoencoderKL
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent                    # minip2p/
 # installed (wheel, sdist): minip2p/weights/; a checkout or an editable install: ../weights/
 WEIGHTS = _PACKAGE / "weights" if (_PACKAGE / "weights").is_dir() else _PACKAGE.parent / "weights"
 DEFAULT_MODEL = WEIGHTS / "toy"                      # the small model that ships with minip2p

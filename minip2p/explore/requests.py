@@ -8,9 +8,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from . import views
-from .errors import MinipError
-from .methods import masactrl
+from .. import views
+from ..errors import MinipError
+from ..methods import masactrl
 
 MAX_BODY = 64 * 1024          # bytes of a request body
 MAX_STEPS = 100               # denoising steps of one job
@@ -103,7 +103,7 @@ def check_request(model, body: dict):
     """A request body (parsed JSON) -> (Request, controller, store); every problem is one
     MinipError line. The controller is built here, so that a word missing from its prompt is
     refused before the job is queued."""
-    from .pipeline import check_size
+    from ..pipeline import check_size
     if not isinstance(body, dict):
         raise MinipError("the request must be a JSON object")
     prompt = _text(body, "prompt")
@@ -148,9 +148,9 @@ def check_request(model, body: dict):
 
 def _controller(model, r: Request, step_pixels: int):
     """(controller, store) for the request: the store keeps each step's coarse cross maps."""
-    from .control import AttentionStore, Compose
-    from .methods import p2p
-    from .methods.align import parse_window
+    from ..control import AttentionStore, Compose
+    from ..methods import p2p
+    from ..methods.align import parse_window
     if len(r.prompts) == 1 or r.method == "masactrl":
         if r.reweight or r.blend:
             raise MinipError("reweight and blend words are Prompt-to-Prompt edits: give an edited "

@@ -1,0 +1,3 @@
+"""Real pictures: reading and fitting them (images.py) and inverting them into the latents and
+prompts the editing methods start from -- DDIM, null-text and negative-prompt inversion
+(invert.py)."""
