@@ -17,10 +17,9 @@ __all__ = ["MinipError", "load_model", "methods"]
 
 def __getattr__(name):
     # imported on first use, so that `minip2p --help` and the error type need no torch
+    from importlib import import_module
     if name == "load_model":
-        from .load import load_model
-        return load_model
+        return import_module(".load", __name__).load_model
     if name == "methods":
-        from . import methods
-        return methods
+        return import_module(".methods", __name__)
     raise AttributeError(f"module 'minip2p' has no attribute {name!r}")

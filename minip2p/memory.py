@@ -141,13 +141,13 @@ def check(model, images: int, height: int, width: int, explicit: bool, rows_per_
     else:
         limit, what = available(model.device)
     if limit and need > limit:
-        hints = ["a smaller --height/--width"]
+        hints = ["a smaller height/width"]
         if images > 1:
             hints.append("fewer prompts")
         if explicit:
-            hints.append("the fast path (drop --explicit)")
+            hints.append("the fast path")
         if model.dtype == torch.float32:
-            hints.append("--dtype fp16 on a GPU")
+            hints.append("fp16 on a GPU")
         hint = hints[0] if len(hints) == 1 else ", ".join(hints[:-1]) + " or " + hints[-1]
         raise MinipError(f"{width}×{height} with {images} image{'s' * (images > 1)} needs about {_size(need)} of "
                          f"memory (estimated peak), {_size(limit)} {what}; try {hint}")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import MinipError
+from .errors import ParameterError
 from .control import AttentionStore
 
 TILE = 128
@@ -42,8 +42,8 @@ def pick_pixels(store: AttentionStore, kind: str, rows: int | None, image: Image
         if _shape(pixels, image)[0] == rows:
             return pixels
     have = ", ".join("x".join(map(str, _shape(p, image))) for p in stored) or "none"
-    raise MinipError(f"--map-res {rows}: no {kind}-attention maps with {rows} rows were stored "
-                     f"(stored: {have}); pick one of those")
+    raise ParameterError("map_res", f"{rows}: no {kind}-attention maps with {rows} rows were "
+                                      f"stored (stored: {have}); pick one of those")
 
 
 def _shape(pixels: int, image: Image.Image) -> tuple[int, int]:
@@ -173,8 +173,8 @@ def prompts_with(prompts: list[str], word: str) -> list[int]:
     """Indices of the prompts that hold `word` (split on spaces); none is a MinipError."""
     rows = [b for b, p in enumerate(prompts) if word in p.split(" ")]
     if not rows:
-        raise MinipError(f"--over-time {word!r} is not a word of "
-                         f"{' / '.join(repr(p) for p in prompts)} (words are split on spaces)")
+        raise ParameterError("over_time", f"{word!r} is not a word of "
+                             f"{' / '.join(repr(p) for p in prompts)} (words are split on spaces)")
     return rows
 
 

@@ -45,7 +45,7 @@ def test_wheel_installs_and_runs_from_anywhere(tmp_path):
                     env=env).stdout.strip())
     assert (site / "minip2p" / "weights" / "toy" / "unet" / "config.json").is_file()
     assert (site / "minip2p" / "weights" / "clip-tokenizer" / "vocab.json").is_file()
-    assert (site / "minip2p" / "explore.html").is_file()                # the explorer's page
+    assert (site / "minip2p" / "explore" / "page.html").is_file()              # the explorer's page
     before = files_under(site)
 
     elsewhere = tmp_path / "elsewhere"

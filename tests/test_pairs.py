@@ -151,7 +151,7 @@ def test_partitions_and_params():
 def test_self_copy_copies_image_0s_self_attention_in_both_halves():
     from minip2p.control import Site
     from minip2p.guidance import GuidanceBatch
-    from minip2p.methods.p2p import SelfCopy
+    from minip2p.data.pairs import SelfCopy
     c = SelfCopy(0.5, 5)                                   # active while 0.5 > i/4: steps 0, 1
     assert [c.active(i) for i in range(5)] == [True, True, False, False, False]
     site = Site("down", 0, 0, 0, "self", 16, step=0, batch=GuidanceBatch.cfg_layout(2))

@@ -22,9 +22,9 @@ import signal
 import sys
 import warnings
 
-from ..errors import MinipError
+from ..errors import MinipError, ParameterError
 from . import attention, edit, explore, generate, guide, instruct, invert, pairs
-from .common import Parser
+from .common import Parser, flag_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,9 +49,15 @@ def main(argv=None) -> int:
     warnings.showwarning = one_line_warning
     if hasattr(signal, "SIGXFSZ"):      # past a file-size limit: an error to report, not a kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    args = None
     try:
         args = build_parser().parse_args(argv)
         rc = args.run(args)
+    except ParameterError as e:          # the library names the parameter; the user typed a flag
+        said = e.problem if e.name == "prompts" else \
+            f"{flag_of(e.name, getattr(args, 'flags', None))} {e.problem}"
+        print(f"minip2p: {said}", file=sys.stderr)
+        return 2
     except MinipError as e:
         print(f"minip2p: {e}", file=sys.stderr)
         return 2

@@ -165,6 +165,18 @@ def preflight(args, model, images: int = 1, size=None, **kw) -> tuple[int, int]:
     return height, width
 
 
+def settings_of(args, **extra) -> dict:
+    """The run settings every method takes (methods.base.Settings), from the shared options."""
+    return dict(steps=args.steps, seed=args.seed, guidance=args.guidance, height=args.height,
+                width=args.width, sampler=args.sampler, progress=not args.quiet,
+                free_text_encoder=getattr(args, "free_text_encoder", False), **extra)
+
+
+def flag_of(name: str, flags: dict | None = None) -> str:
+    """The flag a parameter is given by: the command's table, else --the-name."""
+    return (flags or {}).get(name) or "--" + name.replace("_", "-")
+
+
 def check_out_dir(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():

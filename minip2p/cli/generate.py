@@ -3,49 +3,44 @@
 from __future__ import annotations
 
 from ..errors import MinipError
-from .common import (add_model_options, check_out_file, ddim_only, float_arg, int_arg, load,
-                     preflight, save_image)
+from .common import (add_model_options, check_out_file, float_arg, int_arg, load, preflight,
+                     save_image, settings_of)
+
+
+FLAGS = {"words": "--excite"}
 
 
 def cmd_generate(args):
-    from ..methods import sdedit
+    """Plain text -> image, or through the registry: Attend-and-Excite, SDEdit."""
+    from .. import methods
     from ..pipeline import generate, to_pil
     out = check_out_file(args.out)
-    photo = None
     if args.strength is not None and not args.image:
         raise MinipError("--strength sets how far SDEdit noises --image; add --image PHOTO")
     if args.excite_steps is not None and not args.excite:
         raise MinipError("--excite-steps sets how long Attend-and-Excite runs; add --excite WORD")
+    if args.excite and args.image is not None:
+        raise MinipError("--excite does not combine with --image (SDEdit); leave one out")
+    name, params, s = None, {}, settings_of(args)
     if args.excite:
-        for w in args.excite:
-            if w not in args.prompt.split(" "):
-                raise MinipError(f"--excite {w!r}: the word is not in the prompt "
-                                 f"{args.prompt!r}; give words of the prompt")
-        if args.image is not None:                                        # "" too: refused there
-            raise MinipError("--excite does not combine with --image (SDEdit); leave one out")
-        ddim_only(args, "Attend-and-Excite (--excite)")
-    if args.image is not None:                                        # "" too: refused there
+        name, params = "attend-excite", dict(words=args.excite, excite_steps=args.excite_steps)
+        s["free_text_encoder"] = False
+    elif args.image is not None:                                      # "" too: refused there
         from ..real import images
-        sdedit.check_strength(args.strength)
-        ddim_only(args, "SDEdit (--image)")
-        photo = images.open_image(args.image)                        # before the model loads
+        name = "sdedit"
+        params = {} if args.strength is None else dict(strength=args.strength)
+        s["image"] = images.open_image(args.image)                    # before the model loads
+    if name:
+        methods.prepare(name, [args.prompt], **params, **s)
     model = load(args)
     height, width = preflight(args, model)
-    kw = dict(seed=args.seed, steps=args.steps, guidance=args.guidance, height=height, width=width,
-              progress=not args.quiet, fast=not args.explicit,
-              free_text_encoder=args.free_text_encoder)
-    if args.excite:
-        from ..methods import attend_excite
-        from ..pipeline import encode_text
-        kw["free_text_encoder"] = False
-        ctrl = attend_excite.build(model, args.prompt, encode_text(model, [args.prompt]),
-                                   args.excite, args.steps, height, width, args.excite_steps)
-        result = generate(model, [args.prompt], control=ctrl, sampler=args.sampler, **kw)
-    elif photo is None:
-        result = generate(model, [args.prompt], sampler=args.sampler, **kw)
+    if name:
+        image = methods.run(model, name, [args.prompt], **params, **s).images[0]
     else:
-        result = sdedit.generate(model, photo, [args.prompt], strength=args.strength, **kw)
-    save_image(to_pil(result)[0], out)
+        image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance,
+                                height, width, progress=not args.quiet, sampler=args.sampler,
+                                free_text_encoder=args.free_text_encoder))[0]
+    save_image(image, out)
     print(f"wrote {out}")
 
 
@@ -61,4 +56,4 @@ def add_commands(sub):
                    help="Attend-and-Excite: update z_t in the first N of 50 steps, scaled to "
                         "--steps (25)")
     add_model_options(g, out="minip2p.png", lean=True)
-    g.set_defaults(run=cmd_generate)
+    g.set_defaults(run=cmd_generate, flags=FLAGS)

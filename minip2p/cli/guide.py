@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 from ..errors import MinipError
-from .common import (add_model_options, check_out_dir, ddim_only, float_arg, int_arg, load,
-                     preflight, save_images)
+from .common import (add_model_options, check_out_dir, float_arg, int_arg, load, preflight,
+                     save_images, settings_of)
 
 
 def parse_pairs(items, flag: str, n: int) -> dict[str, tuple[float, ...]]:
@@ -29,31 +29,19 @@ def parse_pairs(items, flag: str, n: int) -> dict[str, tuple[float, ...]]:
 
 
 def cmd_guide(args):
-    from .. import views
-    from ..methods import self_guidance as sg
-    from ..pipeline import encode_text, generate, to_pil
-
-    moves = parse_pairs(args.move, "--move", 2)
-    resizes = {w: s for w, (s,) in parse_pairs(args.resize, "--resize", 1).items()}
-    sg.check(args.prompt, moves, resizes, args.keep_appearance, args.guide_steps,
-             args.guidance_weight)
+    from .. import methods, views
+    params = dict(move=parse_pairs(args.move, "--move", 2),
+                  resize={w: k for w, (k,) in parse_pairs(args.resize, "--resize", 1).items()},
+                  keep_appearance=args.keep_appearance, guidance_weight=args.guidance_weight,
+                  guide_steps=args.guide_steps, guide_iterations=args.guide_iterations)
+    s = settings_of(args)
+    methods.prepare("self-guidance", [args.prompt], **params, **s)
     out = check_out_dir(args.out_dir)
-    ddim_only(args, "Self-Guidance")
     model = load(args)
-    height, width = preflight(args, model, grad=True)
-    model.scheduler.timesteps(args.steps)
-    tokens = sg.tokens_of(model.tokenizer, args.prompt, {**moves, **resizes})
-    kw = dict(seed=args.seed, steps=args.steps, guidance=args.guidance, height=height,
-              width=width, progress=not args.quiet, fast=not args.explicit)
-    observed = sg.Observe(model.unet, tokens, args.keep_appearance)
-    plain = generate(model, [args.prompt], control=observed, **kw)
-    ctrl = sg.SelfGuidance(model, encode_text(model, [args.prompt]), tokens, args.steps, observed,
-                           moves, resizes, args.keep_appearance, args.guidance_weight,
-                           args.guide_steps, args.guide_iterations)
-    guided = generate(model, [args.prompt], control=ctrl, **kw)
-    ims = to_pil(plain) + to_pil(guided)
-    files = {"0.png": ims[0], "1.png": ims[1],
-             "strip.png": views.strip(ims, ["unguided", "guided"])}
+    preflight(args, model, grad=True)
+    r = methods.run(model, "self-guidance", [args.prompt], **params, **s)
+    files = {"0.png": r.images[0], "1.png": r.images[1], "strip.png": views.strip(r.images,
+                                                                                  r.labels)}
     save_images(files, out)                              # all or none
     print(f"wrote {', '.join(str(out / n) for n in files)}")
 

@@ -7,35 +7,30 @@ instruction's cross-attention maps to OUT-maps.png.
 """
 from __future__ import annotations
 
-from .common import add_model_options, check_out_file, float_arg, load, preflight, save_image
+from .common import (add_model_options, check_out_file, float_arg, load, preflight, save_image,
+                     settings_of)
 
 
 def cmd_instruct(args):
-    from ..real import images
+    from .. import methods, views
     from ..methods import instruct
-    from .. import views
-    from ..control import AttentionStore
-    from ..pipeline import check_size, to_pil
+    from ..real import images
     out = check_out_file(args.out)
     photo = images.open_image(args.image)                            # before the model loads
+    s = settings_of(args, image=photo, maps=args.maps)
+    params = dict(image_guidance=args.image_guidance)
+    methods.prepare("instruct", [args.instruction], **params, **s)
     model = load(args)
     instruct.check_model(model)
-    if args.height is None and args.width is None:
-        height, width = instruct.default_size(model, photo)
-    else:
-        height, width = check_size(model, args.height, args.width)
-    preflight(args, model, size=(height, width), rows_per_image=3,
-              controlled=32 ** 2 if args.maps else 1)
-    store = AttentionStore(1) if args.maps else None
-    result = to_pil(instruct.edit(model, images.fit(photo, height, width), args.instruction,
-                                  args.seed, args.steps, args.guidance, args.image_guidance,
-                                  args.sampler, control=store, progress=not args.quiet,
-                                  fast=not args.explicit))[0]
-    files = {out: result}
-    if store is not None:
-        pixels = views.pick_pixels(store, "cross", None, result)
+    size = instruct.default_size(model, photo) if args.height is None and args.width is None \
+        else None
+    preflight(args, model, size=size, rows_per_image=3, controlled=32 ** 2 if args.maps else 1)
+    r = methods.run(model, "instruct", [args.instruction], **params, **s)
+    files = {out: r.images[0]}
+    if r.store is not None:
+        pixels = views.pick_pixels(r.store, "cross", None, r.images[0])
         files[out.with_name(out.stem + "-maps.png")] = views.cross_attention_image(
-            store, model.tokenizer, args.instruction, 0, result, pixels)
+            r.store, model.tokenizer, args.instruction, 0, r.images[0], pixels)
     for path, im in files.items():
         save_image(im, path)
     print(f"wrote {', '.join(str(p) for p in files)}")

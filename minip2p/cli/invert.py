@@ -24,7 +24,7 @@ def add_inversion_options(p: argparse.ArgumentParser, flag: str = "--method"):
     p.add_argument(flag, choices=METHODS, default="null-text" if flag == "--method" else None,
                    help="ddim: DDIM inversion, ∅ = \"\"; null-text: optimise ∅ per step "
                         "(best, slow); negative-prompt: ∅ = the prompt (fast) (null-text)")
-    p.add_argument("--inner-steps", type=int_arg("--inner-steps"), default=10,
+    p.add_argument("--inner-steps", type=int_arg("--inner-steps"), default=None,
                    help="null-text: at most this many Adam steps per denoising step (10)")
     p.add_argument("--regularise", action="store_true",
                    help="Pix2Pix-Zero's regularised DDIM inversion: each ε pushed towards white "
@@ -118,7 +118,7 @@ def inversion_for(args, model, got, prompt: str | None):
     x = images.to_tensor(images.fit(got, height, width))                # (1, 3, H, W)
     method = getattr(args, "inversion_method", None) or args.method
     return invert.invert(model, x, prompt, method, args.steps, args.guidance,
-                         args.inner_steps, progress=not args.quiet, reg=regulariser(args))
+                         args.inner_steps or 10, progress=not args.quiet, reg=regulariser(args))
 
 
 def input_pil(inv):

@@ -77,7 +77,7 @@ def run_items(model, clip, items, todo, out, s, height, width, k, parts, skipped
     from tqdm.auto import tqdm
 
     from ..data import pairs
-    from ..methods.p2p import SelfCopy
+    from ..data.pairs import SelfCopy
     from ..pipeline import decode, denoise, encode_text, seeded_sampler, to_pil
     uncond = encode_text(model, [""])
     bar = tqdm(total=len(todo) + skipped, initial=skipped, disable=not progress,

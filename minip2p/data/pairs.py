@@ -7,7 +7,7 @@ For item i of CAPTIONS.jsonl ({"caption", "edit", "output"}) and try j = 0 … s
     threshold ~ U(min_p2p, max_p2p),  guidance ~ U(7.5, 15)
     [caption, output] generated together with Euler ancestral (one noise shared by both images at
     every step), self-attention maps of image 1 copied from image 0 while threshold > step/(N−1)
-    (methods/p2p.SelfCopy)
+    (SelfCopy, below)
     CLIP scores (clip_image.py): kept if sim_0, sim_1 ≥ clip_threshold, sim_img ≥
     clip_img_threshold, sim_dir ≥ clip_dir_threshold; the best `keep` by sim_dir
     (no CLIP: no filter, the first `keep` tries)
@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write
-from ..errors import MinipError
+from ..control import Controller, Site
+from ..errors import MinipError, ParameterError
 
 FIELDS = ("caption", "edit", "output")
 DONE = "metadata.jsonl"
@@ -100,7 +101,7 @@ def partition(n: int, k: int, parts: int) -> range:
 
 
 def parse_partition(text: str | None, env=os.environ) -> tuple[int, int]:
-    """--partition K/N, else torchrun's RANK/WORLD_SIZE, else 0/1."""
+    """partition K/N, else torchrun's RANK/WORLD_SIZE, else 0/1."""
     if text is None:
         if "RANK" in env or "WORLD_SIZE" in env:
             try:
@@ -114,7 +115,7 @@ def parse_partition(text: str | None, env=os.environ) -> tuple[int, int]:
         try:
             k, parts = (int(x) for x in text.split("/"))
         except ValueError:
-            raise MinipError(f"--partition {text!r}: expected K/N, e.g. 0/4") from None
+            raise ParameterError("partition", f"{text!r}: expected K/N, e.g. 0/4") from None
     if parts < 1 or not 0 <= k < parts:
         raise MinipError(f"partition {k}/{parts}: need 0 ≤ K < N")
     return k, parts
@@ -141,31 +142,32 @@ def check_dir(out: Path, digest: str, settings: Settings, n_items: int) -> None:
     """Refuse a DIR made from other captions or with other settings (before any work)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise MinipError(f"--out '{out}' is a file; give a folder")
+        raise ParameterError("out", f"'{out}' is a file; give a folder")
     if not out.exists():
         if not out.parent.is_dir():
-            raise MinipError(f"the folder holding --out '{out}' does not exist; create it first")
+            raise ParameterError("out", f"'{out}': the folder holding it does not exist; create it "
+                                        "first")
         return
     records = sorted(out.glob("run-*.json"))
     if not records and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise MinipError(f"'{out}' exists and is not a pairs folder (no run-*.json); "
-                         "give a new or empty --out")
+                         "give a new or empty output folder")
     want = asdict(settings)
     for rec in records:
         try:
             got = json.loads(rec.read_text())
         except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-            raise MinipError(f"{rec}: unreadable run record; remove it or use another --out") \
+            raise MinipError(f"{rec}: unreadable run record; remove it or use another folder") \
                 from None
         if got.get("captions_sha256") != digest or got.get("items") != n_items:
             raise MinipError(f"'{out}' was made from other captions ({rec.name}); "
-                             "give another --out")
+                             "give another output folder")
         diff = [k for k in want if got.get("settings", {}).get(k) != want[k]]
         if diff:
             k = diff[0]
             raise MinipError(f"'{out}' was made with other settings ({k}: "
                              f"{got.get('settings', {}).get(k)!r}, now {want[k]!r}); use the "
-                             "same options or another --out")
+                             "same options or another output folder")
 
 
 def write_record(out: Path, k: int, parts: int, digest: str, settings: Settings, n: int):
@@ -232,3 +234,27 @@ def check(out: Path, items: list[dict]) -> dict[str, list[int]]:
             continue
         report["done"].append(i)
     return report
+
+
+class SelfCopy(Controller):
+    """The InstructPix2Pix data recipe's Prompt-to-Prompt variant: no cross-attention edit; at
+    every self-attention layer (all resolutions) the maps of images 1 … B−1 are those of image 0,
+    in every guidance half (∅ and c), while the step i satisfies  threshold > i / (N − 1)
+    (the official `prompt2prompt_threshold > i / (len(sigmas) − 2)`, len(sigmas) = N + 1).
+    The official code copies the logits QKᵀ/√d before the softmax: the same maps after it."""
+
+    def __init__(self, threshold: float, steps: int):
+        if steps < 2:
+            raise MinipError("the self-attention copy schedule needs at least 2 steps")
+        self.threshold, self.steps = float(threshold), steps
+
+    def active(self, step: int) -> bool:
+        return self.threshold > step / (self.steps - 1)
+
+    def wants(self, site: Site) -> bool:
+        return site.kind == "self" and site.step is not None and self.active(site.step)
+
+    def probs(self, M, site: Site):
+        batch = site.batch_of(M.shape[0])
+        src = [batch.source_row(r) for r in range(M.shape[0])]           # image 0, same condition
+        return M[src]

@@ -298,7 +298,7 @@ def make_server(model, host: str = "127.0.0.1", port: int = 7860,
     except OSError as e:
         explorer.close()
         raise MinipError(f"cannot serve on {host}:{port}: {e.strerror or e}; try another "
-                         "--port") from None
+                         "port") from None
     server.daemon_threads = True
     return server, explorer
 

@@ -29,7 +29,7 @@ from .checkpoint import (CLIP_TOKENIZER, DEFAULT_MODEL, DTYPES, PICKLE_SUFFIXES,
 from ..model.clip import CLIPTextModel
 from ..model.config import SchedulerConfig, TextConfig, UNetConfig, VAEConfig, read_json
 from ..samplers.ddim import DDIM
-from ..errors import MinipError
+from ..errors import MinipError, ParameterError
 from ..model.tokenizer import ClipTokenizer
 from ..model.unet import UNet2DConditionModel
 from ..model.vae import AutoencoderKL
@@ -72,7 +72,7 @@ def _weights_file(folder: Path, stem: str, variant: str | None) -> Path:
                        for p in folder.glob(f"{stem}*.safetensors"))
         have = ", ".join("none (plain files)" if v == "" else v for v in found) or "none"
         raise MinipError(f"{folder}: no {names[0]}: variant {variant!r} is unknown here "
-                         f"(variants found: {have}); drop --variant or use one of those")
+                         f"(variants found: {have}); drop the variant or use one of those")
     raise MinipError(f"{folder}: no {names[0]} found; is the download complete?")
 
 
@@ -118,13 +118,14 @@ def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=Non
     except RuntimeError:
         raise MinipError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps ...") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MinipError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise ParameterError("device", "cuda was asked for but no CUDA GPU is available; use cpu")
     if device.type == "meta":                    # shapes only, no data: nothing to compute on
-        raise MinipError("--device meta holds no data; use cpu, cuda, cuda:1, mps ...")
+        raise ParameterError("device", "meta holds no data; use cpu, cuda, cuda:1, mps ...")
     try:                                         # mps on Linux, cuda:7 of 1 GPU, xpu without one
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError, ValueError):
-        raise MinipError(f"device {str(device)!r} is not available here; use --device cpu") from None
+        raise ParameterError("device", f"{str(device)!r} is not available here; use cpu") \
+            from None
     if variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(variant)):
         raise MinipError(f"unknown variant {variant!r}; a variant is a name such as fp16")
     path = Path(spec) if spec is not None else DEFAULT_MODEL
@@ -132,13 +133,13 @@ def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=Non
            and path.suffix not in (".safetensors",) + PICKLE_SUFFIXES
            and re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)) is not None)
     if revision is not None and not hub:
-        raise MinipError(f"--revision {revision} applies to Hub repo ids only, not to "
+        raise ParameterError("revision", f"{revision} applies to Hub repo ids only, not to "
                          f"'{spec if spec is not None else path}'; drop it")
     if path.is_dir():
         model = load_folder(path, dtype, device, variant)
     elif path.is_file() or path.suffix in (".safetensors",) + PICKLE_SUFFIXES:
         if variant is not None:
-            raise MinipError(f"--variant {variant} applies to model folders and Hub ids, not to "
+            raise ParameterError("variant", f"{variant} applies to model folders and Hub ids, not to "
                              f"the single file '{path}'; drop it")
         from .single_file import load_single_file
         model = load_single_file(path, dtype, device)

@@ -94,5 +94,5 @@ def resolve(repo_id: str, revision: str | None = None, variant: str | None = Non
     if not complete(folder, variant):
         what = f"the {variant} variant files" if variant else "diffusers-layout safetensors files"
         raise MinipError(f"{where} on the Hub has no {what} (e.g. {needed(variant)[-3]}); "
-                         "is it a Stable Diffusion repo? try without --variant or another repo")
+                         "is it a Stable Diffusion repo? try without the variant or another repo")
     return folder

@@ -227,3 +227,15 @@ def _checked(value, text: str):
     """`value` if it is a valid window, else a one-line MinipError quoting the user's text."""
     _bounds(value, f"window {text!r}:")
     return value
+
+
+def check_window(name: str, window) -> None:
+    """A window parameter (s, (start, end), or {"default_": s, word: s or (a, b)}), else one
+    ParameterError line naming it."""
+    from .base import ParameterError
+    for value in (window.values() if isinstance(window, dict) else [window]):
+        try:
+            _bounds(value)
+        except MinipError:
+            raise ParameterError(name, f"{window!r} is not a fraction s or a (start, end) pair "
+                                       "with 0 <= start <= end <= 1") from None

@@ -22,12 +22,13 @@ the exact values, which the differential test passes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import MinipError
+from .base import ParameterError, Result, Settings, check_word, param
 from .gradient import GradientGuidance, head_mean
 
 __all__ = ["gaussian_kernel", "max_attention", "loss", "AttendExcite", "build"]
@@ -133,16 +134,50 @@ def map_pixels(model, height: int, width: int) -> int:
     return want if want in sizes else min(sizes)
 
 
+NAME, EDITS_PICTURES = "attend-excite", "no"
+SUMMARY = "Attend-and-Excite: make sure each named word of the prompt appears"
+
+
+@dataclass
+class Params:
+    """Attend-and-Excite's parameters (the official schedule, scaled to the steps)."""
+    words: list | None = param(None, "words of the prompt that must each appear", kind="words")
+    excite_steps: int | None = param(None, "update z_t in the first N of 50 steps, scaled to the "
+                                           "steps (25)", kind=int)
+
+    def check(self, prompts: list[str], s: Settings) -> None:
+        s.ddim_only("Attend-and-Excite")
+        if len(prompts) != 1:
+            raise ParameterError("prompts", f"Attend-and-Excite steers one prompt, got "
+                                            f"{len(prompts)}")
+        if not self.words:
+            raise ParameterError("words", "are needed: the words of the prompt that must appear")
+        for w in self.words:
+            check_word("words", w, prompts[0])
+        n = self.excite_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 50):
+            raise ParameterError("excite_steps", f"counts steps of 50 (scaled to the steps), in "
+                                                 f"[0, 50], got {n!r}")
+
+
 def build(model, prompt: str, cond: torch.Tensor, words: list[str], steps: int, height: int,
           width: int, excite_steps: int | None = None) -> AttendExcite:
-    """From CLI options: words of `prompt` (refused if absent), maps at a quarter of the latent
-    side (16² at 512 px; the coarsest cross maps there are)."""
-    if excite_steps is not None and not 0 <= excite_steps <= 50:
-        raise MinipError(f"--excite-steps counts steps of 50 (scaled to --steps), in [0, 50], "
-                         f"got {excite_steps}")
+    """From its parameters: words of `prompt` (refused if absent), maps at a quarter of the
+    latent side (16² at 512 px; the coarsest cross maps there are)."""
+    Params(words, excite_steps).check([prompt], Settings(steps=steps))
     indices = []
     for w in words:
-        indices += model.tokenizer.word_positions(prompt, w)   # MinipError if w is not there
+        indices += model.tokenizer.word_positions(prompt, w)
     pixels = map_pixels(model, height, width)
     max_iter, thresholds = scaled(steps, excite_steps)
     return AttendExcite(model, cond, indices, steps, pixels, max_iter, thresholds)
+
+
+def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
+    from ..pipeline import check_size, encode_text, generate, to_pil
+    height, width = check_size(model, s.height, s.width)
+    ctrl = build(model, prompts[0], encode_text(model, prompts), p.words, s.steps, height, width,
+                 p.excite_steps)
+    out = generate(model, prompts, s.seed, s.steps, s.guidance, height, width, control=ctrl,
+                   progress=s.progress, sampler=s.sampler)
+    return Result(to_pil(out), list(prompts))

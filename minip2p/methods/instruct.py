@@ -16,14 +16,51 @@ official sampler is Euler ancestral with 100 steps (euler_a.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from PIL import Image
 
 from ..real import images
 from ..errors import MinipError
+from .base import ParameterError, Result, Settings, check_number, param
 from ..guidance import GuidanceBatch
 from ..load import Model
 from ..pipeline import check_size, decode, denoise, encode_text, seeded_sampler
+
+
+NAME, EDITS_PICTURES = "instruct", "required"
+SUMMARY = "InstructPix2Pix: edit a picture by an instruction (an InstructPix2Pix model)"
+DEFAULTS = {"steps": 100, "sampler": "euler-a"}              # the official edit_cli.py
+
+
+@dataclass
+class Params:
+    image_guidance: float = param(1.5, "s_I: how closely to keep the picture")
+
+    def check(self, prompts: list[str], s: Settings) -> None:
+        check_number("image_guidance", self.image_guidance)
+        if len(prompts) != 1:
+            raise ParameterError("prompts", f"InstructPix2Pix takes one instruction, got "
+                                            f"{len(prompts)}")
+
+
+def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
+    """The picture fitted to height × width (default: its own aspect at the model's size)."""
+    from ..control import AttentionStore
+    from ..pipeline import to_pil
+    from .base import read_image
+    check_model(model)
+    photo = read_image(s.image)
+    if s.height is None and s.width is None:
+        height, width = default_size(model, photo)
+    else:
+        height, width = check_size(model, s.height, s.width)
+    fitted = images.fit(photo, height, width)
+    store = AttentionStore(1) if s.maps else None
+    out = edit(model, fitted, prompts[0], s.seed, s.steps, s.guidance, p.image_guidance,
+               s.sampler, height, width, control=store, progress=s.progress)
+    return Result(to_pil(out), list(prompts), [fitted], store=store)
 
 
 def check_model(model: Model) -> None:

@@ -31,6 +31,7 @@ Real images: the source row is pinned to its DDIM inversion trajectory
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +40,12 @@ from ..attention import softmax_attention
 from ..control import Controller, Site
 from ..errors import MinipError
 from ..guidance import TEXT
+from ..real.invert import Inversion
+from .base import ParameterError, Result, Settings, check_word, param
+from .editing import RealImage, edit_prompts
 
-__all__ = ["MutualSelfAttention", "MutualSelfAttentionMasked", "check", "build", "default_layer",
-           "mask_pixels_for"]
+__all__ = ["MutualSelfAttention", "MutualSelfAttentionMasked", "Params", "check", "build", "run",
+           "default_layer", "mask_pixels_for"]
 
 
 def default_layer(unet) -> int:
@@ -145,24 +149,88 @@ class MutualSelfAttentionMasked(MutualSelfAttention):
         return out
 
 
+NAME, EDITS_PICTURES = "masactrl", "optional"
+SUMMARY = "MasaCtrl: the target's self-attention reads the source's keys and values"
+
+
+@dataclass
+class Params(RealImage):
+    """MasaCtrl's parameters; None: the paper's S = 4 (the last step of a shorter run) and L =
+    the decoder's two finest resolutions (10 of SD 1.x's 16)."""
+    start_step: int | None = param(None, "mutual self-attention from this step on (S = 4)",
+                                   kind=int)
+    start_layer: int | None = param(None, "… in transformer layers from this one on (L = 10 "
+                                          "of SD 1.x's 16)", kind=int)
+    mask_words: list | None = param(None, "mask-guided: a word of the source, then one of the "
+                                          "target", kind="words")
+
+    def check(self, prompts: list[str], s: Settings) -> None:
+        self.check_real(s, Params)
+        n = len(prompts) + isinstance(s.image, Inversion)
+        if n < 2:
+            raise ParameterError("prompts", "MasaCtrl needs a source prompt and at least one "
+                                            "target prompt")
+        step = self.step(s.steps)
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < s.steps:
+            raise ParameterError("start_step", f"must be in [0, steps) = [0, {s.steps}) (a step "
+                                               f"of the {s.steps} denoising steps), got {step!r}")
+        if self.mask_words is not None:
+            if len(self.mask_words) != 2:
+                raise ParameterError("mask_words", f"needs two words (source, target), got "
+                                                   f"{len(self.mask_words)}")
+            if s.image is None:
+                src, tgt = self.mask_words
+                check_word("mask_words", src, prompts[0], "the source prompt")
+                for prompt in prompts[1:]:
+                    check_word("mask_words", tgt, prompt, "the target prompt")
+
+    def step(self, steps: int) -> int:
+        return min(4, steps - 1) if self.start_step is None else self.start_step
+
+
 def check(steps: int, start_step: int, start_layer: int, layers: int) -> None:
     """Refuse a start step or start layer outside the run."""
     if not 0 <= start_step < steps:
-        raise MinipError(f"--masa-step must be in [0, steps) = [0, {steps}), got {start_step}")
+        raise ParameterError("start_step", f"must be in [0, steps) = [0, {steps}), got "
+                                           f"{start_step}")
     if not 0 <= start_layer < layers:
-        raise MinipError(f"--masa-layer must be in [0, {layers}): this model has {layers} "
-                         f"transformer layers, got {start_layer}")
+        raise ParameterError("start_layer", f"must be in [0, {layers}): this model has {layers} "
+                                            f"transformer layers, got {start_layer}")
 
 
 def build(tok, prompts, steps, start_step=4, start_layer=10, layers=16,
           mask_words=None, mask_pixels: int = 16 ** 2) -> Controller:
-    """MasaCtrl from options: plain, or mask-guided when `mask_words` = (source word, target word)."""
+    """MasaCtrl from its parameters: plain, or mask-guided when `mask_words` = (source word,
+    target word)."""
     check(steps, start_step, start_layer, layers)
     if len(prompts) < 2:
-        raise MinipError("MasaCtrl needs a source prompt and at least one target prompt")
+        raise ParameterError("prompts", "MasaCtrl needs a source prompt and at least one target "
+                                        "prompt")
     if mask_words is None:
         return MutualSelfAttention(steps, start_step, start_layer, layers)
     if len(mask_words) != 2:
-        raise MinipError(f"the mask needs two words (source, target), got {len(mask_words)}")
+        raise ParameterError("mask_words", f"needs two words (source, target), got "
+                                           f"{len(mask_words)}")
     return MutualSelfAttentionMasked(tok, prompts, tuple(mask_words), steps, start_step,
                                      start_layer, layers, mask_pixels=mask_pixels)
+
+
+def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
+    """MasaCtrl from noise, from SDEdit's noised picture, or from an inversion, whose source row
+    is pinned to the picture's DDIM trajectory where there is one."""
+    from ..control import AttentionStore, Compose, PinSource
+    from ..pipeline import check_size
+    layers = len(model.unet.transformer_blocks())
+    layer = default_layer(model.unet) if p.start_layer is None else p.start_layer
+    check(s.steps, p.step(s.steps), layer, layers)
+    height, width = check_size(model, s.height, s.width)
+
+    def make_control(model, prompts, steps, step_pixels, trajectory):
+        ctrl = build(model.tokenizer, prompts, steps, p.step(s.steps), layer,
+                     layers, tuple(p.mask_words) if p.mask_words else None,
+                     mask_pixels_for(height, width, model.vae.cfg.downscale))
+        store = AttentionStore(len(prompts), step_pixels=step_pixels) if s.maps else None
+        if trajectory is not None:                             # the source on its trajectory
+            ctrl = Compose(PinSource(trajectory), ctrl)
+        return Compose(ctrl, store), store
+    return edit_prompts(model, prompts, p, s, make_control)

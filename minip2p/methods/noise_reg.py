@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import MinipError
+from ..errors import MinipError, ParameterError
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,10 @@ class Regulariser:
         for name in ("lambda_ac", "lambda_kl"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 <= v < float("inf")):
-                raise MinipError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, "
+                raise ParameterError(name, f"must be a finite number ≥ 0, "
                                  f"got {v!r}")
         if not isinstance(self.steps, int) or self.steps < 1:
-            raise MinipError(f"--reg-steps must be an integer ≥ 1, got {self.steps!r}")
+            raise ParameterError("reg_steps", f"must be an integer ≥ 1, got {self.steps!r}")
         if not isinstance(self.rolls, int) or self.rolls < 1:
             raise MinipError(f"the auto-correlation rolls must be an integer ≥ 1, got {self.rolls!r}")
 

@@ -29,18 +29,22 @@ proves it equals the explicit path). Outside the window (w = 0) the edit does no
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..attention import softmax_attention
 from ..control import AttentionStore, Compose, Controller, Site
-from ..errors import MinipError
 from ..guidance import TEXT
+from ..real.invert import Inversion
 from . import align
+from .blend import LocalBlend
+from .base import ParameterError, Result, Settings, check_number, param, words_of
+from .editing import RealImage, edit_prompts
 
-__all__ = ["AttentionStore", "Compose", "Edit", "Replace", "Refine", "Reweight", "LocalBlend", "SelfCopy",
-           "equalizer", "build"]
+__all__ = ["AttentionStore", "Compose", "Edit", "Replace", "Refine", "Reweight", "LocalBlend",
+           "equalizer", "Params", "build", "run"]
 
 
 class Edit(Controller):
@@ -181,61 +185,52 @@ def equalizer(tok, prompts, reweight: dict[str, float]) -> torch.Tensor:
     return eq
 
 
-class LocalBlend(Controller):
-    """Keep everything outside the edited object: after each step (from `start` on),
-    z*_b ← z_0 + α_b · (z*_b − z_0), α_b = M(source words) ∨ M(words of prompt b).
-
-    M(words): the stored cross-attention of the words' tokens at the coarsest down/up resolution
-    (16² at 512 px: 2 down + 3 up layers), averaged over layers and heads, summed over tokens,
-    3×3 max-pooled, nearest-upsampled to the latents, divided by its max, > threshold.
-    `subtract`: words whose mask (no pooling; source ∨ own again) is removed from the blend
-    (null-text notebook).
-    Unlike the official stable notebook, any number of edited prompts works."""
-
-    def __init__(self, tok, prompts, words, store: AttentionStore, steps: int,
-                 threshold=0.3, start=0.0, subtract=None, subtract_threshold=0.3):
-        self.store, self.threshold, self.sub_threshold = store, threshold, subtract_threshold
-        self.start = int(start * steps)
-        self.words = self._token_mask(tok, prompts, words)                 # (B, 77)
-        self.sub = self._token_mask(tok, prompts, subtract) if subtract else None
-
-    @staticmethod
-    def _token_mask(tok, prompts, words):
-        """words[b] (a word or list of words) for each prompt b -> (B, 77) 0/1."""
-        m = torch.zeros(len(prompts), 77)
-        for b, (prompt, ws) in enumerate(zip(prompts, words)):
-            for w in [ws] if isinstance(ws, (str, int)) else ws:
-                m[b, tok.word_positions(prompt, w)] = 1
-        return m
-
-    def _mask(self, z, tokens, threshold, pool):
-        pixels = self.store.coarsest("cross")
-        maps = self.store.average("cross", pixels)                         # (B, p, 77)
-        s = round((z.shape[2] * z.shape[3] / pixels) ** 0.5)                # latent px per map px
-        maps = (maps * tokens.to(maps)[:, None, :]).sum(-1)                # (B, p)
-        maps = maps.reshape(-1, 1, z.shape[2] // s, z.shape[3] // s)
-        if pool:
-            maps = F.max_pool2d(maps, 3, stride=1, padding=1)
-        maps = F.interpolate(maps, size=z.shape[2:])                       # nearest
-        maps = maps / maps.amax(dim=(2, 3), keepdim=True)
-        return maps > threshold                                            # (B, 1, h, w)
-
-    def after_step(self, z, step):
-        if step < self.start:
-            return z
-        alpha = self._mask(z, self.words, self.threshold, pool=True)
-        alpha = alpha[:1] | alpha                                          # source ∨ own
-        if self.sub is not None:                       # subtracted: also source ∨ own (official)
-            sub = self._mask(z, self.sub, self.sub_threshold, pool=False)
-            alpha = alpha & ~(sub[:1] | sub)
-        return z[:1] + alpha.to(z) * (z - z[:1])
+NAME, EDITS_PICTURES = "p2p", "optional"
+SUMMARY = "Prompt-to-Prompt: edit the source prompt's image by editing the attention maps"
 
 
-def build(tok, prompts, steps, mode="auto", cross_replace=0.8, self_replace=0.4,
-          reweight: dict | None = None, blend: list | None = None, blend_threshold=0.3,
-          blend_start=0.0, blend_subtract=None, self_max_pixels=16 ** 2, store=True,
+@dataclass
+class Params(RealImage):
+    """Prompt-to-Prompt's parameters; the defaults are the official notebook's."""
+    mode: str = param("auto", "replace: word swap (same word count); refine: words added; auto: "
+                              "replace when the word counts match, else refine",
+                      ("auto", "replace", "refine"))
+    cross_replace: Any = param(0.8, "cross-attention window τ_c: s, (start, end), or "
+                                     "{\"default_\": s, word: s}", kind="window")
+    self_replace: Any = param(0.4, "self-attention window τ_s: s or (start, end)", kind="window")
+    blend: list | None = param(None, "LocalBlend: a word of the source, then one of each target",
+                               kind="words")
+    blend_threshold: float = param(0.3, "LocalBlend threshold on the mask")
+    reweight: dict | None = param(None, "scale the attention of words of the targets, e.g. "
+                                        "{\"smiling\": 2}", kind="reweight")
+
+    def check(self, prompts: list[str], s: Settings) -> None:
+        self.check_real(s, Params)
+        if self.mode not in ("auto", "replace", "refine"):
+            raise ParameterError("mode", f"must be auto, replace or refine, got {self.mode!r}")
+        if isinstance(self.self_replace, dict):
+            raise ParameterError("self_replace", "takes a number (0.4) or a (start, end) pair")
+        for name in ("cross_replace", "self_replace"):
+            align.check_window(name, getattr(self, name))
+        check_number("blend_threshold", self.blend_threshold)
+        for word, c in (self.reweight or {}).items():
+            check_number(f"reweight[{word!r}]", c)
+        n = len(prompts) + isinstance(s.image, Inversion)
+        if self.blend is not None and len(self.blend) != n:
+            raise ParameterError("blend", f"needs one word per prompt ({n}), got "
+                                          f"{len(self.blend)}")
+        if n < 2 and (s.image is None or self.strength is not None):
+            raise ParameterError("prompts", "an edit needs a source prompt and at least one "
+                                            "target prompt (with an image to invert and no "
+                                            "target: the reconstruction)")
+
+
+def build(tok, prompts, steps, mode=Params.mode, cross_replace=Params.cross_replace,
+          self_replace=Params.self_replace, reweight: dict | None = None,
+          blend: list | None = None, blend_threshold=Params.blend_threshold, blend_start=0.0,
+          blend_subtract=None, self_max_pixels=16 ** 2, store=True,
           step_pixels: int | None = None):
-    """The usual P2P controller from options -> (Compose(edit, store, blend), store).
+    """The usual P2P controller from its parameters -> (Compose(edit, store, blend), store).
 
     mode: "replace" (word swap), "refine" (added words) or "auto" (replace when every prompt
     has as many words as the source, else refine). Identical prompts with `reweight` give a
@@ -243,13 +238,14 @@ def build(tok, prompts, steps, mode="auto", cross_replace=0.8, self_replace=0.4,
     `step_pixels`: the store also keeps each step's cross maps up to this size (AttentionStore).
     """
     if len(prompts) < 2:
-        raise MinipError("an edit needs a source prompt and at least one target prompt")
+        raise ParameterError("prompts", "an edit needs a source prompt and at least one target "
+                                        "prompt")
     if mode not in ("auto", "replace", "refine"):
-        raise MinipError(f"unknown edit mode {mode!r}; use auto, replace or refine")
+        raise ParameterError("mode", f"must be auto, replace or refine, got {mode!r}")
     kw = dict(cross_replace=cross_replace, self_replace=self_replace,
               self_max_pixels=self_max_pixels)
     if mode == "auto":
-        counts = {len(p.split(" ")) for p in prompts}
+        counts = {len(words_of(p)) for p in prompts}
         mode = "replace" if len(counts) == 1 else "refine"
     if reweight and all(p == prompts[0] for p in prompts):
         edit = Reweight(tok, prompts, steps, equalizer(tok, prompts, reweight), **kw)
@@ -261,30 +257,16 @@ def build(tok, prompts, steps, mode="auto", cross_replace=0.8, self_replace=0.4,
     lb = None
     if blend:
         if len(blend) != len(prompts):
-            raise MinipError(f"--blend needs one word per prompt ({len(prompts)}), got {len(blend)}")
+            raise ParameterError("blend", f"needs one word per prompt ({len(prompts)}), got "
+                                          f"{len(blend)}")
         lb = LocalBlend(tok, prompts, blend, st, steps, blend_threshold, blend_start, blend_subtract)
     return Compose(edit, st, lb), st
 
 
-class SelfCopy(Controller):
-    """The InstructPix2Pix data recipe's Prompt-to-Prompt variant: no cross-attention edit; at
-    every self-attention layer (all resolutions) the maps of images 1 … B−1 are those of image 0,
-    in every guidance half (∅ and c), while the step i satisfies  threshold > i / (N − 1)
-    (the official `prompt2prompt_threshold > i / (len(sigmas) − 2)`, len(sigmas) = N + 1).
-    The official code copies the logits QKᵀ/√d before the softmax: the same maps after it."""
-
-    def __init__(self, threshold: float, steps: int):
-        if steps < 2:
-            raise MinipError("the self-attention copy schedule needs at least 2 steps")
-        self.threshold, self.steps = float(threshold), steps
-
-    def active(self, step: int) -> bool:
-        return self.threshold > step / (self.steps - 1)
-
-    def wants(self, site: Site) -> bool:
-        return site.kind == "self" and site.step is not None and self.active(site.step)
-
-    def probs(self, M, site: Site):
-        batch = site.batch_of(M.shape[0])
-        src = [batch.source_row(r) for r in range(M.shape[0])]           # image 0, same condition
-        return M[src]
+def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
+    """Prompt-to-Prompt from noise, from SDEdit's noised picture, or from an inversion."""
+    def make_control(model, prompts, steps, step_pixels, trajectory):
+        return build(model.tokenizer, prompts, steps, p.mode, p.cross_replace, p.self_replace,
+                     p.reweight, p.blend, p.blend_threshold, store=s.maps,
+                     step_pixels=step_pixels)
+    return edit_prompts(model, prompts, p, s, make_control)

@@ -6,7 +6,7 @@ text-embedding space, while cross-attention guidance keeps the source's structur
            M_ref(l, t) (rows [∅, c], heads kept) at every layer l and step t
     pass 2 (edit), from the same z_T, with c' = c + Δc; at each step, on the rows x = [z_t, z_t]:
            L  = Σ_l mean_{rows, heads} Σ_{p, k} (M(l, t; x) − M_ref(l, t))²
-           x ← x − λ ∇_x L                                   (λ = 0.1: --xa-guidance)
+           x ← x − λ ∇_x L                                   (λ = 0.1: xa_guidance)
            ε̃ = ε_θ(x_∅, t, ∅) + g (ε_θ(x_c, t, c') − ε_θ(x_∅, t, ∅))
            z_{t−1} = DDIM(x_∅, ε̃)
 
@@ -23,13 +23,16 @@ Memory: the reference keeps every map of every step (fp32, heads kept) between t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..control import Controller
-from ..errors import MinipError
+from ..real.invert import Inversion
+from .base import INVERSIONS, ParameterError, Result, Settings, check_number, param, words_of
+from .editing import RealImage
 from ..guidance import GuidanceBatch, cfg
 from ..pipeline import denoise, encode_text
 from .gradient import MapRecorder, forward_with_grad
@@ -41,14 +44,77 @@ TEMPLATES = ["{}", "a {}", "a photo of a {}", "a picture of a {}", "an image of 
              "a drawing of a {}", "a good photo of a {}"]
 
 
+NAME, EDITS_PICTURES = "pix2pix-zero", "optional"
+SUMMARY = "Pix2Pix-Zero: an edit direction in text space, the structure kept by cross-attention"
+
+
+@dataclass
+class Params(RealImage):
+    """Pix2Pix-Zero's parameters (the official defaults; the paper inverts with DDIM)."""
+    inversion: str = param("ddim", "how the picture is inverted: ddim, null-text or "
+                                   "negative-prompt", INVERSIONS)
+    source_sentences: list | None = param(None, "sentences about the source concept (default: "
+                                                "templates around the words that differ)",
+                                          kind="lines")
+    target_sentences: list | None = param(None, "sentences about the target concept",
+                                          kind="lines")
+    xa_guidance: float = param(0.1, "cross-attention guidance step λ")
+
+    def check(self, prompts: list[str], s: Settings) -> None:
+        self.check_real(s, Params)
+        if self.strength is not None:
+            raise ParameterError("strength", "(SDEdit) does not combine with pix2pix-zero")
+        if s.maps:
+            raise ParameterError("maps", "are not available with pix2pix-zero")
+        s.ddim_only("Pix2Pix-Zero")
+        check_number("xa_guidance", self.xa_guidance)
+        if (self.source_sentences is None) != (self.target_sentences is None):
+            raise ParameterError("source_sentences", "and target_sentences go together (or "
+                                 "neither: built-in sentences around the words that differ)")
+        for name in ("source_sentences", "target_sentences"):
+            v = getattr(self, name)
+            if v is not None and (not v or not all(isinstance(x, str) and x for x in v)):
+                raise ParameterError(name, "must be a non-empty list of sentences")
+        if len(prompts) + isinstance(s.image, Inversion) != 2:
+            raise ParameterError("prompts", "Pix2Pix-Zero edits a SOURCE prompt into one TARGET")
+        if self.source_sentences is None and not isinstance(s.image, Inversion):
+            differing_words(*prompts)
+
+
+def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
+    from ..pipeline import check_size, decode, initial_noise, to_pil
+    from .editing import inversion_of
+    if isinstance(s.image, Inversion):
+        prompts = [s.image.prompt] + list(prompts)
+    src_s, tgt_s = p.source_sentences, p.target_sentences
+    if src_s is None:
+        src_s, tgt_s = sentences(prompts[0], prompts[1])
+    delta = direction(model, src_s, tgt_s)
+    shown, inv = [], None
+    if s.image is None:
+        height, width = check_size(model, s.height, s.width)
+        z = initial_noise(model, s.seed, height, width)
+    else:
+        inv = inversion_of(model, p, s, prompts[0])
+        z = inv.z_T
+        if inv.image is not None:
+            from PIL import Image
+            shown = [Image.fromarray(inv.image.numpy())]
+    z_src, z_edit = edit(model, prompts[0], delta, z, s.steps, s.guidance, p.xa_guidance,
+                         progress=s.progress)
+    out = to_pil(decode(model, torch.cat([z_src, z_edit])))
+    return Result(out, list(prompts), shown, extra={"inversion": inv} if inv else {})
+
+
 def differing_words(source: str, target: str) -> tuple[str, str]:
-    a, b = source.split(" "), target.split(" ")
+    a, b = words_of(source), words_of(target)
     if len(a) != len(b):
-        raise MinipError("without --source-sentences/--target-sentences, SOURCE and TARGET must "
-                         "have the same number of words (the differing ones make the sentences)")
+        raise ParameterError("prompts", "without source_sentences/target_sentences, SOURCE and "
+                             "TARGET must have the same number of words (the differing ones "
+                             "make the sentences)")
     diff = [(x, y) for x, y in zip(a, b) if x != y]
     if not diff:
-        raise MinipError("SOURCE and TARGET are the same prompt: nothing to edit")
+        raise ParameterError("prompts", "SOURCE and TARGET are the same prompt: nothing to edit")
     return " ".join(x for x, _ in diff), " ".join(y for _, y in diff)
 
 
@@ -59,16 +125,16 @@ def sentences(source: str, target: str) -> tuple[list[str], list[str]]:
             [t.format(w_tgt) for t in TEMPLATES] + [target])
 
 
-def read_sentences(path: str, flag: str) -> list[str]:
+def read_sentences(path: str, name: str) -> list[str]:
     """One sentence a line; refuses a missing, unreadable or empty file."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise MinipError(f"{flag} {path!r} cannot be read ({e.__class__.__name__}); give a text "
+        raise ParameterError(name, f"{path!r} cannot be read ({e.__class__.__name__}); give a text "
                          "file with one sentence a line") from None
     lines = [s.strip() for s in lines if s.strip()]
     if not lines:
-        raise MinipError(f"{flag} {path!r} holds no sentence; give one sentence a line")
+        raise ParameterError(name, f"{path!r} holds no sentence; give one sentence a line")
     return lines
 
 

@@ -30,12 +30,15 @@ runs on the edit's own N timesteps (N UNet calls instead of 999), with the same 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..real import images
 from ..attention import softmax_attention
 from ..control import Compose, Controller, PinSource, Site
 from ..errors import MinipError
+from .base import ParameterError, Result, Settings, param
 from ..guidance import TEXT, UNCOND, GuidanceBatch
 from ..real.invert import ddim_invert
 from ..pipeline import check_size, decode, denoise, encode_text
@@ -45,11 +48,53 @@ FEATURE_SITE = ("up", 1, 1)                                           # up_block
 ATTENTION_SITES = {(1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2)}  # (block, j)
 
 
-def check_window(value, option: str) -> float:
-    """A fraction of the steps in [0, 1], else one MinipError line naming the option."""
+NAME, EDITS_PICTURES = "pnp", "required"
+SUMMARY = "plug-and-play: the source picture's features and self-attention injected into the edit"
+
+
+@dataclass
+class Params:
+    """Plug-and-play's parameters (the official config_pnp.yaml)."""
+    features: float = param(0.8, "inject ResBlock features for this fraction τ_f of the steps")
+    attention: float = param(0.5, "inject self-attention queries and keys for this fraction τ_A")
+    negative_prompt: str = param(NEGATIVE_PROMPT, "the target's unconditional prompt")
+
+    def check(self, prompts: list[str], s: Settings) -> None:
+        from ..real.invert import Inversion
+        check_window(self.features, "features")
+        check_window(self.attention, "attention")
+        s.ddim_only("plug-and-play")
+        if isinstance(s.image, Inversion):
+            raise ParameterError("image", "plug-and-play needs the picture itself (an inversion "
+                                          "file keeps no trajectory)")
+        if len(prompts) < 2:
+            raise ParameterError("prompts", "plug-and-play needs the source prompt (\"\" allowed) "
+                                            "and at least one target prompt")
+        if s.maps:
+            raise ParameterError("maps", "are not available with plug-and-play")
+
+
+def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
+    """Each target prompt from the picture's DDIM trajectory (inverted once, with the source)."""
+    from ..pipeline import check_size, to_pil
+    from .base import read_image
+    height, width = check_size(model, s.height, s.width)
+    fitted = images.fit(read_image(s.image), height, width)
+    x = images.to_tensor(fitted)
+    src = encode_text(model, [prompts[0]])
+    trajectory = ddim_invert(model, images.encode(model, x), src, s.steps, s.progress)
+    out = [edit(model, None, target, prompts[0], p.negative_prompt, s.steps, s.guidance,
+                p.features, p.attention, progress=s.progress, trajectory=trajectory)
+           for target in prompts[1:]]
+    out = torch.cat([out[0][:1]] + [o[1:] for o in out])                 # source, targets
+    return Result(to_pil(out), list(prompts), [fitted])
+
+
+def check_window(value, name: str) -> float:
+    """A fraction of the steps in [0, 1], else one line naming the parameter."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise MinipError(f"{option} must be a fraction of the steps in [0, 1] (0: no injection), "
-                         f"got {value!r}")
+        raise ParameterError(name, f"must be a fraction of the steps in [0, 1] (0: no "
+                                   f"injection), got {value!r}")
     return float(value)
 
 
@@ -58,8 +103,8 @@ class PlugAndPlay(Controller):
     the other images, during the first ⌊N·τ_f⌋ and ⌊N·τ_A⌋ steps (the official rounding)."""
 
     def __init__(self, steps: int, features: float = 0.8, attention: float = 0.5):
-        features = check_window(features, "--pnp-features")
-        attention = check_window(attention, "--pnp-attention")
+        features = check_window(features, "features")
+        attention = check_window(attention, "attention")
         self.feature_steps = int(steps * features)                    # ⌊N·τ_f⌋
         self.attention_steps = int(steps * attention)                 # ⌊N·τ_A⌋
 
@@ -113,7 +158,7 @@ def edit(model, x, prompt: str, source_prompt: str = "", negative_prompt: str = 
         trajectory = ddim_invert(model, images.encode(model, x), src[None], steps, progress)
     elif len(trajectory) != steps + 1:
         raise MinipError(f"the inversion trajectory has {len(trajectory)} latents; {steps} steps "
-                         f"need {steps + 1} (z_0 … z_T): invert again with --steps {steps}")
+                         f"need {steps + 1} (z_0 … z_T): invert again with {steps} steps")
     z = denoise(model, torch.stack([empty, cond]), torch.stack([neg, neg]), trajectory[-1], steps,
                 guidance, Compose(PinSource(trajectory), control), progress=progress, fast=fast,
                 batch=batch())

@@ -11,27 +11,56 @@ With N DDIM steps τ_N > … > τ_1 and strength s ∈ (0, 1] (diffusers' img2im
 
 z_0 is the VAE posterior mean (as for real-image inversion; diffusers samples the posterior). ε is
 drawn like the initial noise of `generate` (one per seed, shared by every prompt), so any
-controller runs on top: `minip2p edit SOURCE TARGET --image PHOTO --strength S` is Prompt-to-
-Prompt started from the noised picture. Controllers count the steps that run, 0 … n − 1, so a
+controller runs on top: Prompt-to-Prompt with `strength` and a picture starts from the
+noised picture. Controllers count the steps that run, 0 … n − 1, so a
 P2P window of 0.8 covers 80 % of them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..real import images
-from ..errors import MinipError
+from .base import ParameterError, Result, Settings, param
 from ..pipeline import check_size, decode, encode_text, initial_noise, denoise
 
 DEFAULT_STRENGTH = 0.6
 
 
+NAME, EDITS_PICTURES = "sdedit", "required"
+SUMMARY = "SDEdit: noise the picture part-way, then denoise it with the prompts"
+
+
+@dataclass
+class Params:
+    strength: float = param(DEFAULT_STRENGTH, "how much noise, in (0, 1]: 0.6 keeps the layout, "
+                                              "1 is almost pure noise")
+
+    def check(self, prompts: list[str], s: Settings) -> None:
+        check_strength(self.strength)
+        s.ddim_only("SDEdit")
+        if not prompts:
+            raise ParameterError("prompts", "SDEdit needs at least one prompt")
+        start_index(s.steps, self.strength)
+
+
+def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
+    from ..pipeline import check_size, to_pil
+    from .base import read_image
+    height, width = check_size(model, s.height, s.width)
+    fitted = images.fit(read_image(s.image), height, width)
+    out = generate(model, fitted, prompts, p.strength, s.seed, s.steps, s.guidance, height,
+                   width, progress=s.progress, free_text_encoder=s.free_text_encoder)
+    return Result(to_pil(out), list(prompts), [fitted])
+
+
 def check_strength(strength: float | None) -> float:
     """None -> the default; anything outside (0, 1] is refused."""
     s = DEFAULT_STRENGTH if strength is None else strength
-    if not (isinstance(s, (int, float)) and 0.0 < s <= 1.0):
-        raise MinipError(f"--strength must be in (0, 1] (0.6: keep the layout, 1: almost pure "
-                         f"noise), got {strength!r}")
+    if isinstance(s, bool) or not (isinstance(s, (int, float)) and 0.0 < s <= 1.0):
+        raise ParameterError("strength", f"must be in (0, 1] (0.6: keep the layout, 1: almost "
+                                         f"pure noise), got {strength!r}")
     return float(s)
 
 
@@ -39,8 +68,8 @@ def start_index(steps: int, strength: float) -> int:
     """N − ⌊N·s⌋: how many of the N timesteps are skipped."""
     n = min(int(steps * check_strength(strength)), steps)
     if n < 1:
-        raise MinipError(f"--strength {strength:g} with {steps} steps runs no step "
-                         f"(⌊{steps}·{strength:g}⌋ = 0); raise --strength or --steps")
+        raise ParameterError("strength", f"{strength:g} with {steps} steps runs no step "
+                                         f"(⌊{steps}·{strength:g}⌋ = 0); raise strength or steps")
     return steps - n
 
 

@@ -29,7 +29,7 @@ moves, 4 when a word is resized), a Polyak step capped at v in RMS:
 
     g = ∇_{z_t} E,   d = (E / ‖g‖²) · g,   d ← d · min(1, v / rms(d)),   z_t ← z_t − d
 
-rms(d) = √(mean d²), v: --guidance-weight. E / ‖g‖² is the step that brings the linearised
+rms(d) = √(mean d²), v: guidance_weight. E / ‖g‖² is the step that brings the linearised
 energy to 0 (its minimum), so steps shrink as the object reaches its target and vanish at it;
 the cap keeps a step from leaving the range of latents the model knows. (A step of fixed size,
 z_t ← z_t − v · g / rms(g), moved z_t by v even at E's minimum, and every resize ended ≈ 1.2×
@@ -45,18 +45,19 @@ its area (62 % → 88 % of resizes within ±25 % at 2 → 4, 12 cases; README).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..control import Controller, Site
-from ..errors import MinipError
 from ..guidance import TEXT
 from .attend_excite import gaussian_kernel
+from .base import ParameterError, Result, Settings, check_number, check_word, param
 from .gradient import GradientGuidance
 
 __all__ = ["word_maps", "centroid", "size", "shape", "appearance", "transform", "Observe",
-           "SelfGuidance", "check"]
+           "SelfGuidance", "Params", "run"]
 
 
 def _normalise(A: torch.Tensor) -> torch.Tensor:
@@ -211,30 +212,68 @@ class SelfGuidance(GradientGuidance):
         return z
 
 
-def check(prompt: str, moves: dict, resizes: dict, keep_appearance: bool, guide_steps: float,
-          weight: float = 0.25):
-    """Refuse words not in the prompt, X or Y outside [0, 1], S ≤ 0, no energy, v < 0."""
-    if not moves and not resizes:
-        raise MinipError("guide needs an energy: --move WORD=X,Y or --resize WORD=S"
-                         + (" (--keep-appearance only keeps what they change)"
-                            if keep_appearance else ""))
-    words = prompt.split(" ")
-    for flag, d in (("--move", moves), ("--resize", resizes)):
-        for w in d:
-            if w not in words:
-                raise MinipError(f"{flag} {w!r}: the word is not in the prompt {prompt!r}; "
-                                 f"words are: {', '.join(words)}")
-    for w, (x, y) in moves.items():
-        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
-            raise MinipError(f"--move {w}={x:g},{y:g}: X and Y are fractions of the image in "
-                             "[0, 1] (0,0 top left)")
-    for w, s in resizes.items():
-        if not s > 0:
-            raise MinipError(f"--resize {w}={s:g}: the scale must be > 0 (0.5 halves, 2 doubles)")
-    if not weight >= 0:
-        raise MinipError(f"--guidance-weight is the largest step of z_t (RMS), ≥ 0; got {weight:g}")
-    if not 0.0 < guide_steps <= 1.0:
-        raise MinipError(f"--guide-steps is a fraction of the steps in (0, 1], got {guide_steps:g}")
+NAME, EDITS_PICTURES = "self-guidance", "no"
+SUMMARY = "Self-Guidance: move or resize an object by steering its word's attention map"
+
+
+@dataclass
+class Params:
+    """Self-Guidance's energies and step (no official code: the paper's definitions)."""
+    move: dict | None = param(None, "move each word's object to (x, y), fractions of the image "
+                                    "in [0, 1] (0,0 top left)", kind="moves")
+    resize: dict | None = param(None, "scale each word's object by s > 0", kind="resizes")
+    keep_appearance: bool = param(False, "keep the objects' appearance from the unguided image")
+    guidance_weight: float = param(0.25, "largest RMS v of a guidance step of z: z ← z − d, "
+                                         "d = E·∇E/‖∇E‖² capped at rms(d) ≤ v")
+    guide_steps: float = param(1.0, "guide in this first fraction of the steps (1.0: all)")
+    guide_iterations: int | None = param(None, "gradient steps per guided step (2 for moves, "
+                                               "4 when a word is resized)", kind=int)
+
+    def check(self, prompts: list[str], s: Settings) -> None:
+        """Refuse words not in the prompt, x or y outside [0, 1], s ≤ 0, no energy, v < 0."""
+        s.ddim_only("Self-Guidance")
+        if len(prompts) != 1:
+            raise ParameterError("prompts", f"Self-Guidance steers one prompt, got {len(prompts)}")
+        moves, resizes = self.move or {}, self.resize or {}
+        if not moves and not resizes:
+            raise ParameterError("move", "or resize is needed: an energy to guide by"
+                                 + (" (keep_appearance only keeps what they change)"
+                                    if self.keep_appearance else ""))
+        for name, d in (("move", moves), ("resize", resizes)):
+            for w in d:
+                check_word(name, w, prompts[0])
+        for w, xy in moves.items():
+            if len(xy) != 2 or not all(0.0 <= v <= 1.0 for v in xy):
+                raise ParameterError("move", f"{w}={','.join(f'{v:g}' for v in xy)}: X and Y are "
+                                             "fractions of the image in [0, 1] (0,0 top left)")
+        for w, k in resizes.items():
+            if not k > 0:
+                raise ParameterError("resize", f"{w}={k:g}: the scale must be > 0 (0.5 halves, "
+                                               "2 doubles)")
+        check_number("guidance_weight", self.guidance_weight, 0.0)
+        check_number("guide_steps", self.guide_steps, 0.0, 1.0, low_open=True)
+        it = self.guide_iterations
+        if it is not None and (isinstance(it, bool) or not isinstance(it, int) or
+                               not 1 <= it <= 50):
+            raise ParameterError("guide_iterations", f"must be an integer in [1, 50], got {it!r}")
+
+
+def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
+    """The unguided image and the guided one, from the same seed."""
+    from ..pipeline import check_size, encode_text, generate, to_pil
+    height, width = check_size(model, s.height, s.width)
+    model.scheduler.timesteps(s.steps)
+    moves, resizes = p.move or {}, {w: float(k) for w, k in (p.resize or {}).items()}
+    tokens = tokens_of(model.tokenizer, prompts[0], {**moves, **resizes})
+    kw = dict(seed=s.seed, steps=s.steps, guidance=s.guidance, height=height, width=width,
+              progress=s.progress)
+    observed = Observe(model.unet, tokens, p.keep_appearance)
+    plain = generate(model, prompts, control=observed, **kw)
+    ctrl = SelfGuidance(model, encode_text(model, prompts), tokens, s.steps, observed,
+                        {w: tuple(xy) for w, xy in moves.items()}, resizes, p.keep_appearance,
+                        p.guidance_weight, p.guide_steps, p.guide_iterations)
+    guided = generate(model, prompts, control=ctrl, **kw)
+    return Result(to_pil(plain) + to_pil(guided), ["unguided", "guided"])
 
 
 def tokens_of(tok, prompt: str, words) -> dict[str, list[int]]:

@@ -1,6 +1,6 @@
 """Real images in: any file PIL reads -> the tensor the VAE encodes -> z_0.
 
-    file ─ EXIF orientation ─ RGB (alpha over white, 16-bit grey scaled) ─ cut --crop margins
+    file ─ EXIF orientation ─ RGB (alpha over white, 16-bit grey scaled) ─ cut the crop margins
          ─ centre crop to the aspect H:W ─ resize (bicubic) to H×W ─ x ∈ [−1, 1]  (1, 3, H, W)
     z_0 = E(x).mean · scaling_factor                                        (1, 4, H/f, W/f)
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import MinipError
+from ..errors import MinipError, ParameterError
 
 
 def parse_crop(text: str | None) -> tuple[int, int, int, int]:
@@ -27,7 +27,7 @@ def parse_crop(text: str | None) -> tuple[int, int, int, int]:
         if len(parts) != 4 or min(parts) < 0:
             raise ValueError
     except ValueError:
-        raise MinipError(f"--crop {text!r}: expected LEFT,TOP,RIGHT,BOTTOM margins in pixels, "
+        raise ParameterError("crop", f"{text!r}: expected LEFT,TOP,RIGHT,BOTTOM margins in pixels, "
                          "four integers ≥ 0, e.g. 0,10,0,30") from None
     return parts
 
@@ -84,7 +84,8 @@ def cut_margins(im: Image.Image, crop: tuple[int, int, int, int] = (0, 0, 0, 0))
     left, top, right, bottom = crop
     W, H = im.size
     if left + right >= W or top + bottom >= H:
-        raise MinipError(f"--crop {left},{top},{right},{bottom} leaves nothing of a {W}×{H} image")
+        raise ParameterError("crop", f"{left},{top},{right},{bottom} leaves nothing of a {W}×{H} "
+                                     "image")
     return im.crop((left, top, W - right, H - bottom))
 
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import images
 from ..atomic import atomic_write
-from ..errors import MinipError
+from ..errors import MinipError, ParameterError
 from ..guidance import cfg
 from ..methods.noise_reg import Regulariser, regularise
 from ..pipeline import decode, denoise, encode_text
@@ -137,7 +137,7 @@ def invert(model, x: torch.Tensor, prompt: str, method: str = "null-text", steps
     if method not in METHODS:
         raise MinipError(f"unknown inversion method {method!r}; use {', '.join(METHODS)}")
     if not isinstance(inner_steps, int) or inner_steps < 1:
-        raise MinipError(f"--inner-steps must be an integer ≥ 1, got {inner_steps!r}")
+        raise ParameterError("inner_steps", f"must be an integer ≥ 1, got {inner_steps!r}")
     model.scheduler.timesteps(steps)                                       # validates steps
     z0 = images.encode(model, x)                                          # (1, 4, h, w)
     cond, empty = encode_text(model, [prompt]), encode_text(model, [""])   # (1, 77, d) each
@@ -199,14 +199,14 @@ def check(inv: Inversion, model, steps: int | None = None, height: int | None = 
     digest, probe = fingerprint(model)
     if digest != inv.model_config or not same_weights(probe, inv.probe.float()):
         raise MinipError(f"{source} was made with another model ('{inv.model}', not "
-                         f"'{model.name}'); invert the image again with this --model")
+                         f"'{model.name}'); invert the image again with this model")
     if steps is not None and steps != inv.steps:
         raise MinipError(f"{source} was made with {inv.steps} steps, not {steps}; pass "
-                         f"--steps {inv.steps} or invert the image again")
+                         f"{inv.steps} steps or invert the image again")
     for name, want, got in (("height", height, inv.height), ("width", width, inv.width)):
         if want is not None and want != got:
-            raise MinipError(f"{source} is for {inv.width}×{inv.height} images, not --{name} "
-                             f"{want}; leave --height/--width out or invert again")
+            raise ParameterError(name, f"{want}: {source} is for {inv.width}×{inv.height} "
+                                       "images; leave height and width out or invert again")
 
 
 # ---- the file --------------------------------------------------------------------------------

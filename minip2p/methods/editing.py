@@ -1,0 +1,156 @@
+"""The three ways an attention-control edit of prompts runs (Prompt-to-Prompt, MasaCtrl), shared:
+
+    from noise      z_T ~ N(0, I) shared by every prompt; the controller sees every step
+    from a picture  SDEdit (`strength` s): z_t₀ = the picture noised to t₀, then n = ⌊N·s⌋ steps
+                    that the controller counts 0 … n − 1 (methods/sdedit.py)
+    from a picture  inverted (`inversion`: DDIM, null-text or negative-prompt; real/invert.py):
+                    z_T and ∅_t of the picture under the source prompt, then the edit from z_T
+
+A method gives `make_control(model, prompts, steps, step_pixels, trajectory)` -> (controller,
+AttentionStore or None); `trajectory` is the inversion's [z_0 … z_T] where there is one
+(MasaCtrl pins its source row to it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import INVERSIONS, ParameterError, Result, Settings, check_number, param, read_image
+
+__all__ = ["RealImage", "edit_prompts", "picture", "inversion_of"]
+
+
+@dataclass
+class RealImage:
+    """The parameters of an edit that may start from a real picture (`image=`)."""
+    inversion: str = param("null-text", "how the picture is inverted: ddim (∅ = \"\"), null-text "
+                           "(∅_t optimised per step, best, slow) or negative-prompt (∅ = the "
+                           "prompt, fast)", INVERSIONS)
+    inner_steps: int = param(10, "null-text: at most this many Adam steps per denoising step")
+    strength: float | None = param(None, "SDEdit instead of inversion: start from the picture "
+                                         "noised this much, in (0, 1]")
+    regularise: bool = param(False, "Pix2Pix-Zero's regularised DDIM inversion (each ε pushed "
+                                    "towards white noise)")
+    reg_steps: int = param(5, "regularise: rounds of gradient steps per inversion step")
+    lambda_ac: float = param(20.0, "regularise: auto-correlation step size λ_AC")
+    lambda_kl: float = param(20.0, "regularise: KL step size λ_KL")
+
+    def check_real(self, s: Settings, defaults) -> None:
+        """Real-image parameters: in range, and only where a picture is inverted."""
+        from ..real.invert import Inversion
+        if self.inversion not in INVERSIONS:
+            raise ParameterError("inversion", f"must be one of {', '.join(INVERSIONS)}, "
+                                              f"got {self.inversion!r}")
+        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or \
+                self.inner_steps < 1:
+            raise ParameterError("inner_steps", f"must be an integer ≥ 1, got {self.inner_steps!r}")
+        if isinstance(self.reg_steps, bool) or not isinstance(self.reg_steps, int) or \
+                self.reg_steps < 1:
+            raise ParameterError("reg_steps", f"must be an integer ≥ 1, got {self.reg_steps!r}")
+        check_number("lambda_ac", self.lambda_ac)
+        check_number("lambda_kl", self.lambda_kl)
+        if self.strength is not None:
+            check_number("strength", self.strength, 0.0, 1.0, low_open=True)
+            if s.image is None:
+                raise ParameterError("strength", "sets how far SDEdit noises the picture; give "
+                                                 "image=")
+            if isinstance(s.image, Inversion):
+                raise ParameterError("strength", "noises a picture, not an inversion file; "
+                                                 "give the picture")
+        for name in ("reg_steps", "lambda_ac", "lambda_kl"):
+            if getattr(self, name) != getattr(defaults, name) and not self.regularise:
+                raise ParameterError(name, "sets the regularised inversion; add regularise")
+        if self.regularise:
+            why = ("an inversion file is already inverted" if isinstance(s.image, Inversion)
+                   else "SDEdit (strength) noises the picture" if self.strength is not None
+                   else "nothing is inverted without a picture" if s.image is None else None)
+            if why:
+                raise ParameterError("regularise", f"regularises the DDIM inversion of the "
+                                                   f"picture, and {why}; leave it out")
+        if s.image is not None:
+            s.ddim_only("a real image (inversion, SDEdit)")
+            if s.over_time:
+                raise ParameterError("over_time", "follows prompts generated from noise; leave "
+                                                  "out image")
+
+    def regulariser(self, seed: int):
+        from .noise_reg import Regulariser
+        return Regulariser(self.lambda_ac, self.lambda_kl, self.reg_steps, seed=seed) \
+            if self.regularise else None
+
+
+def picture(s: Settings, height: int, width: int):
+    """The settings' picture fitted to height × width (PIL), or None."""
+    from ..real import images
+    return None if s.image is None else images.fit(read_image(s.image), height, width)
+
+
+def inversion_of(model, p: RealImage, s: Settings, prompt: str | None):
+    """An Inversion of the settings' picture under `prompt` (or the given Inversion, checked)."""
+    import warnings
+
+    from ..pipeline import check_size
+    from ..real import images, invert
+    if isinstance(s.image, invert.Inversion):
+        invert.check(s.image, model, s.steps, s.height, s.width, "the inversion")
+        if s.guidance != s.image.guidance:
+            warnings.warn(f"the inversion was made for guidance {s.image.guidance:g}; editing at "
+                          f"{s.guidance:g} will not reproduce the image exactly")
+        return s.image
+    if not prompt:
+        raise ParameterError("prompts", "a real image needs the prompt that describes it (the "
+                                        "source prompt) first")
+    height, width = check_size(model, s.height, s.width)
+    x = images.to_tensor(images.fit(read_image(s.image), height, width))       # (1, 3, H, W)
+    return invert.invert(model, x, prompt, p.inversion, s.steps, s.guidance, p.inner_steps,
+                         progress=s.progress, reg=p.regulariser(s.seed))
+
+
+def _over_time(model, s: Settings, height: int, width: int):
+    """(step_pixels, z_T, X0Recorder) for `over_time`, else (None, None, None)."""
+    from .. import views
+    from ..pipeline import X0Recorder, initial_noise
+    if not s.over_time:
+        return None, None, None
+    pixels = views.coarse_pixels(model, height, width) if s.map_res is None else \
+        s.map_res * round(s.map_res * width / height)
+    z_T = initial_noise(model, s.seed, height, width)
+    return pixels, z_T, X0Recorder(model, z_T, s.steps)
+
+
+def edit_prompts(model, prompts: list[str], p: RealImage, s: Settings, make_control) -> Result:
+    """Run an edit of `prompts` (source first) by the controller `make_control` gives, from
+    noise, from SDEdit's noised picture, or from the picture's inversion."""
+    from ..control import AttentionStore
+    from ..pipeline import check_size, generate, to_pil
+    from ..real import invert
+    from . import sdedit
+    height, width = check_size(model, s.height, s.width)
+    common = dict(progress=s.progress, free_text_encoder=s.free_text_encoder)
+    if s.image is None:                                              # from noise
+        step_pixels, z_T, x0 = _over_time(model, s, height, width)
+        control, store = make_control(model, prompts, s.steps, step_pixels, None)
+        out = generate(model, prompts, s.seed, s.steps, s.guidance, height, width,
+                       control=control, latents=z_T, callback=x0, sampler=s.sampler, **common)
+        return Result(to_pil(out), list(prompts), store=store, x0=x0)
+    if p.strength is not None:                                       # SDEdit
+        fitted = picture(s, height, width)
+        control, store = make_control(model, prompts, s.steps - sdedit.start_index(
+            s.steps, p.strength), None, None)
+        out = sdedit.generate(model, fitted, prompts, p.strength, s.seed, s.steps, s.guidance,
+                              height, width, control, **common)
+        return Result(to_pil(out), list(prompts), [fitted], store=store)
+    if isinstance(s.image, invert.Inversion):                       # its prompt is the source
+        prompts = [s.image.prompt] + list(prompts)
+    inv = inversion_of(model, p, s, prompts[0] if prompts else None)
+    if len(prompts) > 1:
+        control, store = make_control(model, prompts, s.steps, None, inv.latents)
+    else:                                                            # no target: reconstruction
+        control = store = AttentionStore(1) if s.maps else None
+    out = invert.run(model, inv, prompts, control, s.guidance, **common)
+    shown = [] if inv.image is None else [_pil(inv.image)]
+    return Result(to_pil(out), list(prompts), shown, store=store, extra={"inversion": inv})
+
+
+def _pil(pixels):
+    from PIL import Image
+    return Image.fromarray(pixels.numpy())
