@@ -5,6 +5,7 @@ is one line that says what was wrong and what to do about it. A bad value of one
 `ParameterError`: it names the parameter as Python spells it (`start_step`), and the command line
 names the flag its user typed instead (`--masa-step`).
 """
+import re
 
 
 class MinipError(Exception):
@@ -12,8 +13,12 @@ class MinipError(Exception):
 
 
 class ParameterError(MinipError):
-    """A bad value of one parameter: `name` (as in Python) and what is wrong with it."""
+    """A bad value of one parameter: `name` (as in Python) and what is wrong with it. The problem
+    may name other parameters as {name}; `said(spell)` spells them (the CLI: as flags)."""
 
     def __init__(self, name: str, problem: str):
-        super().__init__(f"{name} {problem}")
         self.name, self.problem = name, problem
+        super().__init__(f"{name} {self.said(str)}")
+
+    def said(self, spell) -> str:
+        return re.sub(r"\{([a-z_]+)\}", lambda m: spell(m.group(1)), self.problem)

@@ -79,7 +79,7 @@ def test_plug_and_play_from_an_empty_source_prompt(capsys, tmp_path, sd_ckpt, ph
     (["--method", "pix2pix-zero", "--image", "PHOTO", "--regularise", "--lambda-kl", "-1"],
      "--lambda-kl must be a finite number ≥ 0"),
     (["--image", "PHOTO", "--strength", "0.5", "--regularise"], "SDEdit"),
-    (["--method", "pnp", "--image", "PHOTO", "--regularise"], "plain DDIM trajectory"),
+    (["--method", "pnp", "--image", "PHOTO", "--regularise"], "belongs to another method"),
 ])
 def test_bad_method_input_is_one_line(capsys, tmp_path, sd_ckpt, photo, args, needle):
     args = [str(photo) if a == "PHOTO" else a for a in args]

@@ -54,8 +54,9 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         rc = args.run(args)
     except ParameterError as e:          # the library names the parameter; the user typed a flag
-        said = e.problem if e.name == "prompts" else \
-            f"{flag_of(e.name, getattr(args, 'flags', None))} {e.problem}"
+        flags = getattr(args, "flags", None)
+        problem = e.said(lambda name: flag_of(name, flags))
+        said = problem if e.name == "prompts" else f"{flag_of(e.name, flags)} {problem}"
         print(f"minip2p: {said}", file=sys.stderr)
         return 2
     except MinipError as e:

@@ -63,15 +63,19 @@ def parameters(args) -> dict:
         args.method, args.inversion_method = "p2p", args.method
     args.method = args.method or "p2p"
     p = {DEST.get(k, k): getattr(args, k) for k in OPTIONS
-         if getattr(args, k) not in (None, False)}
+         if getattr(args, k) is not None and getattr(args, k) is not False}
     for key in ("cross_replace", "self_replace"):
         if key in p:
             p[key] = parse_window(p[key])
     if "reweight" in p:
         p["reweight"] = parse_reweight(p["reweight"])
-    for key in ("source_sentences", "target_sentences"):
-        if getattr(args, key) is not None:
-            p[key] = read_sentences(getattr(args, key), key)
+    given = [k for k in ("source_sentences", "target_sentences") if getattr(args, k) is not None]
+    if args.method == "pix2pix-zero" and len(given) == 1:
+        raise MinipError("give --source-sentences and --target-sentences together (or "
+                         "neither: built-in sentences around the words that differ)")
+    for key in given:                    # files are read for the method that takes sentences
+        value = getattr(args, key)
+        p[key] = read_sentences(value, key) if args.method == "pix2pix-zero" else value
     return p
 
 

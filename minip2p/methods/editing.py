@@ -51,18 +51,18 @@ class RealImage:
         if self.strength is not None:
             check_number("strength", self.strength, 0.0, 1.0, low_open=True)
             if s.image is None:
-                raise ParameterError("strength", "sets how far SDEdit noises the picture; give "
-                                                 "image=")
+                raise ParameterError("strength", "sets how far SDEdit noises the picture; add "
+                                                 "{image}")
             if isinstance(s.image, Inversion):
                 raise ParameterError("strength", "noises a picture, not an inversion file; "
                                                  "give the picture")
         for name in ("reg_steps", "lambda_ac", "lambda_kl"):
             if getattr(self, name) != getattr(defaults, name) and not self.regularise:
-                raise ParameterError(name, "sets the regularised inversion; add regularise")
+                raise ParameterError(name, "sets the regularised inversion; add {regularise}")
         if self.regularise:
             why = ("an inversion file is already inverted" if isinstance(s.image, Inversion)
                    else "SDEdit (strength) noises the picture" if self.strength is not None
-                   else "nothing is inverted without a picture" if s.image is None else None)
+                   else "nothing is inverted without {image}" if s.image is None else None)
             if why:
                 raise ParameterError("regularise", f"regularises the DDIM inversion of the "
                                                    f"picture, and {why}; leave it out")

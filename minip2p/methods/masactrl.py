@@ -172,8 +172,8 @@ class Params(RealImage):
                                             "target prompt")
         step = self.step(s.steps)
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < s.steps:
-            raise ParameterError("start_step", f"must be in [0, steps) = [0, {s.steps}) (a step "
-                                               f"of the {s.steps} denoising steps), got {step!r}")
+            raise ParameterError("start_step", f"must be in [0, {s.steps}) (a step of the "
+                                               f"{s.steps} denoising steps), got {step!r}")
         if self.mask_words is not None:
             if len(self.mask_words) != 2:
                 raise ParameterError("mask_words", f"needs two words (source, target), got "

@@ -62,9 +62,9 @@ def prepare(name: str, prompts, **kw) -> tuple:
             run_settings[key] = value
         else:
             others = [n for n, m in METHODS.items() if key in {f.name for f in fields(m.Params)}]
-            where = f"a parameter of {', '.join(others)}, not of {name}" if others else \
-                f"not a parameter of {name}"
-            raise ParameterError(key, f"is {where}; leave it out")
+            where = f"belongs to another method ({', '.join(others)}), not {name}" if others \
+                else f"is not a parameter of {name}"
+            raise ParameterError(key, f"{where}; leave it out")
     s = Settings(**{**getattr(method, "DEFAULTS", {}), **run_settings})
     s.check()
     if method.EDITS_PICTURES == "no" and s.image is not None:

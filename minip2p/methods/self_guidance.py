@@ -236,8 +236,8 @@ class Params:
             raise ParameterError("prompts", f"Self-Guidance steers one prompt, got {len(prompts)}")
         moves, resizes = self.move or {}, self.resize or {}
         if not moves and not resizes:
-            raise ParameterError("move", "or resize is needed: an energy to guide by"
-                                 + (" (keep_appearance only keeps what they change)"
+            raise ParameterError("move", "or {resize} is needed: Self-Guidance needs an energy"
+                                 + (" ({keep_appearance} only keeps what they change)"
                                     if self.keep_appearance else ""))
         for name, d in (("move", moves), ("resize", resizes)):
             for w in d:
@@ -250,12 +250,15 @@ class Params:
             if not k > 0:
                 raise ParameterError("resize", f"{w}={k:g}: the scale must be > 0 (0.5 halves, "
                                                "2 doubles)")
-        check_number("guidance_weight", self.guidance_weight, 0.0)
+        check_number("guidance_weight", self.guidance_weight)
+        if self.guidance_weight < 0:
+            raise ParameterError("guidance_weight", f"is the largest step of z_t (RMS), ≥ 0; got "
+                                                    f"{self.guidance_weight:g}")
         check_number("guide_steps", self.guide_steps, 0.0, 1.0, low_open=True)
         it = self.guide_iterations
         if it is not None and (isinstance(it, bool) or not isinstance(it, int) or
                                not 1 <= it <= 50):
-            raise ParameterError("guide_iterations", f"must be an integer in [1, 50], got {it!r}")
+            raise ParameterError("guide_iterations", f"must be an integer ≥ 1 and ≤ 50, got {it!r}")
 
 
 def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
