@@ -123,19 +123,33 @@ def expected(a):
     return [Path(opt("--out", default))] if default else []
 
 
-@pytest.fixture()
-def env(tmp_path, monkeypatch, ip2p_ckpt, clip_ckpt, sd_ckpt):
-    monkeypatch.chdir(tmp_path)
+def prepare(folder, ip2p_ckpt, clip_ckpt, sd_ckpt):
+    """The inputs the commands name, drawn or written into `folder`."""
     im = Image.new("RGB", (64, 64), (240, 240, 230))
     ImageDraw.Draw(im).ellipse((12, 12, 48, 48), fill=(200, 30, 30))
     for name in ("photo.jpg", "photo.png"):
-        im.save(name)
-    Path("sentences.txt").write_text("a red circle\na red circle on a white background\n")
+        im.save(folder / name)
+    (folder / "sentences.txt").write_text("a red circle\na red circle on a white background\n")
     lines = [{"caption": "a red circle", "edit": "make it blue", "output": "a blue circle"},
              {"caption": "a green square", "edit": "make it a triangle", "output": "a green triangle"}]
     for name in ("captions.jsonl", "bench4.jsonl"):
-        Path(name).write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return {"ip2p": str(ip2p_ckpt[1]), "clip": str(clip_ckpt[1]), "sd": str(sd_ckpt[1])}
+        (folder / name).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return {"ip2p": str(ip2p_ckpt[1]), "clip": str(clip_ckpt[1]), "sd": str(sd_ckpt[1]),
+            "dir": folder}
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch, ip2p_ckpt, clip_ckpt, sd_ckpt):
+    """A fresh folder per command (group)."""
+    monkeypatch.chdir(tmp_path)
+    return prepare(tmp_path, ip2p_ckpt, clip_ckpt, sd_ckpt)
+
+
+@pytest.fixture(scope="module")
+def readme_env(tmp_path_factory, ip2p_ckpt, clip_ckpt, sd_ckpt):
+    """One folder for all of README.md's commands, run in the README's order (an inversion file
+    written by one command is read by a later one)."""
+    return prepare(tmp_path_factory.mktemp("readme"), ip2p_ckpt, clip_ckpt, sd_ckpt)
 
 
 def run(a, monkeypatch):
@@ -171,5 +185,6 @@ def test_the_readme_has_commands_for_every_subcommand():
 
 
 @pytest.mark.parametrize("line", readme_commands())
-def test_the_readme_commands_run(line, env, monkeypatch, capsys):
-    check(line, env, monkeypatch, capsys)
+def test_the_readme_commands_run(line, readme_env, monkeypatch, capsys):
+    monkeypatch.chdir(readme_env["dir"])
+    check(line, readme_env, monkeypatch, capsys)
