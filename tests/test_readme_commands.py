@@ -17,7 +17,7 @@ from minip2p.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = "5"                     # > the largest --masa-step the READMEs show (4)
+STEPS = "2"                     # every command, few steps (a --masa-step S gets S + 1)
 
 # The earlier README's command lines; optional "[...]" parts written out. A tuple runs in order
 # in one folder (an inversion file, then the edit that reads it).
@@ -99,8 +99,11 @@ def argv(line, env):
         out += ["--model", env["sd"]]
     if words[0] == "explore":
         return out + ["--port", "0"]
+    steps = str(int(out[out.index("--masa-step") + 1]) + 1) if "--masa-step" in out else STEPS
+    if "--steps" in out:
+        out[out.index("--steps") + 1] = steps
     return out + [x for x in ("--quiet",) if x not in out] + \
-        (["--steps", STEPS] if "--steps" not in out else [])
+        (["--steps", steps] if "--steps" not in out else [])
 
 
 def expected(a):
