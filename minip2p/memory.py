@@ -2,7 +2,7 @@
 
     peak ≈ runtime + weights + max(one UNet call, one VAE encode/decode)
 
-    runtime     the interpreter, torch and its kernels (CPU only; measured, about 0.37 GiB)
+    runtime     the interpreter, torch and its kernels (CPU only; a fixed allowance, RUNTIME)
     weights     every parameter × bytes per element (fp32 4, fp16/bf16 2)
     UNet call   rows = 2 per image (∅ and c; plug-and-play 3). At each level (n = h·w latent
                 pixels, c channels) the skips the decoder will read stay alive; the worst

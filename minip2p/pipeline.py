@@ -160,8 +160,8 @@ def decode(model: Model, z: torch.Tensor, fast: bool = True) -> torch.Tensor:
     `fast`: run the decoder in the memory layout `autotune` measured faster here (the first two
     decodes at a size on a machine run one in each layout, timed). In PyTorch's default layout
     every oneDNN convolution reorders its input and output to and from a blocked layout;
-    channels-last skips that (SD 1.5-shape VAE, 512 px, 2 threads, one AMD EPYC: 11.57 -> 9.30 s
-    per image, `tools/bench_decode.py`); elsewhere (GPU, fp16) fast = channels-last.
+    channels-last skips that (`python -m tools.bench_decode` times both; figures in
+    tools/README.md); elsewhere (GPU, fp16) fast = channels-last.
     `fast=False` keeps PyTorch's default layout. Same images
     within float rounding (tests/test_fast.py, tests/test_autotune.py)."""
     z = (z / model.vae.cfg.scaling_factor).to(model.device, model.dtype)

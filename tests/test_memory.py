@@ -1,6 +1,6 @@
 """The memory pre-flight (minip2p/memory.py): its estimate against the peak RSS measured in a
 fresh process, on the toy model and a random SD-1.x-structured one (within ±35 %); and the two
-requests of issue 17 that used to fail -- `--steps 1000` (a traceback in DDIM) and 65536² px
+requests that used to fail -- `--steps 1000` (a traceback in DDIM) and 65536² px
 (killed by the kernel) -- refused in one line before any work."""
 import resource
 import subprocess

@@ -1,4 +1,4 @@
-"""Outputs that cannot be written (issue 17): a full disk (a file-size limit, RLIMIT_FSIZE, and a
+"""Outputs that cannot be written: a full disk (a file-size limit, RLIMIT_FSIZE, and a
 tiny tmpfs where `mount` works), a read-only folder, a folder under a file. Each ends in one line
 `minip2p: cannot write …`, exit status 2, with no partial file and no temporary file beside it --
 for an edit's set of images, none of them (all are written to temporary files first)."""

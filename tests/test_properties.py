@@ -1,4 +1,4 @@
-"""Every input at its edges: property-based tests of the whole CLI (issue 17).
+"""Every input at its edges: property-based tests of the whole CLI.
 
 For each command, hypothesis draws a command line from strategies for every option (numbers at and
 beyond each boundary, NaN and inf, empty, huge and unicode strings, words present in and absent

@@ -1,5 +1,5 @@
 """Guidance through attention on the toy model: does each method do what it says, and what does it
-cost? (README, "Guidance through attention").
+cost? (figures in tools/README.md).
 
     python tools/eval_guidance.py --n 24 --steps 20     success rates (Self-Guidance move and
                                                         resize, Attend-and-Excite, Pix2Pix-Zero)

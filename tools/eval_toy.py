@@ -4,7 +4,7 @@ dominant colour, shape from the fill ratio). Prints a markdown table.
 
     python tools/eval_toy.py                          # weights/toy, ~3 min on 2 CPU cores
     python tools/eval_toy.py --figures weights/toy/figures --card weights/toy/README.md
-    python tools/eval_toy.py --sampler dpm++ --steps 20   # DPM-Solver++ (2M), README's table
+    python tools/eval_toy.py --sampler dpm++ --steps 20   # DPM-Solver++ (2M), tools/README.md's table
 
 fidelity   144 prompts (6 templates x 24 colour-shape pairs, 3 pairs never seen in training),
            one seed each: colour / shape / position / size / background accuracy

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 15), one command for a lent GPU (about 6-8 minutes on one H200):
+# The prepared GPU check, one command for a lent GPU (a few minutes):
 #   1. builds the SD 1.5-shape random checkpoint on that machine and checks parity with diffusers
 #      in fp16 (tools/parity.py: text encoder, UNet, VAE, a 10-step generation);
 #   2. the benchmark rows in fp16, 50 DDIM steps, 512², two prompts (tools/bench.py):
-#      minip2p plain, minip2p edit (P2P Replace), diffusers plain -- the issue's targets are an edit
+#      minip2p plain, minip2p edit (P2P Replace), diffusers plain -- the targets are an edit
 #      <= 0.8 s, edit / minip2p plain <= 1.15, edit peak memory <= diffusers plain;
 #   3. the same edit with DPM-Solver++ at 20 steps, when that sampler is there (--sampler dpm++).
 # Every table goes to $OUT (the device tool's folder) or ./gpu_check_out: machine.txt, parity.txt,
 # bench.txt, bench_dpm.txt. diffusers is not installed on the GPU machine: put its wheel in .whl/
-# (README, "GPU") and carry .whl; it is installed into /tmp/site first.
+# (tools/README.md, "GPU") and carry .whl; it is installed into /tmp/site first.
 #   bash tools/gpu_check.sh            on the GPU
 #   bash tools/gpu_check.sh --smoke    the same steps on the CPU with the tiny geometry (a test)
 set -euo pipefail

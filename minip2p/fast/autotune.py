@@ -1,10 +1,10 @@
 """Kernels chosen by measurement on the running machine, never by a constant.
 
 The fast path has a choice at a few places, and which side wins depends on the CPU, the PyTorch
-build, the thread count and the shape: on one AMD EPYC MKL's sgemm ran at half oneDNN's speed, on
-an Intel Xeon oneDNN lost 4 % and PyTorch's fused attention beat oneDNN query slices by 16 %.
+build, the thread count and the shape: the same candidate wins on one CPU and loses on another
+(tools/README.md, "Kernels and the tuner"), so no choice is written into the code.
 
-    kind        candidates                   where (minip2p/ops.py, pipeline.decode)
+    kind        candidates                   where (fast/kernels.py, pipeline.decode)
     linear      torch | onednn               y = x Wᵀ + b          (MKL sgemm vs oneDNN matmul)
     geglu       torch | onednn               a · GELU(g)           (three passes vs two fused matmuls)
     attention   sdpa  | onednn               softmax(QKᵀ/√d)·V, m ≥ 1024 keys (fused vs query slices)

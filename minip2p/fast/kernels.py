@@ -5,9 +5,10 @@ faster on this machine for this shape.
 PyTorch sends an fp32 `nn.Linear` on the CPU to MKL's sgemm. PyTorch also ships oneDNN (it runs
 its convolutions), and registers oneDNN's matmul for its compiler's CPU backend as
 `torch.ops.mkldnn._linear_pointwise`, which can also fuse an activation or a product into the
-matmul (`geglu` below). Which is faster depends on the machine: on one AMD EPYC oneDNN ran at
-about twice MKL's GFLOP/s at the UNet's shapes, on an Intel Xeon 4 % slower
-(`python tools/bench_kernels.py`). So the choice is measured, per shape (minip2p/autotune.py).
+matmul (`geglu` below). Which is faster depends on the machine (CPU model, PyTorch build,
+threads): on some CPUs oneDNN wins clearly at the UNet's shapes, on others it loses
+(`python -m tools.bench_kernels` times both; figures in tools/README.md). So the choice is
+measured, per shape (fast/autotune.py).
 
 That op has no backward (its inputs get no gradient), so it is a candidate only where autograd
 is off; everything else -- the explicit path, training, null-text inversion's gradient steps,
@@ -26,7 +27,7 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 
 
 def tune_rows(n: int, cin: int, cout: int) -> int:
-    """Rows of the real input the tuner times a linear candidate on: about 0.5 GFLOP (a few ms),
+    """Rows of the real input the tuner times a linear candidate on: about 0.5 GFLOP,
     at least 256 rows (or all of them) so the kernel runs at its large-matrix speed."""
     rows = 256
     while rows < 2048 and 2 * rows * cin * cout < 5e8:

@@ -19,8 +19,8 @@ grad (checkpoint.py), so the graph keeps only what ∇_z needs. When nothing aft
 attention site is needed (no features asked), the forward stops there (`StopForward`): the
 decoder's finer levels are neither run nor kept (their ε is not used by the energy).
 
-Peak memory of each method is measured by tools/eval_guidance.py (README, "Guidance through
-attention").
+Peak memory of each method is measured by `python -m tools.eval_guidance --cost` (figures in
+tools/README.md).
 """
 from __future__ import annotations
 

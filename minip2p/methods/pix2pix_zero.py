@@ -18,8 +18,9 @@ two prompts themselves. Real images: z_T from the DDIM inversion of the picture 
 with `--regularise` the paper's regularised inversion (auto-correlation and KL terms on each
 predicted noise: noise_reg.py).
 
-Memory: the reference keeps every map of every step (fp32, heads kept) between the passes; at
-512 px and 50 steps that is ~6.6 GB, as in diffusers. On the toy model it is small.
+Memory: the reference keeps every map of every step (fp32, heads kept) between the passes, so it
+grows with steps × cross layers × heads × pixels × 77 tokens: gigabytes at 512 px and 50 steps, as
+in diffusers; on the toy model it is small.
 """
 from __future__ import annotations
 

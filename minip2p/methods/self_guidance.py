@@ -32,15 +32,15 @@ moves, 4 when a word is resized), a Polyak step capped at v in RMS:
 rms(d) = √(mean d²), v: guidance_weight. E / ‖g‖² is the step that brings the linearised
 energy to 0 (its minimum), so steps shrink as the object reaches its target and vanish at it;
 the cap keeps a step from leaving the range of latents the model knows. (A step of fixed size,
-z_t ← z_t − v · g / rms(g), moved z_t by v even at E's minimum, and every resize ended ≈ 1.2×
-the asked area; README, "Guidance through attention".) The appearance distance is a mean over the c channels: summed, it outweighed the
-size and shape terms ≈ 10×. The paper instead adds the gradient to the noise estimate,
-ε̃_t = ε_t + v · σ_t · ∇_{z_t} E (σ_t = √(1 − ᾱ_t)); on the toy model that form either barely
-moved the object (v 30) or destroyed the image (v 300): the raw gradient varies ≈ 5× from step
-to step and σ_t puts the largest steps at the first steps, where a word's map does not yet show
-the object. Moves reach their target in 2 steps per step (centroids 0.77–0.82 for 0.8) and
-more deform the object (colour and shape kept 96 % → 79 % at 4); a shrink needs 4 to get near
-its area (62 % → 88 % of resizes within ±25 % at 2 → 4, 12 cases; README).
+z_t ← z_t − v · g / rms(g), moves z_t by v even at E's minimum, so it keeps disturbing the
+latents where the energy is already met, and resizes overshoot.) The appearance distance is a
+mean over the c channels: summed over them, it outweighs the size and shape terms and the step
+mostly keeps the object as it was. The paper instead adds the gradient to the noise estimate,
+ε̃_t = ε_t + v · σ_t · ∇_{z_t} E (σ_t = √(1 − ᾱ_t)); we do not, because the raw gradient's size
+varies a lot from step to step and σ_t puts the largest steps at the first steps, where a word's
+map does not yet show the object. Moves reach their target with 2 gradient steps per step and
+more deform the object; a shrink needs 4 to get near its area: hence the defaults (the runs
+behind these choices: tools/README.md, "Guidance methods").
 """
 from __future__ import annotations
 

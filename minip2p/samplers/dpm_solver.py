@@ -44,7 +44,7 @@ the output; it matters only on pixels that enter the mask, where either choice e
 across a jump (the source's past under the edited prompt, or the edited row's own discarded
 past); (3) it is what diffusers' scheduler does when a pipeline's `callback_on_step_end` edits
 the latents (its `model_outputs` are not touched): tests/test_dpm_solver.py runs LocalBlend
-through both and finds the same latents (README, "DPM-Solver++": how far the other two choices
+through both and finds the same latents (tools/README.md: how far the other two choices
 move them). The source row is never edited, so it stays the source prompt generated alone.
 
 The solver keeps x̂₀(t_{i−2}) between calls, so one object runs one generation at a time, from
