@@ -110,14 +110,14 @@ def test_wants_only_the_late_decoder_self_attention(sd_model):
 
 def test_check_and_build_errors(sd_model):
     tok = sd_model.tokenizer
-    with pytest.raises(MinipError, match=r"^--masa-step must be in \[0, steps\)"):
+    with pytest.raises(MinipError, match=r"^start_step must be in \[0, steps\)"):
         masactrl.check(10, 10, 10, 16)
-    with pytest.raises(MinipError, match=r"^--masa-step must be in"):
+    with pytest.raises(MinipError, match=r"^start_step must be in"):
         masactrl.check(10, -1, 10, 16)
-    with pytest.raises(MinipError, match=r"^--masa-layer must be in \[0, 16\): this model has 16 "
+    with pytest.raises(MinipError, match=r"^start_layer must be in \[0, 16\): this model has 16 "
                                          r"transformer layers"):
         masactrl.check(10, 4, 16, 16)
-    with pytest.raises(MinipError, match=r"--masa-layer"):
+    with pytest.raises(MinipError, match=r"start_layer"):
         masactrl.build(tok, [CAT, DOG], 10, 4, -1)
     with pytest.raises(MinipError, match=r"'horse'.*a photo of a cat"):
         masactrl.build(tok, [CAT, DOG], 10, mask_words=("horse", "dog"))

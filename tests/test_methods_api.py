@@ -72,12 +72,12 @@ def test_instruct_through_the_registry(ip2p_ckpt):
 
 @pytest.mark.parametrize("name,prompts,kw,words", [
     ("nope", ["a"], {}, "unknown method 'nope'"),
-    ("masactrl", ["a cat", "a dog"], dict(mode="refine"), "mode is a parameter of p2p"),
+    ("masactrl", ["a cat", "a dog"], dict(mode="refine"), "mode belongs to another method (p2p)"),
     ("p2p", ["a cat", "a dog"], dict(colour=1), "colour is not a parameter of p2p"),
     ("masactrl", ["a cat", "a dog"], dict(start_step=9, steps=5), "start_step must be in [0, 5)"),
     ("pnp", ["", "a dog"], dict(image=PICTURE, features=2), "features must be a fraction"),
     ("sdedit", ["a dog"], dict(image=PICTURE, strength=0), "strength must be in (0, 1]"),
-    ("sdedit", ["a dog"], {}, "image sdedit edits a picture"),
+    ("sdedit", ["a dog"], {}, "image is needed: sdedit edits a picture"),
     ("p2p", ["a cat", "a dog"], dict(blend=["cat"]), "blend needs one word per prompt"),
     ("attend-excite", ["a cat"], dict(words=["dog"]), "words 'dog': the word is not in"),
     ("self-guidance", ["a cat"], {}, "move or resize is needed"),

@@ -129,9 +129,9 @@ def test_sites_and_windows(sd_model):
 
 
 @pytest.mark.parametrize("kw, option", [
-    (dict(features=1.5), "--pnp-features"), (dict(features=-0.1), "--pnp-features"),
-    (dict(attention=2), "--pnp-attention"), (dict(attention=True), "--pnp-attention"),
-    (dict(attention="0.5"), "--pnp-attention"), (dict(features=float("nan")), "--pnp-features")])
+    (dict(features=1.5), "features"), (dict(features=-0.1), "features"),
+    (dict(attention=2), "attention"), (dict(attention=True), "attention"),
+    (dict(attention="0.5"), "attention"), (dict(features=float("nan")), "features")])
 def test_bad_windows_are_one_line(sd_model, picture, kw, option):
     for call in (lambda: pnp.PlugAndPlay(10, **kw),
                  lambda: pnp.edit(sd_model, picture, PROMPT, steps=2, progress=False, **kw)):
@@ -141,7 +141,7 @@ def test_bad_windows_are_one_line(sd_model, picture, kw, option):
 
 
 def test_bad_trajectory_and_image(sd_model, picture):
-    with pytest.raises(MinipError, match="--steps 3"):
+    with pytest.raises(MinipError, match="with 3 steps"):
         pnp.edit(sd_model, None, PROMPT, steps=3, progress=False,
                  trajectory=[torch.zeros(1, 4, 8, 8)] * 3)
     with pytest.raises(MinipError, match="multiple of 8"):
