@@ -94,6 +94,7 @@ def test_an_edit_gives_images_every_tokens_maps_steps_svd_and_words(server):
     assert job["state"] == "done", job.get("error")
     r = job["result"]
     assert r["prompts"] == [PROMPT, EDITED] and len(r["images"]) == 2
+    assert job["step"] == job["steps"] == 3 and job["method"] == "p2p"       # the progress
     assert r["tokens"][0] == ["<start>", "a", "big", "red", "circle", "on", "the", "left", "<end>"]
     m = r["maps"]
     assert (m["rows"], m["cols"]) == (8, 8)                        # the toy's coarse maps

@@ -74,7 +74,8 @@ function field(p) {
   }
   input.id = "param-" + p.name; input.name = p.name; input.dataset.type = p.type;
   input.placeholder = p.default === null ? "default" : (HINTS[p.type] || "");
-  label.title = p.help;
+  label.title = p.help + (p.picture ? " (where a picture is edited)" : "");
+  if (p.picture) label.className = "picture";
   label.append(p.name + " ", input);
   return label;
 }
@@ -85,8 +86,9 @@ function choose_method() {
   $("params").replaceChildren(...m.parameters.map(field));
   const pictures = m.edits_pictures !== "no";
   for (const id of ["image-label", "image-row"]) $(id).classList.toggle("hidden", !pictures);
-  $("image-note").textContent = m.edits_pictures === "required" ? "needed: this method edits a picture"
-                              : "optional: edit this picture instead of one drawn from noise";
+  $("image-note").textContent = m.edits_pictures === "required"
+    ? "needed: this method edits a picture"
+    : "optional: edit this picture instead of one drawn from noise";
 }
 
 // The changed parameters, {name: value} (a field left at its default is not sent).

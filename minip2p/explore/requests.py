@@ -58,14 +58,20 @@ class Request:
 
 
 def describe_methods() -> dict:
-    """GET /api/methods: every method with its summary and parameters, and the limits."""
+    """GET /api/methods: every method with its summary and parameters (its own first, then
+    those of a real picture's inversion), and the limits."""
+    from dataclasses import fields
+
+    from ..methods.editing import RealImage
+    real = {f.name for f in fields(RealImage)}
     out = []
     for name in methods.names():
         m = methods.get(name)
+        params = sorted(methods.parameters(name), key=lambda p: p.name in real)
         out.append({"name": name, "summary": m.SUMMARY, "edits_pictures": m.EDITS_PICTURES,
                     "parameters": [{"name": p.name, "default": p.default, "help": p.help,
-                                    "type": p.type, "choices": p.choices}
-                                   for p in methods.parameters(name)]})
+                                    "type": p.type, "choices": p.choices, "picture": p.name in real}
+                                   for p in params]})
     return {"methods": out, "limits": LIMITS}
 
 
