@@ -1,8 +1,8 @@
 """The explorer page in a real headless Chromium (Debian's `chromium`; skipped where it is not
 installed): type a source and an edited prompt, run, wait for both images, click a token and see
 its map, move the step slider and see x̂₀ change, submit a bad input and see its error; pick a
-method and see its parameters as fields, upload a picture for plug-and-play and see the result. The test
-keeps a screenshot in its tmp folder (and writes it to $MINIP2P_EXPLORER_SCREENSHOT when set:
+method and see its parameters as fields, upload a picture for plug-and-play and see the result.
+The test keeps a screenshot in its tmp folder (and writes it to $MINIP2P_EXPLORER_SCREENSHOT when set:
 that is how weights/toy/figures/explorer.png is made) and prints the measured round trip.
 
 Chromium is driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages

@@ -39,7 +39,8 @@ PAGE, SCRIPT = "page.html", "form.js"
 
 
 class Handler(BaseHTTPRequestHandler):
-    """GET /, /form.js, /api/methods, /api/jobs/ID, /out/NAME.png; POST /api/run. Errors: JSON {"error": one line}."""
+    """GET /, /form.js, /api/methods, /api/jobs/ID, /out/NAME.png; POST /api/run.
+    Errors: JSON {"error": one line}."""
     server_version = "minip2p-explore"
     explorer: Explorer                    # set by `make_server`
     page: bytes
