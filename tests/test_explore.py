@@ -1,7 +1,11 @@
-"""The explorer's HTTP API (minip2p/explore.py) on the shipped toy model: a run's result, every bad
-input as a 4xx with a one-line reason (and the server still serving), no file served from outside
-its output folder, and 5 concurrent jobs all done, in order."""
+"""The explorer's HTTP API (minip2p/explore/) on the shipped toy model: every method that needs no
+extra weights run over HTTP (with an uploaded picture where it edits one, and each inversion),
+the method list the page builds its form from, every bad input (field, parameter, picture) as a
+4xx with a one-line reason (and the server still serving), no file served from outside its output
+folder, and 5 concurrent jobs all done, in order."""
+import base64
 import http.client
+import io
 import json
 import socket
 import threading
@@ -9,12 +13,29 @@ import time
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
+from minip2p import methods
 from minip2p.cli import main
 from minip2p.explore.server import MAX_BODY, make_server
 from minip2p.load import load_model
 
 PROMPT, EDITED = "a big red circle on the left", "a big blue circle on the left"
+
+
+def picture(size=(64, 64), kind="PNG") -> bytes:
+    im = Image.new("RGB", size, "white")
+    ImageDraw.Draw(im).ellipse((4, 16, 36, 48), fill="red")
+    buf = io.BytesIO()
+    im.save(buf, kind)
+    return buf.getvalue()
+
+
+def data_url(data: bytes, kind="png") -> str:
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
+
+
+PNG, JPEG = data_url(picture()), data_url(picture(kind="JPEG"), "jpeg")
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +94,7 @@ def test_an_edit_gives_images_every_tokens_maps_steps_svd_and_words(server):
     assert job["state"] == "done", job.get("error")
     r = job["result"]
     assert r["prompts"] == [PROMPT, EDITED] and len(r["images"]) == 2
+    assert job["step"] == job["steps"] == 3 and job["method"] == "p2p"       # the progress
     assert r["tokens"][0] == ["<start>", "a", "big", "red", "circle", "on", "the", "left", "<end>"]
     m = r["maps"]
     assert (m["rows"], m["cols"]) == (8, 8)                        # the toy's coarse maps
@@ -98,6 +120,63 @@ def test_masactrl_and_a_prompt_alone_run(server):
     assert len(job["result"]["images"]) == 1
 
 
+RUNS = [    # method, prompts, params, picture: every method that needs no extra weights
+    ("p2p", [PROMPT, EDITED], {"cross_replace": [0, 0.6], "blend": ["circle", "circle"]}, None),
+    ("masactrl", [PROMPT, "a small red circle on the left"], {"start_step": 1}, None),
+    ("pnp", [PROMPT, EDITED], {"features": 0.5}, PNG),
+    ("sdedit", [EDITED], {"strength": 0.7}, JPEG),
+    ("attend-excite", [PROMPT], {"words": "red circle"}, None),
+    ("pix2pix-zero", [PROMPT, EDITED], {}, None),
+    ("self-guidance", [PROMPT], {"move": {"circle": [0.7, 0.5]}}, None),
+    ("p2p", [PROMPT, EDITED], {"inversion": "ddim"}, PNG),
+    ("p2p", [PROMPT, EDITED], {"inversion": "null-text", "inner_steps": 2}, PNG),
+    ("p2p", [PROMPT, EDITED], {"inversion": "negative-prompt"}, PNG),
+]
+
+
+@pytest.mark.parametrize("name,prompts,params,image", RUNS,
+                         ids=[f"{r[0]}-{r[2].get('inversion', 'noise')}" for r in RUNS])
+def test_every_method_runs(server, name, prompts, params, image):
+    body = dict(method=name, prompt=prompts[0], edits=prompts[1:], steps=3, params=params)
+    status, answer, _ = submit(server, **body, **({"image": image} if image else {}))
+    assert status == 202, answer
+    job = wait(server, answer["id"])
+    assert job["state"] == "done", job.get("error")
+    r = job["result"]
+    assert r["method"] == name and len(r["images"]) == len(r["prompts"]) >= 1
+    assert len(r["inputs"]) == (image is not None)
+    for url in r["images"] + r["inputs"]:
+        status, png, kind = request(server, "GET", url)
+        assert status == 200 and kind == "image/png" and png.startswith(b"\x89PNG")
+    if name in ("p2p", "masactrl"):                     # a store: maps; per step from noise
+        assert len(r["maps"]["final"]) == len(prompts) and r["svd"] and r["words"]
+        assert len(r["maps"]["steps"]) == len(r["x0"]) == (0 if image else 3)
+    else:
+        assert r["maps"] is None and r["x0"] == [] and r["tokens"] == []
+
+
+def test_the_methods_and_their_parameters_are_listed(server):
+    status, answer, _ = request(server, "GET", "/api/methods")
+    assert status == 200
+    listed = {m["name"]: m for m in answer["methods"]}
+    assert list(listed) == methods.names()
+    masactrl = {p["name"]: p for p in listed["masactrl"]["parameters"]}
+    assert masactrl["start_step"]["type"] == "int" and masactrl["start_step"]["help"]
+    assert masactrl["inversion"]["choices"] == ["ddim", "null-text", "negative-prompt"]
+    assert listed["pnp"]["edits_pictures"] == "required" and listed["pnp"]["summary"]
+    assert listed["attend-excite"]["edits_pictures"] == "no"
+    assert answer["limits"]["max_body"] == MAX_BODY
+
+
+def test_a_word_missing_from_the_prompt_fails_the_job_with_one_line(server):
+    for extra, word in [({"blend": "circle square"}, "'square' is not"),
+                        ({"reweight": "green=2"}, "'green' is not")]:
+        status, answer, _ = submit(server, prompt=PROMPT, edits=[EDITED], steps=2, **extra)
+        job = wait(server, answer["id"])
+        assert job["state"] == "error" and word in job["error"] and "\n" not in job["error"]
+
+
+TRUNCATED = picture()[:120]
 BAD = [
     ({"prompt": ""}, "empty"),
     ({"prompt": "   "}, "empty"),
@@ -109,15 +188,34 @@ BAD = [
     ({"prompt": PROMPT, "width": 66}, "multiple of 4"),
     ({"prompt": PROMPT, "seed": -1}, "seed must be in"),
     ({"prompt": PROMPT, "guidance": "nan"}, "guidance must be a number"),
-    ({"prompt": PROMPT, "edits": [EDITED], "blend": "circle square"}, "'square' is not"),
     ({"prompt": PROMPT, "edits": [EDITED], "blend": "circle"}, "one word per prompt"),
-    ({"prompt": PROMPT, "edits": [EDITED], "reweight": "green=2"}, "'green' is not"),
     ({"prompt": PROMPT, "edits": [EDITED], "reweight": "blue=x"}, "WORD=FACTOR"),
     ({"prompt": PROMPT, "reweight": "red=2"}, "give an edited prompt"),
     ({"prompt": PROMPT, "edits": [EDITED], "cross": "2"}, "window"),
     ({"prompt": PROMPT, "edits": [EDITED], "method": "dreambooth"}, "unknown method"),
     ({"prompt": PROMPT, "edits": [EDITED], "method": "masactrl", "masa_step": 10, "steps": 5},
-     "masa_step must be in [0, 4]"),
+     "start_step must be in [0, steps) = [0, 5)"),
+    ({"prompt": PROMPT, "edits": [EDITED], "method": "masactrl", "steps": 5,
+      "params": {"start_step": 5}}, "start_step must be in [0, steps)"),
+    ({"prompt": PROMPT, "edits": [EDITED], "params": {"nope": 1}}, "nope is not a parameter"),
+    ({"prompt": PROMPT, "edits": [EDITED], "params": {"start_step": 1}}, "of masactrl, not"),
+    ({"prompt": PROMPT, "edits": [EDITED], "params": {"steps": 3}}, "steps is a run setting"),
+    ({"prompt": PROMPT, "edits": [EDITED], "params": {"mode": "swap"}}, "mode must be one of"),
+    ({"prompt": PROMPT, "edits": [EDITED], "params": {"cross_replace": "x"}}, "cross_replace"),
+    ({"prompt": PROMPT, "edits": [EDITED], "params": {"inner_steps": 1.5}}, "inner_steps must"),
+    ({"prompt": PROMPT, "edits": [EDITED], "params": []}, "params must be an object"),
+    ({"prompt": EDITED, "method": "sdedit", "image": PNG, "params": {"strength": 1.5}},
+     "strength must be in (0, 1]"),
+    ({"prompt": PROMPT, "edits": [EDITED], "method": "pnp"}, "image is needed"),
+    ({"prompt": PROMPT, "method": "attend-excite", "image": PNG}, "edits no picture"),
+    ({"prompt": "make it blue", "method": "instruct", "image": PNG}, "not an InstructPix2Pix"),
+    ({"prompt": EDITED, "method": "sdedit", "image": data_url(b"hello")}, "not a PNG or JPEG"),
+    ({"prompt": EDITED, "method": "sdedit", "image": "data:image/png;base64,%%"}, "base64"),
+    ({"prompt": EDITED, "method": "sdedit", "image": "http://x/a.png"}, "data:image/png"),
+    ({"prompt": EDITED, "method": "sdedit", "image": 3}, "image must be a data"),
+    ({"prompt": EDITED, "method": "sdedit", "image": data_url(TRUNCATED)}, "cannot be read"),
+    ({"prompt": EDITED, "method": "sdedit", "image": data_url(picture((2049, 8)))},
+     "at most 2048 a side"),
     ({"prompt": PROMPT, "edits": [EDITED] * 4}, "at most 3"),
     ({"prompt": PROMPT, "edits": "x" * 500}, "at most 400"),
     ([PROMPT], "JSON object"),
@@ -136,7 +234,7 @@ def test_bad_fields_are_400_with_one_line(server, body, needle):
 @pytest.mark.parametrize("method,path,body,headers,code,needle", [
     ("POST", "/api/run", b"{\"prompt\": ", {}, 400, "malformed JSON"),
     ("POST", "/api/run", b"\xff\xfe", {}, 400, "malformed JSON"),
-    ("POST", "/api/run", b"x" * (MAX_BODY + 1), {}, 413, "at most"),
+    ("POST", "/api/run", b"x", {"Content-Length": str(MAX_BODY + 1)}, 413, "at most"),
     ("POST", "/api/run", None, {"Content-Length": str(10 ** 9)}, 413, "at most"),
     ("POST", "/api/run", None, {"Content-Length": "ten"}, 411, "Content-Length"),
     ("POST", "/api/other", b"{}", {}, 404, "/api/run"),

@@ -1,7 +1,8 @@
 """The explorer page in a real headless Chromium (Debian's `chromium`; skipped where it is not
 installed): type a source and an edited prompt, run, wait for both images, click a token and see
-its map, move the step slider and see x̂₀ change, submit a bad input and see its error. The test
-keeps a screenshot in its tmp folder (and writes it to $MINIP2P_EXPLORER_SCREENSHOT when set:
+its map, move the step slider and see x̂₀ change, submit a bad input and see its error; pick a
+method and see its parameters as fields, upload a picture for plug-and-play and see the result.
+The test keeps a screenshot in its tmp folder (and writes it to $MINIP2P_EXPLORER_SCREENSHOT when set:
 that is how weights/toy/figures/explorer.png is made) and prints the measured round trip.
 
 Chromium is driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages
@@ -134,6 +135,20 @@ X0_LOADED = ("(() => { const i = document.getElementById('x0-img'); "
              "return i.complete && i.naturalWidth > 0 })()")   # decoded, not just requested
 
 
+LOADED = ("document.readyState === 'complete' && "
+          "document.querySelectorAll('#method option').length > 1")   # /api/methods read
+
+
+def choose(browser, name):
+    browser.js(f"(() => {{ const s = document.getElementById('method'); s.value = "
+               f"{json.dumps(name)}; s.dispatchEvent(new Event('change')); }})()")
+
+
+def visible(browser, selector):
+    return browser.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+                      "return !!e && e.offsetParent !== null; })()")
+
+
 @pytest.fixture()
 def explorer(tmp_path):
     before = torch.get_num_threads()
@@ -151,7 +166,7 @@ def test_the_page_in_chromium(explorer, tmp_path):
     browser = Chromium(tmp_path / "profile")
     try:
         browser.send("Page.navigate", url=explorer)
-        browser.wait("document.readyState === 'complete' && !!document.getElementById('run')")
+        browser.wait(LOADED)
         browser.type("#prompt", "a big red circle on the left")
         browser.type("#edits", "a big blue circle on the left")
         browser.type("#steps", "10")
@@ -202,10 +217,59 @@ def test_the_page_in_chromium(explorer, tmp_path):
             == "error: the prompt is empty; type what to draw"
         browser.type("#prompt", "a big red circle on the left")
         browser.type("#edits", "a big blue circle on the left")
-        browser.type("#blend", "circle triangle")
+        browser.type("#param-blend", "circle triangle")
         browser.click("#run")
         browser.wait("document.getElementById('error').textContent !== ''", timeout=30)
         assert "'triangle' is not in the prompt" in \
             browser.js("document.getElementById('error').textContent")
+    finally:
+        browser.close()
+
+
+def test_the_method_picker_shows_each_methods_parameters(explorer, tmp_path):
+    from PIL import Image, ImageDraw
+    photo = tmp_path / "photo.png"
+    im = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(im).ellipse((4, 16, 36, 48), fill="red")
+    im.save(photo)
+    browser = Chromium(tmp_path / "profile")
+    try:
+        browser.send("Page.navigate", url=explorer)
+        browser.wait(LOADED)
+        names = browser.js("[...document.querySelectorAll('#method option')].map(o => o.value)")
+        assert names[0] == "p2p" and {"masactrl", "pnp", "sdedit", "self-guidance"} <= set(names)
+        assert visible(browser, "#param-cross_replace") and visible(browser, "#image")  # optional
+        choose(browser, "attend-excite")
+        assert visible(browser, "#param-words") and not visible(browser, "#image")     # no picture
+        choose(browser, "masactrl")
+        assert visible(browser, "#param-start_step") and not visible(browser, "#param-blend")
+        assert browser.js("document.getElementById('param-start_step').type") == "number"
+        assert browser.js("document.getElementById('param-inversion').tagName") == "SELECT"
+        choose(browser, "self-guidance")
+        assert browser.js("document.getElementById('param-keep_appearance').type") == "checkbox"
+        choose(browser, "pnp")
+        assert visible(browser, "#image") and visible(browser, "#param-features")
+        assert "needed" in browser.js("document.getElementById('image-note').textContent")
+
+        # a picture for plug-and-play: the input and both images come back; no maps
+        root = browser.send("DOM.getDocument")["root"]["nodeId"]
+        node = browser.send("DOM.querySelector", nodeId=root, selector="#image")["nodeId"]
+        browser.send("DOM.setFileInputFiles", files=[str(photo)], nodeId=node)
+        browser.wait("!document.getElementById('image-preview').classList.contains('hidden')")
+        browser.type("#steps", "3")
+        browser.type("#param-features", "0.5")
+        browser.click("#run")
+        browser.wait("[...document.querySelectorAll('#images img')]"
+                     ".filter(i => i.complete && i.naturalWidth > 0).length === 3")
+        assert browser.js("document.getElementById('error').textContent") == ""
+        assert visible(browser, "#no-maps") and not visible(browser, "#map-views")
+        assert browser.js("document.querySelector('#images .tile').textContent") == "input"
+
+        # a bad parameter: the server's one line names it
+        browser.type("#param-features", "2")
+        browser.click("#run")
+        browser.wait("document.getElementById('error').textContent !== ''", timeout=30)
+        assert browser.js("document.getElementById('error').textContent").startswith(
+            "error: features must be a fraction")
     finally:
         browser.close()

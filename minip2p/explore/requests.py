@@ -1,25 +1,39 @@
-"""The explorer's requests: the limits, every field of a POST /api/run body checked into a
-`Request` (a bad field is one line: `BadRequest`, HTTP 400), and the controller a request asks for
-(Prompt-to-Prompt or MasaCtrl beside a store that keeps each step's coarse cross maps).
-The server, its job queue and the job itself are in explore.py."""
+"""The explorer's requests: the limits, and every field of a POST /api/run body checked into a
+`Request` before a job is queued (a bad field is one line, HTTP 400).
+
+    {"method": "masactrl", "prompt": "a cat", "edits": ["a dog"], "seed": 0, "steps": 10,
+     "params": {"start_step": 2}, "image": "data:image/png;base64,…"}
+
+`params` are the method's own parameters named as in Python (`methods.parameters(name)`); their
+JSON values are turned into the Python types the methods take (a window pair becomes a tuple,
+words may be one string split at spaces) and then `methods.prepare` checks everything, so the
+page and the command line refuse the same things. A request without a method is Prompt-to-Prompt;
+Prompt-to-Prompt with no edited prompt and no picture just looks (the prompt's image and maps).
+Earlier field names (mode, cross, self, reweight "blue=2", blend, masa_step, masa_layer) still work.
+"""
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass, field
 
-from .. import views
-from ..errors import MinipError
-from ..methods import masactrl
+from .. import methods
+from ..errors import MinipError, ParameterError
+from .picture import MAX_PICTURE_SIDE, decode_picture
 
-MAX_BODY = 64 * 1024          # bytes of a request body
+MAX_BODY = 16 * 1024 * 1024   # bytes of a request body (a picture, base64, fits)
 MAX_STEPS = 100               # denoising steps of one job
 MAX_SIDE = 1024               # image height and width, pixels
 MAX_EDITS = 3                 # edited prompts beside the source
 MAX_PROMPT = 400              # characters of a prompt
 MAX_QUEUE = 20                # jobs waiting; more are refused (503) until some finish
 KEEP_JOBS = 20                # finished jobs whose files stay in the output folder
-FILE_NAME = re.compile(r"[0-9]+-(image|x0)(-[0-9]+)+\.png")        # what /out/ may serve
+FILE_NAME = re.compile(r"[0-9]+-(image|x0|input)(-[0-9]+)+\.png")   # what /out/ may serve
+LIMITS = {"max_body": MAX_BODY, "max_steps": MAX_STEPS, "max_side": MAX_SIDE,
+          "max_edits": MAX_EDITS, "max_prompt": MAX_PROMPT, "max_picture_side": MAX_PICTURE_SIDE}
+OLD_NAMES = {"mode": "mode", "cross": "cross_replace", "self": "self_replace",
+             "reweight": "reweight", "blend": "blend", "masa_step": "start_step",
+             "masa_layer": "start_layer"}                 # earlier top-level fields -> params
 
 
 class BadRequest(Exception):
@@ -30,29 +44,44 @@ class BadRequest(Exception):
         self.status = status
 
 
-# ------------------------------------------------------------------------ the request, checked
-
 @dataclass
 class Request:
+    method: str                           # a registered method (methods.names())
     prompts: list[str]                    # source first, then the edited prompts
-    seed: int = 0
-    steps: int = 10
-    guidance: float = 7.5
-    height: int = 0
-    width: int = 0
-    method: str = "p2p"                   # p2p | masactrl (with one or more edited prompts)
-    mode: str = "auto"                    # P2P: auto | replace | refine
-    cross: str = "0.8"                    # P2P cross-attention window τ_c (align.parse_window)
-    self_: str = "0.4"                    # P2P self-attention window τ_s
-    reweight: dict = field(default_factory=dict)      # P2P: {word of the edits: factor}
-    blend: list = field(default_factory=list)         # P2P LocalBlend: one word per prompt
-    masa_step: int = 4                    # MasaCtrl S
-    masa_layer: int | None = None         # MasaCtrl L (None: the model's default)
+    settings: dict                        # the run settings: steps, seed, guidance, size, image,
+    params: dict = field(default_factory=dict)        # maps, over_time; the method's parameters
+    look: bool = False                    # just the prompt's image and maps (no edit)
 
+    @property
+    def steps(self) -> int:
+        return self.settings["steps"]
+
+
+def describe_methods() -> dict:
+    """GET /api/methods: every method with its summary and parameters (its own first, then
+    those of a real picture's inversion), and the limits."""
+    from dataclasses import fields
+
+    from ..methods.editing import RealImage
+    real = {f.name for f in fields(RealImage)}
+    out = []
+    for name in methods.names():
+        m = methods.get(name)
+        params = sorted(methods.parameters(name), key=lambda p: p.name in real)
+        out.append({"name": name, "summary": m.SUMMARY, "edits_pictures": m.EDITS_PICTURES,
+                    "parameters": [{"name": p.name, "default": p.default, "help": p.help,
+                                    "type": p.type, "choices": p.choices, "picture": p.name in real}
+                                   for p in params]})
+    return {"methods": out, "limits": LIMITS}
+
+
+# ------------------------------------------------------------------------ plain fields
 
 def _number(body: dict, key: str, default, kind, low, high):
     """body[key] as an int or float within [low, high], or a one-line MinipError."""
     v = body.get(key, default)
+    if v is None:
+        v = default
     if isinstance(v, str) and v.strip():
         try:
             v = kind(v) if kind is int else float(v)
@@ -75,37 +104,7 @@ def _text(body: dict, key: str, default: str = "") -> str:
     return str(v).strip()
 
 
-def _words(v, key: str) -> list[str]:
-    """A list of words, or one string of words separated by spaces."""
-    if isinstance(v, str):
-        return v.split()
-    if isinstance(v, list) and all(isinstance(w, str) for w in v):
-        return [w for w in v if w.strip()]
-    raise MinipError(f"{key} must be words separated by spaces")
-
-
-def _reweight(v) -> dict[str, float]:
-    """{"word": factor} or "word=2 other=-0.5" -> {word: factor} (finite factors)."""
-    items = [f"{k}={f}" for k, f in v.items()] if isinstance(v, dict) else _words(v, "reweight")
-    out = {}
-    for item in items:
-        word, _, factor = item.rpartition("=")
-        try:
-            out[word] = float(factor)
-            if not word or not math.isfinite(out[word]):
-                raise ValueError
-        except (TypeError, ValueError):
-            raise MinipError(f"reweight {item!r}: expected WORD=FACTOR, e.g. blue=2") from None
-    return out
-
-
-def check_request(model, body: dict):
-    """A request body (parsed JSON) -> (Request, controller, store); every problem is one
-    MinipError line. The controller is built here, so that a word missing from its prompt is
-    refused before the job is queued."""
-    from ..pipeline import check_size
-    if not isinstance(body, dict):
-        raise MinipError("the request must be a JSON object")
+def _prompts(body: dict) -> list[str]:
     prompt = _text(body, "prompt")
     if not prompt:
         raise MinipError("the prompt is empty; type what to draw")
@@ -117,52 +116,165 @@ def check_request(model, body: dict):
     edits = [e.strip() for e in edits if e.strip()]
     if len(edits) > MAX_EDITS:
         raise MinipError(f"at most {MAX_EDITS} edited prompts, got {len(edits)}")
-    prompts = [prompt] + edits
-    for p in prompts:
+    for p in [prompt] + edits:
         if len(p) > MAX_PROMPT:
             raise MinipError(f"a prompt is {len(p)} characters long; at most {MAX_PROMPT}")
+    return [prompt] + edits
+
+
+# ------------------------------------------------------------------ the method's parameters
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "…"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _window(name: str, v):
+    """A number, a [start, end] pair, or {word: number or pair}: pairs become tuples."""
+    if _is_number(v):
+        return v
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_is_number, v)):
+        return tuple(v)
+    if isinstance(v, dict) and v and all(isinstance(k, str) for k in v):
+        return {k: _window(name, x) for k, x in v.items()}
+    raise ParameterError(name, f"must be a fraction s, a [start, end] pair or "
+                               f"{{\"default_\": s, word: s}}, got {_short(v)}")
+
+
+def _value(p, v):
+    """A JSON value of parameter p (a base.Parameter) in the Python type its method takes."""
+    t, bad = p.type, None
+    if t == "int":
+        ok = _is_number(v) and v == int(v)
+        v, bad = (int(v), None) if ok else (v, "an integer")
+    elif t == "float":
+        bad = None if _is_number(v) else "a number"
+    elif t == "bool":
+        bad = None if isinstance(v, bool) else "true or false"
+    elif t == "str":
+        bad = None if isinstance(v, str) else "text"
+    elif t == "choice":
+        bad = None if v in p.choices else f"one of {', '.join(map(str, p.choices))}"
+    elif t in ("words", "lines"):
+        if isinstance(v, str):
+            v = v.split() if t == "words" else [s.strip() for s in v.splitlines() if s.strip()]
+        ok = isinstance(v, list) and all(isinstance(w, str) and w for w in v)
+        bad = None if ok else ("words" if t == "words" else "a list of sentences")
+    elif t == "window":
+        return _window(p.name, v)
+    elif t in ("reweight", "resizes"):
+        ok = isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items())
+        bad = None if ok else "{word: number}"
+    elif t == "moves":
+        ok = isinstance(v, dict) and all(
+            isinstance(k, str) and isinstance(x, list) and len(x) == 2 and all(map(_is_number, x))
+            for k, x in v.items())
+        v, bad = ({k: tuple(x) for k, x in v.items()}, None) if ok else (v, "{word: [x, y]}")
+    if bad:
+        raise ParameterError(p.name, f"must be {bad}, got {_short(v)}")
+    return v
+
+
+def _reweight(v) -> dict[str, float]:
+    """The earlier reweight field: "word=2 other=-0.5" (or a dict) -> {word: factor}."""
+    if isinstance(v, dict):
+        return v
+    if not isinstance(v, str):
+        raise MinipError("reweight must be WORD=FACTOR pairs separated by spaces, e.g. blue=2")
+    out = {}
+    for item in v.split():
+        word, _, factor = item.rpartition("=")
+        try:
+            out[word] = float(factor)
+            if not word or not math.isfinite(out[word]):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise MinipError(f"reweight {item!r}: expected WORD=FACTOR, e.g. blue=2") from None
+    return out
+
+
+def _old_fields(body: dict, method: str) -> dict:
+    """The earlier top-level P2P/MasaCtrl fields, as params (where the method has them)."""
+    from ..methods.align import parse_window
+    own = {p.name: p for p in methods.parameters(method)}
+    out = {}
+    for old, new in OLD_NAMES.items():
+        v = body.get(old)
+        if v is None or v == "" or new not in own:
+            continue
+        if old in ("cross", "self") and isinstance(v, str):
+            v = parse_window(v)
+        elif old == "reweight":
+            v = _reweight(v)
+        out[new] = _value(own[new], v)
+    return out
+
+
+def _params(body: dict, method: str) -> dict:
+    given = body.get("params")
+    given = {} if given is None else given
+    if not isinstance(given, dict):
+        raise MinipError("params must be an object {parameter: value}")
+    known = {p.name: p for p in methods.parameters(method)}
+    out = _old_fields(body, method)
+    for name, v in given.items():
+        if name not in known:
+            where = "a run setting: give it as a field of the request" \
+                if name in {s.name for s in methods.settings()} else None
+            if where:
+                raise ParameterError(name, f"is {where}, not in params")
+            methods.prepare(method, [], **{name: None})     # raises: names the methods it is of
+        if v is None or v == "":
+            out.pop(name, None)                              # the default
+        else:
+            out[name] = _value(known[name], v)
+    return {k: v for k, v in out.items() if v != []}
+
+
+# ------------------------------------------------------------------------ the request
+
+def check_request(model, body: dict) -> Request:
+    """A request body (parsed JSON) -> Request; every problem is one MinipError line."""
+    from ..pipeline import check_size
+    if not isinstance(body, dict):
+        raise MinipError("the request must be a JSON object")
+    prompts = _prompts(body)
+    name = _text(body, "method", "p2p") or "p2p"
+    method = methods.get(name)
     f = model.vae.cfg.downscale
     native = model.unet.cfg.sample_size * f
-    r = Request(prompts=prompts,
-                seed=_number(body, "seed", 0, int, 0, 2 ** 32 - 1),
-                steps=_number(body, "steps", 10, int, 1, MAX_STEPS),
-                guidance=_number(body, "guidance", 7.5, float, 0, 50),
-                height=_number(body, "height", native, int, f, MAX_SIDE),
-                width=_number(body, "width", native, int, f, MAX_SIDE),
-                method=_text(body, "method", "p2p") or "p2p",
-                mode=_text(body, "mode", "auto") or "auto",
-                cross=_text(body, "cross", "0.8") or "0.8",
-                self_=_text(body, "self", "0.4") or "0.4",
-                blend=_words(body.get("blend") or [], "blend"))
-    check_size(model, r.height, r.width)
-    r.reweight = _reweight(body.get("reweight") or {})
-    if r.method not in ("p2p", "masactrl"):
-        raise MinipError(f"unknown method {r.method!r}; use p2p or masactrl")
-    if r.method == "masactrl":
-        r.masa_step = _number(body, "masa_step", min(4, r.steps - 1), int, 0, r.steps - 1)
-        layers = len(model.unet.transformer_blocks())
-        r.masa_layer = _number(body, "masa_layer", masactrl.default_layer(model.unet), int, 0, layers - 1)
-    step_pixels = views.coarse_pixels(model, r.height, r.width)
-    return (r, *_controller(model, r, step_pixels))
+    settings = dict(seed=_number(body, "seed", 0, int, 0, 2 ** 32 - 1),
+                    steps=_number(body, "steps", 10, int, 1, MAX_STEPS),
+                    guidance=_number(body, "guidance", 7.5, float, 0, 50),
+                    height=_number(body, "height", native, int, f, MAX_SIDE),
+                    width=_number(body, "width", native, int, f, MAX_SIDE),
+                    image=decode_picture(body.get("image")))
+    check_size(model, settings["height"], settings["width"])
+    params = _params(body, name)
+    if name == "p2p" and len(prompts) == 1 and settings["image"] is None:
+        if params:
+            raise MinipError(f"{', '.join(params)}: Prompt-to-Prompt edits need an edited "
+                             "prompt; give an edited prompt (or a picture), or leave them out")
+        return Request(name, prompts, {**settings, "maps": True, "over_time": True}, look=True)
+    if hasattr(method, "check_model"):                   # e.g. instruct needs its own weights
+        method.check_model(model)
+    settings.update(_views(name, prompts, settings, params))
+    return Request(name, prompts, settings, params)
 
 
-def _controller(model, r: Request, step_pixels: int):
-    """(controller, store) for the request: the store keeps each step's coarse cross maps."""
-    from ..control import AttentionStore, Compose
-    from ..methods import p2p
-    from ..methods.align import parse_window
-    if len(r.prompts) == 1 or r.method == "masactrl":
-        if r.reweight or r.blend:
-            raise MinipError("reweight and blend words are Prompt-to-Prompt edits: give an edited "
-                             "prompt and method p2p")
-        store = AttentionStore(len(r.prompts), step_pixels=step_pixels)
-        if len(r.prompts) == 1:
-            return store, store
-        ctrl = masactrl.build(model.tokenizer, r.prompts, r.steps, r.masa_step, r.masa_layer,
-                              len(model.unet.transformer_blocks()))
-        return Compose(ctrl, store), store
-    cross, self_ = parse_window(r.cross), parse_window(r.self_)
-    if isinstance(self_, dict):
-        raise MinipError("the self-attention window takes a number (0.4) or a pair (0.1,0.4)")
-    return p2p.build(model.tokenizer, r.prompts, r.steps, r.mode, cross, self_, r.reweight,
-                     r.blend or None, store=True, step_pixels=step_pixels)
+def _views(name: str, prompts: list[str], settings: dict, params: dict) -> dict:
+    """{"maps", "over_time"} as far as the method keeps them: every value checked by
+    methods.prepare; a method that refuses maps (or per-step views) runs without them."""
+    extra = {"maps": True, "over_time": settings["image"] is None}
+    while True:
+        try:
+            methods.prepare(name, prompts, **settings, **extra, **params)
+            return extra
+        except ParameterError as e:
+            if not extra.get(e.name):
+                raise
+            extra[e.name] = False
