@@ -104,8 +104,8 @@ def test_regularising_whitens_correlated_noise():
 
 
 @pytest.mark.parametrize("kw,needle", [
-    (dict(lambda_ac=-1.0), "--lambda-ac"), (dict(lambda_kl=float("inf")), "--lambda-kl"),
-    (dict(steps=0), "--reg-steps"),
+    (dict(lambda_ac=-1.0), "lambda_ac"), (dict(lambda_kl=float("inf")), "lambda_kl"),
+    (dict(steps=0), "reg_steps"),
 ])
 def test_bad_settings_are_refused(kw, needle):
     with pytest.raises(MinipError, match=needle):

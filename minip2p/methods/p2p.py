@@ -40,7 +40,7 @@ from ..guidance import TEXT
 from ..real.invert import Inversion
 from . import align
 from .blend import LocalBlend
-from .base import ParameterError, Result, Settings, check_number, param, words_of
+from .base import ParameterError, Result, Settings, check_number, check_word, param, words_of
 from .editing import RealImage, edit_prompts
 
 __all__ = ["AttentionStore", "Compose", "Edit", "Replace", "Refine", "Reweight", "LocalBlend",
@@ -219,6 +219,14 @@ class Params(RealImage):
         if self.blend is not None and len(self.blend) != n:
             raise ParameterError("blend", f"needs one word per prompt ({n}), got "
                                           f"{len(self.blend)}")
+        if not isinstance(s.image, Inversion):             # the words of the prompts given
+            for word, prompt in zip(self.blend or [], prompts):
+                if isinstance(word, str):
+                    check_word("blend", word, prompt)
+            for word in self.reweight or {}:
+                if not any(word in words_of(p) for p in prompts[1:] or prompts):
+                    raise ParameterError("reweight", f"{word!r}: the word is in none of the "
+                                                     f"edited prompts; give a word of them")
         if n < 2 and (s.image is None or self.strength is not None):
             raise ParameterError("prompts", "an edit needs a source prompt and at least one "
                                             "target prompt (with an image to invert and no "
