@@ -6,6 +6,7 @@ Measured maxima are printed (pytest -s) and asserted against the tolerances belo
 import pytest
 import torch
 
+from helpers import maxdiff
 from minip2p.model.config import SchedulerConfig
 from minip2p.samplers.ddim import DDIM
 from minip2p.load import load_model
@@ -13,10 +14,6 @@ from minip2p.pipeline import decode, generate, initial_noise
 
 GEOMETRIES = ["sd_ckpt", "small_ckpt"]
 PROMPTS = ["a photo of a red circle", "A Squirrel, eating a BURGER!"]
-
-
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 @pytest.fixture(params=GEOMETRIES)

@@ -1,17 +1,18 @@
 """SD 2.x against diffusers / transformers on random SD 2.x-shaped checkpoints (fp32, CPU).
 
-Two geometries (tests/tiny.py): "sd2", SD 2.1 768-v's exact block structure at tiny widths
+Two geometries (tests/helpers.py): "sd2", SD 2.1 768-v's exact block structure at tiny widths
 (v-prediction, upcast_attention, linear projections, per-level head counts, a 23-layer GELU text
 encoder, "!" padding), and "small2" (2 levels, 2-deep transformers, per-level heads). Checked:
 token ids, text states, UNet, v-prediction DDIM, whole generations, a P2P edit against the
-independent reference (tests/p2p_oracle.py), inversion, and the OpenCLIP single-file layout.
+independent reference (tests/oracles/p2p_oracle.py), inversion, and the OpenCLIP single-file layout.
 Measured maxima are printed (pytest -s).
 """
 import pytest
 import torch
 
-import p2p_oracle as O
-from compvis import save_sd2_single_file
+from helpers import maxdiff
+from oracles import p2p_oracle as O
+from oracles.compvis import save_sd2_single_file
 from minip2p.real import invert
 from minip2p.methods import p2p
 from minip2p.model.config import SchedulerConfig
@@ -22,10 +23,6 @@ from minip2p.pipeline import check_size, decode, generate, initial_noise
 GEOMETRIES = ["sd2_ckpt", "small2_ckpt"]
 PROMPTS = ["a photo of a red circle", "A Squirrel, eating a BURGER!"]
 SIZES = {"sd2_ckpt": (64, 96), "small2_ckpt": (48, 32)}
-
-
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
@@ -127,7 +124,7 @@ def test_generate_equals_diffusers_pipeline(pair):
 
 @pytest.mark.parametrize("name", ["replace", "reweight+blend"])
 def test_p2p_edit_matches_the_reference(sd2_ckpt, name):
-    """The official controllers re-implemented on diffusers' UNet (tests/p2p_oracle.py) on the
+    """The official controllers re-implemented on diffusers' UNet (tests/oracles/p2p_oracle.py) on the
     v-prediction model: a word swap, and a re-weight on top of a word swap with LocalBlend."""
     pipe, folder = sd2_ckpt
     model = load_model(folder)

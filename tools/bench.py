@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--community", help="path to diffusers' examples/community/"
                     "pipeline_prompt2prompt.py (without it the community-edit row is skipped)")
     ap.add_argument("--tiny", action="store_true",
-                    help="tiny geometry (tests/tiny.py): a quick check")
+                    help="tiny geometry (tests/helpers.py): a quick check")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     ap.add_argument("--steps", type=int, help="DDIM steps (default 50 on CUDA, 3 on CPU)")

@@ -71,7 +71,7 @@ def perturb(module: torch.nn.Module, seed: int):
 
 
 def build_and_save(geo: dict, folder: Path, seed: int):
-    """Random-weight SD 1.x pipeline, saved as a real checkpoint folder (see tests/tiny.py)."""
+    """Random-weight SD 1.x pipeline, saved as a real checkpoint folder (see tests/helpers.py)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     torch.manual_seed(seed)

@@ -18,9 +18,16 @@ Geometries:
            diffusers' StableDiffusionInstructPix2PixPipeline with Euler ancestral.
 
 `build_clip` writes a tiny random transformers `CLIPModel` (vision + text towers, projections).
+
+Also the small helpers the test files share: `maxdiff`, `reldiff`, `sampler_vs_diffusers`,
+`picture` (a test picture), `cli` / `one_line` (the CLI in-process, its stderr) and
+`run_minip2p` (the CLI in a real process).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -181,3 +188,36 @@ def sampler_vs_diffusers(model, pipe, sampler: str, scheduler, steps: int, seed:
                     return_latents=True)
     ref = sample_with(pipe, scheduler, prompt, steps, seed)
     return maxdiff(ours, ref), reldiff(ours, ref)
+
+
+def picture(size: int = 64):
+    """A red disc on an off-white ground (PIL, RGB, size × size)."""
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (size, size), (240, 240, 230))
+    ImageDraw.Draw(im).ellipse((8, 12, 44, 48), fill=(200, 30, 30))
+    return im
+
+
+def cli(capsys, *argv):
+    """minip2p's CLI in-process: (exit status, stdout, stderr)."""
+    from minip2p.cli import main
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line(capsys, argv, needle: str = "") -> str:
+    """Run the CLI in-process, expecting a refusal: exit status 2 and one `minip2p: ` line on
+    stderr (containing `needle`). -> that line."""
+    rc, _, err = cli(capsys, *argv)
+    lines = err.splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("minip2p: "), err
+    assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def run_minip2p(*args, env: dict | None = None, timeout: float = 300, **kw):
+    """`python -m minip2p ARGS` in a real process, offline: the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "minip2p", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                          timeout=timeout, **kw)
