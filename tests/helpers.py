@@ -20,6 +20,7 @@ Geometries:
 `build_clip` writes a tiny random transformers `CLIPModel` (vision + text towers, projections).
 
 Also the small helpers the test files share: `maxdiff`, `reldiff`, `sampler_vs_diffusers`,
+`unet_vs_diffusers`, `generate_vs_diffusers`,
 `picture` (a test picture), `cli` / `one_line` (the CLI in-process, its stderr) and
 `run_minip2p` (the CLI in a real process).
 """
@@ -188,6 +189,31 @@ def sampler_vs_diffusers(model, pipe, sampler: str, scheduler, steps: int, seed:
                     return_latents=True)
     ref = sample_with(pipe, scheduler, prompt, steps, seed)
     return maxdiff(ours, ref), reldiff(ours, ref)
+
+
+@torch.no_grad()
+def unet_vs_diffusers(pipe, model, t: int) -> tuple[float, float]:
+    """minip2p's UNet against diffusers' on the same random latents (not square on purpose) and
+    context, seeded by `t`: (max|Δ|, max|output|)."""
+    g = torch.Generator().manual_seed(t)
+    s = pipe.unet.config.sample_size
+    z = torch.randn(2, 4, s, s + 2, generator=g)
+    ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    ref = pipe.unet(z, t, ctx).sample
+    return maxdiff(model.unet(z, t, ctx), ref), ref.abs().max().item()
+
+
+def generate_vs_diffusers(pipe, model, prompts, seed: int, steps: int, height: int, width: int):
+    """minip2p's generate against the diffusers pipeline from the same z_T (guidance 7.5):
+    (max|Δ| of the final latents, max|Δ| of the decoded images)."""
+    from minip2p.pipeline import decode, generate, initial_noise
+    z = initial_noise(model, seed, height, width)
+    ours = generate(model, prompts, seed=seed, steps=steps, guidance=7.5, height=height,
+                    width=width, progress=False, return_latents=True)
+    ref = pipe(prompts, height=height, width=width, num_inference_steps=steps, guidance_scale=7.5,
+               latents=z.expand(len(prompts), -1, -1, -1).clone(), output_type="latent").images
+    img_ref = (pipe.vae.decode(ref / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    return maxdiff(ours, ref), maxdiff(decode(model, ours), img_ref)
 
 
 def picture(size: int = 64):

@@ -3,7 +3,8 @@
 tests/oracles/compvis.py writes a pipeline's weights under the original CompVis names,
 independently of minip2p's own table. That converter is first checked against diffusers'
 single-file loader (the oracle: it must rebuild the exact weights); then minip2p loads the same
-file and its outputs are compared with the diffusers pipeline. Measured maxima are printed (pytest -s).
+file and its outputs are compared with the diffusers pipeline. Measured maxima are printed
+(pytest -s).
 
 Geometries: "sd" and "small" (conftest) use GroupNorm groups / head counts that cannot be read off
 tensor shapes, so they are loaded with `config=` their folder; "sd32" below has SD 1.x's

@@ -278,7 +278,8 @@ def cost(args):
     """Every method in its own process; then minip2p and diffusers side by side."""
     got = {}
     for method in METHODS:
-        cmd = [sys.executable, "-m", "tools.eval_guidance", "--one", method, "--steps", str(args.steps)]
+        cmd = [sys.executable, "-m", "tools.eval_guidance", "--one", method,
+               "--steps", str(args.steps)]
         if args.model:
             cmd += ["--model", args.model]
         if args.size:

@@ -17,7 +17,7 @@ import torch
 
 
 def set_threads(n: int | None) -> int:
-    """torch's intra-op threads: `n` if given (0 / None: torch's own choice). -> the count in use."""
+    """torch's intra-op threads: `n` if given (0 / None: torch's own choice) -> the count in use."""
     if n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
