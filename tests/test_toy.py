@@ -91,7 +91,7 @@ def test_training_recipe_runs_and_its_output_loads(tmp_path):
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(),
-                    reason="weights/toy is absent: train it with tools/train_toy.py")
+                    reason="weights/toy is absent: train it with python -m tools.train_toy")
 def test_shipped_model_loads_and_draws_what_it_is_told():
     size = sum(p.stat().st_size for p in DEFAULT_MODEL.rglob("*") if p.is_file()
                and "figures" not in p.parts)

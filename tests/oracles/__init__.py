@@ -6,6 +6,6 @@ with minip2p and run on diffusers' / transformers' modules):
     pnp_oracle       the official plug-and-play (MichalGeyer/pnp-diffusers)
     compvis          a diffusers pipeline written as an original CompVis single-file state dict
 
-Imported as `from oracles import p2p_oracle` (tests/ is on sys.path under pytest: conftest.py's
-folder, rootdir-relative, as for `helpers`).
+Imported as `from oracles import p2p_oracle`, as `helpers` is: pytest puts tests/ on sys.path
+(the folder of conftest.py, a folder with no __init__.py).
 """
