@@ -24,8 +24,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def toy():
+    """The shipped toy model (weights/toy)."""
+    from minip2p.load import load_model
+    return load_model(None)
+
+
 def _checkpoint(tmp_path_factory, geometry):
-    from tiny import build_pipeline, save_pipeline
+    from helpers import build_pipeline, save_pipeline
     pipe = build_pipeline(geometry)
     folder = save_pipeline(pipe, tmp_path_factory.mktemp(geometry))
     return pipe, folder
@@ -70,5 +77,5 @@ def ip2p_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clip_ckpt(tmp_path_factory):
     """(transformers CLIPModel, folder): a tiny random CLIP, 32-px images."""
-    from tiny import build_clip
+    from helpers import build_clip
     return build_clip(tmp_path_factory.mktemp("clip"))

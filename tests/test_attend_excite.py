@@ -11,14 +11,11 @@ from plain generation) and 3.2e-5 without, against 1e-6 for the unguided pipelin
 import pytest
 import torch
 
+from helpers import maxdiff
 from minip2p.methods import attend_excite
 from minip2p.pipeline import encode_text, generate, initial_noise
 
 PROMPT = "a cat and a frog"
-
-
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 def reference(pipe, indices, steps, seed, thresholds, max_iter, res):

@@ -11,7 +11,7 @@ from minip2p.samplers.dpm_solver import DPMSolverPP
 from minip2p.guidance import TEXT
 from minip2p.methods import p2p
 from minip2p.pipeline import denoise, encode_text, generate, initial_noise
-from tiny import maxdiff, reldiff, sampler_vs_diffusers
+from helpers import maxdiff, reldiff, sampler_vs_diffusers
 
 PROMPT = "a painting of a squirrel eating a burger"
 EDIT = "a painting of a lion eating a burger"

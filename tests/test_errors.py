@@ -7,14 +7,13 @@ cases check that `load_model` raises MinipError naming the offending tensor.
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import run_minip2p
 from minip2p.cli import main
 from minip2p.errors import MinipError
 from minip2p.load import WEIGHTS, load_model
@@ -190,10 +189,8 @@ def test_a_good_run_writes_only_the_image(capsys, out_dir, small_ckpt):
 # ---- a real process: exit status 2 and no traceback ----------------------------------------
 
 def run_process(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
     start = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "minip2p", "generate", "a cat", "--steps", "2",
-                        "--quiet", *args], capture_output=True, text=True, env=env, timeout=120)
+    p = run_minip2p("generate", "a cat", "--steps", "2", "--quiet", *args, timeout=120)
     return p, time.monotonic() - start
 
 

@@ -10,7 +10,7 @@ from minip2p.samplers import make_sampler
 from minip2p.errors import MinipError
 from minip2p.methods import p2p
 from minip2p.pipeline import generate
-from tiny import maxdiff, reldiff, sampler_vs_diffusers
+from helpers import maxdiff, reldiff, sampler_vs_diffusers
 
 PROMPT = "a painting of a squirrel eating a burger"
 

@@ -5,15 +5,9 @@ import pytest
 import torch
 
 from minip2p.cli import main
-from minip2p.load import load_model
 from minip2p.methods import self_guidance as sg
 from minip2p.methods.gradient import MapRecorder, cond_rows, forward_with_grad
 from minip2p.pipeline import encode_text, generate, initial_noise
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return load_model(None)
 
 
 def test_maps_stay_in_the_graph_and_the_forward_stops_early(toy):

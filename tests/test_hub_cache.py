@@ -6,14 +6,13 @@ snapshot as symlinks into blobs/, one as plain files). Everything runs offline (
 """
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 import torch
 
+from helpers import run_minip2p
 from minip2p.errors import MinipError
 from minip2p.load import load_model
 
@@ -99,10 +98,8 @@ def test_missing_revision_and_variant_are_one_line_errors(offline):
 
 
 def run_cli(cache, *args, tmp):
-    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "minip2p", "generate", "a red circle", "--steps",
-                           "2", "--quiet", "--height", "32", "--width", "32", *args],
-                          capture_output=True, text=True, env=env, cwd=tmp, timeout=300)
+    return run_minip2p("generate", "a red circle", "--steps", "2", "--quiet", "--height", "32",
+                       "--width", "32", *args, env={"HF_HUB_CACHE": str(cache)}, cwd=tmp)
 
 
 def test_cli_generate_from_the_cache_offline(cache, tmp_path):

@@ -1,5 +1,5 @@
 """MasaCtrl (minip2p.methods.masactrl) against an independent re-implementation of the official
-code (tests/masactrl_oracle.py) on diffusers' UNet of the same random SD-1.x-structured
+code (tests/oracles/masactrl_oracle.py) on diffusers' UNet of the same random SD-1.x-structured
 checkpoint: same prompts, shared initial noise, DDIM steps and guidance; the oracle counts calls,
 minip2p reads `Site`s. Measured max|Δz| are printed (pytest -s).
 
@@ -9,7 +9,7 @@ the UNet's third level; at latents s² that level has (s/4)² pixels, handed to 
 import pytest
 import torch
 
-import masactrl_oracle as O
+from oracles import masactrl_oracle as O
 from minip2p.control import Compose, PinSource
 from minip2p.errors import MinipError
 from minip2p.real.invert import ddim_invert

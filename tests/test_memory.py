@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from helpers import one_line
 from minip2p import memory
 from minip2p.cli import main
 from minip2p.samplers.ddim import DDIM
@@ -60,13 +61,6 @@ def test_largest_step_count_comes_from_the_scheduler():
     z = torch.zeros(1, 4, 2, 2)
     for t in ts:                                                    # every ᾱ_t exists
         z = sched.step(torch.zeros_like(z), t, z, 999)
-
-
-def one_line(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("minip2p: "), err
-    return err
 
 
 def test_steps_1000_is_one_line(capsys, tmp_path):

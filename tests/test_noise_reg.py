@@ -15,14 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import maxdiff
 from minip2p.real import images, invert
 from minip2p.methods import noise_reg as nr
 from minip2p.errors import MinipError
 from minip2p.pipeline import encode_text
-
-
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 @pytest.fixture(scope="module")

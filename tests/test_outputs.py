@@ -3,6 +3,7 @@ tiny tmpfs where `mount` works), a read-only folder, a folder under a file. Each
 `minip2p: cannot write …`, exit status 2, with no partial file and no temporary file beside it --
 for an edit's set of images, none of them (all are written to temporary files first)."""
 import contextlib
+import functools
 import os
 import resource
 import subprocess
@@ -11,6 +12,7 @@ import uuid
 import pytest
 from PIL import Image
 
+import helpers
 from minip2p.cli import main
 
 SMALL = ["--steps", "1", "--height", "32", "--width", "32", "--quiet"]
@@ -30,13 +32,7 @@ def file_size_limit(nbytes):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
-def one_line(capsys, argv, needle="cannot write"):
-    rc = main(argv)
-    cap = capsys.readouterr()
-    lines = cap.err.splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("minip2p: "), cap.err
-    assert needle in lines[0], lines[0]
-    return lines[0]
+one_line = functools.partial(helpers.one_line, needle="cannot write")   # a refusal to write
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from minip2p import views
 from minip2p.cli import main
 from minip2p.control import AttentionStore
 from minip2p.samplers.ddim import DDIM
-from minip2p.load import load_model
 from minip2p.pipeline import X0Recorder, generate, initial_noise
 
 PROMPT = "a big red circle on the left"
@@ -17,11 +16,6 @@ STEPS = 4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return load_model(None)
 
 
 def test_x0_recovered_from_the_two_ends_of_each_step_is_the_one_ddim_used(toy, monkeypatch):

@@ -1,5 +1,5 @@
 """Properties of the Prompt-to-Prompt controllers (minip2p/p2p.py) and of the edit/attention CLI,
-on the tiny random-weight models of tests/tiny.py.
+on the tiny random-weight models of tests/helpers.py.
 
 Both geometries run at latents 8×8 (sd: 64 px, 8× VAE; small: 32 px, 4× VAE), except where a
 test says otherwise, with a few DDIM steps, on the explicit attention path (fast=False).
@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import cli, maxdiff
 from minip2p import views
 from minip2p.methods import p2p
 from minip2p.attention import Site
 from minip2p.control import Controller
 from minip2p.errors import MinipError
-from minip2p.cli import main
 from minip2p.load import load_model
 from minip2p.pipeline import generate
 
@@ -43,10 +43,6 @@ def run(model, prompts, side, control=None, width=None, steps=STEPS):
     controller), so that runs with and without a controller compare bit for bit."""
     return generate(model, prompts, seed=3, steps=steps, height=side, width=width or side,
                     control=control, progress=False, return_latents=True, fast=False)
-
-
-def maxdiff(a, b):
-    return (a - b).abs().max().item()
 
 
 # ------------------------------------------------------------------------------ edit identities
@@ -211,12 +207,6 @@ def test_sites_of_deeper_transformers(small_ckpt):
 
 
 # ------------------------------------------------------------------------------ CLI
-
-def cli(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
 
 @pytest.fixture
 def common(sd_ckpt):

@@ -1,5 +1,5 @@
 """Differential test: minip2p's Prompt-to-Prompt equals an independent re-implementation of the
-official controllers (tests/p2p_oracle.py) running on diffusers' UNet.
+official controllers (tests/oracles/p2p_oracle.py) running on diffusers' UNet.
 
 Both sides load the same random checkpoint with SD 1.x's exact block structure (`sd_ckpt`) and
 start from the same seed, prompts and noise, with DDIM (8 steps) and guidance 7.5. The oracle
@@ -28,7 +28,7 @@ from typing import Callable
 import pytest
 import torch
 
-import p2p_oracle as O
+from oracles import p2p_oracle as O
 from minip2p.methods import align, p2p
 from minip2p.pipeline import decode, generate
 

@@ -6,17 +6,13 @@ Measured maxima are printed (pytest -s) and asserted against the tolerances belo
 import pytest
 import torch
 
+from helpers import generate_vs_diffusers, maxdiff, unet_vs_diffusers
 from minip2p.model.config import SchedulerConfig
 from minip2p.samplers.ddim import DDIM
 from minip2p.load import load_model
-from minip2p.pipeline import decode, generate, initial_noise
 
 GEOMETRIES = ["sd_ckpt", "small_ckpt"]
 PROMPTS = ["a photo of a red circle", "A Squirrel, eating a BURGER!"]
-
-
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 @pytest.fixture(params=GEOMETRIES)
@@ -35,17 +31,11 @@ def test_text_encoder(pair):
     assert d <= 1e-5
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("t", [1, 261, 981])
 def test_unet(pair, t):
     pipe, model, name = pair
-    g = torch.Generator().manual_seed(t)
-    s = pipe.unet.config.sample_size
-    z = torch.randn(2, 4, s, s + 2, generator=g)            # not square on purpose
-    ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
-    ref = pipe.unet(z, t, ctx).sample
-    d = maxdiff(model.unet(z, t, ctx), ref)
-    print(f"{name} unet t={t} max|Δ| = {d:.2e} (|ε| ≤ {ref.abs().max():.2f})")
+    d, top = unet_vs_diffusers(pipe, model, t)
+    print(f"{name} unet t={t} max|Δ| = {d:.2e} (|ε| ≤ {top:.2f})")
     assert d <= 1e-4
 
 
@@ -97,16 +87,7 @@ def test_ddim_inversion_step_inverts_a_step():
 def test_generate_equals_diffusers_pipeline(request, geometry, size):
     pipe, folder = request.getfixturevalue(geometry)
     model = load_model(folder)
-    h, w = size
-    steps, guidance = 12, 7.5
-    z = initial_noise(model, 1234, h, w)
-    ours = generate(model, PROMPTS, seed=1234, steps=steps, guidance=guidance, height=h, width=w,
-                    progress=False, return_latents=True)
-    pipe.scheduler.set_timesteps(steps)
-    ref = pipe(PROMPTS, height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
-               latents=z.expand(len(PROMPTS), -1, -1, -1).clone(), output_type="latent").images
-    d = maxdiff(ours, ref)
-    img_ref = (pipe.vae.decode(ref / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
-    d_img = maxdiff(decode(model, ours), img_ref)
+    steps = 12
+    d, d_img = generate_vs_diffusers(pipe, model, PROMPTS, 1234, steps, *size)
     print(f"{geometry} generate {steps} steps: latents max|Δ| = {d:.2e}, images max|Δ| = {d_img:.2e}")
     assert d <= 1e-4 and d_img <= 1e-4

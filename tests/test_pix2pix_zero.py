@@ -10,14 +10,11 @@ and the embedding mean over 11 sentences rounds differently); we assert 1e-4, ~2
 """
 import torch
 
+from helpers import maxdiff
 from minip2p.methods import pix2pix_zero as pz
 from minip2p.pipeline import encode_text, initial_noise
 
 SOURCE, TARGET = "a photo of a cat", "a photo of a dog"
-
-
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 def test_pix2pix_zero_equals_diffusers(sd_ckpt, sd_model):

@@ -1,6 +1,6 @@
 """Plug-and-play (methods/pnp.py): a differential test against an independent re-implementation
-of the official code on diffusers' UNet (tests/pnp_oracle.py), the no-injection property, the
-sites it touches, and the refusals.
+of the official code on diffusers' UNet (tests/oracles/pnp_oracle.py), the no-injection property,
+the sites it touches, and the refusals.
 
 Both sides load the same random checkpoint with SD 1.x's exact block structure (`sd_ckpt`), a
 64×64 picture drawn with PIL (latents 8×8), the source prompt "" of the official preprocess and
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import pnp_oracle as O
+from oracles import pnp_oracle as O
 from minip2p.real import images
 from minip2p.control import Controller
 from minip2p.errors import MinipError

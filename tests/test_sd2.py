@@ -1,31 +1,28 @@
 """SD 2.x against diffusers / transformers on random SD 2.x-shaped checkpoints (fp32, CPU).
 
-Two geometries (tests/tiny.py): "sd2", SD 2.1 768-v's exact block structure at tiny widths
+Two geometries (tests/helpers.py): "sd2", SD 2.1 768-v's exact block structure at tiny widths
 (v-prediction, upcast_attention, linear projections, per-level head counts, a 23-layer GELU text
 encoder, "!" padding), and "small2" (2 levels, 2-deep transformers, per-level heads). Checked:
 token ids, text states, UNet, v-prediction DDIM, whole generations, a P2P edit against the
-independent reference (tests/p2p_oracle.py), inversion, and the OpenCLIP single-file layout.
+independent reference (tests/oracles/p2p_oracle.py), inversion, and the OpenCLIP single-file layout.
 Measured maxima are printed (pytest -s).
 """
 import pytest
 import torch
 
-import p2p_oracle as O
-from compvis import save_sd2_single_file
+from helpers import generate_vs_diffusers, maxdiff, unet_vs_diffusers
+from oracles import p2p_oracle as O
+from oracles.compvis import save_sd2_single_file
 from minip2p.real import invert
 from minip2p.methods import p2p
 from minip2p.model.config import SchedulerConfig
 from minip2p.samplers.ddim import DDIM
 from minip2p.load import load_model
-from minip2p.pipeline import check_size, decode, generate, initial_noise
+from minip2p.pipeline import check_size, decode, generate
 
 GEOMETRIES = ["sd2_ckpt", "small2_ckpt"]
 PROMPTS = ["a photo of a red circle", "A Squirrel, eating a BURGER!"]
 SIZES = {"sd2_ckpt": (64, 96), "small2_ckpt": (48, 32)}
-
-
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
@@ -72,17 +69,11 @@ def test_tokens_and_text_states(pair):
     assert d <= 1e-5
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("t", [1, 501, 981])
 def test_unet(pair, t):
     pipe, model, name = pair
-    g = torch.Generator().manual_seed(t)
-    s = pipe.unet.config.sample_size
-    z = torch.randn(2, 4, s, s + 2, generator=g)
-    ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
-    ref = pipe.unet(z, t, ctx).sample
-    d = maxdiff(model.unet(z, t, ctx), ref)
-    print(f"{name} unet t={t} max|Δ| = {d:.2e} (|v| ≤ {ref.abs().max():.2f})")
+    d, top = unet_vs_diffusers(pipe, model, t)
+    print(f"{name} unet t={t} max|Δ| = {d:.2e} (|v| ≤ {top:.2f})")
     assert d <= 1e-4
 
 
@@ -112,23 +103,16 @@ def test_v_prediction_ddim_matches_diffusers_and_equals_epsilon_algebra():
 
 def test_generate_equals_diffusers_pipeline(pair):
     pipe, model, name = pair
-    (h, w), steps = SIZES[name], 8
-    z = initial_noise(model, 7, h, w)
-    ours = generate(model, PROMPTS, seed=7, steps=steps, height=h, width=w, progress=False,
-                    return_latents=True)
-    ref = pipe(PROMPTS, height=h, width=w, num_inference_steps=steps, guidance_scale=7.5,
-               latents=z.expand(len(PROMPTS), -1, -1, -1).clone(), output_type="latent").images
-    d = maxdiff(ours, ref)
-    img_ref = (pipe.vae.decode(ref / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
-    d_img = maxdiff(decode(model, ours), img_ref)
+    steps = 8
+    d, d_img = generate_vs_diffusers(pipe, model, PROMPTS, 7, steps, *SIZES[name])
     print(f"{name} generate {steps} steps: latents max|Δ| = {d:.2e}, images max|Δ| = {d_img:.2e}")
     assert d <= 1e-4 and d_img <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["replace", "reweight+blend"])
 def test_p2p_edit_matches_the_reference(sd2_ckpt, name):
-    """The official controllers re-implemented on diffusers' UNet (tests/p2p_oracle.py) on the
-    v-prediction model: a word swap, and a re-weight on top of a word swap with LocalBlend."""
+    """The official controllers re-implemented on diffusers' UNet (tests/oracles/p2p_oracle.py) on
+    the v-prediction model: a word swap, and a re-weight on top of a word swap with LocalBlend."""
     pipe, folder = sd2_ckpt
     model = load_model(folder)
     src, tgt = "a painting of a squirrel eating a burger", "a painting of a lion eating a burger"

@@ -7,8 +7,9 @@ the noise minip2p's `initial_noise` draws for the same seed.
 """
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from helpers import maxdiff, picture
 from minip2p.real import images
 from minip2p.cli import main
 from minip2p.errors import MinipError
@@ -16,16 +17,6 @@ from minip2p.methods import p2p, sdedit
 from minip2p.pipeline import initial_noise
 
 PROMPT = "a painting of a squirrel eating a burger"
-
-
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
-
-
-def picture(size=64):
-    im = Image.new("RGB", (size, size), (240, 240, 230))
-    ImageDraw.Draw(im).ellipse((8, 12, 44, 48), fill=(200, 30, 30))
-    return im
 
 
 @pytest.mark.parametrize("strength,steps", [(0.6, 10), (1.0, 6), (0.25, 8)])

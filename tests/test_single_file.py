@@ -1,9 +1,10 @@
 """Single-file (CompVis-layout) checkpoints load into the same model as the diffusers folder.
 
-tests/compvis.py writes a pipeline's weights under the original CompVis names, independently of
-minip2p's own table. That converter is first checked against diffusers' single-file loader (the
-oracle: it must rebuild the exact weights); then minip2p loads the same file and its outputs are
-compared with the diffusers pipeline. Measured maxima are printed (pytest -s).
+tests/oracles/compvis.py writes a pipeline's weights under the original CompVis names,
+independently of minip2p's own table. That converter is first checked against diffusers'
+single-file loader (the oracle: it must rebuild the exact weights); then minip2p loads the same
+file and its outputs are compared with the diffusers pipeline. Measured maxima are printed
+(pytest -s).
 
 Geometries: "sd" and "small" (conftest) use GroupNorm groups / head counts that cannot be read off
 tensor shapes, so they are loaded with `config=` their folder; "sd32" below has SD 1.x's
@@ -14,8 +15,9 @@ import shutil
 import pytest
 import torch
 
-import tiny
-from compvis import save_single_file
+import helpers
+from helpers import maxdiff
+from oracles.compvis import save_single_file
 from minip2p.errors import MinipError
 from minip2p.load import load_model
 from minip2p.pipeline import decode, generate, initial_noise
@@ -38,16 +40,12 @@ CASES = {"sd": ("sd_ckpt", False, (64, 64)), "small": ("small_ckpt", False, (48,
          "sd32": (None, True, (32, 48))}
 
 
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
-
-
 @pytest.fixture(scope="session")
 def sd32_ckpt(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(tiny.GEOMETRIES, "sd32", SD32)
-        pipe = tiny.build_pipeline("sd32", seed=3)
-    return pipe, tiny.save_pipeline(pipe, tmp_path_factory.mktemp("sd32"))
+        mp.setitem(helpers.GEOMETRIES, "sd32", SD32)
+        pipe = helpers.build_pipeline("sd32", seed=3)
+    return pipe, helpers.save_pipeline(pipe, tmp_path_factory.mktemp("sd32"))
 
 
 @pytest.fixture(scope="module", params=list(CASES))

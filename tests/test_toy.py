@@ -77,9 +77,8 @@ def test_analyser_reads_blurred_pictures_and_pins_the_prototypes(captions):
 
 def test_training_recipe_runs_and_its_output_loads(tmp_path):
     out = tmp_path / "toy"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "train_toy.py"), "--quick",
-                    "--out", str(out), "--threads", "1"], check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run([sys.executable, "-m", "tools.train_toy", "--quick", "--out", str(out),
+                    "--threads", "1"], check=True, capture_output=True, timeout=300, cwd=ROOT)
     for rel in ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
                 "tokenizer/merges.txt", "unet/config.json", "vae/config.json",
                 "text_encoder/config.json", "unet/diffusion_pytorch_model.safetensors",
@@ -92,7 +91,7 @@ def test_training_recipe_runs_and_its_output_loads(tmp_path):
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(),
-                    reason="weights/toy is absent: train it with tools/train_toy.py")
+                    reason="weights/toy is absent: train it with python -m tools.train_toy")
 def test_shipped_model_loads_and_draws_what_it_is_told():
     size = sum(p.stat().st_size for p in DEFAULT_MODEL.rglob("*") if p.is_file()
                and "figures" not in p.parts)

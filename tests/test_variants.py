@@ -11,7 +11,7 @@ def test_fp16_variant_folder_loads_and_matches(small_ckpt, tmp_path):
     pipe, _ = small_ckpt
     half = copy.deepcopy(pipe).to(torch.float16)
     half.save_pretrained(str(tmp_path), safe_serialization=True, variant="fp16")
-    from tiny import TOKENIZER
+    from helpers import TOKENIZER
     import shutil
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(TOKENIZER / name, tmp_path / "tokenizer" / name)

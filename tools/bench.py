@@ -22,22 +22,23 @@ With no --model the full SD 1.5-shape random checkpoint is built as tools/parity
 On the CPU the rows are also set against the compute floor (tools/floor.py): the run's FLOPs ÷
 the best GEMM/conv rate measured at the start of the same run with the same threads.
 On a shared CPU, --threads 1 gives steadier figures than torch's default. Usage:
-  python tools/bench.py --community DIR/pipeline_prompt2prompt.py --size 512 --steps 3 --threads 1
-  python tools/bench.py --community DIR/pipeline_prompt2prompt.py --tiny        # seconds
+  python -m tools.bench --community DIR/pipeline_prompt2prompt.py --size 512 --steps 3 --threads 1
+  python -m tools.bench --community DIR/pipeline_prompt2prompt.py --tiny        # seconds
 """
 from __future__ import annotations
 
-import argparse, gc, importlib.util, json, os, resource, subprocess, sys  # noqa: E401
+import argparse, gc, importlib.util, json, os, subprocess, sys  # noqa: E401
 import tempfile, time, warnings  # noqa: E401
 from pathlib import Path
 
 import torch
 
+from tools.harness import Clock, cpu_model, peak_gib, peak_rss_gib, reset_peak, set_threads
+from tools.harness import table as markdown
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
-sys.path.insert(0, str(ROOT / "tools"))
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
 ROWS = ["minip2p-plain", "minip2p-edit", "minip2p-edit-explicit", "diffusers-plain",
         "community-edit"]
@@ -48,7 +49,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_file(path: Path, name: str):
-    """Import a .py file by its path (tools/ and tests/ are not packages)."""
+    """Import a .py file by its path (tests/ is not a package; the community pipeline is a file)."""
     spec = importlib.util.spec_from_file_location(name, str(path))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -60,10 +61,10 @@ def build_model(folder: Path, tiny: bool, seed: int):
     """Random-weight SD 1.x checkpoint folder: full SD 1.5 shape (tools/parity.py) or tiny."""
     t0 = time.perf_counter()
     if tiny:
-        t = load_file(ROOT / "tests" / "tiny.py", "bench_tiny")
+        t = load_file(ROOT / "tests" / "helpers.py", "bench_tiny")
         t.save_pipeline(t.build_pipeline("sd", seed), folder)
     else:
-        parity = load_file(ROOT / "tools" / "parity.py", "bench_parity")
+        from tools import parity
         parity.build_and_save(parity.SD15, folder, seed)
     gc.collect()
     print(f"saved random {'tiny' if tiny else 'SD 1.5-shape'} checkpoint to {folder} "
@@ -71,30 +72,6 @@ def build_model(folder: Path, tiny: bool, seed: int):
 
 
 # ---------------------------------------------------------------- one row, in a child process
-
-class Clock:
-    """Timestamps of the UNet's calls (forward pre/post hooks), synchronised on CUDA."""
-
-    def __init__(self, unet: torch.nn.Module, device: torch.device):
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.starts, self.ends = [], []
-        unet.register_forward_pre_hook(lambda *_: self.mark(self.starts))
-        unet.register_forward_hook(lambda *_: self.mark(self.ends))
-
-    def mark(self, where):
-        self.sync()
-        where.append(time.perf_counter())
-
-    def run(self, fn):
-        self.sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        with torch.no_grad():
-            out = fn()
-        self.sync()
-        t1 = time.perf_counter()
-        return out, dict(run=t1 - t0, cpu=time.process_time() - c0, text=self.starts[0] - t0,
-                         denoise=self.ends[-1] - self.starts[0], decode=t1 - self.ends[-1])
-
 
 def noise(args, channels=4) -> torch.Tensor:
     """z_T, drawn as minip2p.pipeline.initial_noise draws it, repeated for both prompts."""
@@ -156,15 +133,12 @@ def row_diffusers(name, args, device):
 
 def run_row(args) -> dict:
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    set_threads(args.threads)
+    reset_peak(device)
     fn = row_minip2p if args.row.startswith("minip2p") else row_diffusers
     images, load, t = fn(args.row, args, device)
     torch.save(images.float().cpu(), args.save)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else rss
+    rss, peak = peak_rss_gib(), peak_gib(device)
     return dict(row=args.row, load=load, **t, s_step=t["denoise"] / args.steps, peak=peak,
                 rss=rss, threads=torch.get_num_threads())
 
@@ -172,7 +146,7 @@ def run_row(args) -> dict:
 # ---------------------------------------------------------------- the parent: rows and table
 
 def child(name: str, args, folder: Path, save: Path) -> dict | None:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--row", name, "--model", str(folder),
+    cmd = [sys.executable, "-m", "tools.bench", "--row", name, "--model", str(folder),
            "--save", str(save), "--device", args.device, "--dtype", args.dtype,
            "--steps", str(args.steps), "--size", str(args.size), "--seed", str(args.seed),
            "--guidance", str(args.guidance), "--threads", str(args.threads),
@@ -196,40 +170,38 @@ def floor_table(res: dict, args, folder: Path, rate: float, kernel: str):
     """Each row's s/step and decode against the floor (tools/floor.py): FLOPs of one step (the
     UNet on 4 rows: 2 prompts with guidance) and of decoding 2 images, ÷ the best rate measured
     in this run."""
-    from floor import configs, decode_flops, unet_flops
+    from tools.floor import configs, decode_flops, unet_flops
     ucfg, vcfg = configs(folder)
     step = unet_flops(ucfg, vcfg, 4, args.size, args.size)
     dec = 2 * decode_flops(vcfg, args.size, args.size)
     print(f"\nFloor: best rate measured in this run {rate / 1e9:.0f} GFLOP/s ({kernel}); one step "
           f"{step / 1e9:,.1f} GFLOP -> {step / rate:.2f} s; decoding 2 images {dec / 1e9:,.1f} "
           f"GFLOP -> {dec / rate:.2f} s\n")
-    print("| row | s/step | step / floor | decode s | decode / floor | run s | run / floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
     total = (args.steps * step + dec) / rate
-    for name, r in res.items():
-        print(f"| {name} | {r['s_step']:.2f} | {r['s_step'] / (step / rate):.2f}x | "
-              f"{r['decode']:.1f} | {r['decode'] / (dec / rate):.2f}x | {r['run']:.1f} | "
-              f"{r['run'] / total:.2f}x |")
+    markdown(["row", "s/step", "step / floor", "decode s", "decode / floor", "run s",
+              "run / floor"],
+             [[name, f"{r['s_step']:.2f}", f"{r['s_step'] / (step / rate):.2f}x",
+               f"{r['decode']:.1f}", f"{r['decode'] / (dec / rate):.2f}x", f"{r['run']:.1f}",
+               f"{r['run'] / total:.2f}x"] for name, r in res.items()], "l" + "r" * 6)
 
 
 def table(res: dict, args, mem: str, build_s: float | None):
     geo = "tiny" if args.tiny else "SD 1.5 shape" if args.model is None else str(args.model)
     threads = "/".join(sorted({str(r["threads"]) for r in res.values()}))
     built = f"; checkpoint built in {build_s:.0f} s" if build_s else ""
-    from minip2p.fast.autotune import cpu_model
     where = f"{args.device}: {cpu_model()}" if args.device == "cpu" else args.device
     print(f"\n{geo}, random weights, {args.dtype} on {where} ({threads} threads), "
           f"{args.size}x{args.size}, {args.steps} {args.sampler} steps, guidance {args.guidance}, "
           f"seed {args.seed}, 2 prompts{built}"
           f"{'; minip2p rows free the text encoder after encoding' if args.free_text_encoder else ''}")
-    print(f"\n| row | load s | run s | CPU s | text s | denoise s | s/step | it/s | decode s | "
-          f"peak {mem} GiB | max abs diff vs |")
-    print("|---|" + "---:|" * 9 + "---|")
-    for name, r in res.items():
-        d = f"{r['diff']:.1e} ({REF[name]})" if "diff" in r else ""
-        print(f"| {name} | {r['load']:.1f} | {r['run']:.1f} | {r['cpu']:.1f} | {r['text']:.2f} | "
-              f"{r['denoise']:.1f} | {r['s_step']:.2f} | {1 / r['s_step']:.3f} | "
-              f"{r['decode']:.1f} | {r['peak']:.2f} | {d} |")
+    print()
+    markdown(["row", "load s", "run s", "CPU s", "text s", "denoise s", "s/step", "it/s",
+              "decode s", f"peak {mem} GiB", "max abs diff vs"],
+             [[name, f"{r['load']:.1f}", f"{r['run']:.1f}", f"{r['cpu']:.1f}", f"{r['text']:.2f}",
+               f"{r['denoise']:.1f}", f"{r['s_step']:.2f}", f"{1 / r['s_step']:.3f}",
+               f"{r['decode']:.1f}", f"{r['peak']:.2f}",
+               f"{r['diff']:.1e} ({REF[name]})" if "diff" in r else ""]
+              for name, r in res.items()], "l" + "r" * 9 + "l")
 
 
 def ratios(res: dict):
@@ -261,7 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--community", help="path to diffusers' examples/community/"
                     "pipeline_prompt2prompt.py (without it the community-edit row is skipped)")
     ap.add_argument("--tiny", action="store_true",
-                    help="tiny geometry (tests/tiny.py): a quick check")
+                    help="tiny geometry (tests/helpers.py): a quick check")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     ap.add_argument("--steps", type=int, help="DDIM steps (default 50 on CUDA, 3 on CPU)")
@@ -304,9 +276,8 @@ def main(argv=None) -> int:
             build_s = time.perf_counter() - t0
         floor = None
         if args.device == "cpu":
-            from floor import best_rate
-            if args.threads:
-                torch.set_num_threads(args.threads)
+            from tools.floor import best_rate
+            set_threads(args.threads)
             floor = best_rate()                       # this machine, these threads, this run
         res = {}
         for name in rows:

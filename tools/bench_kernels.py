@@ -8,19 +8,19 @@ matmul (`ops._dnn`, the oneDNN candidate of `ops.linear`), the best of --reps ru
 outputs; then the fused GEGLU (`ops._geglu_dnn`) against chunk + GELU + multiply; then self-attention
 at 64² and 32² (`F.scaled_dot_product_attention` against `ops.dnn_attention`'s oneDNN query slices).
 Usage:
-  python tools/bench_kernels.py --threads 2
+  python -m tools.bench_kernels --threads 2
 """
 from __future__ import annotations
 
-import argparse, sys, time  # noqa: E401
-from pathlib import Path
+import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minip2p.fast import kernels as ops  # noqa: E402
+from minip2p.fast import kernels as ops
+from tools.harness import best_of as best, set_threads
 
 # (tokens, in, out): q/k/v/out and proj_in/out, GEGLU half, FF out -- at 64², 32², 16²
 SHAPES = [(16384, 320, 320), (16384, 320, 1280), (16384, 1280, 320),
@@ -28,22 +28,12 @@ SHAPES = [(16384, 320, 320), (16384, 320, 1280), (16384, 1280, 320),
           (1024, 1280, 1280), (1024, 1280, 5120), (1024, 5120, 1280)]
 
 
-def best(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if not ops.ONEDNN:
         sys.exit("error: this PyTorch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
     g = torch.Generator().manual_seed(0)

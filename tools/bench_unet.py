@@ -9,30 +9,25 @@ MasaCtrl at step S = 4 (mutual self-attention at layers ≥ L). Plug-and-play us
 batch [(source, c), (target, ∅), (target, c)] at step 0 (features and q, k injected) and is
 compared with a plain call of the same 3 rows.
 
-    python tools/bench_unet.py --model SD15_FOLDER --threads 2 --rounds 3
-    python tools/bench_unet.py --model weights/toy --size 64 --threads 2 --rounds 20 --no-diffusers
-    (SD15_FOLDER: a diffusers-layout folder, e.g. one kept by `tools/bench.py --keep`)
+    python -m tools.bench_unet --model SD15_FOLDER --threads 2 --rounds 3
+    python -m tools.bench_unet --model weights/toy --size 64 --threads 2 --rounds 20 --no-diffusers
+    (SD15_FOLDER: a diffusers-layout folder, e.g. one kept by `python -m tools.bench --keep`)
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench_decode import interleave, report  # noqa: E402  (tools/ is this script's folder)
-from floor import best_rate, unet_flops  # noqa: E402
-from minip2p.guidance import GuidanceBatch  # noqa: E402
-from minip2p.methods import masactrl, p2p, pnp  # noqa: E402
-from minip2p.load import load_model  # noqa: E402
-from minip2p.pipeline import encode_text  # noqa: E402
-from minip2p.fast import autotune  # noqa: E402
-from minip2p.fast.autotune import cpu_model  # noqa: E402
+from minip2p.fast import autotune
+from minip2p.guidance import GuidanceBatch
+from minip2p.load import load_model
+from minip2p.methods import masactrl, p2p, pnp
+from minip2p.pipeline import encode_text
+from tools.floor import best_rate, unet_flops
+from tools.harness import cpu_model, interleave, report, set_threads
 
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
 
@@ -48,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--only-methods", action="store_true",
                     help="only the plain rows and the MasaCtrl / plug-and-play rows")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model = load_model(args.model)
     unet, side = model.unet, args.size // 8
     context = torch.cat([encode_text(model, [""]).expand(2, -1, -1), encode_text(model, PROMPTS)])

@@ -1,32 +1,30 @@
 """Guidance through attention on the toy model: does each method do what it says, and what does it
 cost? (figures in tools/README.md).
 
-    python tools/eval_guidance.py --n 24 --steps 20     success rates (Self-Guidance move and
+    python -m tools.eval_guidance --n 24 --steps 20     success rates (Self-Guidance move and
                                                         resize, Attend-and-Excite, Pix2Pix-Zero)
-    python tools/eval_guidance.py --only self-guidance --cases 0-5,12-17 --iterations 3
+    python -m tools.eval_guidance --only self-guidance --cases 0-5,12-17 --iterations 3
                                                         Self-Guidance alone, some cases, settings
-    python tools/eval_guidance.py --size-fit --n 48     does size(k) follow the object's area?
-    python tools/eval_guidance.py --cost --steps 3      time per step, peak memory (ru_maxrss):
+    python -m tools.eval_guidance --size-fit --n 48     does size(k) follow the object's area?
+    python -m tools.eval_guidance --cost --steps 3      time per step, peak memory (ru_maxrss):
                                                         minip2p / diffusers, a process per method
-    python tools/eval_guidance.py --cost --model DIR    … on a `tools/bench.py --keep DIR` folder
+    python -m tools.eval_guidance --cost --model DIR    … on a folder kept by
+                                                        `python -m tools.bench --keep DIR`
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from tools import toydata  # noqa: E402
+from tools import toydata
+from tools.harness import peak_rss_gib
 
 METHODS = ["plain", "excite", "guide", "pix2pix-zero", "diffusers-plain", "diffusers-excite",
            "diffusers-pix2pix-zero"]
@@ -273,14 +271,15 @@ def one_cost(method: str, model: str | None, steps: int, size: int | None = None
     dt, n = run(method, model, steps, size)
     return dict(method=method, s_per_step=dt / steps, unet_calls=n["calls"],
                 unet_rows=n["rows"],
-                peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                peak_mb=peak_rss_gib() * 1024)
 
 
 def cost(args):
     """Every method in its own process; then minip2p and diffusers side by side."""
     got = {}
     for method in METHODS:
-        cmd = [sys.executable, __file__, "--one", method, "--steps", str(args.steps)]
+        cmd = [sys.executable, "-m", "tools.eval_guidance", "--one", method,
+               "--steps", str(args.steps)]
         if args.model:
             cmd += ["--model", args.model]
         if args.size:

@@ -9,28 +9,25 @@ statistics of z_T (what the edit starts from; N(0, I) would give 0, 1, 0): mean,
 deviation, and the lag-1 autocorrelation, the centred correlation of each latent pixel with its
 right and lower neighbours, averaged over channels and the two directions.
 
-    python tools/eval_inversion.py                               # weights/toy on the CPU
-    python tools/eval_inversion.py --device cuda --dtype fp16    # on a GPU
-    python tools/eval_inversion.py --model PATH --steps 50 --pictures 2
-    python tools/eval_inversion.py --methods ddim --regularise      # Pix2Pix-Zero's inversion
+    python -m tools.eval_inversion                               # weights/toy on the CPU
+    python -m tools.eval_inversion --device cuda --dtype fp16    # on a GPU
+    python -m tools.eval_inversion --model PATH --steps 50 --pictures 2
+    python -m tools.eval_inversion --methods ddim --regularise      # Pix2Pix-Zero's inversion
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from minip2p.real import images, invert  # noqa: E402
-from minip2p.methods.noise_reg import Regulariser  # noqa: E402
-from minip2p.errors import MinipError  # noqa: E402
-from minip2p.load import load_model  # noqa: E402
-from minip2p.pipeline import check_size, decode  # noqa: E402
+from minip2p.real import images, invert
+from minip2p.methods.noise_reg import Regulariser
+from minip2p.errors import MinipError
+from minip2p.load import load_model
+from minip2p.pipeline import check_size, decode
 
 RGB = {"red": (230, 26, 26), "green": (26, 166, 38), "blue": (26, 64, 230),
        "yellow": (242, 230, 26), "purple": (140, 38, 191), "black": (13, 13, 13)}

@@ -1,7 +1,7 @@
 """MasaCtrl beside Prompt-to-Prompt Replace, and plug-and-play, on the toy model, measured with
 the drawn domain's analyser (minip2p/toydata.py). Prints markdown tables.
 
-    python tools/eval_methods.py                      # weights/toy, a few minutes on 2 CPU cores
+    python -m tools.eval_methods                      # weights/toy, a few minutes on 2 CPU cores
 
 size / shape changes  "a big C S" -> "a small C S" and "a C circle" -> "a C square" (and
                       square -> triangle), for 4 colours × seeds; each pair generated with
@@ -16,20 +16,15 @@ plug-and-play         drawn pictures "a red circle" etc. (toydata.draw) translat
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from minip2p.load import load_model  # noqa: E402
-from minip2p.methods import masactrl, p2p, pnp  # noqa: E402
-from minip2p.pipeline import generate  # noqa: E402
-from tools.toydata import Captions, analyse, draw, iou  # noqa: E402
+from minip2p.load import load_model
+from minip2p.methods import masactrl, p2p, pnp
+from minip2p.pipeline import generate
+from tools.toydata import Captions, analyse, draw, iou
 
 COLOURS = ["red", "blue", "green", "yellow"]
 CHANGES = {"size (big -> small)": ("a big {c} {s}", "a small {c} {s}", ["circle", "square"]),

@@ -1,10 +1,10 @@
 """Evaluate the toy model: fidelity to the caption and Prompt-to-Prompt edits, measured with the
-analyser of the drawn domain (minip2p/toydata.py: background from the border, object mask,
+analyser of the drawn domain (tools/toydata.py: background from the border, object mask,
 dominant colour, shape from the fill ratio). Prints a markdown table.
 
-    python tools/eval_toy.py                          # weights/toy, ~3 min on 2 CPU cores
-    python tools/eval_toy.py --figures weights/toy/figures --card weights/toy/README.md
-    python tools/eval_toy.py --sampler dpm++ --steps 20   # DPM-Solver++ (2M), tools/README.md's table
+    python -m tools.eval_toy                          # weights/toy, minutes on a laptop CPU
+    python -m tools.eval_toy --figures weights/toy/figures --card weights/toy/README.md
+    python -m tools.eval_toy --sampler dpm++ --steps 20   # DPM-Solver++ (2M), tools/README.md's table
 
 fidelity   144 prompts (6 templates x 24 colour-shape pairs, 3 pairs never seen in training),
            one seed each: colour / shape / position / size / background accuracy
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -25,15 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from minip2p import views  # noqa: E402
-from minip2p.methods import p2p  # noqa: E402
-from minip2p.load import load_model  # noqa: E402
-from minip2p.pipeline import decode, denoise, encode_text, generate, to_pil  # noqa: E402
-from minip2p.samplers import SAMPLERS, make_sampler  # noqa: E402
-from tools.toydata import COLOR_NAMES, HELD_OUT, SHAPES, Captions, analyse, draw, iou  # noqa: E402
+from minip2p import views
+from minip2p.methods import p2p
+from minip2p.load import load_model
+from minip2p.pipeline import decode, denoise, encode_text, generate, to_pil
+from minip2p.samplers import SAMPLERS, make_sampler
+from tools.toydata import COLOR_NAMES, HELD_OUT, SHAPES, Captions, analyse, draw, iou
 
 TEMPLATES = ["a {c} {s}", "a big {c} {s}", "a small {c} {s} on the left", "a {c} {s} at the top",
              "a big {c} {s} on the right on a {b} background",

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check, one command for a lent GPU (a few minutes):
 #   1. builds the SD 1.5-shape random checkpoint on that machine and checks parity with diffusers
-#      in fp16 (tools/parity.py: text encoder, UNet, VAE, a 10-step generation);
-#   2. the benchmark rows in fp16, 50 DDIM steps, 512², two prompts (tools/bench.py):
+#      in fp16 (python -m tools.parity: text encoder, UNet, VAE, a 10-step generation);
+#   2. the benchmark rows in fp16, 50 DDIM steps, 512², two prompts (python -m tools.bench):
 #      minip2p plain, minip2p edit (P2P Replace), diffusers plain -- the targets are an edit
 #      <= 0.8 s, edit / minip2p plain <= 1.15, edit peak memory <= diffusers plain;
 #   3. the same edit with DPM-Solver++ at 20 steps, when that sampler is there (--sampler dpm++).
@@ -41,14 +41,14 @@ EOF
     command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv || true
 } 2>&1 | tee "$OUT/machine.txt"
 set +e
-"$PY" tools/parity.py "${DEV[@]}" "${TINY[@]}" --size "$SIZE" --steps 10 --keep "$MODEL" 2>&1 | tee "$OUT/parity.txt"
+"$PY" -m tools.parity "${DEV[@]}" "${TINY[@]}" --size "$SIZE" --steps 10 --keep "$MODEL" 2>&1 | tee "$OUT/parity.txt"
 parity=${PIPESTATUS[0]}
-"$PY" tools/bench.py "${DEV[@]}" --model "$MODEL" --size "$SIZE" --steps "$STEPS" \
+"$PY" -m tools.bench "${DEV[@]}" --model "$MODEL" --size "$SIZE" --steps "$STEPS" \
     --rows minip2p-plain,minip2p-edit,diffusers-plain 2>&1 | tee "$OUT/bench.txt"
 bench=${PIPESTATUS[0]}
 dpm=0
-if "$PY" tools/bench.py --help 2>/dev/null | grep -q -- "--sampler"; then
-    "$PY" tools/bench.py "${DEV[@]}" --model "$MODEL" --size "$SIZE" --steps "$DPM_STEPS" \
+if "$PY" -m tools.bench --help 2>/dev/null | grep -q -- "--sampler"; then
+    "$PY" -m tools.bench "${DEV[@]}" --model "$MODEL" --size "$SIZE" --steps "$DPM_STEPS" \
         --sampler dpm++ --rows minip2p-plain,minip2p-edit,diffusers-plain 2>&1 | tee "$OUT/bench_dpm.txt"
     dpm=${PIPESTATUS[0]}
 fi

@@ -25,19 +25,20 @@ values of order one and relative for larger ones (float rounding is relative to 
         per operation, and diffusers keeps its latents in fp16 between steps where minip2p
         keeps them in fp32, so a gap of order 1e-2 is expected with both sides correct.
 Exits with status 1 when any component is out of tolerance. Usage:
-    python tools/parity.py --device cpu --steps 10 --size 512
+    python -m tools.parity --device cpu --steps 10 --size 512
 """
 from __future__ import annotations
 
-import argparse, gc, os, resource, shutil, sys, tempfile, time, warnings  # noqa: E401
+import argparse, gc, os, shutil, sys, tempfile, time, warnings  # noqa: E401
 from pathlib import Path
 
 import torch
 
+from tools.harness import peak_gib, reset_peak
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
 warnings.filterwarnings("ignore")
 TOKENIZER = Path(__file__).resolve().parent.parent / "weights" / "clip-tokenizer"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 PROMPTS = ["a photograph of an astronaut riding a horse", "A cat, sitting on a RED sofa!"]
 TOL = {"fp32": dict(text=1e-4, unet=1e-4, vae_encode=1e-4, vae_decode=1e-4, generate=1e-4),
        "fp16": dict(text=2e-2, unet=2e-2, vae_encode=2e-2, vae_decode=2e-2, generate=5e-2)}
@@ -71,7 +72,7 @@ def perturb(module: torch.nn.Module, seed: int):
 
 
 def build_and_save(geo: dict, folder: Path, seed: int):
-    """Random-weight SD 1.x pipeline, saved as a real checkpoint folder (see tests/tiny.py)."""
+    """Random-weight SD 1.x pipeline, saved as a real checkpoint folder (see tests/helpers.py)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     torch.manual_seed(seed)
@@ -95,22 +96,6 @@ def build_and_save(geo: dict, folder: Path, seed: int):
     pipe.save_pretrained(str(folder), safe_serialization=True)
     for name in ("vocab.json", "merges.txt"):  # transformers 5 writes only tokenizer.json
         shutil.copy(TOKENIZER / name, folder / "tokenizer" / name)
-
-
-def reset_peak(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # Linux: reset the RSS high-water mark that getrusage reports
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class Side:

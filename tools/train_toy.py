@@ -13,10 +13,10 @@ The result is written in diffusers layout (fp16 safetensors) into a temporary fo
 The shipped model took three runs (stage 1; stage 2; stage 2 continued with --pyramid-noise):
 their exact commands and times are in weights/toy/README.md.
 
-    python tools/train_toy.py --steps-unet 0 --out /tmp/vae         # stage 1 only
-    python tools/train_toy.py --vae-from /tmp/vae --out /tmp/toy    # stage 2 on that VAE
-    python tools/train_toy.py --init /tmp/toy --pyramid-noise 0.5   # continue stage 2
-    python tools/train_toy.py --quick --out /tmp/t                  # a few steps, for CI
+    python -m tools.train_toy --steps-unet 0 --out /tmp/vae         # stage 1 only
+    python -m tools.train_toy --vae-from /tmp/vae --out /tmp/toy    # stage 2 on that VAE
+    python -m tools.train_toy --init /tmp/toy --pyramid-noise 0.5   # continue stage 2
+    python -m tools.train_toy --quick --out /tmp/t                  # a few steps, for CI
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,15 +35,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from tools import toydata  # noqa: E402
-from minip2p.model.clip import CLIPTextModel  # noqa: E402
-from minip2p.model.config import SchedulerConfig, TextConfig, UNetConfig, VAEConfig  # noqa: E402
-from minip2p.samplers.ddim import DDIM  # noqa: E402
-from minip2p.model.tokenizer import ClipTokenizer  # noqa: E402
-from minip2p.model.unet import UNet2DConditionModel  # noqa: E402
-from minip2p.model.vae import AutoencoderKL  # noqa: E402
+from tools import toydata
+from minip2p.model.clip import CLIPTextModel
+from minip2p.model.config import SchedulerConfig, TextConfig, UNetConfig, VAEConfig
+from minip2p.samplers.ddim import DDIM
+from minip2p.model.tokenizer import ClipTokenizer
+from minip2p.model.unet import UNet2DConditionModel
+from minip2p.model.vae import AutoencoderKL
 
 TOKENIZER = ROOT / "weights" / "clip-tokenizer"
 DIFFUSERS_VERSION = "0.30.0"

@@ -18,9 +18,17 @@ Geometries:
            diffusers' StableDiffusionInstructPix2PixPipeline with Euler ancestral.
 
 `build_clip` writes a tiny random transformers `CLIPModel` (vision + text towers, projections).
+
+Also the small helpers the test files share: `maxdiff`, `reldiff`, `sampler_vs_diffusers`,
+`unet_vs_diffusers`, `generate_vs_diffusers`,
+`picture` (a test picture), `cli` / `one_line` (the CLI in-process, its stderr) and
+`run_minip2p` (the CLI in a real process).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -181,3 +189,61 @@ def sampler_vs_diffusers(model, pipe, sampler: str, scheduler, steps: int, seed:
                     return_latents=True)
     ref = sample_with(pipe, scheduler, prompt, steps, seed)
     return maxdiff(ours, ref), reldiff(ours, ref)
+
+
+@torch.no_grad()
+def unet_vs_diffusers(pipe, model, t: int) -> tuple[float, float]:
+    """minip2p's UNet against diffusers' on the same random latents (not square on purpose) and
+    context, seeded by `t`: (max|Δ|, max|output|)."""
+    g = torch.Generator().manual_seed(t)
+    s = pipe.unet.config.sample_size
+    z = torch.randn(2, 4, s, s + 2, generator=g)
+    ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    ref = pipe.unet(z, t, ctx).sample
+    return maxdiff(model.unet(z, t, ctx), ref), ref.abs().max().item()
+
+
+def generate_vs_diffusers(pipe, model, prompts, seed: int, steps: int, height: int, width: int):
+    """minip2p's generate against the diffusers pipeline from the same z_T (guidance 7.5):
+    (max|Δ| of the final latents, max|Δ| of the decoded images)."""
+    from minip2p.pipeline import decode, generate, initial_noise
+    z = initial_noise(model, seed, height, width)
+    ours = generate(model, prompts, seed=seed, steps=steps, guidance=7.5, height=height,
+                    width=width, progress=False, return_latents=True)
+    ref = pipe(prompts, height=height, width=width, num_inference_steps=steps, guidance_scale=7.5,
+               latents=z.expand(len(prompts), -1, -1, -1).clone(), output_type="latent").images
+    img_ref = (pipe.vae.decode(ref / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    return maxdiff(ours, ref), maxdiff(decode(model, ours), img_ref)
+
+
+def picture(size: int = 64):
+    """A red disc on an off-white ground (PIL, RGB, size × size)."""
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (size, size), (240, 240, 230))
+    ImageDraw.Draw(im).ellipse((8, 12, 44, 48), fill=(200, 30, 30))
+    return im
+
+
+def cli(capsys, *argv):
+    """minip2p's CLI in-process: (exit status, stdout, stderr)."""
+    from minip2p.cli import main
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line(capsys, argv, needle: str = "") -> str:
+    """Run the CLI in-process, expecting a refusal: exit status 2 and one `minip2p: ` line on
+    stderr (containing `needle`). -> that line."""
+    rc, _, err = cli(capsys, *argv)
+    lines = err.splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("minip2p: "), err
+    assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def run_minip2p(*args, env: dict | None = None, timeout: float = 300, **kw):
+    """`python -m minip2p ARGS` in a real process, offline: the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "minip2p", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                          timeout=timeout, **kw)
