@@ -214,15 +214,15 @@ def cmd_edit(args):
             z = inv.z_T
             shown = [input_pil(inv)] if inv.image is not None else []
         z_src, z_edit = pz.edit(model, prompts[0], delta, z, args.steps, args.guidance,
-                                args.xa_guidance, progress=not args.quiet, fast=not args.explicit)
-        result = to_pil(decode(model, torch.cat([z_src, z_edit]), not args.explicit))
+                                args.xa_guidance, progress=not args.quiet)
+        result = to_pil(decode(model, torch.cat([z_src, z_edit])))
     elif args.method == "pnp":
         from ..methods import pnp
         x = images.to_tensor(images.fit(real, height, width))
         store = None
         result = [pnp.edit(model, x, target, prompts[0], args.negative_prompt, args.steps,
                            args.guidance, args.pnp_features, args.pnp_attention,
-                           progress=not args.quiet, fast=not args.explicit)
+                           progress=not args.quiet)
                   for target in prompts[1:]]
         result = to_pil(torch.cat([result[0][:1]] + [r[1:] for r in result]))  # source, targets
         shown = [real.resize((width, height))]
@@ -231,14 +231,14 @@ def cmd_edit(args):
         control, store = method_control(args, model, prompts, steps_run)
         result = to_pil(sdedit.generate(model, images.fit(real, height, width), prompts,
                                         args.strength, args.seed, args.steps, args.guidance,
-                                        height, width, control, fast=not args.explicit, **kw))
+                                        height, width, control, **kw))
         shown = [images.fit(real, height, width)]
     elif real is None:
         step_pixels = over_time_pixels(args, model, height, width)
         control, store = method_control(args, model, prompts, args.steps, step_pixels)
         z_T, x0 = with_x0(args, model, height, width)
         result = to_pil(generate(model, prompts, args.seed, args.steps, args.guidance, height,
-                                 width, control=control, fast=not args.explicit, latents=z_T,
+                                 width, control=control, latents=z_T,
                                  callback=x0, sampler=args.sampler, **kw))
     else:                        # real image: the inversion's prompt is the source
         if isinstance(real, invert.Inversion):

@@ -32,7 +32,7 @@ def cmd_generate(args):
     model = load(args)
     height, width = preflight(args, model)
     kw = dict(seed=args.seed, steps=args.steps, guidance=args.guidance, height=height, width=width,
-              progress=not args.quiet, fast=not args.explicit,
+              progress=not args.quiet,
               free_text_encoder=args.free_text_encoder)
     if args.excite:
         from ..methods import attend_excite

@@ -44,7 +44,7 @@ def cmd_guide(args):
     model.scheduler.timesteps(args.steps)
     tokens = sg.tokens_of(model.tokenizer, args.prompt, {**moves, **resizes})
     kw = dict(seed=args.seed, steps=args.steps, guidance=args.guidance, height=height,
-              width=width, progress=not args.quiet, fast=not args.explicit)
+              width=width, progress=not args.quiet)
     observed = sg.Observe(model.unet, tokens, args.keep_appearance)
     plain = generate(model, [args.prompt], control=observed, **kw)
     ctrl = sg.SelfGuidance(model, encode_text(model, [args.prompt]), tokens, args.steps, observed,

@@ -29,8 +29,7 @@ def cmd_instruct(args):
     store = AttentionStore(1) if args.maps else None
     result = to_pil(instruct.edit(model, images.fit(photo, height, width), args.instruction,
                                   args.seed, args.steps, args.guidance, args.image_guidance,
-                                  args.sampler, control=store, progress=not args.quiet,
-                                  fast=not args.explicit))[0]
+                                  args.sampler, control=store, progress=not args.quiet))[0]
     files = {out: result}
     if store is not None:
         pixels = views.pick_pixels(store, "cross", None, result)

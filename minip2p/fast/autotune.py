@@ -4,7 +4,7 @@ The fast path has a choice at a few places, and which side wins depends on the C
 build, the thread count and the shape: on one AMD EPYC MKL's sgemm ran at half oneDNN's speed, on
 an Intel Xeon oneDNN lost 4 % and PyTorch's fused attention beat oneDNN query slices by 16 %.
 
-    kind        candidates                   where (minip2p/ops.py, pipeline.decode)
+    kind        candidates                   where (kernels.py, pipeline.decode)
     linear      torch | onednn               y = x Wᵀ + b          (MKL sgemm vs oneDNN matmul)
     geglu       torch | onednn               a · GELU(g)           (three passes vs two fused matmuls)
     attention   sdpa  | onednn               softmax(QKᵀ/√d)·V, m ≥ 1024 keys (fused vs query slices)
@@ -22,7 +22,8 @@ so a new machine, a new PyTorch or another `torch.set_num_threads` measures agai
 
 `--no-autotune` (every model-running command) or `MINIP2P_NO_AUTOTUNE=1` switch measuring off
 for reproducible runs: then every choice is PyTorch's own kernel (the `DEFAULT` column), with no
-file read or written. The explicit path (fast=False) never asks. Every candidate computes the same
+file read or written. A model without the fast path installed (`load_model(fast=False)`,
+`--explicit`, `fast.uninstall`) never asks. Every candidate computes the same
 function; tests/test_autotune.py proves each one equals the explicit path.
 """
 from __future__ import annotations

@@ -77,7 +77,7 @@ def forward_with_grad(model, z: torch.Tensor, t, context: torch.Tensor, recorder
     with torch.enable_grad():
         try:
             eps = model.unet(z.to(model.dtype), t, context.to(model.dtype), control=recorder,
-                             step=step, fast=True, batch=batch)
+                             step=step, batch=batch)
         except StopForward:
             pass
     return z, eps
