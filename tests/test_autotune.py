@@ -1,4 +1,4 @@
-"""Kernels chosen by measurement (minip2p/autotune.py): every candidate the tuner can pick equals
+"""Kernels chosen by measurement (minip2p/fast/autotune.py): every candidate the tuner can pick equals
 the explicit path; a choice is measured once per machine key and cached; --no-autotune and
 MINIP2P_NO_AUTOTUNE take PyTorch's own kernels with no file touched. The fast path is installed on
 the shared tiny model (`fast.switched`) and compared with the model without it."""

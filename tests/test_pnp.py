@@ -14,6 +14,7 @@ import pnp_oracle as O
 from minip2p.real import images
 from minip2p.control import Controller
 from minip2p.errors import MinipError
+from minip2p.fast import switched
 from minip2p.real.invert import ddim_invert
 from minip2p.methods import pnp
 from minip2p.pipeline import denoise, encode_text
@@ -63,8 +64,9 @@ def test_matches_the_official_code(sd_ckpt, sd_model, picture, name):
     d_traj = max([(saved[t] - saved_ref[t]).abs().max().item() for t in ts] +
                  [(traj[0] - z0_ref).abs().max().item()])
 
-    z = pnp.edit(model, picture, PROMPT, steps=steps, guidance=GUIDANCE, features=f,
-                 attention=a, progress=False, fast=fast, return_latents=True)
+    with switched(model, fast):
+        z = pnp.edit(model, picture, PROMPT, steps=steps, guidance=GUIDANCE, features=f,
+                     attention=a, progress=False, return_latents=True)
     z_ref, recon_ref = O.edit(pipe, saved, PROMPT, pnp.NEGATIVE_PROMPT, steps, GUIDANCE, f, a)
     z_e2e, _ = O.edit(pipe, saved_ref, PROMPT, pnp.NEGATIVE_PROMPT, steps, GUIDANCE, f, a)
     d_tgt = (z[1:] - z_ref).abs().max().item()
@@ -155,5 +157,6 @@ def test_bf16_runs_both_paths(sd_ckpt, picture):
     kw = dict(steps=3, features=1.0, attention=1.0, progress=False, return_latents=True)
     want = pnp.edit(m32, picture, PROMPT, **kw)
     for fast in (True, False):
-        z = pnp.edit(m16, picture, PROMPT, fast=fast, **kw)
+        with switched(m16, fast):
+            z = pnp.edit(m16, picture, PROMPT, **kw)
         assert torch.isfinite(z).all() and (z - want).abs().max() < 0.1 * want.abs().max()

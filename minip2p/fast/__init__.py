@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from ..attention import Attention
+from ..load.checkpoint import Model
 from ..model.unet import GEGLU, TokenConv, Transformer2DModel
 from . import kernels
 
@@ -81,17 +82,20 @@ def _set_fused(unet: nn.Module, fused):
 
 
 def install(model):
-    """Put the fast path into `model` (a load.Model); returns it. Installing twice is a no-op."""
-    _swap(model.unet, FAST)
-    _set_fused(model.unet, kernels.sdpa)
+    """Put the fast path into `model` (a load.Model, or a bare UNet: training); returns it.
+    Installing twice is a no-op."""
+    unet = model.unet if isinstance(model, Model) else model
+    _swap(unet, FAST)
+    _set_fused(unet, kernels.sdpa)
     model.fast = True
     return model
 
 
 def uninstall(model):
     """Give `model` its plain modules back: the reference path, no tuner asked; returns it."""
-    _swap(model.unet, PLAIN)
-    _set_fused(model.unet, None)
+    unet = model.unet if isinstance(model, Model) else model
+    _swap(unet, PLAIN)
+    _set_fused(unet, None)
     model.fast = False
     return model
 
