@@ -13,16 +13,36 @@ where the controller's `wants(site)` is true -- on the explicit and the fast pat
     before_step(z, step) -> z'     the latents (B, 4, h, w) before / after each denoising step
     after_step(z, step) -> z'      (LocalBlend; pinning the source to an inversion trajectory)
 
-Rows of the UNet batch are described by `site.batch` (a `guidance.GuidanceBatch`): a controller
-asks it which row is the source, which are the edits, which the unconditional half.
+A `Site` says where and when a hook is called, nothing else. How the UNet call runs travels in
+one `Run`, built once per call and handed to every hook as `site.run`: the rows of the batch
+(`run.batch`, a `guidance.GuidanceBatch`: a controller asks `site.batch_of(n)` which row is the
+source, which are the edits, which the unconditional half), the precision of the maps
+(`run.upcast`) and the fused attention kernel the model has installed (`run.fused`, see
+minip2p/fast/; None: explicit), which a hook that computes attention itself may use too.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .guidance import TEXT, GuidanceBatch
+
+
+@dataclass(frozen=True)
+class Run:
+    """How one UNet call runs, the same at every site of it.
+
+    batch:  what each row of the UNet batch holds (None: a call outside a sampling loop)
+    upcast: the model forms QKᵀ and the softmax in fp32 (SD 2.x's upcast_attention)
+    fused:  the fused attention kernel fused(q, k, v, mask=None) -> softmax(QKᵀ/√d + mask)·V
+            that the fast path installed on the model (minip2p/fast/), or None: explicit.
+            `attention.softmax_attention(q, k, v, site.run.fused, site.run.upcast)` uses it.
+    """
+    batch: GuidanceBatch | None = None
+    upcast: bool = False
+    fused: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -39,9 +59,7 @@ class Site:
     step:   index of the denoising step, 0 .. steps-1 (None outside a sampling loop)
     index:  attention sites: the transformer block's place in the UNet's forward order, 0 … n−1
             (SD 1.x: 16, down 0–5, mid 6, up 7–15); None at "res" sites
-    batch:  what each row of the UNet batch holds (None: a call outside a sampling loop)
-    fast:   the run may use fused kernels (an `attend` hook may use them too)
-    upcast: the model forms QKᵀ and the softmax in fp32 (SD 2.x's upcast_attention)
+    run:    how this UNet call runs (`Run`: batch, upcast, fused); not part of the place
     """
     place: str
     block: int
@@ -51,9 +69,7 @@ class Site:
     pixels: int
     step: int | None = None
     index: int | None = field(default=None, compare=False)
-    batch: GuidanceBatch | None = field(default=None, compare=False, repr=False)
-    fast: bool = field(default=False, compare=False, repr=False)
-    upcast: bool = field(default=False, compare=False, repr=False)
+    run: Run = field(default_factory=Run, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -63,7 +79,7 @@ class Site:
 
     def batch_of(self, n_rows: int) -> GuidanceBatch:
         """The batch description; for a bare call of n rows, the usual [∅ × n/2, c × n/2]."""
-        return self.batch or GuidanceBatch.cfg_layout(n_rows // 2)
+        return self.run.batch or GuidanceBatch.cfg_layout(n_rows // 2)
 
 
 class Controller:

@@ -71,7 +71,7 @@ def encode_text(model: Model, prompts: list[str]) -> torch.Tensor:
 
 def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int = 50,
            guidance: float = 7.5, control: Controller | None = None, progress: bool = True,
-           fast: bool = True, batch: GuidanceBatch | None = None,
+           batch: GuidanceBatch | None = None,
            start: int = 0, sampler=None, image_latents: torch.Tensor | None = None,
            image_guidance: float = 1.5) -> Iterator[tuple[int, int, torch.Tensor]]:
     """The guided loop as a generator: yields (step, t, z_{t−1}) after every step.
@@ -81,8 +81,9 @@ def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int
     [∅ × B, c × B]).
     `start`: skip the first `start` of the `steps` timesteps (SDEdit); the controller's steps are
     counted from there, 0 … steps − start − 1.
-    `fast`: fused attention wherever no controller reads or writes the probabilities; `fast=False`
-    forms every M = softmax(QKᵀ/√d) explicitly (the reference path; tests prove both equal).
+    The UNet runs as loaded: with the fast path installed (minip2p/fast/, the default of
+    `load_model`) fused attention wherever no controller reads or writes the probabilities,
+    without it every M = softmax(QKᵀ/√d) formed (the reference path; tests prove both equal).
     `sampler`: DDIM (default, `model.scheduler`) or another of `samplers.SAMPLERS`; z_T is given
     with unit variance and scaled by the sampler's `init_sigma` (1 for DDIM and DPM-Solver++).
     `image_latents` (InstructPix2Pix, see instruct.py): (1 or B, c, h, w) concatenated to each
@@ -116,7 +117,7 @@ def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int
             z_in = torch.cat([z_in, batch.image_cond(image_latents.to(z_in))], dim=1)
         with torch.no_grad():
             eps = model.unet(z_in.to(model.dtype), t, context, control=control,
-                             step=i, fast=fast, batch=batch)
+                             step=i, batch=batch)
         eps = batch.guide(eps.float(), guidance, image_guidance if image_latents is not None
                           else None)                                   # CFG
         z = sched.step(eps, t, z, steps)
@@ -127,12 +128,12 @@ def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int
 
 def denoise(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int = 50,
             guidance: float = 7.5, control: Controller | None = None,
-            callback: Callable | None = None, progress: bool = True, fast: bool = True,
+            callback: Callable | None = None, progress: bool = True,
             batch: GuidanceBatch | None = None, start: int = 0, sampler=None,
             **image) -> torch.Tensor:
     """Run `sample` to the end; `callback(step, t, z)` after every step. Returns z_0 (B, 4, h, w)
     in fp32. `image`: `image_latents`, `image_guidance` (InstructPix2Pix)."""
-    for i, t, z_next in sample(model, cond, uncond, z, steps, guidance, control, progress, fast,
+    for i, t, z_next in sample(model, cond, uncond, z, steps, guidance, control, progress,
                                batch, start, sampler, **image):
         z = z_next
         if callback is not None:
@@ -154,19 +155,18 @@ class X0Recorder:
 
 
 @torch.no_grad()
-def decode(model: Model, z: torch.Tensor, fast: bool = True) -> torch.Tensor:
+def decode(model: Model, z: torch.Tensor) -> torch.Tensor:
     """z_0 (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32.
 
-    `fast`: run the decoder in the memory layout `autotune` measured faster here (the first two
-    decodes at a size on a machine run one in each layout, timed). In PyTorch's default layout
-    every oneDNN convolution reorders its input and output to and from a blocked layout;
-    channels-last skips that (`python -m tools.bench_decode` times both; figures in
-    tools/README.md); elsewhere (GPU, fp16) fast = channels-last.
-    `fast=False` keeps PyTorch's default layout. Same images
-    within float rounding (tests/test_fast.py, tests/test_autotune.py)."""
+    With the fast path installed (`model.fast`, minip2p/fast/) the decoder runs in the memory
+    layout `autotune` measured faster here (the first two decodes at a size on a machine run one
+    in each layout, timed): in PyTorch's default layout every oneDNN convolution reorders its
+    input and output to and from a blocked layout, which channels-last skips
+    (`python -m tools.bench_decode`); elsewhere (GPU, fp16) in channels-last. Without it, PyTorch's
+    default layout. Same images within float rounding (tests/test_fast.py, test_autotune.py)."""
     z = (z / model.vae.cfg.scaling_factor).to(model.device, model.dtype)
-    tuned = fast and model.device.type == "cpu" and model.dtype == torch.float32
-    untuned = "channels_last" if fast else "contiguous"
+    tuned = model.fast and model.device.type == "cpu" and model.dtype == torch.float32
+    untuned = "channels_last" if model.fast else "contiguous"
     images = []
     for zi in z:           # one image at a time: the decoder's activations dominate peak memory
         pick, trial = tuner().trial("decode", tuple(zi.shape)) if tuned else (untuned, False)
@@ -182,7 +182,7 @@ def decode(model: Model, z: torch.Tensor, fast: bool = True) -> torch.Tensor:
 def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
              guidance: float = 7.5, height: int | None = None, width: int | None = None,
              control=None, latents: torch.Tensor | None = None, callback=None,
-             progress: bool = True, return_latents: bool = False, fast: bool = True,
+             progress: bool = True, return_latents: bool = False,
              free_text_encoder: bool = False, start: int = 0, sampler: str = "ddim"):
     """Prompts -> images (B, 3, H, W) in [0, 1] (or z_0 if `return_latents`).
 
@@ -201,9 +201,9 @@ def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
     uncond = encode_text(model, [""])
     if free_text_encoder:
         model.text_encoder = None
-    z = denoise(model, cond, uncond, z, steps, guidance, control, callback, progress, fast,
+    z = denoise(model, cond, uncond, z, steps, guidance, control, callback, progress,
                 start=start, sampler=smp)
-    return z if return_latents else decode(model, z, fast)
+    return z if return_latents else decode(model, z)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

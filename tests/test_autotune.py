@@ -1,6 +1,7 @@
-"""Kernels chosen by measurement (minip2p/autotune.py): every candidate the tuner can pick equals
+"""Kernels chosen by measurement (minip2p/fast/autotune.py): every candidate the tuner can pick equals
 the explicit path; a choice is measured once per machine key and cached; --no-autotune and
-MINIP2P_NO_AUTOTUNE take PyTorch's own kernels with no file touched."""
+MINIP2P_NO_AUTOTUNE take PyTorch's own kernels with no file touched. The fast path is installed on
+the shared tiny model (`fast.switched`) and compared with the model without it."""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from minip2p.fast import autotune
+from minip2p.fast import autotune, switched
 from minip2p.fast.autotune import KINDS, Tuner, forced
 from minip2p.pipeline import decode
 
@@ -31,17 +32,20 @@ def use():
 @pytest.mark.parametrize("choice", ASSIGNMENTS, ids=lambda c: ",".join(c.values()))
 def test_every_candidate_equals_the_explicit_path(sd_model, use, choice):
     """A UNet call on 32×32 latents (the top level's self-attention has 1024 keys, so the
-    attention choice is made there) and a decode, under each forced assignment, against
-    fast=False: nn.Linear, explicit softmax(QKᵀ/√d)·V, the default layout."""
+    attention choice is made there) and a decode, under each forced assignment, against the
+    model without the fast path: nn.Linear, explicit softmax(QKᵀ/√d)·V, the default layout."""
     use(forced(**choice))
     unet = sd_model.unet
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 4, 32, 32, generator=g)
     c = torch.randn(2, 77, unet.cfg.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        fast, ref = unet(z, 10, c, fast=True), unet(z, 10, c, fast=False)
-    assert (fast - ref).abs().max() <= 2e-5 * max(1.0, ref.abs().max().item())
-    images = {f: decode(sd_model, z[:1, :, :8, :8], fast=f) for f in (True, False)}
+    out, images = {}, {}
+    for fast in (True, False):
+        with switched(sd_model, fast), torch.no_grad():
+            out[fast] = unet(z, 10, c)
+            images[fast] = decode(sd_model, z[:1, :, :8, :8])
+    ref = out[False]
+    assert (out[True] - ref).abs().max() <= 2e-5 * max(1.0, ref.abs().max().item())
     assert (images[True] - images[False]).abs().max() <= 1e-5
 
 
@@ -51,14 +55,17 @@ def test_the_decode_layout_is_tried_on_the_real_decodes_then_kept(sd_model, use,
     t = Tuner(path=tmp_path / "k.json")
     use(t)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    ref = decode(sd_model, z, fast=False)
-    assert (decode(sd_model, z, fast=True) - ref).abs().max() <= 1e-5     # two trials
+    with switched(sd_model, False):
+        ref = decode(sd_model, z)
+    with switched(sd_model, True):
+        assert (decode(sd_model, z) - ref).abs().max() <= 1e-5           # two trials
     assert t.measured == 1 and set(t.timings["decode 4x8x8"]) == set(KINDS["decode"])
     choice, trial = t.trial("decode", (4, 8, 8))
     assert not trial and choice == min(t.timings["decode 4x8x8"], key=t.timings["decode 4x8x8"].get)
     assert json.loads((tmp_path / "k.json").read_text())[autotune.machine_key()] == {
         "decode 4x8x8": choice}
-    assert (decode(sd_model, z, fast=True) - ref).abs().max() <= 1e-5
+    with switched(sd_model, True):
+        assert (decode(sd_model, z) - ref).abs().max() <= 1e-5
 
 
 def test_a_choice_is_measured_once_and_cached(tmp_path):

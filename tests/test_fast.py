@@ -1,21 +1,35 @@
 """The fast path (fused SDPA wherever no controller reads the probabilities, oneDNN linear layers,
-channels-last decoding) equals the explicit path; it forms no map at the full-resolution
-self-attention and runs every transformer linear layer on oneDNN (guards that are not timings).
+channels-last decoding), installed on a loaded model by minip2p/fast/, equals the explicit path;
+it forms no map at the full-resolution self-attention and runs every transformer linear layer on
+oneDNN (guards that are not timings). `uninstall` gives the plain modules back with the same
+weights; a model loaded without it never asks the tuner; the reference model never imports it.
 
 Tiny model: latents 8×8, so the attention resolutions are 8² (= "64²" at 512 px), 4², 2², 1².
 The reference limits scale with it: store ≤ 4² (= 32² at 512 px), self-replace ≤ 2² (= 16²).
 """
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
+from minip2p import fast as fastpath
+from minip2p.attention import Attention
 from minip2p.fast import autotune, kernels as ops
 from minip2p.control import Controller
+from minip2p.load import load_model
 from minip2p.methods import p2p
 from minip2p.pipeline import decode, generate
 
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
 REFINE = ["a painting of a squirrel eating a burger", "a painting of a squirrel eating a big burger"]
 KW = dict(seed=3, steps=6, height=64, width=64, progress=False, return_latents=True)
+
+
+def run(model, fast: bool, *args, **kw):
+    """generate() with the fast path installed (fast) or not, the model left as it was."""
+    with fastpath.switched(model, fast):
+        return generate(model, *args, **kw)
 
 
 class Recorder(Controller):
@@ -57,8 +71,9 @@ def controllers(tok):
 
 
 def test_fast_equals_explicit_without_controller(sd_model):
-    a = generate(sd_model, PROMPTS, fast=True, **KW)
-    b = generate(sd_model, PROMPTS, fast=False, **KW)
+    assert sd_model.fast                                     # load_model installs it by default
+    a = run(sd_model, True, PROMPTS, **KW)
+    b = run(sd_model, False, PROMPTS, **KW)
     assert (a - b).abs().max().item() <= 1e-4
 
 
@@ -71,7 +86,7 @@ def test_fast_equals_explicit_for_every_controller(sd_model, name):
     runs = {}
     for fast in (True, False):
         label, prompts, control = next(c for c in controllers(sd_model.tokenizer) if c[0] == name)
-        runs[fast] = generate(sd_model, prompts, control=control, fast=fast, **KW)
+        runs[fast] = run(sd_model, fast, prompts, control=control, **KW)
     d = (runs[True] - runs[False]).abs().max().item()
     print(f"{name}: fast vs explicit max|Δ| = {d:.2e}")
     assert d <= 1e-4
@@ -83,10 +98,10 @@ def test_a_lone_edit_forms_no_cross_map_on_the_fast_path_and_shares_them_with_a_
     tok = sd_model.tokenizer
     alone = Recorder(p2p.build(tok, PROMPTS, 6, "replace", store=False)[0])
     alone.attend = alone.inner.attend
-    generate(sd_model, PROMPTS, control=alone, fast=True, **KW)
+    run(sd_model, True, PROMPTS, control=alone, **KW)
     assert alone.formed and not [s for s in alone.formed if s.kind == "cross"]
     shared, st = p2p.build(tok, PROMPTS, 6, "replace", store=True)
-    generate(sd_model, PROMPTS, control=shared, fast=True, **KW)
+    run(sd_model, True, PROMPTS, control=shared, **KW)
     stored_cross = {key for key in st.sums if key[4] == "cross"}          # key: …, kind, pixels
     assert st.steps_seen == set(range(6)) and len(stored_cross) == 16     # every cross site
 
@@ -97,7 +112,7 @@ def test_fast_path_forms_no_full_resolution_self_attention_map(sd_model):
                                  store=True)[0])
     # the store inside build keeps ≤ 32² at 512 px; give it the tiny model's equivalent
     next(c for c in control.inner.controllers if isinstance(c, p2p.AttentionStore)).max_pixels = 16
-    generate(sd_model, PROMPTS, control=control, fast=True, **KW)
+    run(sd_model, True, PROMPTS, control=control, **KW)
     full = 8 * 8
     assert not [s for s in control.formed if s.kind == "self" and s.pixels == full]
     per_step = {}
@@ -118,15 +133,18 @@ def test_fast_path_forms_no_full_resolution_self_attention_map(sd_model):
 def test_fast_decode_equals_the_default_layout(sd_model):
     """The fast path decodes in channels-last layout; the images agree within float rounding."""
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
-    fast, plain = decode(sd_model, z, fast=True), decode(sd_model, z, fast=False)
+    with fastpath.switched(sd_model, True):
+        fast = decode(sd_model, z)
+    with fastpath.switched(sd_model, False):
+        plain = decode(sd_model, z)
     assert fast.shape == plain.shape == (2, 3, 64, 64) and fast.is_contiguous()
     assert (fast - plain).abs().max().item() <= 1e-5
-    images = [generate(sd_model, ["a cat"], seed=1, steps=2, height=64, width=64, progress=False,
-                       fast=f) for f in (True, False)]
+    images = [run(sd_model, f, ["a cat"], seed=1, steps=2, height=64, width=64, progress=False)
+              for f in (True, False)]
     assert (images[0] - images[1]).abs().max().item() <= 1e-4
 
 
-# ------------------------------------------------ oneDNN linear layers (minip2p/ops.py)
+# ------------------------------------------- oneDNN linear layers (minip2p/fast/kernels.py)
 
 def _layers():
     g = torch.Generator().manual_seed(0)
@@ -150,24 +168,23 @@ def test_onednn_linear_equals_nn_linear(onednn):
     lin, conv, nobias, x = _layers()
     with torch.no_grad():
         for layer in (lin, nobias):
-            assert (ops.linear(layer, x, fast=True) - layer(x)).abs().max() <= 1e-5
+            assert (ops.linear(layer, x) - layer(x)).abs().max() <= 1e-5
         # a 1×1 conv on a (b, c, h, w) map = the same linear map on its (b, h·w, c) tokens
         img = x.reshape(3, 17, 1, 24).permute(0, 3, 1, 2)                 # (b, c, h=17, w=1)
         ref = conv(img).permute(0, 2, 3, 1).reshape(3, 17, 40)
-        for fast in (True, False):
-            assert (ops.linear(conv, x, fast=fast) - ref).abs().max() <= 1e-5
+        assert (ops.linear(conv, x) - ref).abs().max() <= 1e-5
         proj = torch.nn.Linear(24, 2 * 40)
         a, g = proj(x).chunk(2, dim=-1)
-        assert (ops.geglu(proj, x, fast=True) - a * torch.nn.functional.gelu(g)).abs().max() <= 1e-5
-        assert ops.geglu(proj, x, fast=True).shape == (3, 17, 40)
+        assert (ops.geglu(proj, x) - a * torch.nn.functional.gelu(g)).abs().max() <= 1e-5
+        assert ops.geglu(proj, x).shape == (3, 17, 40)
 
 
 def test_onednn_linear_is_not_used_under_autograd(onednn):
-    """oneDNN's op has no backward: with gradients on, the fast path must take nn.Linear
-    (null-text inversion differentiates through the UNet with fast=True)."""
+    """oneDNN's op has no backward: with gradients on, the fast path must take F.linear
+    (null-text inversion differentiates through the UNet with the fast path installed)."""
     lin, _, _, x = _layers()
     x = x.clone().requires_grad_()
-    ops.linear(lin, x, fast=True).square().sum().backward()
+    ops.linear(lin, x).square().sum().backward()
     ref = x.detach().clone().requires_grad_()
     lin(ref).square().sum().backward()
     assert x.grad is not None and (x.grad - ref.grad).abs().max() <= 1e-4
@@ -181,8 +198,8 @@ def test_fast_unet_call_runs_its_linear_layers_on_onednn(sd_model, onednn):
     z, c = torch.randn(2, 4, 8, 8), torch.randn(2, 77, unet.cfg.cross_attention_dim)
     counts = {}
     for fast in (True, False):
-        with torch.no_grad(), torch.profiler.profile() as prof:
-            unet(z, 10, c, fast=fast)
+        with fastpath.switched(sd_model, fast), torch.no_grad(), torch.profiler.profile() as prof:
+            unet(z, 10, c)
         names = [e.name for e in prof.events()]
         counts[fast] = (names.count("mkldnn::_linear_pointwise"), names.count("aten::linear"))
     from minip2p.model.unet import BasicTransformerBlock, Transformer2DModel
@@ -204,10 +221,10 @@ def test_sdpa_slices_equal_fused_attention(n, m, chunk, onednn):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     with torch.no_grad():
         out = ops.dnn_attention(q, k, v, chunk=chunk)
-        assert (ops.sdpa(q, k, v, fast=True, min_keys=m) - ref).abs().max() <= 1e-5
+        assert (ops.sdpa(q, k, v, min_keys=m) - ref).abs().max() <= 1e-5
     assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-5
     q.requires_grad_()                                     # under autograd: PyTorch's kernel,
-    out = ops.sdpa(q, k, v, fast=True, min_keys=m)        # so gradients reach q
+    out = ops.sdpa(q, k, v, min_keys=m)                   # so gradients reach q
     assert (out - ref).abs().max() <= 1e-5
     out.sum().backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
@@ -220,8 +237,62 @@ def test_a_bare_store_holds_the_same_maps_on_both_paths(sd_model):
     stores = {}
     for fast in (True, False):
         stores[fast] = p2p.AttentionStore(2, max_pixels=16)
-        generate(sd_model, PROMPTS, control=stores[fast], fast=fast, **KW)
+        run(sd_model, fast, PROMPTS, control=stores[fast], **KW)
     assert stores[True].sums.keys() == stores[False].sums.keys()
     assert stores[True].sums and all(k[5] <= 16 for k in stores[False].sums)
     for k in stores[True].sums:
         assert (stores[True].sums[k] - stores[False].sums[k]).abs().max() < 1e-5, k
+
+
+# ------------------------------------------------ install / uninstall (minip2p/fast/__init__.py)
+
+def test_uninstall_gives_the_plain_modules_back_with_the_same_weights(sd_ckpt):
+    model = load_model(sd_ckpt[1], fast=False)
+    kinds = [(name, type(m)) for name, m in model.unet.named_modules()]
+    state = {k: v.data_ptr() for k, v in model.unet.state_dict().items()}
+    assert not model.fast and model.unet.fused is None
+    fastpath.install(model)
+    swapped = [m for m in model.unet.modules() if type(m) in fastpath.PLAIN]
+    assert model.fast and swapped and {type(m) for m in swapped} == set(fastpath.PLAIN)
+    attns = [m for m in model.unet.modules() if isinstance(m, Attention)]
+    assert model.unet.fused is ops.sdpa and all(m.fused is ops.sdpa for m in attns)
+    assert {k: v.data_ptr() for k, v in model.unet.state_dict().items()} == state   # shared
+    fastpath.install(model)                                                         # no-op
+    fastpath.uninstall(model)
+    assert [(name, type(m)) for name, m in model.unet.named_modules()] == kinds
+    assert {k: v.data_ptr() for k, v in model.unet.state_dict().items()} == state
+    assert not model.fast and model.unet.fused is None and all(m.fused is None for m in attns)
+
+
+class NeverAsked(autotune.Tuner):
+    def pick(self, *args, **kw):
+        raise AssertionError("the tuner was asked to pick a kernel")
+
+    def trial(self, *args, **kw):
+        raise AssertionError("the tuner was asked for a decode layout")
+
+
+def test_a_model_loaded_without_the_fast_path_never_asks_the_tuner(sd_ckpt):
+    model = load_model(sd_ckpt[1], fast=False)
+    assert not any(type(m) in fastpath.PLAIN for m in model.unet.modules())
+    old = autotune.set_tuner(NeverAsked())
+    try:
+        store = p2p.AttentionStore(2, max_pixels=16)
+        generate(model, PROMPTS, seed=0, steps=2, height=64, width=64, progress=False,
+                 control=store)
+        with pytest.raises(AssertionError, match="tuner"):              # the guard is live
+            with torch.no_grad(), fastpath.switched(model, True):
+                decode(model, torch.zeros(1, 4, 8, 8))
+    finally:
+        autotune.set_tuner(old)
+    assert not model.fast
+
+
+def test_the_reference_model_never_imports_the_fast_path():
+    root = Path(ops.__file__).resolve().parent.parent                    # minip2p/
+    for path in [root / "attention.py", *sorted((root / "model").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or "", *(a.name for a in node.names)] \
+                if isinstance(node, ast.ImportFrom) else []
+            assert not any("fast" in n.split(".") for n in names), path

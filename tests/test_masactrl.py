@@ -12,6 +12,7 @@ import torch
 from oracles import masactrl_oracle as O
 from minip2p.control import Compose, PinSource
 from minip2p.errors import MinipError
+from minip2p.fast import switched
 from minip2p.real.invert import ddim_invert
 from minip2p.methods import masactrl
 from minip2p.pipeline import encode_text, generate, initial_noise
@@ -26,8 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models,
 
 
 def minip2p_run(model, control, size, fast=True, latents=None):
-    return generate(model, [CAT, DOG], SEED, STEPS, GUIDANCE, size, size, control=control,
-                    latents=latents, progress=False, return_latents=True, fast=fast)
+    with switched(model, fast):
+        return generate(model, [CAT, DOG], SEED, STEPS, GUIDANCE, size, size, control=control,
+                        latents=latents, progress=False, return_latents=True)
 
 
 def oracle_run(pipe, model, editor, size, latents=None, ref=None):

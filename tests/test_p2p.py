@@ -2,7 +2,7 @@
 on the tiny random-weight models of tests/helpers.py.
 
 Both geometries run at latents 8×8 (sd: 64 px, 8× VAE; small: 32 px, 4× VAE), except where a
-test says otherwise, with a few DDIM steps, on the explicit attention path (fast=False).
+test says otherwise, with a few DDIM steps, on the explicit attention path (no fast path).
 Tolerances: comparisons within one batch composition are exact (the controllers copy, select or
 scale maps by 0/1, so what should be unchanged stays bit-identical); the one comparison across
 batch sizes allows float32 batch-size numerics (see SOURCE_TOL).
@@ -17,6 +17,7 @@ from minip2p.methods import p2p
 from minip2p.attention import Site
 from minip2p.control import Controller
 from minip2p.errors import MinipError
+from minip2p.fast import switched
 from minip2p.load import load_model
 from minip2p.pipeline import generate
 
@@ -39,10 +40,11 @@ def geo(request):
 
 
 def run(model, prompts, side, control=None, width=None, steps=STEPS):
-    """z_0 on the explicit attention path (fast=False: every M formed, with or without a
-    controller), so that runs with and without a controller compare bit for bit."""
-    return generate(model, prompts, seed=3, steps=steps, height=side, width=width or side,
-                    control=control, progress=False, return_latents=True, fast=False)
+    """z_0 on the explicit attention path (the fast path uninstalled: every M formed, with or
+    without a controller), so that runs with and without a controller compare bit for bit."""
+    with switched(model, False):
+        return generate(model, prompts, seed=3, steps=steps, height=side, width=width or side,
+                        control=control, progress=False, return_latents=True)
 
 
 # ------------------------------------------------------------------------------ edit identities

@@ -5,7 +5,7 @@ Both sides load the same random checkpoint with SD 1.x's exact block structure (
 start from the same seed, prompts and noise, with DDIM (8 steps) and guidance 7.5. The oracle
 hooks diffusers' attention processors, counts layers to know where it is, edits the conditional
 half of (2B·heads, pixels, tokens) in place and blends latents in `step_callback`; minip2p gets
-explicit `Site`s and its own UNet, tokenizer and DDIM (default `fast=True`; at these sizes the
+explicit `Site`s and its own UNet, tokenizer and DDIM (the fast path installed, as by default; at these sizes the
 attention store asks for every map, so all of them are formed explicitly anyway). Measured
 maxima are printed (pytest -s).
 

@@ -149,12 +149,12 @@ def test_partitions_and_params():
 
 
 def test_self_copy_copies_image_0s_self_attention_in_both_halves():
-    from minip2p.control import Site
+    from minip2p.control import Run, Site
     from minip2p.guidance import GuidanceBatch
     from minip2p.data.pairs import SelfCopy
     c = SelfCopy(0.5, 5)                                   # active while 0.5 > i/4: steps 0, 1
     assert [c.active(i) for i in range(5)] == [True, True, False, False, False]
-    site = Site("down", 0, 0, 0, "self", 16, step=0, batch=GuidanceBatch.cfg_layout(2))
+    site = Site("down", 0, 0, 0, "self", 16, step=0, run=Run(GuidanceBatch.cfg_layout(2)))
     assert c.wants(site) and not c.wants(Site("down", 0, 0, 0, "cross", 16, step=0))
     M = torch.rand(4, 2, 16, 16)
     out = c.probs(M, site)

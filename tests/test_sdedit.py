@@ -13,6 +13,7 @@ from helpers import maxdiff, picture
 from minip2p.real import images
 from minip2p.cli import main
 from minip2p.errors import MinipError
+from minip2p.fast import switched
 from minip2p.methods import p2p, sdedit
 from minip2p.pipeline import initial_noise
 
@@ -54,10 +55,10 @@ def test_p2p_under_sdedit_keeps_the_source_as_sdedit_alone(sd_model):
     steps, strength = 10, 0.5
     ctrl, _ = p2p.build(sd_model.tokenizer, prompts, steps - sdedit.start_index(steps, strength),
                         "replace")
-    kw = dict(strength=strength, seed=1, steps=steps, progress=False, return_latents=True,
-              fast=False)
-    both = sdedit.generate(sd_model, z0, prompts, control=ctrl, **kw)
-    alone = sdedit.generate(sd_model, z0, prompts[:1], **kw)
+    kw = dict(strength=strength, seed=1, steps=steps, progress=False, return_latents=True)
+    with switched(sd_model, False):
+        both = sdedit.generate(sd_model, z0, prompts, control=ctrl, **kw)
+        alone = sdedit.generate(sd_model, z0, prompts[:1], **kw)
     assert maxdiff(both[0], alone[0]) <= 1e-5
     assert maxdiff(both[1], both[0]) > 1e-3
 

@@ -7,7 +7,7 @@ step, decoding both images):
     minip2p-plain            generate() on the two prompts, fast path (SDPA everywhere)
     minip2p-edit             P2P Replace, cross 0.8 / self 0.4, fast path (SDPA wherever no
                              map is read; no AttentionStore unless --store, as `minip2p edit`)
-    minip2p-edit-explicit    the same edit with fast=False (every map formed)
+    minip2p-edit-explicit    the same edit without the fast path (every map formed)
     diffusers-plain          StableDiffusionPipeline on the two prompts (SDPA, diffusers' default)
     community-edit           diffusers' community Prompt2PromptPipeline (examples/community/
                              pipeline_prompt2prompt.py, given with --community PATH), same
@@ -85,7 +85,8 @@ def row_minip2p(name, args, device):
     from minip2p.load import load_model
     from minip2p.pipeline import generate
     t0 = time.perf_counter()
-    m = load_model(args.model, dtype=args.dtype, device=device)
+    m = load_model(args.model, dtype=args.dtype, device=device,
+                   fast=name != "minip2p-edit-explicit")
     load = time.perf_counter() - t0
     control = None
     if name != "minip2p-plain":
@@ -94,7 +95,7 @@ def row_minip2p(name, args, device):
     clock = Clock(m.unet, device)
     images, t = clock.run(lambda: generate(
         m, PROMPTS, args.seed, args.steps, args.guidance, args.size, args.size, control=control,
-        progress=False, fast=name != "minip2p-edit-explicit",
+        progress=False,
         free_text_encoder=args.free_text_encoder, sampler=args.sampler))
     return images, load, t
 

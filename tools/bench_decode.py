@@ -1,5 +1,5 @@
 """The VAE decode alone: minip2p's fast path in the layout the tuner picked here
-(minip2p/autotune.py), each of the two layouts forced, and diffusers' AutoencoderKL on the same
+(minip2p/fast/autotune.py), each of the two layouts forced, and diffusers' AutoencoderKL on the same
 folder, interleaved round by round in one process (so a noisy machine slows all rows alike).
 Prints mean wall time, minor page faults and the time over the floor (tools/floor.py) per decode.
 
@@ -39,11 +39,11 @@ def main(argv=None):
         def run():
             old = autotune.set_tuner(autotune.forced(decode=layout))
             try:
-                return decode(model, z, fast=True)
+                return decode(model, z)
             finally:
                 autotune.set_tuner(old)
         return run
-    rows = {"minip2p fast (the tuner's layout)": lambda: decode(model, z, fast=True),
+    rows = {"minip2p fast (the tuner's layout)": lambda: decode(model, z),
             "minip2p, channels-last forced": forced("channels_last"),
             "minip2p, default layout forced": forced("contiguous")}
     if not args.no_diffusers:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""The fast path's kernel candidates (minip2p/ops.py) side by side at full size, at the shapes of
-the SD 1.5 UNet at 512 px (batch 4 = two prompts with guidance) -- what minip2p/autotune.py
+"""The fast path's kernel candidates (minip2p/fast/kernels.py) side by side at full size, at the shapes of
+the SD 1.5 UNet at 512 px (batch 4 = two prompts with guidance) -- what minip2p/fast/autotune.py
 chooses between, per shape, on slices.
 
 For each linear shape: GFLOP/s of `F.linear` (PyTorch's default, MKL sgemm) and of oneDNN's
@@ -57,9 +57,12 @@ def main():
         for n, dim in [(16384, 320), (4096, 640), (1024, 1280)]:
             x = torch.randn(n, dim, generator=g)
             proj = nn.Linear(dim, dim * 8)
-            t_ref = best(lambda: ops.geglu(proj, x, fast=False), args.reps)
+            def plain():                                             # chunk + GELU + multiply
+                a, gate = proj(x).chunk(2, dim=-1)
+                return a * F.gelu(gate)
+            t_ref = best(plain, args.reps)
             t_dnn = best(lambda: ops._geglu_dnn(proj, x), args.reps)
-            d = (ops._geglu_dnn(proj, x) - ops.geglu(proj, x, fast=False)).abs().max().item()
+            d = (ops._geglu_dnn(proj, x) - plain()).abs().max().item()
             print(f"GEGLU {n} x {dim}: chunk+GELU+mul {t_ref * 1e3:.0f} ms, fused oneDNN "
                   f"{t_dnn * 1e3:.0f} ms ({t_ref / t_dnn:.2f}x), max|Δ| {d:.1e}")
         for side, dim in [(64, 320), (32, 640)]:                     # 8 heads, batch 4

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minip2p.fast import autotune
+from minip2p.fast import autotune, switched
 from minip2p.guidance import GuidanceBatch
 from minip2p.load import load_model
 from minip2p.methods import masactrl, p2p, pnp
@@ -55,16 +55,18 @@ def main(argv=None):
                           len(unet.transformer_blocks()))
     z3, c3, b3 = z[1:], context[1:], pnp.batch()                       # pnp's 3 rows
     pnp_ctrl = pnp.PlugAndPlay(50)
-    rows = {"minip2p fast, plain": lambda: unet(z, t, context, fast=True, batch=cfg2),
-            "minip2p fast, MasaCtrl (step 4)": lambda: unet(z, t, context, masa, 4, fast=True,
-                                                             batch=cfg2),
-            "minip2p fast, plain, 3 rows": lambda: unet(z3, t, c3, fast=True, batch=b3),
+    rows = {"minip2p fast, plain": lambda: unet(z, t, context, batch=cfg2),
+            "minip2p fast, MasaCtrl (step 4)": lambda: unet(z, t, context, masa, 4, batch=cfg2),
+            "minip2p fast, plain, 3 rows": lambda: unet(z3, t, c3, batch=b3),
             "minip2p fast, plug-and-play (step 0), 3 rows": lambda: unet(
-                z3, t, c3, pnp_ctrl, 0, fast=True, batch=b3)}
+                z3, t, c3, pnp_ctrl, 0, batch=b3)}
     if not args.only_methods:
-        rows["minip2p fast, Replace"] = lambda: unet(z, t, context, edit, 0, fast=True)
+        rows["minip2p fast, Replace"] = lambda: unet(z, t, context, edit, 0)
     if not args.no_explicit and not args.only_methods:
-        rows["minip2p explicit, Replace"] = lambda: unet(z, t, context, edit, 0, fast=False)
+        def explicit():
+            with switched(model, False):                   # the fast path off for this call
+                return unet(z, t, context, edit, 0)
+        rows["minip2p explicit, Replace"] = explicit
     if not args.no_diffusers and not args.only_methods:
         from diffusers import UNet2DConditionModel
         ref = UNet2DConditionModel.from_pretrained(str(args.model / "unet")).eval()

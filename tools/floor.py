@@ -50,7 +50,7 @@ def unet_flops(ucfg, vcfg, batch: int, height: int, width: int) -> int:
 
     def call():
         z = torch.empty(batch, ucfg.in_channels, height // f, width // f)
-        unet(z, torch.tensor(500.0), torch.empty(batch, 77, ucfg.cross_attention_dim), fast=False)
+        unet(z, torch.tensor(500.0), torch.empty(batch, 77, ucfg.cross_attention_dim))
     return _count(call)
 
 

@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 
 from tools import toydata
+from minip2p.fast import install
 from minip2p.model.clip import CLIPTextModel
 from minip2p.model.config import SchedulerConfig, TextConfig, UNetConfig, VAEConfig
 from minip2p.samplers.ddim import DDIM
@@ -150,6 +151,7 @@ def ema_update(ema, model, decay):
 
 
 def train_diffusion(unet, text, vae, sf, caps, args, gen, device):
+    install(unet)                      # fused attention; oneDNN only where autograd is off
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
@@ -191,7 +193,7 @@ def train_diffusion(unet, text, vae, sf, caps, args, gen, device):
         a = abar[t][:, None, None, None]
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            eps = unet(zt, t, text(ids), fast=True)
+            eps = unet(zt, t, text(ids))
         # Min-SNR-γ weighting (Hang et al. 2023, arXiv 2303.09556) for ε-prediction:
         # w_t = min(SNR_t, γ) / SNR_t with SNR_t = ᾱ_t / (1 - ᾱ_t); γ = 0 turns it off
         per = (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))

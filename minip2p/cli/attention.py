@@ -64,7 +64,7 @@ def cmd_attention(args):
     z_T, x0 = with_x0(args, model, height, width)
     image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance, height,
                             width, control=store, progress=not args.quiet, latents=z_T,
-                            callback=x0, fast=not args.explicit,
+                            callback=x0,
                             free_text_encoder=args.free_text_encoder, sampler=args.sampler))[0]
     if args.over_time is not None:
         save_over_time(model, store, [args.prompt], args.over_time, x0, args.map_res, image, out)

@@ -150,7 +150,8 @@ def load(args):
     if getattr(args, "no_autotune", False):
         set_tuner(Tuner(enabled=False))
     return load_model(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
-                      revision=args.revision, embeddings=args.embedding)
+                      revision=args.revision, embeddings=args.embedding,
+                      fast=not getattr(args, "explicit", False))     # --explicit: reference
 
 
 def preflight(args, model, images: int = 1, size=None, **kw) -> tuple[int, int]:

@@ -67,12 +67,12 @@ def cmd_pairs(args):
     pairs.write_record(out, k, parts, digest, settings, len(items))
     todo = [i for i in mine if not pairs.is_done(out, i)]
     run_items(model, clip, items, todo, out, settings, height, width, k, parts,
-              len(mine) - len(todo), not args.quiet, not args.explicit)
+              len(mine) - len(todo), not args.quiet)
     print(f"partition {k}/{parts}: items {mine.start}–{mine.stop - 1} done in '{out}'")
     return 0
 
 
-def run_items(model, clip, items, todo, out, s, height, width, k, parts, skipped, progress, fast):
+def run_items(model, clip, items, todo, out, s, height, width, k, parts, skipped, progress):
     import torch
     from tqdm.auto import tqdm
 
@@ -94,8 +94,8 @@ def run_items(model, clip, items, todo, out, s, height, width, k, parts, skipped
                 continue
             smp, z = seeded_sampler(model, s.sampler, seed, height, width)
             z = denoise(model, cond, uncond, z, s.steps, guidance, SelfCopy(threshold, s.steps),
-                        progress=False, fast=fast, sampler=smp)
-            x = decode(model, z, fast)                                     # (2, 3, H, W) in [0, 1]
+                        progress=False, sampler=smp)
+            x = decode(model, z)                                           # (2, 3, H, W) in [0, 1]
             rec = dict(seed=seed, p2p_threshold=threshold, cfg_scale=guidance,
                        clip_sim_0=None, clip_sim_1=None, clip_sim_dir=None, clip_sim_image=None)
             if clip is not None:

@@ -1,2 +1,112 @@
-"""The fast path: kernels picked by measurement on this machine (kernels.py, autotune.py). The
-reference model never needs it; tests prove it gives the explicit path's outputs."""
+"""The fast path: kernels picked by measurement on this machine (kernels.py, autotune.py),
+installed on a loaded model from outside and switched off again. The reference model never needs
+it and never imports it; tests prove a model with it installed gives the explicit path's outputs.
+
+`install(model)` (what `load_model` does unless `fast=False`):
+
+  - every projection of the UNet's spatial transformers -- proj_in/proj_out, attention's to_q,
+    to_k, to_v, to_out.0, the feed-forward's GEGLU and output layer -- becomes an instance of a
+    subclass that adds no state (the same parameters, the same state_dict keys) and whose forward
+    is `kernels.linear` / `kernels.geglu`: y = x Wᵀ + b, a · GELU(g) on PyTorch's kernel or
+    oneDNN's, whichever the tuner measured faster here for that shape;
+  - each `Attention` of the UNet gets `fused = kernels.sdpa`: `attention()` computes
+    softmax(QKᵀ/√d)·V through it wherever no controller wants the site (M never kept), and the
+    UNet hands it to controllers that compute attention themselves as `site.run.fused`;
+  - `model.fast = True`: `pipeline.decode` runs the VAE decoder in the memory layout the tuner
+    picked.
+
+`uninstall(model)` gives the plain modules back, `fused = None` and `model.fast = False`: the
+reference path, every M formed, the tuner never asked. `switched(model, on)` does either for a
+`with` block and then restores what was there.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+from ..attention import Attention
+from ..load.checkpoint import Model
+from ..model.unet import GEGLU, TokenConv, Transformer2DModel
+from . import kernels
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear, y = x Wᵀ + b on the kernel the tuner picked for this shape."""
+
+    def forward(self, x):
+        return kernels.linear(self, x)
+
+
+class FastTokenConv(TokenConv):
+    """SD 1.x's 1×1 proj_in/proj_out on tokens, as `FastLinear`."""
+
+    def forward(self, x):
+        return kernels.linear(self, x)
+
+
+class FastGEGLU(GEGLU):
+    """a · GELU(g), [a, g] = x Wᵀ + b: three passes, or two oneDNN matmuls with the GELU and the
+    product fused into them, whichever the tuner picked."""
+
+    def forward(self, x):
+        return kernels.geglu(self.proj, x)
+
+
+FAST = {nn.Linear: FastLinear, TokenConv: FastTokenConv, GEGLU: FastGEGLU}
+PLAIN = {fast: plain for plain, fast in FAST.items()}
+
+
+def _recast(module: nn.Module, cls: type) -> nn.Module:
+    """The same module -- its parameters, buffers, children and settings, shared -- as an
+    instance of `cls`, a subclass (or the base) of its class that adds no state."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    return new
+
+
+def _swap(unet: nn.Module, table: dict[type, type]):
+    """Replace, inside every spatial transformer, each module whose exact class is in `table`."""
+    for spatial in [m for m in unet.modules() if isinstance(m, Transformer2DModel)]:
+        for parent in list(spatial.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) in table:
+                    setattr(parent, name, _recast(child, table[type(child)]))
+
+
+def _set_fused(unet: nn.Module, fused):
+    unet.fused = fused
+    for m in unet.modules():
+        if isinstance(m, Attention):
+            m.fused = fused
+
+
+def install(model):
+    """Put the fast path into `model` (a load.Model, or a bare UNet: training); returns it.
+    Installing twice is a no-op."""
+    unet = model.unet if isinstance(model, Model) else model
+    _swap(unet, FAST)
+    _set_fused(unet, kernels.sdpa)
+    model.fast = True
+    return model
+
+
+def uninstall(model):
+    """Give `model` its plain modules back: the reference path, no tuner asked; returns it."""
+    unet = model.unet if isinstance(model, Model) else model
+    _swap(unet, PLAIN)
+    _set_fused(unet, None)
+    model.fast = False
+    return model
+
+
+@contextmanager
+def switched(model, on: bool):
+    """`with switched(model, False): …` runs the block on the reference path (`True`: the fast
+    one), then leaves the model as it was."""
+    was = model.fast
+    (install if on else uninstall)(model)
+    try:
+        yield model
+    finally:
+        (install if was else uninstall)(model)

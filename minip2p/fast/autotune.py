@@ -22,7 +22,8 @@ so a new machine, a new PyTorch or another `torch.set_num_threads` measures agai
 
 `--no-autotune` (every model-running command) or `MINIP2P_NO_AUTOTUNE=1` switch measuring off
 for reproducible runs: then every choice is PyTorch's own kernel (the `DEFAULT` column), with no
-file read or written. The explicit path (fast=False) never asks. Every candidate computes the same
+file read or written. A model without the fast path installed (`load_model(fast=False)`,
+`--explicit`, `fast.uninstall`) never asks. Every candidate computes the same
 function; tests/test_autotune.py proves each one equals the explicit path.
 """
 from __future__ import annotations

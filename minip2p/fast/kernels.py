@@ -1,6 +1,7 @@
 """The CPU kernels the fast path may pick: linear layers y = x Wᵀ + b, GEGLU, and attention
 over long key sequences -- each either PyTorch's own or oneDNN's, whichever `autotune` measured
-faster on this machine for this shape.
+faster on this machine for this shape. The modules of minip2p/fast/__init__.py call them once
+`install` has put them in a model; the reference model never does.
 
 PyTorch sends an fp32 `nn.Linear` on the CPU to MKL's sgemm. PyTorch also ships oneDNN (it runs
 its convolutions), and registers oneDNN's matmul for its compiler's CPU backend as
@@ -11,8 +12,8 @@ threads): on some CPUs oneDNN wins clearly at the UNet's shapes, on others it lo
 measured, per shape (fast/autotune.py).
 
 That op has no backward (its inputs get no gradient), so it is a candidate only where autograd
-is off; everything else -- the explicit path, training, null-text inversion's gradient steps,
-GPU, fp16 -- takes `nn.Linear` unchanged. tests/test_fast.py and tests/test_autotune.py prove
+is off; everything else -- training, null-text inversion's gradient steps, GPU, fp16 -- takes
+PyTorch's `F.linear`, as a model without the fast path does. tests/test_fast.py and tests/test_autotune.py prove
 every candidate gives the explicit path's outputs.
 """
 from __future__ import annotations
@@ -40,19 +41,19 @@ def _dnn(x, w, b, attr="none", algorithm=""):
     return torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], algorithm)
 
 
-def onednn_ok(x: torch.Tensor, fast: bool) -> bool:
-    """May this call go to oneDNN? CPU, fp32, no autograd, fast path asked for."""
-    return (fast and ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+def onednn_ok(x: torch.Tensor) -> bool:
+    """May this call go to oneDNN? CPU, fp32, no autograd (its op has no backward)."""
+    return (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.is_grad_enabled())
 
 
-def linear(layer: nn.Linear | nn.Conv2d, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+def linear(layer: nn.Linear | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """layer(x) on tokens x: (..., in) -> (..., out), through oneDNN when `onednn_ok`.
 
     `layer` may also be a 1×1 `nn.Conv2d` (SD 1.x's proj_in/proj_out): on a token sequence it is
     the same linear map, with its weight (out, in, 1, 1) read as (out, in)."""
     w, b = layer.weight.flatten(1), layer.bias                        # (out, in): a view
-    if onednn_ok(x, fast):
+    if onednn_ok(x):
         def candidates():                                             # timed on a slice
             xs = x.reshape(-1, w.shape[1])
             xs = xs[:tune_rows(len(xs), *w.shape[::-1])]
@@ -63,25 +64,25 @@ def linear(layer: nn.Linear | nn.Conv2d, x: torch.Tensor, fast: bool = False) ->
     return F.linear(x, w, b)
 
 
-def geglu(proj: nn.Linear, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+def geglu(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """GEGLU (Shazeer 2020): [a, g] = x Wᵀ + b, out = a · GELU(g). x: (..., in) -> (..., out/2).
 
     The oneDNN candidate is two matmuls with the GELU and the product fused into them (no
     (…, 2·inner) tensor, no separate GELU or multiply pass)."""
-    if onednn_ok(x, fast):
+    if onednn_ok(x):
         def candidates():
             xs = x.reshape(-1, proj.in_features)
             xs = xs[:tune_rows(len(xs), proj.in_features, proj.out_features)]
-            return {"torch": lambda: _geglu_torch(proj, xs, fast),
+            return {"torch": lambda: _geglu_torch(proj, xs),
                     "onednn": lambda: _geglu_dnn(proj, xs)}
         shape = (x.numel() // proj.in_features, proj.in_features, proj.out_features)
         if tuner().pick("geglu", shape, candidates) == "onednn":
             return _geglu_dnn(proj, x)
-    return _geglu_torch(proj, x, fast)
+    return _geglu_torch(proj, x)
 
 
-def _geglu_torch(proj: nn.Linear, x: torch.Tensor, fast: bool) -> torch.Tensor:
-    a, g = linear(proj, x, fast).chunk(2, dim=-1)
+def _geglu_torch(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    a, g = linear(proj, x).chunk(2, dim=-1)
     return a * F.gelu(g)
 
 
@@ -94,8 +95,8 @@ def _geglu_dnn(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise.binary(x, gate, wa, ba, "mul")     # (x W_aᵀ + b_a)·gate
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast: bool = False,
-         mask: torch.Tensor | None = None, min_keys: int = 1024) -> torch.Tensor:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+         min_keys: int = 1024) -> torch.Tensor:
     """softmax(Q Kᵀ/√d + mask)·V without keeping M. q: (b, h, n, d); k, v: (b, h, m, d) ->
     (b, h, n, d); `mask` (additive, broadcast to (b, h, n, m)) goes to PyTorch's kernel.
 
@@ -103,7 +104,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast: bool = False,
     self-attention at 512 px) on the oneDNN path when the tuner measured it faster on one
     image·head, `dnn_attention`'s query slices."""
     m = k.shape[2]
-    if mask is None and onednn_ok(q, fast) and m >= min_keys:
+    if mask is None and onednn_ok(q) and m >= min_keys:
         def candidates():
             q1, k1, v1 = (t[:1, :1].contiguous() for t in (q, k, v))  # one image, one head
             return {"sdpa": lambda: F.scaled_dot_product_attention(q1, k1, v1),

@@ -104,11 +104,13 @@ def load_folder(folder, dtype=torch.float32, device="cpu", variant=None, name=No
 
 
 def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=None,
-               embeddings=()) -> Model:
+               embeddings=(), fast: bool = True) -> Model:
     """`spec`: a folder, a .safetensors single file, or a Hub repo id (None: the shipped model).
 
     `variant` ("fp16"): prefer `*.<variant>.safetensors` files; `revision`: a branch, tag or
-    commit of a Hub repo; `embeddings`: textual-inversion .safetensors files to add."""
+    commit of a Hub repo; `embeddings`: textual-inversion .safetensors files to add.
+    `fast`: install the fast path (minip2p/fast/: fused attention wherever no controller reads
+    the maps, kernels picked by measurement); False: the reference path, every M formed."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise MinipError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -153,4 +155,7 @@ def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=Non
     if embeddings:
         from .embeddings import add_embeddings
         add_embeddings(model, embeddings)
+    if fast:
+        from ..fast import install
+        install(model)
     return model

@@ -33,13 +33,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass
 class Model:
-    """Everything a pipeline needs. `text_encoder` may be freed (set to None) after encoding."""
+    """Everything a pipeline needs. `text_encoder` may be freed (set to None) after encoding.
+    `fast`: the fast path is installed (minip2p/fast/: `install`, `uninstall`)."""
     tokenizer: ClipTokenizer
     text_encoder: CLIPTextModel | None
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     scheduler: DDIM
     name: str
+    fast: bool = False
 
     @property
     def dtype(self):

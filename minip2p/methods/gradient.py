@@ -13,8 +13,9 @@ controller's `before_step` hook, so nothing in the sampling loop changes).
 conditional rows: no unconditional row is ever differentiated). A `MapRecorder` is the
 controller of that call: it wants only the sites the energy reads (e.g. cross-attention at ≤ 16²
 pixels), so those maps are formed explicitly and stay in the graph, while every other site keeps
-the fused kernel (`F.scaled_dot_product_attention`, which has a backward; the oneDNN linear
-layers of ops.py step aside by themselves when grad is on). The UNet's weights never require
+the model's fused kernel when the fast path is installed (`F.scaled_dot_product_attention`,
+which has a backward; the oneDNN linear layers of fast/kernels.py step aside by themselves when
+grad is on). The UNet's weights never require
 grad (checkpoint.py), so the graph keeps only what ∇_z needs. When nothing after the last wanted
 attention site is needed (no features asked), the forward stops there (`StopForward`): the
 decoder's finer levels are neither run nor kept (their ε is not used by the energy).
@@ -77,7 +78,7 @@ def forward_with_grad(model, z: torch.Tensor, t, context: torch.Tensor, recorder
     with torch.enable_grad():
         try:
             eps = model.unet(z.to(model.dtype), t, context.to(model.dtype), control=recorder,
-                             step=step, fast=True, batch=batch)
+                             step=step, batch=batch)
         except StopForward:
             pass
     return z, eps

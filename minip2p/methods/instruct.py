@@ -91,7 +91,7 @@ def image_latents(model: Model, x: torch.Tensor) -> torch.Tensor:
 def edit(model: Model, image, instruction: str, seed: int = 0, steps: int = 100,
          guidance: float = 7.5, image_guidance: float = 1.5, sampler: str = "euler-a",
          height: int | None = None, width: int | None = None, control=None,
-         progress: bool = True, fast: bool = True, return_latents: bool = False):
+         progress: bool = True, return_latents: bool = False):
     """A picture (PIL, or x (1, 3, H, W) in [−1, 1]) and an instruction -> the edited picture
     (1, 3, H, W) in [0, 1] (or z_0 if `return_latents`). A PIL picture is centre-cropped and
     resized to height × width (default: its own aspect, the model's native size)."""
@@ -106,7 +106,7 @@ def edit(model: Model, image, instruction: str, seed: int = 0, steps: int = 100,
     smp, z = seeded_sampler(model, sampler, seed, height, width)
     cond = encode_text(model, [instruction])
     uncond = encode_text(model, [""])
-    z = denoise(model, cond, uncond, z, steps, guidance, control, progress=progress, fast=fast,
+    z = denoise(model, cond, uncond, z, steps, guidance, control, progress=progress,
                 batch=GuidanceBatch.instruct_layout(1), sampler=smp,
                 image_latents=image_latents(model, image), image_guidance=image_guidance)
-    return z if return_latents else decode(model, z, fast)
+    return z if return_latents else decode(model, z)

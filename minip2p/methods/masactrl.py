@@ -80,7 +80,7 @@ class MutualSelfAttention(Controller):
     def attend(self, q, k, v, site: Site):
         batch = site.batch_of(q.shape[0])
         src = [batch.source_row(r) for r in range(q.shape[0])]          # same condition, image 0
-        return softmax_attention(q, k[src], v[src], fast=site.fast)
+        return softmax_attention(q, k[src], v[src], site.run.fused)
 
 
 class MutualSelfAttentionMasked(MutualSelfAttention):
@@ -140,11 +140,11 @@ class MutualSelfAttentionMasked(MutualSelfAttention):
         keys = fg[0].view(1, 1, 1, -1)                                    # the source's mask
         bias_fg = torch.where(keys, 0.0, low).to(q.dtype)                 # keys: source fg only
         bias_bg = torch.where(keys, low, 0.0).to(q.dtype)                 # keys: source bg only
-        o_fg = softmax_attention(q[tgt], ks, vs, fast=site.fast, mask=bias_fg)
-        o_bg = softmax_attention(q[tgt], ks, vs, fast=site.fast, mask=bias_bg)
+        o_fg = softmax_attention(q[tgt], ks, vs, site.run.fused, mask=bias_fg)
+        o_bg = softmax_attention(q[tgt], ks, vs, site.run.fused, mask=bias_bg)
         fg_tgt = fg[[batch.rows[r][0] for r in tgt]][:, None, :, None]    # (t, 1, n, 1) queries
         out = torch.empty_like(q)
-        out[src] = softmax_attention(q[src], k[src], v[src], fast=site.fast)
+        out[src] = softmax_attention(q[src], k[src], v[src], site.run.fused)
         out[tgt] = torch.where(fg_tgt, o_fg, o_bg)
         return out
 

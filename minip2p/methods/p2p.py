@@ -2,7 +2,7 @@
 attention probabilities M = softmax(QKᵀ/√d) inside the UNet and return the M to use.
 
 The UNet calls `controller.probs(M, site)` at every attention layer the controller `wants` (see
-control.py). M has shape (rows, heads, pixels, tokens); `site.batch` says which rows are the
+control.py). M has shape (rows, heads, pixels, tokens); `site.batch_of(n)` says which rows are the
 prompts' conditional rows -- source first (P), then the edited prompts (P*_1 … P*_{B-1}); the
 unconditional rows are never touched. `site.step` is the denoising step t (index 0 … N−1).
 
@@ -84,7 +84,8 @@ class Edit(Controller):
 
     def attend(self, q, k, v, site: Site):
         """Fast path, cross sites: the edited rows' output without forming M* (module docstring)."""
-        if not site.fast or site.kind != "cross" or site.step is None:
+        fused = site.run.fused
+        if fused is None or site.kind != "cross" or site.step is None:
             return None
         batch = site.batch_of(q.shape[0])
         src, tgt = batch.row(0, TEXT), [batch.row(b, TEXT) for b in range(1, self.B)]
@@ -93,14 +94,14 @@ class Edit(Controller):
         vt = v[tgt]                                                        # (B-1, h, 77, d)
         v_src = torch.einsum("bwn,bhnd->bhwd", A * w[:, None, :], vt)     # A_b diag(w) V_b
         srcs = [src] * len(tgt)
-        new = softmax_attention(q[srcs], k[srcs], v_src, fast=True)
+        new = softmax_attention(q[srcs], k[srcs], v_src, fused)
         own = w * D + 1 - w                                                # (B-1, 77)
         if own.abs().max() > 0:
-            new = new + softmax_attention(q[tgt], k[tgt], own[:, None, :, None] * vt, fast=True)
+            new = new + softmax_attention(q[tgt], k[tgt], own[:, None, :, None] * vt, fused)
         if self._tail(src, tgt, q.shape[0]):                               # the other rows only
             head = slice(0, src + 1)
-            return torch.cat([softmax_attention(q[head], k[head], v[head], fast=True), new])
-        out = softmax_attention(q, k, v, fast=True)                        # (rows, h, n, d)
+            return torch.cat([softmax_attention(q[head], k[head], v[head], fused), new])
+        out = softmax_attention(q, k, v, fused)                             # (rows, h, n, d)
         return out.index_copy(0, torch.tensor(tgt, device=out.device), new)
 
     def probs(self, M, site: Site):

@@ -164,12 +164,11 @@ class RecordCross(Controller):
 
 
 def edit(model, source: str, delta: torch.Tensor, z: torch.Tensor, steps: int = 50,
-         guidance: float = 7.5, xa_guidance: float = 0.1, progress: bool = True,
-         fast: bool = True) -> torch.Tensor:
+         guidance: float = 7.5, xa_guidance: float = 0.1, progress: bool = True) -> torch.Tensor:
     """z_T (1, 4, h, w) -> (z_0 of the reconstruction, z_0 of the edit), each (1, 4, h, w)."""
     cond, uncond = encode_text(model, [source]), encode_text(model, [""])
     ref = RecordCross()
-    z_src = denoise(model, cond, uncond, z, steps, guidance, ref, progress=progress, fast=fast)
+    z_src = denoise(model, cond, uncond, z, steps, guidance, ref, progress=progress)
 
     batch = GuidanceBatch.cfg_layout(1)                                  # rows [∅, c']
     context = torch.cat([uncond, cond + delta.to(cond)])
@@ -184,7 +183,7 @@ def edit(model, source: str, delta: torch.Tensor, z: torch.Tensor, steps: int = 
         (grad,) = torch.autograd.grad(L, [x])
         x = x.detach() - xa_guidance * grad                              # x ← x − λ ∇_x L
         with torch.no_grad():
-            eps = model.unet(x.to(model.dtype), t, context, step=i, fast=fast, batch=batch)
+            eps = model.unet(x.to(model.dtype), t, context, step=i, batch=batch)
         eps_u, eps_c = eps.float().chunk(2)
         z = sched.step(cfg(eps_u, eps_c, guidance), t, x[:1], steps)   # from the ∅ copy
     return z_src, z

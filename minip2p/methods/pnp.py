@@ -131,7 +131,7 @@ class PlugAndPlay(Controller):
     def attend(self, q, k, v, site):
         rows = self._from_source(site, q.shape[0])
         # (q, k) of the source, v its own
-        return softmax_attention(q[rows], k[rows], v, site.fast, site.upcast)
+        return softmax_attention(q[rows], k[rows], v, site.run.fused, site.run.upcast)
 
 
 def batch() -> GuidanceBatch:
@@ -141,7 +141,7 @@ def batch() -> GuidanceBatch:
 
 def edit(model, x, prompt: str, source_prompt: str = "", negative_prompt: str = NEGATIVE_PROMPT,
          steps: int = 50, guidance: float = 7.5, features: float = 0.8, attention: float = 0.5,
-         progress: bool = True, fast: bool = True, trajectory=None, return_latents: bool = False):
+         progress: bool = True, trajectory=None, return_latents: bool = False):
     """An image x (1, 3, H, W) in [−1, 1] and a target prompt -> images (2, 3, H, W) in [0, 1]:
     the source's reconstruction and the edit (or their latents (2, 4, h, w) if `return_latents`).
 
@@ -160,6 +160,6 @@ def edit(model, x, prompt: str, source_prompt: str = "", negative_prompt: str = 
         raise MinipError(f"the inversion trajectory has {len(trajectory)} latents; {steps} steps "
                          f"need {steps + 1} (z_0 … z_T): invert again with {steps} steps")
     z = denoise(model, torch.stack([empty, cond]), torch.stack([neg, neg]), trajectory[-1], steps,
-                guidance, Compose(PinSource(trajectory), control), progress=progress, fast=fast,
+                guidance, Compose(PinSource(trajectory), control), progress=progress,
                 batch=batch())
-    return z if return_latents else decode(model, z, fast)
+    return z if return_latents else decode(model, z)

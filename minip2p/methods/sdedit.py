@@ -83,7 +83,7 @@ def noised(model, z0: torch.Tensor, steps: int, strength: float,
 
 def generate(model, photo, prompts: list[str], strength: float = DEFAULT_STRENGTH, seed: int = 0,
              steps: int = 50, guidance: float = 7.5, height: int | None = None,
-             width: int | None = None, control=None, progress: bool = True, fast: bool = True,
+             width: int | None = None, control=None, progress: bool = True,
              free_text_encoder: bool = False, return_latents: bool = False):
     """A picture (PIL image, or z_0 (1, 4, h, w)) and prompts -> images (B, 3, H, W) in [0, 1]."""
     strength = check_strength(strength)
@@ -98,6 +98,6 @@ def generate(model, photo, prompts: list[str], strength: float = DEFAULT_STRENGT
     uncond = encode_text(model, [""])
     if free_text_encoder:
         model.text_encoder = None
-    z = denoise(model, cond, uncond, z, steps, guidance, control, progress=progress, fast=fast,
+    z = denoise(model, cond, uncond, z, steps, guidance, control, progress=progress,
                 start=start)
-    return z if return_latents else decode(model, z, fast)
+    return z if return_latents else decode(model, z)

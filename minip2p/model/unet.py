@@ -22,9 +22,8 @@ from einops import rearrange
 from torch import nn
 
 from ..attention import Attention
-from ..control import Controller, Site
+from ..control import Controller, Run, Site
 from .config import UNetConfig
-from ..fast.kernels import geglu, linear
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos=True, shift=0.0):
@@ -77,8 +76,9 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
 
-    def forward(self, x, fast=False):
-        return geglu(self.proj, x, fast)                              # a · GELU(g), [a, g] = proj(x)
+    def forward(self, x):
+        a, g = self.proj(x).chunk(2, dim=-1)                          # [a, g] = x Wᵀ + b
+        return a * F.gelu(g)                                          # a · GELU(g) (Shazeer 2020)
 
 
 class FeedForward(nn.Module):
@@ -86,8 +86,8 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim)])
 
-    def forward(self, x, fast=False):
-        return linear(self.net[2], self.net[0](x, fast), fast)
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -101,10 +101,21 @@ class BasicTransformerBlock(nn.Module):
         self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
 
     def forward(self, x, context, site: Site, control=None):
-        site = replace(site, pixels=x.shape[1], index=self.index, upcast=self.attn1.upcast)
-        x = x + self.attn1(self.norm1(x), None, replace(site, kind="self"), control, site.fast)
-        x = x + self.attn2(self.norm2(x), context, replace(site, kind="cross"), control, site.fast)
-        return x + self.ff(self.norm3(x), site.fast)
+        site = replace(site, pixels=x.shape[1], index=self.index)
+        x = x + self.attn1(self.norm1(x), None, replace(site, kind="self"), control)
+        x = x + self.attn2(self.norm2(x), context, replace(site, kind="cross"), control)
+        return x + self.ff(self.norm3(x))
+
+
+class TokenConv(nn.Conv2d):
+    """SD 1.x's proj_in/proj_out: a 1×1 convolution, applied to the token sequence (b, h·w, c) as
+    the same linear map per token, its weight (out, in, 1, 1) read as (out, in)."""
+
+    def __init__(self, dim):
+        super().__init__(dim, dim, 1)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.flatten(1), self.bias)
 
 
 class Transformer2DModel(nn.Module):
@@ -114,7 +125,7 @@ class Transformer2DModel(nn.Module):
                  upcast=False):
         super().__init__()
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
-        proj = (lambda: nn.Linear(dim, dim)) if linear_proj else (lambda: nn.Conv2d(dim, dim, 1))
+        proj = (lambda: nn.Linear(dim, dim)) if linear_proj else (lambda: TokenConv(dim))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(dim, heads, context_dim, upcast) for _ in range(depth)])
@@ -122,12 +133,12 @@ class Transformer2DModel(nn.Module):
 
     def forward(self, x, context, site: Site, control=None):
         h, w = x.shape[-2:]
-        res, fast = x, site.fast
+        res = x
         x = rearrange(self.norm(x), "b c h w -> b (h w) c")              # tokens (b, h·w, c)
-        x = linear(self.proj_in, x, fast)        # a 1×1 conv (SD 1.x) is a linear map per token
+        x = self.proj_in(x)                      # a 1×1 conv (SD 1.x) is a linear map per token
         for depth, block in enumerate(self.transformer_blocks):
             x = block(x, context, replace(site, depth=depth), control)
-        x = linear(self.proj_out, x, fast)
+        x = self.proj_out(x)
         # res first: the sum takes res's memory layout. (x's view first would make it channels-last,
         # and PyTorch would then copy the next convolution's weight to that layout at every call.)
         return res + rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
@@ -235,6 +246,7 @@ class UNet2DConditionModel(nn.Module):
                 sampler="up" if i < n - 1 else None))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.fused = None             # the fast path's attention kernel, for controllers (Run)
         # every transformer block learns its place in the forward order (Site.index)
         for i, block in enumerate(self.transformer_blocks()):
             block.index = i
@@ -245,16 +257,18 @@ class UNet2DConditionModel(nn.Module):
         return [tb for b in blocks for t in (b.attentions or []) for tb in t.transformer_blocks]
 
     def forward(self, z, t, context, control: Controller | None = None, step: int | None = None,
-                fast: bool = False, batch=None):
+                batch=None):
         """ε_θ(z_t, t, c).  z: (b, 4, h, w); t: scalar or (b,); context: (b, 77, 768).
-        `control` sees every site it wants, `step` and `batch` (a guidance.GuidanceBatch, what
-        each row holds) are handed to it in each `Site`; `fast` takes the fused kernels."""
+        `control` sees every site it wants, with the `step` in each `Site` and, in `site.run`,
+        `batch` (a guidance.GuidanceBatch, what each row holds), the precision and the fused
+        attention kernel (`self.fused`, set by minip2p/fast/ when installed; None: explicit)."""
         t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
         temb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
                                   self.cfg.freq_shift)
         temb = self.time_embedding(temb.to(z.dtype))                    # (b, 4·c0)
 
-        site = Site("down", 0, 0, 0, "res", 0, step=step, batch=batch, fast=fast)
+        run = Run(batch, self.cfg.upcast_attention, self.fused)
+        site = Site("down", 0, 0, 0, "res", 0, step=step, run=run)
         x = self.conv_in(z)
         skips = [x]
         for i, block in enumerate(self.down_blocks):
