@@ -5,6 +5,8 @@ is one line that says what was wrong and what to do about it. A bad value of one
 `ParameterError`: it names the parameter as Python spells it (`start_step`), and the command line
 names the flag its user typed instead (`--masa-step`).
 """
+from __future__ import annotations
+
 import re
 
 
@@ -16,9 +18,9 @@ class ParameterError(MinipError):
     """A bad value of one parameter: `name` (as in Python) and what is wrong with it. The problem
     may name other parameters as {name}; `said(spell)` spells them (the CLI: as flags)."""
 
-    def __init__(self, name: str, problem: str):
-        self.name, self.problem = name, problem
-        super().__init__(f"{name} {self.said(str)}")
+    def __init__(self, name: str | None, problem: str):
+        self.name, self.problem = name, problem           # name None: about several of them
+        super().__init__(self.said(str) if name is None else f"{name} {self.said(str)}")
 
     def said(self, spell) -> str:
         return re.sub(r"\{([a-z_]+)\}", lambda m: spell(m.group(1)), self.problem)

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from .errors import MinipError
+from .errors import ParameterError
 
 GiB = 1024 ** 3
 RUNTIME = int(0.37 * GiB)         # python + torch + oneDNN + tokenizer, before any tensor
@@ -141,14 +141,15 @@ def check(model, images: int, height: int, width: int, explicit: bool, rows_per_
     else:
         limit, what = available(model.device)
     if limit and need > limit:
-        hints = ["a smaller height/width"]
+        hints = ["a smaller {height}/{width}"]
         if images > 1:
             hints.append("fewer prompts")
         if explicit:
-            hints.append("the fast path")
+            hints.append("the fast path (drop {explicit})")
         if model.dtype == torch.float32:
-            hints.append("fp16 on a GPU")
+            hints.append("{dtype} fp16 on a GPU")
         hint = hints[0] if len(hints) == 1 else ", ".join(hints[:-1]) + " or " + hints[-1]
-        raise MinipError(f"{width}×{height} with {images} image{'s' * (images > 1)} needs about {_size(need)} of "
-                         f"memory (estimated peak), {_size(limit)} {what}; try {hint}")
+        raise ParameterError(None, f"{width}×{height} with {images} image{'s' * (images > 1)} "
+                                   f"needs about {_size(need)} of memory (estimated peak), "
+                                   f"{_size(limit)} {what}; try {hint}")
     return need

@@ -6,7 +6,7 @@ import warnings
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never touch the network
-# the kernel tuner's cache (minip2p/autotune.py) in a folder of this run, not the user's
+# the kernel tuner's cache (minip2p/fast/autotune.py) in a folder of this run, not the user's
 os.environ.setdefault("MINIP2P_CACHE_DIR", tempfile.mkdtemp(prefix="minip2p-kernels-"))
 warnings.filterwarnings("ignore", module="diffusers")
 warnings.filterwarnings("ignore", module="transformers")

@@ -220,7 +220,7 @@ def test_the_page_in_chromium(explorer, tmp_path):
         browser.type("#param-blend", "circle triangle")
         browser.click("#run")
         browser.wait("document.getElementById('error').textContent !== ''", timeout=30)
-        assert "'triangle' is not in the prompt" in \
+        assert "'triangle': the word is not in the prompt" in \
             browser.js("document.getElementById('error').textContent")
     finally:
         browser.close()

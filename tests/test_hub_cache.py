@@ -93,7 +93,7 @@ def test_missing_revision_and_variant_are_one_line_errors(offline):
         load_model(REPO, variant="fp16")               # main has no fp16 files: fetch them
     with pytest.raises(MinipError, match=r"unknown variant 'fp 16'"):
         load_model(REPO, variant="fp 16")
-    with pytest.raises(MinipError, match=r"--revision v1 applies to Hub repo ids only"):
+    with pytest.raises(MinipError, match=r"revision v1 applies to Hub repo ids only"):
         load_model(None, revision="v1")
 
 

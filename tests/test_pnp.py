@@ -97,7 +97,7 @@ def test_no_injection_is_generating_from_the_inverted_noise(sd_model, picture):
     given = pnp.edit(m, None, PROMPT, **kw, trajectory=traj)
     d, d_given = (z[1:] - want).abs().max().item(), (given[1:] - want).abs().max().item()
     print(f"\nwindows 0 vs denoise(z_T): max|Δ| = {d:.1e}, with the trajectory given {d_given:.1e}")
-    assert d <= 1e-5 and d_given <= 1e-5
+    assert d <= 1e-4 and d_given <= 1e-4          # the 3-row and 2-row UNet batches round apart
     imgs = pnp.edit(m, None, PROMPT, steps=steps, progress=False, trajectory=traj)
     assert imgs.shape == (2, 3, 64, 64) and 0 <= imgs.min() and imgs.max() <= 1
 

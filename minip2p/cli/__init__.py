@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     except ParameterError as e:          # the library names the parameter; the user typed a flag
         flags = getattr(args, "flags", None)
         problem = e.said(lambda name: flag_of(name, flags))
-        said = problem if e.name == "prompts" else f"{flag_of(e.name, flags)} {problem}"
+        said = problem if e.name in (None, "prompts") else f"{flag_of(e.name, flags)} {problem}"
         print(f"minip2p: {said}", file=sys.stderr)
         return 2
     except MinipError as e:

@@ -88,6 +88,8 @@ class Settings:
                 not 0 <= self.seed < 2 ** 64:
             raise ParameterError("seed", f"must be an integer in [0, 2⁶⁴), got {self.seed!r}")
         check_number("guidance", self.guidance)
+        if self.over_time:
+            self.ddim_only("over_time (x̂₀ of each DDIM step)")
 
     def ddim_only(self, what: str) -> None:
         """Inversion and starting part-way (real images, SDEdit) are DDIM's."""

@@ -229,9 +229,9 @@ class Params(RealImage):
                     raise ParameterError("reweight", f"{word!r}: the word is in none of the "
                                                      f"edited prompts; give a word of them")
         if n < 2 and (s.image is None or self.strength is not None):
-            raise ParameterError("prompts", "an edit needs a source prompt and at least one "
-                                            "target prompt (with an image to invert and no "
-                                            "target: the reconstruction)")
+            raise ParameterError("prompts", "an edit needs a SOURCE prompt and at least one "
+                                            "TARGET prompt (or a picture to invert and no "
+                                            "TARGET: its reconstruction)")
 
 
 def build(tok, prompts, steps, mode=Params.mode, cross_replace=Params.cross_replace,
