@@ -190,7 +190,7 @@ def test_local_blend_under_dpm(sd_model):
     assert maxdiff(ours[1], ours[0]) > 1e-2
     blended, restarted = run(BlendedHistory(sd_model.scheduler.cfg))[0], \
         run(RestartedHistory(sd_model.scheduler.cfg))[0]
-    print(f"the other histories (README): blended max|Δ| {maxdiff(blended, ours):.2e}, "
+    print(f"the other histories (tools/README.md): blended max|Δ| {maxdiff(blended, ours):.2e}, "
           f"restarted {maxdiff(restarted, ours):.2e} (max|z| {ours.abs().max():.1f})")
     assert reldiff(restarted, ours) > 1e-2             # the kept history is not a first-order run
 

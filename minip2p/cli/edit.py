@@ -22,16 +22,20 @@ from .common import (add_model_options, check_out_dir, float_arg, int_arg, load,
 from .invert import add_edit_options, read_input
 
 EDIT_METHODS = ("p2p", "masactrl", "pnp", "pix2pix-zero")
-# parameter -> flag, where the flag is not the parameter's name with dashes
-FLAGS = {"start_step": "--masa-step", "start_layer": "--masa-layer", "mask_words": "--masa-mask",
+# the one table: each method parameter `edit` takes -> its flag (argparse's dest: the flag's name)
+FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "--self-replace",
+         "blend": "--blend", "blend_threshold": "--blend-threshold", "reweight": "--reweight",
+         "start_step": "--masa-step", "start_layer": "--masa-layer", "mask_words": "--masa-mask",
          "features": "--pnp-features", "attention": "--pnp-attention",
-         "inversion": "--inversion-method"}
-OPTIONS = ("mode", "cross_replace", "self_replace", "blend", "blend_threshold", "reweight",
-           "masa_step", "masa_layer", "masa_mask", "pnp_features", "pnp_attention",
-           "negative_prompt", "xa_guidance", "strength", "inversion_method", "inner_steps",
-           "regularise", "reg_steps", "lambda_ac", "lambda_kl")
-DEST = {"masa_step": "start_step", "masa_layer": "start_layer", "masa_mask": "mask_words",
-        "pnp_features": "features", "pnp_attention": "attention", "inversion_method": "inversion"}
+         "negative_prompt": "--negative-prompt", "source_sentences": "--source-sentences",
+         "target_sentences": "--target-sentences", "xa_guidance": "--xa-guidance",
+         "strength": "--strength", "inversion": "--inversion-method",
+         "inner_steps": "--inner-steps", "regularise": "--regularise", "reg_steps": "--reg-steps",
+         "lambda_ac": "--lambda-ac", "lambda_kl": "--lambda-kl"}
+
+
+def dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
 
 
 def parse_reweight(items: list[str]) -> dict[str, float]:
@@ -62,20 +66,19 @@ def parameters(args) -> dict:
                              f"{args.inversion_method} disagree; give --inversion-method only")
         args.method, args.inversion_method = "p2p", args.method
     args.method = args.method or "p2p"
-    p = {DEST.get(k, k): getattr(args, k) for k in OPTIONS
-         if getattr(args, k) is not None and getattr(args, k) is not False}
+    given = {name: getattr(args, dest(flag)) for name, flag in FLAGS.items()}
+    p = {name: v for name, v in given.items() if v is not None and v is not False}
     for key in ("cross_replace", "self_replace"):
         if key in p:
             p[key] = parse_window(p[key])
     if "reweight" in p:
         p["reweight"] = parse_reweight(p["reweight"])
-    given = [k for k in ("source_sentences", "target_sentences") if getattr(args, k) is not None]
-    if args.method == "pix2pix-zero" and len(given) == 1:
+    files = [k for k in ("source_sentences", "target_sentences") if k in p]
+    if args.method == "pix2pix-zero" and len(files) == 1:
         raise MinipError("give --source-sentences and --target-sentences together (or "
                          "neither: built-in sentences around the words that differ)")
-    for key in given:                    # files are read for the method that takes sentences
-        value = getattr(args, key)
-        p[key] = read_sentences(value, key) if args.method == "pix2pix-zero" else value
+    for key in files if args.method == "pix2pix-zero" else ():   # the method that reads them
+        p[key] = read_sentences(p[key], key)
     return p
 
 

@@ -54,7 +54,7 @@ def add_commands(sub):
     g.add_argument("--resize", nargs="+", metavar="WORD=S", help="scale WORD's object by S > 0")
     g.add_argument("--keep-appearance", action="store_true",
                    help="keep the moved/resized objects' appearance from the unguided image "
-                        "(on in README's measurements)")
+                        "(on in tools/README.md's measurements)")
     g.add_argument("--guidance-weight", type=float_arg("--guidance-weight"), default=0.25,
                    help="largest RMS v of a guidance step of z (0.25): z ← z − d, "
                         "d = E·∇E/‖∇E‖² capped at rms(d) ≤ v")
