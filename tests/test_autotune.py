@@ -133,6 +133,7 @@ def _generate(tmp_path, *flags, env=None):
     return cache / "kernels.json"
 
 
+@pytest.mark.slow
 def test_the_cli_tunes_and_no_autotune_and_the_variable_switch_it_off(tmp_path):
     assert not _generate(tmp_path, "--no-autotune").exists()
     assert not _generate(tmp_path, env={"MINIP2P_NO_AUTOTUNE": "1"}).exists()

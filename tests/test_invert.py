@@ -253,6 +253,7 @@ def toy_inversions():
                   for k in invert.METHODS}
 
 
+@pytest.mark.slow
 @toy
 def test_toy_reconstruction_psnr(toy_inversions):
     m, x, invs = toy_inversions
@@ -269,6 +270,7 @@ def _mask(img):
     return mask, img[:, mask].mean(1)
 
 
+@pytest.mark.slow
 @toy
 def test_toy_real_image_colour_swap_keeps_the_mask(toy_inversions):
     m, x, invs = toy_inversions

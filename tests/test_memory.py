@@ -34,6 +34,7 @@ CASES = [  # (model: None = toy, "sd" = the random checkpoint), command, size, e
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which,command,size,explicit", CASES)
 def test_estimate_matches_measured_peak_rss(tmp_path, sd_ckpt, which, command, size, explicit):
     folder = sd_ckpt[1] if which == "sd" else None

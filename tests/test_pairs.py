@@ -70,6 +70,7 @@ def same(a: Path, b: Path):
                 assert np.abs(ia - ib).max() <= 2, name
 
 
+@pytest.mark.slow   # the module's `job` runs pairs in a subprocess
 def test_two_processes_under_torchrun_equal_one(job):
     tmp, caps, clean, clip = job
     out = tmp / "torchrun"
@@ -82,6 +83,7 @@ def test_two_processes_under_torchrun_equal_one(job):
     same(clean, out)
 
 
+@pytest.mark.slow
 def test_sigkill_half_way_then_rerun_equals_a_clean_run(job):
     tmp, caps, clean, clip = job
     out = tmp / "killed"
@@ -122,6 +124,7 @@ def test_bad_captions_are_refused_and_nothing_is_written(tmp_path, capsys, text,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_dir_of_other_captions_or_settings_is_refused(job, tmp_path, capsys):
     tmp, caps, clean, clip = job
     other = tmp_path / "other.jsonl"

@@ -177,6 +177,7 @@ def check(lines, env, monkeypatch, capsys):
         assert not missing, (line, missing)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lines", OLD, ids=range(len(OLD)))
 def test_the_earlier_readme_commands_run(lines, env, monkeypatch, capsys):
     check(lines, env, monkeypatch, capsys)

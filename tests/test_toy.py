@@ -75,6 +75,7 @@ def test_analyser_reads_blurred_pictures_and_pins_the_prototypes(captions):
     assert toydata.classify_shape((0.8, 0.0, 1.05)) == "circle"          # a blob is a circle
 
 
+@pytest.mark.slow
 def test_training_recipe_runs_and_its_output_loads(tmp_path):
     out = tmp_path / "toy"
     subprocess.run([sys.executable, "-m", "tools.train_toy", "--quick", "--out", str(out),
