@@ -1,15 +1,24 @@
 """Session fixtures: tiny random SD-family checkpoints written once per test run."""
 import os
+import shutil
 import tempfile
 import warnings
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never touch the network
-# the kernel tuner's cache (minip2p/fast/autotune.py) in a folder of this run, not the user's
-os.environ.setdefault("MINIP2P_CACHE_DIR", tempfile.mkdtemp(prefix="minip2p-kernels-"))
+# caches in one folder of this run, removed when it ends: the kernel tuner's
+# (minip2p/fast/autotune.py), not the user's, and torch's inductor folder (`import diffusers`
+# makes one, /tmp/torchinductor_USER, otherwise)
+RUN_DIR = tempfile.mkdtemp(prefix="minip2p-tests-")
+os.environ.setdefault("MINIP2P_CACHE_DIR", RUN_DIR)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(RUN_DIR, "torchinductor"))
 warnings.filterwarnings("ignore", module="diffusers")
 warnings.filterwarnings("ignore", module="transformers")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
