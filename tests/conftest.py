@@ -7,6 +7,9 @@ import warnings
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never touch the network
+# one thread (torch is not imported yet; CLI subprocesses inherit it): the test models are tiny,
+# and several threads spin-wait, many times slower on a busy 2-core machine
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # caches in one folder of this run, removed when it ends: the kernel tuner's
 # (minip2p/fast/autotune.py), not the user's, and torch's inductor folder (`import diffusers`
 # makes one, /tmp/torchinductor_USER, otherwise)

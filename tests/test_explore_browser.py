@@ -13,6 +13,7 @@ import os
 import select
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -40,9 +41,13 @@ class Chromium:
         def fds():
             os.dup2(to_chrome, 3)
             os.dup2(from_chrome, 4)
+        # Chromium's socket folder (org.chromium.Chromium.*) goes under $TMPDIR: one of ours,
+        # short (a socket's path is at most 107 bytes), removed in close()
+        self.tmp = tempfile.mkdtemp(prefix="chromium-")
         self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}",
                                       "about:blank"], pass_fds=(3, 4), preexec_fn=fds,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "TMPDIR": self.tmp})
         os.close(to_chrome)
         os.close(from_chrome)
         self.buffer, self.next_id, self.session = b"", 0, None
@@ -125,6 +130,7 @@ class Chromium:
         self.proc.wait()
         os.close(self._out)
         os.close(self._in)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 PIXELS = ("(sel) => { const i = document.querySelector(sel), c = document.createElement('canvas');"
