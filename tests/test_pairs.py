@@ -73,10 +73,11 @@ def same(a: Path, b: Path):
 @pytest.mark.slow   # the module's `job` runs pairs in a subprocess
 def test_two_processes_under_torchrun_equal_one(job):
     tmp, caps, clean, clip = job
-    out = tmp / "torchrun"
+    out, logs = tmp / "torchrun", tmp / "torchrun-tmp"           # its log folder: not in /tmp
+    logs.mkdir()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc-per-node", "2", "-m", "minip2p", *args(caps, out, clip)],
-                       cwd=ROOT, env=env(), capture_output=True, text=True)
+                       cwd=ROOT, env={**env(), "TMPDIR": str(logs)}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in out.glob("run-*.json")) == ["run-000-of-002.json",
                                                                "run-001-of-002.json"]
