@@ -9,9 +9,9 @@ the method's parameters (FLAGS), `methods.run`, save.
     edit "a cat" "a dog" --method pix2pix-zero             Pix2Pix-Zero (--xa-guidance, sentences)
 
 Every method writes 0.png (the source), 1.png … (the targets), strip.png, and with --maps
-maps-N.png (and with --over-time WORD over-time.gif: the word's map and x̂₀ at each step). A
-flag of one method given to another is refused, as is anything out of range, before the model
-loads.
+maps-N.png (and with --over-time WORD over-time.gif: the word's map and x̂₀ at each step): the
+whole of --out-dir, a second run's files replacing the first's (common.save_images). A flag of
+one method given to another is refused, as is anything out of range, before the model loads.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .common import (add_model_options, check_out_dir, float_arg, int_arg, load,
 from .invert import add_edit_options, read_input
 
 EDIT_METHODS = ("p2p", "masactrl", "pnp", "pix2pix-zero")
+NAMES = r"[0-9]+\.png|strip\.png|maps-[0-9]+\.png|over-time\.gif"   # the files an edit writes
 # the one table: each method parameter `edit` takes -> its flag (argparse's dest: the flag's name)
 FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "--self-replace",
          "blend": "--blend", "blend_threshold": "--blend-threshold", "reweight": "--reweight",
@@ -102,7 +103,7 @@ def cmd_edit(args):
     s = settings_of(args, image=real, maps=args.maps, map_res=args.map_res,
                     over_time=args.over_time is not None)
     methods.prepare(args.method, prompts, **params, **s)             # every value, before loading
-    out = check_out_dir(args.out_dir)
+    out = check_out_dir(args.out_dir, "edit", NAMES)
     model = load(args)
     from_file = isinstance(real, Inversion)
     preflight(args, model, images=1 if args.method == "pnp" else len(prompts) + from_file,
@@ -120,12 +121,12 @@ def cmd_edit(args):
         for i, (prompt, im) in enumerate(zip(result.labels, result.images)):
             files[f"maps-{i}.png"] = views.cross_attention_image(
                 result.store, model.tokenizer, prompt, i, im, pixels)
-    save_images(files, out)                              # all or none
-    written = [str(out / n) for n in files]
     if args.over_time is not None:
-        written.append(save_over_time(model, result.store, result.labels, args.over_time,
-                                      result.x0, args.map_res, result.images[0],
-                                      out / "over-time.gif"))
+        files["over-time.gif"] = lambda path: save_over_time(
+            model, result.store, result.labels, args.over_time, result.x0, args.map_res,
+            result.images[0], path)
+    save_images(files, out, "edit", NAMES)          # all or none, replacing the previous run's
+    written = [str(out / n) for n in files]
     print(f"wrote {', '.join(written)}")
 
 
@@ -183,7 +184,8 @@ def add_commands(sub):
     e.add_argument("--maps", action="store_true", help="also write maps-N.png per prompt")
     e.add_argument("--map-res", type=int_arg("--map-res"), metavar="ROWS", help=MAP_RES)
     e.add_argument("--over-time", metavar="WORD", help=OVER_TIME + " (over-time.gif)")
-    e.add_argument("--out-dir", default="edit", help="output folder (edit)")
+    e.add_argument("--out-dir", default="edit",
+                   help="output folder, replaced as a whole by each run (edit)")
     add_model_options(e, lean=True)
     add_edit_options(e)
     e.set_defaults(run=cmd_edit, flags=FLAGS)

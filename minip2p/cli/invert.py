@@ -71,14 +71,7 @@ def regulariser(args, not_inverting: str | None = None):
 
 
 def check_inversion_out(path: str) -> Path:
-    out = Path(path)
-    if out.suffix != ".safetensors":
-        raise MinipError(f"--out {path!r} must end in .safetensors")
-    if out.is_dir():
-        raise MinipError(f"--out '{out}' is a folder; give a file name")
-    if not out.parent.is_dir():
-        raise MinipError(f"output folder '{out.parent}' does not exist; create it first")
-    return out
+    return check_out_file(path, suffixes=(".safetensors",))
 
 
 def read_input(image: str | None, inversion: str | None, crop: str | None, prompt: str | None,
