@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import signal
 import tempfile
@@ -56,10 +55,10 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
 MARKER = ".minip2p-run"     # in each output folder: {"command": …, "files": […]}, what wrote it
 
 
-def check_replaceable(folder: Path, command: str, known: str | None = None) -> None:
-    """Refuse a folder that holds anything but an earlier output of `command`: the files its
-    marker lists, or (an older folder without a marker) names matching the regex `known`. An
-    absent or empty folder is fine."""
+def check_replaceable(folder: Path, command: str) -> None:
+    """Refuse a folder that holds anything but an earlier output of `command`: its marker and
+    the files the marker lists. An absent or empty folder is fine. (Names alone do not say
+    whose a file is: a user's own 0.png is never replaced.)"""
     folder = Path(folder)
     if not folder.is_dir():
         return
@@ -78,23 +77,21 @@ def check_replaceable(folder: Path, command: str, known: str | None = None) -> N
                                  f"({mark['command']}); give an empty or new folder")
         except (OSError, ValueError, KeyError, TypeError):
             pass                                # unreadable: not a marker of ours
-        known = None                            # the marker says which files are ours
     for e in entries:
-        if not ((e.name in ours or known and re.fullmatch(known, e.name))
-                and e.is_file(follow_symlinks=False)):
+        if not (e.name in ours and e.is_file(follow_symlinks=False)):
             raise MinipError(f"'{folder}' holds other files (such as '{e.name}'); give an empty "
                              "or new folder")
 
 
-def write_folder(folder: Path, files: dict[str, Callable[[str], None]], command: str,
-                 known: str | None = None) -> list[Path]:
+def write_folder(folder: Path, files: dict[str, Callable[[str], None]],
+                 command: str) -> list[Path]:
     """{name: write(path)} as the whole content of `folder`: written into a temporary sibling
     folder, then swapped into place, the earlier output of `command` there replaced (never
     mixed with this run's). A folder holding anything else is refused (check_replaceable).
     On any failure, or an interrupt, the folder is as it was and no temporary folder is left."""
     folder = Path(folder)
     target = folder.resolve() if folder.is_symlink() else folder     # replace what it points to
-    check_replaceable(target, command, known)
+    check_replaceable(target, command)
     umask = os.umask(0)
     os.umask(umask)
     tmp, name = None, None
@@ -106,7 +103,7 @@ def write_folder(folder: Path, files: dict[str, Callable[[str], None]], command:
         name = MARKER
         (tmp / MARKER).write_text(json.dumps({"command": command, "files": list(files)}) + "\n")
         os.chmod(tmp, 0o777 & ~umask)                   # mkdtemp makes 0700 folders
-        check_replaceable(target, command, known)       # once more: the run took a while
+        check_replaceable(target, command)       # once more: the run took a while
         _swap(tmp, target)
     except (OSError, SafetensorError) as e:
         why = getattr(e, "strerror", None) or str(e).splitlines()[0]

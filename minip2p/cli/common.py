@@ -152,13 +152,11 @@ def save_image(image, path: Path):
     atomic_write(path, image.save)
 
 
-def save_images(files: dict, folder: Path, command: str, known: str | None = None):
+def save_images(files: dict, folder: Path, command: str):
     """{name: image or write(path)} as the whole content of `folder` (atomic.write_folder): all
     written, the previous run's files of the folder replaced, or on any failure the folder as
-    it was. A folder holding other files is refused (`known`: the regex of the command's names,
-    for a folder written before the marker)."""
-    write_folder(folder, {n: im if callable(im) else im.save for n, im in files.items()},
-                 command, known)
+    it was. A folder holding other files is refused."""
+    write_folder(folder, {n: im if callable(im) else im.save for n, im in files.items()}, command)
 
 
 def load(args):
@@ -195,7 +193,7 @@ def flag_of(name: str, flags: dict | None = None) -> str:
     return (flags or {}).get(name) or "--" + name.replace("_", "-")
 
 
-def check_out_dir(path: str, command: str | None = None, known: str | None = None) -> Path:
+def check_out_dir(path: str, command: str | None = None) -> Path:
     """--out-dir names a folder: fail before any work if it is a file, cannot be made or
     written, or (`command`: a folder the command replaces as a whole) holds anything but an
     earlier output of `command`, or holds the current folder."""
@@ -210,5 +208,5 @@ def check_out_dir(path: str, command: str | None = None, known: str | None = Non
         here = Path.cwd().resolve()
         if out.resolve() in (here, *here.parents):
             raise MinipError(f"--out-dir '{out}' holds the current folder; give a new folder")
-        check_replaceable(out, command, known)
+        check_replaceable(out, command)
     return out

@@ -22,7 +22,6 @@ from .common import (add_model_options, check_out_dir, float_arg, int_arg, load,
 from .invert import add_edit_options, read_input
 
 EDIT_METHODS = ("p2p", "masactrl", "pnp", "pix2pix-zero")
-NAMES = r"[0-9]+\.png|strip\.png|maps-[0-9]+\.png|over-time\.gif"   # the files an edit writes
 # the one table: each method parameter `edit` takes -> its flag (argparse's dest: the flag's name)
 FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "--self-replace",
          "blend": "--blend", "blend_threshold": "--blend-threshold", "reweight": "--reweight",
@@ -103,7 +102,7 @@ def cmd_edit(args):
     s = settings_of(args, image=real, maps=args.maps, map_res=args.map_res,
                     over_time=args.over_time is not None)
     methods.prepare(args.method, prompts, **params, **s)             # every value, before loading
-    out = check_out_dir(args.out_dir, "edit", NAMES)
+    out = check_out_dir(args.out_dir, "edit")
     model = load(args)
     from_file = isinstance(real, Inversion)
     preflight(args, model, images=1 if args.method == "pnp" else len(prompts) + from_file,
@@ -125,7 +124,7 @@ def cmd_edit(args):
         files["over-time.gif"] = lambda path: save_over_time(
             model, result.store, result.labels, args.over_time, result.x0, args.map_res,
             result.images[0], path)
-    save_images(files, out, "edit", NAMES)          # all or none, replacing the previous run's
+    save_images(files, out, "edit")          # all or none, replacing the previous run's
     written = [str(out / n) for n in files]
     print(f"wrote {', '.join(written)}")
 

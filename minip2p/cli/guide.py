@@ -11,8 +11,6 @@ from ..errors import MinipError
 from .common import (add_model_options, check_out_dir, float_arg, int_arg, load, preflight,
                      save_images, settings_of)
 
-NAMES = r"[01]\.png|strip\.png"                     # the files a guide writes
-
 
 def parse_pairs(items, flag: str, n: int) -> dict[str, tuple[float, ...]]:
     """["circle=0.8,0.5"] -> {"circle": (0.8, 0.5)} (n numbers after '=')."""
@@ -39,13 +37,13 @@ def cmd_guide(args):
                   guide_steps=args.guide_steps, guide_iterations=args.guide_iterations)
     s = settings_of(args)
     methods.prepare("self-guidance", [args.prompt], **params, **s)
-    out = check_out_dir(args.out_dir, "guide", NAMES)
+    out = check_out_dir(args.out_dir, "guide")
     model = load(args)
     preflight(args, model, grad=True)
     r = methods.run(model, "self-guidance", [args.prompt], **params, **s)
     files = {"0.png": r.images[0], "1.png": r.images[1], "strip.png": views.strip(r.images,
                                                                                   r.labels)}
-    save_images(files, out, "guide", NAMES)      # all or none, replacing the previous run's
+    save_images(files, out, "guide")      # all or none, replacing the previous run's
     print(f"wrote {', '.join(str(out / n) for n in files)}")
 
 
