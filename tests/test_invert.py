@@ -216,7 +216,8 @@ def test_commands(tmp_path, capsys, sd_ckpt, small_ckpt):
                  "--out", inv, *model]) == 0
     assert main(["edit", "--inversion", inv, "a blue circle", "--steps", "2",
                  "--out-dir", str(tmp_path / "e"), "--blend", "circle", "circle", *model]) == 0
-    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["0.png", "1.png", "strip.png"]
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [".minip2p-run", "0.png", "1.png",
+                                                                    "strip.png"]
     assert main(["edit", "--inversion", inv, "--steps", "2", "--out-dir", str(tmp_path / "r"),
                  *model]) == 0                                   # no target: the reconstruction
     assert main(["edit", "a red circle", "a red square", "--image", img, "--method", "ddim",
