@@ -159,3 +159,16 @@ def test_self_copy_copies_image_0s_self_attention_in_both_halves():
     M = torch.rand(4, 2, 16, 16)
     out = c.probs(M, site)
     assert torch.equal(out[1], M[0]) and torch.equal(out[3], M[2]) and torch.equal(out[0], M[0])
+
+
+def test_out_is_the_old_name_of_out_dir(tmp_path, capsys):
+    """`pairs --out DIR` still works, with a one-line warning; given beside --out-dir, refused."""
+    caps = tmp_path / "c.jsonl"
+    caps.write_text(json.dumps(LINES[0]) + "\n")
+    assert main(["pairs", str(caps), "--out", str(tmp_path / "o"), "--partition", "x"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("minip2p: warning: pairs --out DIR is now --out-dir DIR"), err
+    assert len(err) == 2 and "--partition" in err[1], err
+    assert main(["pairs", str(caps), "--out", "a", "--out-dir", "b"]) == 2
+    assert "give --out-dir only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

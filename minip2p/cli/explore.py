@@ -22,9 +22,9 @@ def cmd_explore(args):
     model = load(args)
     server, explorer = make_server(model, args.host, args.port, out,
                                    quiet=not args.verbose)
-    host, port = server.server_address[:2]
-    print(f"minip2p explorer on http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
-    try:
+    try:                                # Ctrl-C or SIGTERM from here on: the folder is removed
+        host, port = server.server_address[:2]
+        print(f"minip2p explorer on http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
         server.serve_forever()
     finally:
         server.server_close()
