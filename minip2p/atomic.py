@@ -66,17 +66,16 @@ def check_replaceable(folder: Path, command: str) -> None:
         entries = list(os.scandir(folder))
     except OSError as e:
         raise MinipError(f"cannot read '{folder}': {e.strerror or e}") from None
-    ours: set[str] = set()
+    ours, mark = set(), {}
     if (folder / MARKER).exists():
         try:
             mark = json.loads((folder / MARKER).read_text())
-            if mark["command"] == command:
-                ours = {MARKER, *mark["files"]}
-            else:
-                raise MinipError(f"'{folder}' holds the output of another command "
-                                 f"({mark['command']}); give an empty or new folder")
+            ours = {MARKER, *mark["files"]} if mark["command"] == command else set()
         except (OSError, ValueError, KeyError, TypeError):
-            pass                                # unreadable: not a marker of ours
+            mark = {}                           # unreadable: not a marker of ours
+    if not ours and isinstance(mark, dict) and isinstance(mark.get("command"), str):
+        raise MinipError(f"'{folder}' holds the output of another command "
+                         f"({mark['command']}); give an empty or new folder")
     for e in entries:
         if not (e.name in ours and e.is_file(follow_symlinks=False)):
             raise MinipError(f"'{folder}' holds other files (such as '{e.name}'); give an empty "
@@ -103,7 +102,7 @@ def write_folder(folder: Path, files: dict[str, Callable[[str], None]],
         name = MARKER
         (tmp / MARKER).write_text(json.dumps({"command": command, "files": list(files)}) + "\n")
         os.chmod(tmp, 0o777 & ~umask)                   # mkdtemp makes 0700 folders
-        check_replaceable(target, command)       # once more: the run took a while
+        check_replaceable(target, command)              # once more: the run took a while
         _swap(tmp, target)
     except (OSError, SafetensorError) as e:
         why = getattr(e, "strerror", None) or str(e).splitlines()[0]
@@ -117,10 +116,9 @@ def write_folder(folder: Path, files: dict[str, Callable[[str], None]],
 def _swap(new: Path, target: Path) -> None:
     """`new` takes `target`'s place; the old folder is removed. SIGINT and SIGTERM wait until
     it is done (a signal between the two renames would leave no folder at `target`)."""
-    stop = {signal.SIGINT, signal.SIGTERM}
-    masked = hasattr(signal, "pthread_sigmask")
-    if masked:
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    blocked = hasattr(signal, "pthread_sigmask")
+    if blocked:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         try:
             os.replace(new, target)                     # absent or empty: one atomic rename
@@ -129,7 +127,11 @@ def _swap(new: Path, target: Path) -> None:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
         old = Path(tempfile.mkdtemp(prefix=".minip2p-old-", dir=target.parent))
-        os.replace(target, old)                         # onto the empty folder just made
+        try:
+            os.replace(target, old)                     # onto the empty folder just made
+        except BaseException:
+            old.rmdir()
+            raise
         try:
             os.replace(new, target)
         except BaseException:
@@ -137,5 +139,5 @@ def _swap(new: Path, target: Path) -> None:
             raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
-        if masked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)

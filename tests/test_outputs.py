@@ -8,6 +8,7 @@ import os
 import resource
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -136,3 +137,33 @@ def test_folder_under_a_file(capsys, tmp_path):
     one_line(capsys, ["edit", "a red", "a blue", *SMALL, "--out-dir",
                       str(tmp_path / "afile" / "e")], needle="")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("fail", ["write", "interrupt", "swap"])
+def test_write_folder_keeps_the_old_folder_on_any_failure(tmp_path, monkeypatch, fail):
+    """atomic.write_folder: a failed write, Ctrl-C in a write, or the rename that puts the new
+    folder in place failing -> the previous output as it was, and nothing else left."""
+    from minip2p import atomic
+    from minip2p.errors import MinipError
+    out = tmp_path / "out"
+    atomic.write_folder(out, {"0.png": lambda p: Path(p).write_text("old")}, "edit")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def write(path):
+        Path(path).write_text("new")
+        if fail == "write":
+            raise OSError(28, "No space left on device")
+        if fail == "interrupt":
+            raise KeyboardInterrupt
+    replace, calls = os.replace, []
+
+    def replace_failing_second(a, b):
+        calls.append(b)
+        if len(calls) == 3:                           # new -> out, after out -> old
+            raise OSError(16, "Device or resource busy")
+        replace(a, b)
+    monkeypatch.setattr(os, "replace", replace_failing_second)
+    with pytest.raises(KeyboardInterrupt if fail == "interrupt" else MinipError):
+        atomic.write_folder(out, {"0.png": write, "1.png": write}, "edit")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -18,7 +18,10 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from cli_strategies import MISMATCHED, RERUN, abbreviated
-from test_properties import MARKER, SETTINGS, assets, check_cli, expand, files, run_main  # noqa: F401
+import test_properties
+from test_properties import MARKER, SETTINGS, check_cli, expand, files, run_main
+
+assets = test_properties.assets                      # the same inputs (a module-scoped fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models, one thread
 
