@@ -49,6 +49,7 @@ def add_edit_options(e: argparse.ArgumentParser):
     add_inversion_options(e, "--inversion-method")
 
 
+POSITIONAL = {"image": "IMAGE"}        # a bad picture is named as the argument the user gave
 REG_FLAGS = {"reg_steps": "--reg-steps", "lambda_ac": "--lambda-ac", "lambda_kl": "--lambda-kl"}
 
 
@@ -178,7 +179,7 @@ def add_commands(sub):
     add_model_options(i)
     i.add_argument("--out", default="inversion.safetensors",
                    help="inversion file to write (inversion.safetensors)")
-    i.set_defaults(run=cmd_invert)
+    i.set_defaults(run=cmd_invert, flags=POSITIONAL)
 
     r = sub.add_parser("reconstruct", help="invert a real image and denoise it back")
     r.add_argument("image", nargs="?", help="image file (or give --inversion)")
@@ -186,4 +187,4 @@ def add_commands(sub):
     r.add_argument("--inversion", metavar="FILE", help="reuse this inversion file")
     add_inversion_options(r)
     add_model_options(r, out="reconstruction.png")
-    r.set_defaults(run=cmd_reconstruct)
+    r.set_defaults(run=cmd_reconstruct, flags=POSITIONAL)
