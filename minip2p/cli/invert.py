@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 from pathlib import Path
 
@@ -118,8 +119,17 @@ def inversion_for(args, model, got, prompt: str | None):
     height, width = check_size(model, args.height, args.width)
     x = images.to_tensor(images.fit(got, height, width))                # (1, 3, H, W)
     method = getattr(args, "inversion_method", None) or args.method
+    say_inversion(method, args.inner_steps or 10, "--method")
     return invert.invert(model, x, prompt, method, args.steps, args.guidance,
                          args.inner_steps or 10, progress=not args.quiet, reg=regulariser(args))
+
+
+def say_inversion(method: str, inner_steps: int, flag: str):
+    """Before a null-text inversion, one line on stderr: it is slow, and what is fast."""
+    if method == "null-text":
+        print(f"minip2p: inverting with null-text (up to {inner_steps} optimisation steps per "
+              f"denoising step: slow on a CPU; {flag} negative-prompt is fast)", file=sys.stderr,
+              flush=True)
 
 
 def input_pil(inv):
