@@ -16,7 +16,6 @@ loads.
 from __future__ import annotations
 
 from ..errors import MinipError
-from ..real.images import check_picture
 from .attention import MAP_RES, OVER_TIME, save_over_time
 from .common import (add_model_options, check_out_dir, float_arg, int_arg, load, preflight,
                      save_images, settings_of)
@@ -85,6 +84,7 @@ def parameters(args) -> dict:
 
 def cmd_edit(args):
     from .. import methods, views
+    from ..real.images import check_picture
     from ..real.invert import Inversion
     params = parameters(args)
     if args.map_res is not None and not args.maps:
