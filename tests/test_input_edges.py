@@ -90,7 +90,7 @@ def test_a_null_text_inversion_is_said_first(capsys, tmp_path):
                         "--method")):
         rc, _, err = cli(capsys, *argv, *FAST, "--inner-steps", "1")
         assert rc == 0, err
-        assert err.splitlines() == [f"minip2p: inverting with null-text (up to 1 optimisation "
+        assert err.splitlines() == [f"minip2p: note: inverting with null-text (up to 1 optimisation "
                                     f"steps per denoising step: slow on a CPU; {flag} "
                                     f"negative-prompt is fast)"]
     rc, _, err = cli(capsys, "reconstruct", pic, "a red circle", "--method", "negative-prompt",
