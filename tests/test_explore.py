@@ -215,6 +215,10 @@ BAD = [
     ({"prompt": EDITED, "method": "sdedit", "image": data_url(TRUNCATED)}, "cannot be read"),
     ({"prompt": EDITED, "method": "sdedit", "image": data_url(picture((2049, 8)))},
      "at most 2048 a side"),
+    ({"prompt": EDITED, "method": "sdedit", "image": data_url(picture((8, 64)))},
+     "image is 8×64 pixels; a picture needs at least 16 on each side"),
+    ({"prompt": EDITED, "method": "sdedit", "image": data_url(picture((300, 64)))},
+     "keep less than 1/4 of its width"),
     ({"prompt": PROMPT, "edits": [EDITED] * 4}, "at most 3"),
     ({"prompt": PROMPT, "edits": "x" * 500}, "at most 400"),
     ([PROMPT], "JSON object"),
@@ -292,3 +296,13 @@ def test_cli_refuses_a_busy_port_and_warns_off_loopback(capsys):
     assert err[1].startswith("minip2p: cannot serve on 0.0.0.0") and len(err) == 2
     assert main(["explore", "--port", "-1"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_long_prompt_comes_back_with_its_warning(server):
+    long = " ".join(["red"] * 90)                                  # 90 tokens: 15 past the window
+    status, answer, _ = submit(server, prompt=long, steps=1)
+    assert status == 202, answer
+    job = wait(server, answer["id"])
+    assert job["state"] == "done", job.get("error")
+    assert len(job["warnings"]) == 1 and "15 tokens too long" in job["warnings"][0]
+    assert "warnings" not in wait(server, submit(server, prompt=PROMPT, steps=1)[1]["id"])

@@ -37,11 +37,11 @@ def x_of(model, im):
 # ---- image input ------------------------------------------------------------------------------
 
 def test_image_modes_exif_and_crop(tmp_path):
-    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))               # fully transparent -> white
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))             # fully transparent -> white
     rgba.save(tmp_path / "a.png")
-    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "g16.png")   # mid grey
-    Image.new("L", (8, 8), 200).save(tmp_path / "g.jpg")
-    Image.new("P", (8, 8), 3).save(tmp_path / "p.gif")
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / "g16.png")  # mid grey
+    Image.new("L", (16, 16), 200).save(tmp_path / "g.jpg")
+    Image.new("P", (16, 16), 3).save(tmp_path / "p.gif")
     for name, value in (("a.png", 255), ("g16.png", 128), ("g.jpg", 200)):
         x, im = images.load_image(tmp_path / name, 8, 8)
         assert x.shape == (1, 3, 8, 8) and im.mode == "RGB"

@@ -118,6 +118,9 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
     p.add_argument("--no-autotune", action="store_true",
                    help="do not time the fast path's kernel choices on this machine; take "
                         "PyTorch's own kernels (reproducible runs; also MINIP2P_NO_AUTOTUNE=1)")
+    p.add_argument("--strict-length", action="store_true",
+                   help="refuse a prompt longer than the text encoder's 77 tokens (default: "
+                        "warn and drop the tokens past 77)")
     if lean:
         p.add_argument("--free-text-encoder", action="store_true",
                        help="free the text encoder once the prompts are encoded (less memory)")
@@ -166,7 +169,8 @@ def load(args):
         set_tuner(Tuner(enabled=False))
     return load_model(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
                       revision=args.revision, embeddings=args.embedding,
-                      fast=not getattr(args, "explicit", False))     # --explicit: reference
+                      fast=not getattr(args, "explicit", False),     # --explicit: reference
+                      strict_length=getattr(args, "strict_length", False))
 
 
 def preflight(args, model, images: int = 1, size=None, **kw) -> tuple[int, int]:

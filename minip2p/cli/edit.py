@@ -19,7 +19,7 @@ from ..errors import MinipError
 from .attention import MAP_RES, OVER_TIME, save_over_time
 from .common import (add_model_options, check_out_dir, float_arg, int_arg, load, preflight,
                      save_images, settings_of)
-from .invert import add_edit_options, read_input
+from .invert import add_edit_options, read_input, say_inversion
 
 EDIT_METHODS = ("p2p", "masactrl", "pnp", "pix2pix-zero")
 # the one table: each method parameter `edit` takes -> its flag (argparse's dest: the flag's name)
@@ -84,6 +84,7 @@ def parameters(args) -> dict:
 
 def cmd_edit(args):
     from .. import methods, views
+    from ..real.images import check_picture
     from ..real.invert import Inversion
     params = parameters(args)
     if args.map_res is not None and not args.maps:
@@ -101,16 +102,21 @@ def cmd_edit(args):
                       needs_prompt=inverted)                          # before the model loads
     s = settings_of(args, image=real, maps=args.maps, map_res=args.map_res,
                     over_time=args.over_time is not None)
-    methods.prepare(args.method, prompts, **params, **s)             # every value, before loading
+    chosen = methods.prepare(args.method, prompts, **params, **s)[1]  # every value, before loading
     out = check_out_dir(args.out_dir, "edit")
     model = load(args)
     from_file = isinstance(real, Inversion)
-    preflight(args, model, images=1 if args.method == "pnp" else len(prompts) + from_file,
-              size=(real.height, real.width) if from_file else None,
-              rows_per_image=3 if args.method == "pnp" else 2,
-              controlled=(32 ** 2 if args.maps else 16 ** 2 if args.method == "p2p" else 1),
-              grad=inverted and real is not None and not from_file
-              and params.get("inversion", "null-text") == "null-text")
+    size = preflight(args, model, images=1 if args.method == "pnp" else len(prompts) + from_file,
+                     size=(real.height, real.width) if from_file else None,
+                     rows_per_image=3 if args.method == "pnp" else 2,
+                     controlled=(32 ** 2 if args.maps else 16 ** 2 if args.method == "p2p" else 1),
+                     grad=inverted and real is not None and not from_file
+                     and params.get("inversion", "null-text") == "null-text")
+    if real is not None and not from_file:
+        check_picture(real, *size)                     # before the line on a slow inversion
+        if getattr(chosen, "strength", None) is None:
+                say_inversion(getattr(chosen, "inversion", ""), getattr(chosen, "inner_steps", 10),
+                          "--inversion-method")
     result = methods.run(model, args.method, prompts, **params, **s)
     files = {f"{i}.png": im for i, im in enumerate(result.images)}
     files["strip.png"] = views.strip(result.inputs + result.images,
