@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 
 from cli_strategies import (ATTENTION, EDIT, EXPLORE, GENERATE, GUIDE, INSTRUCT, INVERT, PAIRS,
                             RECONSTRUCT)
+from helpers import NOT_ERRORS
 from minip2p.cli import main
 
 MAX_EXAMPLES = int(os.environ.get("MINIP2P_HYPOTHESIS_EXAMPLES", "12"))
@@ -130,7 +131,7 @@ def check_cli(argv, assets: Path):
                     and Path(p).name != MARKER], "temporary file"
         assert "Traceback" not in err
         if argv[0] == "pairs" and rc in (0, 1):
-            assert all(line.startswith("minip2p: warning: ") for line in lines), err
+            assert all(line.startswith(NOT_ERRORS) for line in lines), err
             if "--check" in argv:                    # a report on stdout, nothing written
                 assert std.count("\n") == 1 and " items: " in std and added == set(), (std, added)
             else:
@@ -141,7 +142,7 @@ def check_cli(argv, assets: Path):
                     for p in added), added
         elif rc == 0:
             assert argv[0] not in ("instruct", "explore"), "succeeded where it cannot"
-            assert all(line.startswith("minip2p: warning: ") for line in lines), err
+            assert all(line.startswith(NOT_ERRORS) for line in lines), err
             written = {Path(p).relative_to(out).as_posix()
                        for p in std.strip().removeprefix("wrote ").split(" (")[0].split(", ")}
             folders = {Path(p).parent.as_posix() for p in written}
@@ -153,7 +154,7 @@ def check_cli(argv, assets: Path):
             else:
                 assert written == {promised(argv, out)}
         else:
-            errors = [line for line in lines if not line.startswith("minip2p: warning: ")]
+            errors = [line for line in lines if not line.startswith(NOT_ERRORS)]
             assert rc == 2, (rc, err)
             assert len(errors) == 1 and errors[0].startswith("minip2p: "), err
             assert errors[0] == lines[-1] and std == "", (err, std)

@@ -18,6 +18,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from cli_strategies import MISMATCHED, RERUN, abbreviated
+from helpers import NOT_ERRORS
 import test_properties
 from test_properties import MARKER, SETTINGS, check_cli, expand, files, run_main
 
@@ -44,7 +45,7 @@ def test_abbreviations_are_refused_and_the_flag_named(assets, argv, near):
 @given(argv=abbreviated())
 def test_an_abbreviated_flag_is_refused_by_the_parser(assets, argv):
     rc, err = check_cli(argv, assets)
-    error = [x for x in err.splitlines() if not x.startswith("minip2p: warning: ")][-1]
+    error = [x for x in err.splitlines() if not x.startswith(NOT_ERRORS)][-1]
     assert rc == 2 and error.startswith(PARSER), err
 
 
@@ -81,7 +82,7 @@ def test_a_second_run_leaves_exactly_its_own_files(assets, first, second, intrud
             assert set(folder_state(folder)) == written | {MARKER}, (std2, folder_state(folder))
             assert not intruder and (rc1 != 0 or first[0] == second[0]), (first, second)
         else:
-            errors = [x for x in err.splitlines() if not x.startswith("minip2p: warning: ")]
+            errors = [x for x in err.splitlines() if not x.startswith(NOT_ERRORS)]
             assert rc2 == 2 and len(errors) == 1 and errors[0].startswith("minip2p: "), err
             assert folder_state(folder) == before, "the first run's folder was changed"
             if "swap" not in second and (intruder or (rc1 == 0 and first[0] != second[0])):
