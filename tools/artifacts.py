@@ -33,7 +33,7 @@ PURE = 0.1           # RGB distance from the background within which a pixel is 
 DILATE = 3           # pixels added around the named objects before measuring the background
 MIN_AREA = 6         # smallest stray blob counted, pixels
 MIN_PURITY = 0.99    # clean: background purity at least this
-MIN_SOLIDITY = 0.88  # clean: every named object's solidity at least this
+MIN_SOLIDITY = 0.89  # clean: every named object's solidity at least this
 MAX_STRAYS = 0       # clean: at most this many stray blobs
 
 
