@@ -10,8 +10,9 @@ and noise all pass it. `artifacts(image, n_objects)` measures them on the toy do
   (the border's median, as `analyse` takes it);
 - solidity: the share of each named object's convex hull filled with the object's colour (hull
   of the largest blob of that colour), the smallest over the objects;
-- stray blobs: 8-connected components of non-background pixels beyond the named objects (the
-  n_objects largest components) of at least a minimum area;
+- stray blobs: 8-connected components of non-background pixels of at least a minimum area that
+  touch no named object (the n_objects largest components of the picture's 3×3 median, which
+  noise cannot join into one);
 - clean: all three within the thresholds below, chosen by `python -m tools.artifacts
   --calibrate` (drawn pictures and their VAE round trips against the same pictures with injected
   blotches, holes and noise; figures in tools/README.md).
@@ -208,8 +209,9 @@ KINDS = ["blotches", "holes", "noise", "salt-and-pepper"]
 
 
 def pictures(n: int, seed: int = 0, two_objects: float = 0.3):
-    """n drawn toy pictures (3, 64, 64) in [0, 1] over varied training captions, their numbers of
-    objects and their VAE round trips (the toy model's VAE, encode then decode, fp32)."""
+    """(drawn, round trips, objects): n drawn toy pictures (3, 64, 64) in [0, 1] over varied
+    training captions, their VAE round trips (the toy model's VAE, encode then decode, fp32)
+    and how many objects each caption names."""
     from minip2p import load_model
     from tools.toydata import Captions, draw
     model = load_model()
