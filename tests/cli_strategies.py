@@ -187,14 +187,15 @@ PAIRS_OPTIONS = {
     "--partition": st.sampled_from(["0/1", "0/2", "1/2", "2/2", "-1/2", "0/0", "1/0", "a/b", "1",
                                     "", "0/1/2", "1 / 2", "0/" + "9" * 30]),
     "--check": st.sampled_from(["@out", "@out/nothing", "@afile", ""]),
+    "--out": st.sampled_from(["@out/pairs", "@out/other"]),          # --out-dir's old name
     "--clip": st.sampled_from(PATHS),
     **{k: v for k, v in model_options().items() if k not in ("--free-text-encoder",)},
     "--steps": ints(["2", "2"], ["1", "0", "-1", "", "x"])}
 PAIRS = command("pairs", [st.sampled_from(
     ["@caps.jsonl", "@caps.jsonl", "@caps-bad.jsonl", "@caps-list.jsonl", "@caps-keys.jsonl",
      "@caps-types.jsonl", "@caps-blank.jsonl", "@latin1.txt", "@photo.png"] + PATHS)],
-    {"--out": st.sampled_from(["@out/pairs", "@out/pairs", "@out", "@afile", "@out/missing/p",
-                               "@afile/sub"]),
+    {"--out-dir": st.sampled_from(["@out/pairs", "@out/pairs", "@out", "@afile",
+                                   "@out/missing/p", "@afile/sub"]),
      "--samples": st.just("1"), "--steps": st.just("2")},
     PAIRS_OPTIONS, always=("--height", "--width"))
 
@@ -212,3 +213,60 @@ EXPLORE = st.one_of(
     command("explore", [], {"--host": st.sampled_from(BAD_HOSTS),
                             "--port": st.sampled_from(["0"] + BAD_PORTS)},
             EXPLORE_OPTIONS, always=(), quiet=False))
+
+
+# ---- tests/test_properties_outputs.py: flags spelled out, --out vs --out-dir, reruns ----------
+
+def long_flags() -> dict:
+    """{command: its --flags}, from the CLI's own parser."""
+    import argparse
+
+    from minip2p.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: sorted(o for o in p._option_string_actions if o.startswith("--"))
+            for name, p in sub.choices.items()}
+
+
+FLAGS = long_flags()
+LINES = {"generate": GENERATE, "edit": EDIT, "attention": ATTENTION, "invert": INVERT,
+         "reconstruct": RECONSTRUCT, "guide": GUIDE, "instruct": INSTRUCT, "pairs": PAIRS,
+         "explore": EXPLORE}
+
+
+@st.composite
+def abbreviated(draw):
+    """A command line of any command with an abbreviation of one of its flags added (--out of
+    --out-dir, --step of --steps, --guid of --guidance …): never a flag itself."""
+    name = draw(st.sampled_from(sorted(LINES)))
+    flags = FLAGS[name]
+    short = draw(st.sampled_from(sorted({f[:n] for f in flags for n in range(3, len(f))}
+                                        - set(flags))))
+    return [*draw(LINES[name]), short, draw(st.sampled_from(["1", "x", "@out/x.png", "@out/d"]))]
+
+
+# a command line that would succeed but for its output place, and that place
+CHEAP = ["--steps", "1", "--height", "32", "--width", "32", "--quiet"]
+MISMATCHED = st.one_of(
+    st.tuples(st.sampled_from([["generate", "a red circle"], ["attention", "a red circle"],
+                               ["reconstruct", "@photo.png", "a red circle"],
+                               ["instruct", "@photo.png", "make it blue"],
+                               ["invert", "@photo.png", "a red circle", "--method", "ddim"]]),
+              st.just("--out"), st.sampled_from(["@folder", "@out", "@out/x", "@out/x.txt",
+                                                  "@out/png", "@out/x.png.d/"])),
+    st.tuples(st.sampled_from([["edit", "a red circle", "a blue circle"],
+                               ["guide", "a red circle", "--move", "circle=0.7,0.5"],
+                               ["pairs", "@caps.jsonl", "--samples", "1"]]),
+              st.just("--out-dir"), st.sampled_from(["@afile", "@photo.png", "@notes.txt"])),
+).map(lambda t: [*t[0], t[1], t[2], *CHEAP] + ["--steps", "2"] * (t[0][0] == "pairs"))
+
+# two runs into one folder: edits of 2-3 prompts, with or without maps, and guides
+RERUN = st.one_of(
+    st.tuples(st.just(["edit", "a red circle"]),
+              st.lists(st.sampled_from(["a blue circle", "a red square", "a big red circle"]),
+                       min_size=1, max_size=2),
+              st.sampled_from([[], ["--maps"], ["--method", "masactrl"], ["--seed", "3"]]))
+    .map(lambda t: [*t[0], *t[1], *t[2]]),
+    st.sampled_from([["guide", "a red circle", "--move", "circle=0.7,0.5"],
+                     ["guide", "a red circle", "--resize", "circle=0.8"],
+                     ["edit", "a red circle", "a blue circle", "--mode", "swap"]]),   # refused
+).map(lambda argv: [*argv, "--out-dir", "@out/run", *CHEAP])

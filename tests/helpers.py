@@ -247,3 +247,7 @@ def run_minip2p(*args, env: dict | None = None, timeout: float = 300, **kw):
     return subprocess.run([sys.executable, "-m", "minip2p", *map(str, args)], capture_output=True,
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
                           timeout=timeout, **kw)
+
+
+# stderr lines of a run that are not its error: warnings and notes (e.g. a slow inversion)
+NOT_ERRORS = ("minip2p: warning: ", "minip2p: note: ")

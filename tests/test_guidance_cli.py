@@ -88,8 +88,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert run(tmp_path, "edit", "a red circle", "a blue circle", "--method", "pix2pix-zero",
                "--out-dir", str(tmp_path / "pz")) == 0
     assert (tmp_path / "ae.png").exists()
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["0.png", "1.png", "strip.png"]
-    assert sorted(p.name for p in (tmp_path / "pz").iterdir()) == ["0.png", "1.png", "strip.png"]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [".minip2p-run", "0.png", "1.png",
+                                                                 "strip.png"]
+    assert sorted(p.name for p in (tmp_path / "pz").iterdir()) == [".minip2p-run", "0.png",
+                                                                  "1.png", "strip.png"]
 
 
 BAD = [

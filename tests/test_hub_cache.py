@@ -79,18 +79,22 @@ def test_offline_not_cached_names_the_fetch_command(offline, tmp_path, monkeypat
     with pytest.raises(MinipError) as e:
         load_model(REPO)
     msg = str(e.value)
-    assert "\n" not in msg and f"hf download {REPO} model_index.json" in msg
-    assert "unet/diffusion_pytorch_model.safetensors" in msg and "offline" in msg
+    assert "\n" not in msg and len(msg) < 200 and msg.count("offline") == 1
+    assert f"hf download {REPO} --include '*.json' --include '*.txt'" in msg
+    assert "--include '*model.safetensors'" in msg and "model_index.json" not in msg
     assert list(tmp_path.iterdir()) == []                               # nothing written
 
 
 def test_missing_revision_and_variant_are_one_line_errors(offline):
-    with pytest.raises(MinipError, match=r"revision 'nope' of 'minip2p-tests/tiny-sd' is not in "
-                                         r"the Hugging Face cache .*refs there: half, main"):
+    with pytest.raises(MinipError, match=r"revision 'nope' is not in the HF cache "
+                                         r"\(refs: half, main\).*hf download minip2p-tests/"
+                                         r"tiny-sd --revision nope --include") as e:
         load_model(REPO, revision="nope")
-    with pytest.raises(MinipError, match=r"hf download minip2p-tests/tiny-sd model_index\.json.*"
-                                         r"diffusion_pytorch_model\.fp16\.safetensors"):
+    assert len(str(e.value)) < 200
+    with pytest.raises(MinipError, match=r"hf download minip2p-tests/tiny-sd --include .*"
+                                         r"'\*model\.fp16\.safetensors'") as e:
         load_model(REPO, variant="fp16")               # main has no fp16 files: fetch them
+    assert len(str(e.value)) < 200
     with pytest.raises(MinipError, match=r"unknown variant 'fp 16'"):
         load_model(REPO, variant="fp 16")
     with pytest.raises(MinipError, match=r"revision v1 applies to Hub repo ids only"):
@@ -122,3 +126,28 @@ def test_cli_revision_and_variant(cache, tmp_path):
         p = run_cli(cache, "--model", REPO, *args, "--out", "b.png", tmp=tmp_path)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and words in p.stderr, p.stderr
         assert not (tmp_path / "b.png").exists()
+
+
+def test_a_tokenizer_json_only_snapshot_is_complete(offline, tmp_path, monkeypatch):
+    """transformers >= 5 saves tokenizer/tokenizer.json alone: found by repo id offline, as the
+    same folder loads by path; a snapshot with no tokenizer in either layout is not complete."""
+    from transformers import CLIPTokenizerFast
+    from minip2p.load import hub
+    snap = offline / ("models--" + REPO.replace("/", "--")) / "snapshots" / MAIN
+    alone = tmp_path / "models--owner--tokenizer-json" / "snapshots" / MAIN
+    shutil.copytree(snap, alone)                      # links followed: plain files
+    (alone.parent.parent / "refs").mkdir()
+    (alone.parent.parent / "refs" / "main").write_text(MAIN)
+    for name in ("vocab.json", "merges.txt"):
+        (alone / "tokenizer" / name).unlink()
+    CLIPTokenizerFast.from_pretrained(snap / "tokenizer").backend_tokenizer.save(
+        str(alone / "tokenizer" / "tokenizer.json"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    by_id, by_path = load_model("owner/tokenizer-json"), load_model(alone)
+    prompt = ["a red circle, twice!"]
+    assert torch.equal(by_id.tokenizer(prompt), by_path.tokenizer(prompt))
+    assert torch.equal(by_id.tokenizer(prompt), load_model(snap).tokenizer(prompt))
+    (alone / "tokenizer" / "tokenizer.json").unlink()
+    assert not hub.complete(alone, None)
+    with pytest.raises(MinipError, match="the cached model is incomplete, offline"):
+        load_model("owner/tokenizer-json")

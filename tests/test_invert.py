@@ -37,11 +37,11 @@ def x_of(model, im):
 # ---- image input ------------------------------------------------------------------------------
 
 def test_image_modes_exif_and_crop(tmp_path):
-    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))               # fully transparent -> white
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))             # fully transparent -> white
     rgba.save(tmp_path / "a.png")
-    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "g16.png")   # mid grey
-    Image.new("L", (8, 8), 200).save(tmp_path / "g.jpg")
-    Image.new("P", (8, 8), 3).save(tmp_path / "p.gif")
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / "g16.png")  # mid grey
+    Image.new("L", (16, 16), 200).save(tmp_path / "g.jpg")
+    Image.new("P", (16, 16), 3).save(tmp_path / "p.gif")
     for name, value in (("a.png", 255), ("g16.png", 128), ("g.jpg", 200)):
         x, im = images.load_image(tmp_path / name, 8, 8)
         assert x.shape == (1, 3, 8, 8) and im.mode == "RGB"
@@ -216,7 +216,8 @@ def test_commands(tmp_path, capsys, sd_ckpt, small_ckpt):
                  "--out", inv, *model]) == 0
     assert main(["edit", "--inversion", inv, "a blue circle", "--steps", "2",
                  "--out-dir", str(tmp_path / "e"), "--blend", "circle", "circle", *model]) == 0
-    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["0.png", "1.png", "strip.png"]
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [".minip2p-run", "0.png", "1.png",
+                                                                    "strip.png"]
     assert main(["edit", "--inversion", inv, "--steps", "2", "--out-dir", str(tmp_path / "r"),
                  *model]) == 0                                   # no target: the reconstruction
     assert main(["edit", "a red circle", "a red square", "--image", img, "--method", "ddim",

@@ -51,7 +51,7 @@ def test_plug_and_play_from_an_empty_source_prompt(capsys, tmp_path, sd_ckpt, ph
     rc, cap, out = run(capsys, tmp_path, sd_ckpt, "", "a blue square", "--method", "pnp",
                        "--image", str(photo), "--pnp-features", "0.5", "--pnp-attention", "0.25")
     assert rc == 0, cap.err
-    assert {p.name for p in out.iterdir()} == {"0.png", "1.png", "strip.png"}
+    assert {p.name for p in out.iterdir()} == {".minip2p-run", "0.png", "1.png", "strip.png"}
     with Image.open(out / "1.png") as im:
         assert im.size == (64, 64)
 

@@ -8,6 +8,7 @@ import os
 import resource
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -69,6 +70,31 @@ def test_edit_writes_all_of_its_images_or_none(capsys, tmp_path):
     with file_size_limit(max(sizes["0.png"], sizes["1.png"]) + 64):
         one_line(capsys, [*argv, "--out-dir", str(tmp_path / "existing")])
     assert list((tmp_path / "existing").iterdir()) == []
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ok").iterdir()}
+    with file_size_limit(max(sizes["0.png"], sizes["1.png"]) + 64):   # a rerun that fails
+        one_line(capsys, [*argv[:2], "a green circle", *SMALL, "--out-dir", str(tmp_path / "ok")])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ok").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "ok"]   # no temporary
+
+
+def test_an_output_folder_is_replaced_as_a_whole(capsys, tmp_path, monkeypatch):
+    """A rerun's files replace the previous run's (maps-N.png gone); through a link, the folder
+    it points to; the current folder, a user's file, another command's output: refused."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    edit = ["edit", "a red circle", "a blue circle", *SMALL, "--out-dir"]
+    assert main([*edit, str(link), "--maps"]) == 0 and (real / "maps-1.png").exists()
+    assert main([*edit, str(link)]) == 0 and link.is_symlink()
+    assert sorted(p.name for p in real.iterdir()) == [".minip2p-run", "0.png", "1.png", "strip.png"]
+    capsys.readouterr()
+    guide = ["guide", "a red circle", "--move", "circle=0.7,0.5", *SMALL, "--out-dir", str(real)]
+    assert "another command (edit)" in helpers.one_line(capsys, guide, needle="empty or new")
+    (real / "notes.txt").write_text("mine")
+    assert "'notes.txt'" in helpers.one_line(capsys, [*edit, str(real)], needle="holds other")
+    monkeypatch.chdir(tmp_path / "real")
+    helpers.one_line(capsys, [*edit, "."], needle="holds the current folder")
+    assert (real / "notes.txt").read_text() == "mine" and len(list(real.iterdir())) == 5
 
 
 def test_a_full_tmpfs(capsys, tmp_path):
@@ -111,3 +137,33 @@ def test_folder_under_a_file(capsys, tmp_path):
     one_line(capsys, ["edit", "a red", "a blue", *SMALL, "--out-dir",
                       str(tmp_path / "afile" / "e")], needle="")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("fail", ["write", "interrupt", "swap"])
+def test_write_folder_keeps_the_old_folder_on_any_failure(tmp_path, monkeypatch, fail):
+    """atomic.write_folder: a failed write, Ctrl-C in a write, or the rename that puts the new
+    folder in place failing -> the previous output as it was, and nothing else left."""
+    from minip2p import atomic
+    from minip2p.errors import MinipError
+    out = tmp_path / "out"
+    atomic.write_folder(out, {"0.png": lambda p: Path(p).write_text("old")}, "edit")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def write(path):
+        Path(path).write_text("new")
+        if fail == "write":
+            raise OSError(28, "No space left on device")
+        if fail == "interrupt":
+            raise KeyboardInterrupt
+    replace, calls = os.replace, []
+
+    def replace_failing_second(a, b):
+        calls.append(b)
+        if len(calls) == 3:                           # new -> out, after out -> old
+            raise OSError(16, "Device or resource busy")
+        replace(a, b)
+    monkeypatch.setattr(os, "replace", replace_failing_second)
+    with pytest.raises(KeyboardInterrupt if fail == "interrupt" else MinipError):
+        atomic.write_folder(out, {"0.png": write, "1.png": write}, "edit")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

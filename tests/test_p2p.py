@@ -247,13 +247,14 @@ def test_cli_edit_writes_images_and_maps(capsys, common, tmp_path):
     out = tmp_path / "edit"
     rc, _, err = cli(capsys, "edit", SQUIRREL, LION, *common, "--out-dir", out)
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "strip.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".minip2p-run", "0.png", "1.png", "strip.png"]
     out = tmp_path / "maps"
     rc, _, err = cli(capsys, "edit", SQUIRREL, LION, CAT, *common, "--out-dir", out, "--maps",
                      "--blend", "squirrel", "lion", "cat", "--reweight", "burger=2")
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
-        "0.png", "1.png", "2.png", "maps-0.png", "maps-1.png", "maps-2.png", "strip.png"]
+        ".minip2p-run", "0.png", "1.png", "2.png", "maps-0.png", "maps-1.png", "maps-2.png",
+        "strip.png"]
 
 
 @pytest.mark.parametrize("extra", [[], ["--self"], ["--map-res", "4"], ["--self", "--map-res", "8"]],

@@ -33,7 +33,7 @@ def env():
 
 
 def args(caps, out, clip):
-    return ["pairs", str(caps), "--out", str(out), "--samples", "3", "--keep", "2", "--steps", "3",
+    return ["pairs", str(caps), "--out-dir", str(out), "--samples", "3", "--keep", "2", "--steps", "3",
             "--height", "64", "--width", "64", "--seed", "5", "--clip", str(clip), "--quiet",
             "--clip-threshold", "-1", "--clip-dir-threshold", "-1", "--clip-img-threshold", "-1"]
 
@@ -119,7 +119,7 @@ BAD = [("{\"caption\": \"a\", \"edit\": \"b\", \"output\": \"c\"}\nnot json\n", 
 def test_bad_captions_are_refused_and_nothing_is_written(tmp_path, capsys, text, message):
     caps = tmp_path / "c.jsonl"
     caps.write_text(text)
-    assert main(["pairs", str(caps), "--out", str(tmp_path / "out")]) == 2
+    assert main(["pairs", str(caps), "--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("minip2p: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
@@ -131,12 +131,12 @@ def test_a_dir_of_other_captions_or_settings_is_refused(job, tmp_path, capsys):
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps(LINES[0]) + "\n")
     before = sorted(str(p) for p in clean.rglob("*"))
-    assert main(["pairs", str(other), "--out", str(clean)]) == 2
+    assert main(["pairs", str(other), "--out-dir", str(clean)]) == 2
     assert "other captions" in capsys.readouterr().err
     assert main(args(caps, clean, clip)[:-1] + ["0.5"]) == 2
     assert "other settings" in capsys.readouterr().err
     for bad in (["--partition", "2/2"], ["--partition", "x"], ["--min-p2p", "0.9", "--max-p2p", "0.1"]):
-        assert main(["pairs", str(caps), "--out", str(tmp_path / "n"), *bad]) == 2
+        assert main(["pairs", str(caps), "--out-dir", str(tmp_path / "n"), *bad]) == 2
         assert capsys.readouterr().err.count("\n") == 1
     assert sorted(str(p) for p in clean.rglob("*")) == before and not (tmp_path / "n").exists()
 
@@ -163,3 +163,16 @@ def test_self_copy_copies_image_0s_self_attention_in_both_halves():
     M = torch.rand(4, 2, 16, 16)
     out = c.probs(M, site)
     assert torch.equal(out[1], M[0]) and torch.equal(out[3], M[2]) and torch.equal(out[0], M[0])
+
+
+def test_out_is_the_old_name_of_out_dir(tmp_path, capsys):
+    """`pairs --out DIR` still works, with a one-line warning; given beside --out-dir, refused."""
+    caps = tmp_path / "c.jsonl"
+    caps.write_text(json.dumps(LINES[0]) + "\n")
+    assert main(["pairs", str(caps), "--out", str(tmp_path / "o"), "--partition", "x"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("minip2p: warning: pairs --out DIR is now --out-dir DIR"), err
+    assert len(err) == 2 and "--partition" in err[1], err
+    assert main(["pairs", str(caps), "--out", "a", "--out-dir", "b"]) == 2
+    assert "give --out-dir only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

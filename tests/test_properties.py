@@ -34,10 +34,12 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
+from hypothesis.errors import InvalidArgument
 from PIL import Image, ImageDraw
 
 from cli_strategies import (ATTENTION, EDIT, EXPLORE, GENERATE, GUIDE, INSTRUCT, INVERT, PAIRS,
                             RECONSTRUCT)
+from helpers import NOT_ERRORS
 from minip2p.cli import main
 
 MAX_EXAMPLES = int(os.environ.get("MINIP2P_HYPOTHESIS_EXAMPLES", "12"))
@@ -96,50 +98,68 @@ def promised(argv, out: Path) -> str:
     return Path(last(argv, "--out")).relative_to(out).as_posix()
 
 
+MARKER = ".minip2p-run"            # what edit and guide write beside their images (atomic.py)
+
+
+def expand(argv, out: Path, assets: Path) -> list:
+    """`@out` -> the example's output folder, `@name` -> the assets' file."""
+    return [a.replace("@out", str(out)).replace("@", str(assets) + "/")
+            if a.startswith("@") else a for a in argv]
+
+
+def run_main(argv) -> tuple:
+    """(exit status, stdout, stderr) of the CLI in-process."""
+    err, std = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
+        rc = main(argv)                                    # an escaping exception fails the test
+    return rc, std.getvalue(), err.getvalue()
+
+
 def check_cli(argv, assets: Path):
+    """Run `argv`, check the promise (module docstring); (exit status, stderr)."""
     with tempfile.TemporaryDirectory(prefix="minip2p-prop-") as tmp:
         out = Path(tmp)
-        argv = [a.replace("@out", str(out)).replace("@", str(assets) + "/")
-                if a.startswith("@") else a for a in argv]
+        argv = expand(argv, out, assets)
         before_out, before_assets = files(out), files(assets)
-        err, std = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
-            rc = main(argv)                                # an escaping exception fails the test
-        event(f"exit status {rc}")
-        err, std = err.getvalue(), std.getvalue()
+        rc, std, err = run_main(argv)
+        with contextlib.suppress(InvalidArgument):         # outside @given: no events
+            event(f"exit status {rc}")
         lines = err.splitlines()
         added = files(out) - before_out
         assert files(assets) == before_assets, "an input folder was written to"
-        assert not [p for p in added if Path(p).name.startswith(".minip2p-")], "temporary file"
+        assert not [p for p in added if Path(p).name.startswith(".minip2p-")
+                    and Path(p).name != MARKER], "temporary file"
         assert "Traceback" not in err
         if argv[0] == "pairs" and rc in (0, 1):
-            assert all(line.startswith("minip2p: warning: ") for line in lines), err
+            assert all(line.startswith(NOT_ERRORS) for line in lines), err
             if "--check" in argv:                    # a report on stdout, nothing written
                 assert std.count("\n") == 1 and " items: " in std and added == set(), (std, added)
             else:
                 assert rc == 0
-                folder = Path(last(argv, "--out"))
+                folder = Path(last(argv, "--out-dir"))
                 assert list(folder.glob("run-*.json")) and added and all(
                     (out / p).resolve().is_relative_to(folder.resolve()) or out / p == folder
                     for p in added), added
         elif rc == 0:
             assert argv[0] not in ("instruct", "explore"), "succeeded where it cannot"
-            assert all(line.startswith("minip2p: warning: ") for line in lines), err
+            assert all(line.startswith(NOT_ERRORS) for line in lines), err
             written = {Path(p).relative_to(out).as_posix()
                        for p in std.strip().removeprefix("wrote ").split(" (")[0].split(", ")}
-            assert written and added == written | {str(Path(p).parent) for p in written
-                                                   if Path(p).parent != Path(".")}, (added, std)
+            folders = {Path(p).parent.as_posix() for p in written}
+            marker = {(Path(f) / MARKER).as_posix() for f in folders} \
+                if argv[0] in ("edit", "guide") else set()
+            assert written and added == written | marker | (folders - {"."}), (added, std)
             if argv[0] in ("edit", "guide"):
                 assert {"0.png", "1.png", "strip.png"} <= {Path(p).name for p in written}
             else:
                 assert written == {promised(argv, out)}
         else:
-            errors = [line for line in lines if not line.startswith("minip2p: warning: ")]
+            errors = [line for line in lines if not line.startswith(NOT_ERRORS)]
             assert rc == 2, (rc, err)
             assert len(errors) == 1 and errors[0].startswith("minip2p: "), err
             assert errors[0] == lines[-1] and std == "", (err, std)
             assert added == set(), f"left behind: {sorted(added)}"
-        return rc
+        return rc, err
 
 
 @SETTINGS
@@ -184,7 +204,7 @@ def test_guide(assets, argv):
 @SETTINGS
 @given(argv=INSTRUCT)
 def test_instruct(assets, argv):
-    assert check_cli(argv, assets) == 2
+    assert check_cli(argv, assets)[0] == 2
 
 
 @FEW
@@ -196,4 +216,4 @@ def test_pairs(assets, argv):
 @SETTINGS
 @given(argv=EXPLORE)
 def test_explore(assets, argv):
-    assert check_cli(argv, assets) == 2
+    assert check_cli(argv, assets)[0] == 2

@@ -120,7 +120,7 @@ def expected(a):
         out = Path(opt("--out", "instruct.png"))
         return [out] + ([out.with_name(out.stem + "-maps.png")] if "--maps" in a else [])
     if cmd == "pairs":
-        return [] if "--check" in a or "--partition" in a else [Path(opt("--out", "")) / "0000000" / "metadata.jsonl"]
+        return [] if "--check" in a or "--partition" in a else [Path(opt("--out-dir", opt("--out", ""))) / "0000000" / "metadata.jsonl"]
     default = {"generate": "minip2p.png", "attention": "maps.png", "invert": "inversion.safetensors",
                "reconstruct": "reconstruction.png"}.get(cmd)
     return [Path(opt("--out", default))] if default else []

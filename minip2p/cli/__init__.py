@@ -3,7 +3,9 @@
 
 Every user mistake ends as one line on stderr, `minip2p: <what was wrong; what to do>`, exit
 status 2, no traceback, and no output file (images are written to a temporary file in the target
-folder and renamed into place only when complete).
+folder and renamed into place only when complete). Ctrl-C ends as `minip2p: interrupted`, exit
+status 130, and SIGTERM the same way (`minip2p: terminated`, 143): both unwind through the same
+clean-up, so neither leaves a temporary file or folder behind.
 
     common.py    the parser, shared options, loading, output files
     generate.py  generate (text -> image; SDEdit with --image --strength)
@@ -43,7 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like Ctrl-C's KeyboardInterrupt: every `finally`
+    and `except BaseException` that removes temporary files runs for it too."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)      # a second one must not cut the clean-up
+    raise Terminated
+
+
 def main(argv=None) -> int:
+    try:
+        before = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:                                 # not the main thread: leave it as it is
+        return _main(argv)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _main(argv) -> int:
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         print(f"minip2p: warning: {message}", file=sys.stderr)
     warnings.showwarning = one_line_warning
@@ -62,6 +85,9 @@ def main(argv=None) -> int:
     except MinipError as e:
         print(f"minip2p: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("minip2p: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("minip2p: interrupted", file=sys.stderr)
         return 130

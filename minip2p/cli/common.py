@@ -6,12 +6,30 @@ import argparse
 import os
 from pathlib import Path
 
-from ..atomic import atomic_write, atomic_write_all
+from ..atomic import atomic_write, check_replaceable, write_folder
 from ..errors import MinipError
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line (no usage block) with exit status 2."""
+    """argparse, but an error is one line (no usage block) with exit status 2, and a flag is
+    taken only spelled out in full (argparse would read `--out` as `--out-dir`, `--step` as
+    `--steps`). The subcommands' parsers are Parsers too (parser_class)."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kw)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """An unknown flag is refused by the (sub)command's own parser, which knows its flags:
+        `edit --out x` -> "… did you mean --out-dir?" and the command's --help."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            near = sorted({o for e in extras if e.startswith("--") for o in
+                           self._option_string_actions if o.startswith(e.split("=")[0])})
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (
+                f"; flags are not abbreviated: did you mean {' or '.join(near[:3])}?"
+                if near else ""))
+        return namespace, extras
 
     def error(self, message):
         raise MinipError(f"{message} (see '{self.prog} --help')")
@@ -100,6 +118,9 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
     p.add_argument("--no-autotune", action="store_true",
                    help="do not time the fast path's kernel choices on this machine; take "
                         "PyTorch's own kernels (reproducible runs; also MINIP2P_NO_AUTOTUNE=1)")
+    p.add_argument("--strict-length", action="store_true",
+                   help="refuse a prompt longer than the text encoder's 77 tokens (default: "
+                        "warn and drop the tokens past 77)")
     if lean:
         p.add_argument("--free-text-encoder", action="store_true",
                        help="free the text encoder once the prompts are encoded (less memory)")
@@ -107,17 +128,23 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
         p.add_argument("--out", default=out, help=f"output image file ({out})")
 
 
-def check_out_file(path: str, gif: bool = False) -> Path:
-    """Fail before any work if the image (`gif`: the animation) cannot be written there."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def check_out_file(path: str, gif: bool = False, suffixes=IMAGE_SUFFIXES) -> Path:
+    """--out names a file: fail before any work if it is a folder, lacks the suffix of what is
+    written (`gif`: an animation; `suffixes`: another kind of file), or cannot be written."""
     out = Path(path)
+    if out.is_dir():
+        raise MinipError(f"--out '{path}' is a folder; --out names a file, e.g. "
+                         f"'{out / ('a.gif' if gif else 'a' + suffixes[0])}'")
     if gif and out.suffix.lower() != ".gif":
         raise MinipError(f"output file {path!r}: an animation is written as GIF; end it in .gif")
-    if not gif and out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise MinipError(f"output file {path!r} must end in .png, .jpg or .webp")
+    if not gif and out.suffix.lower() not in suffixes:
+        ends = ".png, .jpg or .webp" if suffixes == IMAGE_SUFFIXES else " or ".join(suffixes)
+        raise MinipError(f"output file {path!r} must end in {ends}")
     if not out.parent.is_dir():
         raise MinipError(f"output folder '{out.parent}' does not exist; create it first")
-    if out.is_dir():
-        raise MinipError(f"output file '{path}' is a folder; give a file name")
     if not os.access(out.parent, os.W_OK):
         raise MinipError(f"output folder '{out.parent}' is not writable")
     return out
@@ -128,20 +155,11 @@ def save_image(image, path: Path):
     atomic_write(path, image.save)
 
 
-def save_images(images: dict, folder: Path):
-    """{name: image} into `folder` (made if missing): every file complete, or none of them and
-    no folder made (a full disk half-way through an edit leaves nothing behind)."""
-    made = not folder.is_dir()
-    try:
-        folder.mkdir(exist_ok=True)
-    except OSError as e:
-        raise MinipError(f"cannot make the folder '{folder}': {e.strerror or e}") from None
-    try:
-        atomic_write_all([(folder / name, im.save) for name, im in images.items()])
-    except MinipError:
-        if made:
-            folder.rmdir()
-        raise
+def save_images(files: dict, folder: Path, command: str):
+    """{name: image or write(path)} as the whole content of `folder` (atomic.write_folder): all
+    written, the previous run's files of the folder replaced, or on any failure the folder as
+    it was. A folder holding other files is refused."""
+    write_folder(folder, {n: im if callable(im) else im.save for n, im in files.items()}, command)
 
 
 def load(args):
@@ -151,7 +169,8 @@ def load(args):
         set_tuner(Tuner(enabled=False))
     return load_model(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
                       revision=args.revision, embeddings=args.embedding,
-                      fast=not getattr(args, "explicit", False))     # --explicit: reference
+                      fast=not getattr(args, "explicit", False),     # --explicit: reference
+                      strict_length=getattr(args, "strict_length", False))
 
 
 def preflight(args, model, images: int = 1, size=None, **kw) -> tuple[int, int]:
@@ -178,12 +197,20 @@ def flag_of(name: str, flags: dict | None = None) -> str:
     return (flags or {}).get(name) or "--" + name.replace("_", "-")
 
 
-def check_out_dir(path: str) -> Path:
+def check_out_dir(path: str, command: str | None = None) -> Path:
+    """--out-dir names a folder: fail before any work if it is a file, cannot be made or
+    written, or (`command`: a folder the command replaces as a whole) holds anything but an
+    earlier output of `command`, or holds the current folder."""
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise MinipError(f"--out-dir '{out}' is a file; give a folder")
+        raise MinipError(f"--out-dir '{out}' is a file; --out-dir names a folder")
     if not out.parent.is_dir():
         raise MinipError(f"the folder holding --out-dir '{out}' does not exist; create it first")
     if not os.access(out if out.is_dir() else out.parent, os.W_OK):
         raise MinipError(f"--out-dir '{out}' is not writable (checked before any work)")
+    if command:
+        here = Path.cwd().resolve()
+        if out.resolve() in (here, *here.parents):
+            raise MinipError(f"--out-dir '{out}' holds the current folder; give a new folder")
+        check_replaceable(out, command)
     return out

@@ -9,9 +9,9 @@ the method's parameters (FLAGS), `methods.run`, save.
     edit "a cat" "a dog" --method pix2pix-zero             Pix2Pix-Zero (--xa-guidance, sentences)
 
 Every method writes 0.png (the source), 1.png … (the targets), strip.png, and with --maps
-maps-N.png (and with --over-time WORD over-time.gif: the word's map and x̂₀ at each step). A
-flag of one method given to another is refused, as is anything out of range, before the model
-loads.
+maps-N.png (and with --over-time WORD over-time.gif: the word's map and x̂₀ at each step): the
+whole of --out-dir, a second run's files replacing the first's (common.save_images). A flag of
+one method given to another is refused, as is anything out of range, before the model loads.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..errors import MinipError
 from .attention import MAP_RES, OVER_TIME, save_over_time
 from .common import (add_model_options, check_out_dir, float_arg, int_arg, load, preflight,
                      save_images, settings_of)
-from .invert import add_edit_options, read_input
+from .invert import add_edit_options, read_input, say_inversion
 
 EDIT_METHODS = ("p2p", "masactrl", "pnp", "pix2pix-zero")
 # the one table: each method parameter `edit` takes -> its flag (argparse's dest: the flag's name)
@@ -84,6 +84,7 @@ def parameters(args) -> dict:
 
 def cmd_edit(args):
     from .. import methods, views
+    from ..real.images import check_picture
     from ..real.invert import Inversion
     params = parameters(args)
     if args.map_res is not None and not args.maps:
@@ -101,16 +102,21 @@ def cmd_edit(args):
                       needs_prompt=inverted)                          # before the model loads
     s = settings_of(args, image=real, maps=args.maps, map_res=args.map_res,
                     over_time=args.over_time is not None)
-    methods.prepare(args.method, prompts, **params, **s)             # every value, before loading
-    out = check_out_dir(args.out_dir)
+    chosen = methods.prepare(args.method, prompts, **params, **s)[1]  # every value, before loading
+    out = check_out_dir(args.out_dir, "edit")
     model = load(args)
     from_file = isinstance(real, Inversion)
-    preflight(args, model, images=1 if args.method == "pnp" else len(prompts) + from_file,
-              size=(real.height, real.width) if from_file else None,
-              rows_per_image=3 if args.method == "pnp" else 2,
-              controlled=(32 ** 2 if args.maps else 16 ** 2 if args.method == "p2p" else 1),
-              grad=inverted and real is not None and not from_file
-              and params.get("inversion", "null-text") == "null-text")
+    size = preflight(args, model, images=1 if args.method == "pnp" else len(prompts) + from_file,
+                     size=(real.height, real.width) if from_file else None,
+                     rows_per_image=3 if args.method == "pnp" else 2,
+                     controlled=(32 ** 2 if args.maps else 16 ** 2 if args.method == "p2p" else 1),
+                     grad=inverted and real is not None and not from_file
+                     and params.get("inversion", "null-text") == "null-text")
+    if real is not None and not from_file:
+        check_picture(real, *size)                     # before the line on a slow inversion
+        if getattr(chosen, "strength", None) is None:
+                say_inversion(getattr(chosen, "inversion", ""), getattr(chosen, "inner_steps", 10),
+                          "--inversion-method")
     result = methods.run(model, args.method, prompts, **params, **s)
     files = {f"{i}.png": im for i, im in enumerate(result.images)}
     files["strip.png"] = views.strip(result.inputs + result.images,
@@ -120,12 +126,12 @@ def cmd_edit(args):
         for i, (prompt, im) in enumerate(zip(result.labels, result.images)):
             files[f"maps-{i}.png"] = views.cross_attention_image(
                 result.store, model.tokenizer, prompt, i, im, pixels)
-    save_images(files, out)                              # all or none
-    written = [str(out / n) for n in files]
     if args.over_time is not None:
-        written.append(save_over_time(model, result.store, result.labels, args.over_time,
-                                      result.x0, args.map_res, result.images[0],
-                                      out / "over-time.gif"))
+        files["over-time.gif"] = lambda path: save_over_time(
+            model, result.store, result.labels, args.over_time, result.x0, args.map_res,
+            result.images[0], path)
+    save_images(files, out, "edit")          # all or none, replacing the previous run's
+    written = [str(out / n) for n in files]
     print(f"wrote {', '.join(written)}")
 
 
@@ -183,7 +189,8 @@ def add_commands(sub):
     e.add_argument("--maps", action="store_true", help="also write maps-N.png per prompt")
     e.add_argument("--map-res", type=int_arg("--map-res"), metavar="ROWS", help=MAP_RES)
     e.add_argument("--over-time", metavar="WORD", help=OVER_TIME + " (over-time.gif)")
-    e.add_argument("--out-dir", default="edit", help="output folder (edit)")
+    e.add_argument("--out-dir", default="edit",
+                   help="output folder, replaced as a whole by each run (edit)")
     add_model_options(e, lean=True)
     add_edit_options(e)
     e.set_defaults(run=cmd_edit, flags=FLAGS)

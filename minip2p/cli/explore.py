@@ -22,9 +22,9 @@ def cmd_explore(args):
     model = load(args)
     server, explorer = make_server(model, args.host, args.port, out,
                                    quiet=not args.verbose)
-    host, port = server.server_address[:2]
-    print(f"minip2p explorer on http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
-    try:
+    try:                                # Ctrl-C or SIGTERM from here on: the folder is removed
+        host, port = server.server_address[:2]
+        print(f"minip2p explorer on http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
         server.serve_forever()
     finally:
         server.server_close()
@@ -52,6 +52,8 @@ def add_commands(sub):
                    help="textual-inversion embedding (repeatable)")
     x.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     x.add_argument("--device", default="cpu", help="cpu, cuda, mps … (cpu)")
+    x.add_argument("--strict-length", action="store_true",
+                   help="refuse prompts longer than 77 tokens (default: warn, drop the rest)")
     x.add_argument("--no-autotune", action="store_true",
                    help="PyTorch's own kernels, no timing of the fast path's choices")
     x.set_defaults(run=cmd_explore)

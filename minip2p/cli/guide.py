@@ -1,5 +1,6 @@
 """`minip2p guide PROMPT --move WORD=X,Y --resize WORD=S [--keep-appearance]`: Self-Guidance
-(methods/self_guidance.py). Writes 0.png (unguided), 1.png (guided) and strip.png to --out-dir.
+(methods/self_guidance.py). Writes 0.png (unguided), 1.png (guided) and strip.png as the whole of
+--out-dir (a second run's files replace the first's).
 
     guide "a red circle" --move circle=0.8,0.5            the circle to the right half
     guide "a red circle" --resize circle=0.5 --keep-appearance
@@ -36,13 +37,13 @@ def cmd_guide(args):
                   guide_steps=args.guide_steps, guide_iterations=args.guide_iterations)
     s = settings_of(args)
     methods.prepare("self-guidance", [args.prompt], **params, **s)
-    out = check_out_dir(args.out_dir)
+    out = check_out_dir(args.out_dir, "guide")
     model = load(args)
     preflight(args, model, grad=True)
     r = methods.run(model, "self-guidance", [args.prompt], **params, **s)
     files = {"0.png": r.images[0], "1.png": r.images[1], "strip.png": views.strip(r.images,
                                                                                   r.labels)}
-    save_images(files, out)                              # all or none
+    save_images(files, out, "guide")      # all or none, replacing the previous run's
     print(f"wrote {', '.join(str(out / n) for n in files)}")
 
 
@@ -63,6 +64,7 @@ def add_commands(sub):
     g.add_argument("--guide-iterations", type=int_arg("--guide-iterations", 1, 50), default=None,
                    metavar="N", help="gradient steps per guided step (2 for moves, 4 when "
                                      "a word is resized)")
-    g.add_argument("--out-dir", default="guide", help="output folder (guide)")
+    g.add_argument("--out-dir", default="guide",
+                   help="output folder, replaced as a whole by each run (guide)")
     add_model_options(g)
     g.set_defaults(run=cmd_guide)

@@ -45,4 +45,4 @@ def add_commands(sub):
     p.add_argument("--maps", action="store_true",
                    help="also write the instruction's cross-attention maps (OUT-maps.png)")
     add_model_options(p, out="instruct.png")
-    p.set_defaults(run=cmd_instruct, sampler="euler-a", steps=100)
+    p.set_defaults(run=cmd_instruct, sampler="euler-a", steps=100, flags={"image": "IMAGE"})

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def add_edit_options(e: argparse.ArgumentParser):
     add_inversion_options(e, "--inversion-method")
 
 
+POSITIONAL = {"image": "IMAGE"}        # a bad picture is named as the argument the user gave
 REG_FLAGS = {"reg_steps": "--reg-steps", "lambda_ac": "--lambda-ac", "lambda_kl": "--lambda-kl"}
 
 
@@ -71,14 +73,7 @@ def regulariser(args, not_inverting: str | None = None):
 
 
 def check_inversion_out(path: str) -> Path:
-    out = Path(path)
-    if out.suffix != ".safetensors":
-        raise MinipError(f"--out {path!r} must end in .safetensors")
-    if out.is_dir():
-        raise MinipError(f"--out '{out}' is a folder; give a file name")
-    if not out.parent.is_dir():
-        raise MinipError(f"output folder '{out.parent}' does not exist; create it first")
-    return out
+    return check_out_file(path, suffixes=(".safetensors",))
 
 
 def read_input(image: str | None, inversion: str | None, crop: str | None, prompt: str | None,
@@ -117,8 +112,17 @@ def inversion_for(args, model, got, prompt: str | None):
     height, width = check_size(model, args.height, args.width)
     x = images.to_tensor(images.fit(got, height, width))                # (1, 3, H, W)
     method = getattr(args, "inversion_method", None) or args.method
+    say_inversion(method, args.inner_steps or 10, "--method")
     return invert.invert(model, x, prompt, method, args.steps, args.guidance,
                          args.inner_steps or 10, progress=not args.quiet, reg=regulariser(args))
+
+
+def say_inversion(method: str, inner_steps: int, flag: str):
+    """Before a null-text inversion, one line on stderr: it is slow, and what is fast."""
+    if method == "null-text":
+        print(f"minip2p: note: inverting with null-text (up to {inner_steps} optimisation steps per "
+              f"denoising step: slow on a CPU; {flag} negative-prompt is fast)", file=sys.stderr,
+              flush=True)
 
 
 def input_pil(inv):
@@ -178,7 +182,7 @@ def add_commands(sub):
     add_model_options(i)
     i.add_argument("--out", default="inversion.safetensors",
                    help="inversion file to write (inversion.safetensors)")
-    i.set_defaults(run=cmd_invert)
+    i.set_defaults(run=cmd_invert, flags=POSITIONAL)
 
     r = sub.add_parser("reconstruct", help="invert a real image and denoise it back")
     r.add_argument("image", nargs="?", help="image file (or give --inversion)")
@@ -186,4 +190,4 @@ def add_commands(sub):
     r.add_argument("--inversion", metavar="FILE", help="reuse this inversion file")
     add_inversion_options(r)
     add_model_options(r, out="reconstruction.png")
-    r.set_defaults(run=cmd_reconstruct)
+    r.set_defaults(run=cmd_reconstruct, flags=POSITIONAL)

@@ -1,14 +1,16 @@
-"""`minip2p pairs CAPTIONS.jsonl --out DIR`: the InstructPix2Pix data recipe (pairs.py).
+"""`minip2p pairs CAPTIONS.jsonl --out-dir DIR`: the InstructPix2Pix data recipe (pairs.py).
 
-    minip2p pairs captions.jsonl --out data --samples 100 --keep 4 --clip openai/clip-vit-large-patch14
-    minip2p pairs captions.jsonl --out data --partition 3/8            # the 4th of 8 chunks
-    torchrun --nnodes M --nproc-per-node G -m minip2p pairs captions.jsonl --out data
+    minip2p pairs captions.jsonl --out-dir data --samples 100 --keep 4 --clip openai/clip-vit-large-patch14
+    minip2p pairs captions.jsonl --out-dir data --partition 3/8        # the 4th of 8 chunks
+    torchrun --nnodes M --nproc-per-node G -m minip2p pairs captions.jsonl --out-dir data
     minip2p pairs captions.jsonl --check data                          # done / missing / broken
 
 Run the same command again after any interruption: done items are skipped, the rest redone.
+`--out DIR`, the flag's old name, is still taken, with a warning: everywhere else --out is a file.
 """
 from __future__ import annotations
 
+import argparse
 import time
 import warnings
 
@@ -35,8 +37,15 @@ def cmd_pairs(args):
     from pathlib import Path
 
     from ..data import pairs
-    if (args.out is None) == (args.check is None):
-        raise MinipError("give --out DIR (make pairs) or --check DIR (report on them), one of them")
+    if args.out is not None:                            # the old name of --out-dir
+        if args.out_dir not in (None, args.out):
+            raise MinipError("--out is the old name of --out-dir; give --out-dir only")
+        warnings.warn("pairs --out DIR is now --out-dir DIR (--out names a file elsewhere); "
+                      "--out will go away")
+        args.out_dir = args.out
+    if (args.out_dir is None) == (args.check is None):
+        raise MinipError("give --out-dir DIR (make pairs) or --check DIR (report on them), one "
+                         "of them")
     items, digest = pairs.read_captions(args.captions)
     if args.check is not None:
         if not Path(args.check).is_dir():
@@ -51,7 +60,7 @@ def cmd_pairs(args):
         return 0 if not rep["missing"] and not rep["broken"] else 1
     settings = _settings(args)
     k, parts = pairs.parse_partition(args.partition)
-    out = Path(args.out)
+    out = Path(args.out_dir)
     pairs.check_dir(out, digest, settings, len(items))                    # before any work
     mine = pairs.partition(len(items), k, parts)
     model = load(args)
@@ -118,7 +127,9 @@ def add_commands(sub):
     p = sub.add_parser("pairs", help="InstructPix2Pix data: P2P before/after pairs from captions, "
                                      "CLIP-filtered; resumable, sharded (torchrun)")
     p.add_argument("captions", help='CAPTIONS.jsonl: one {"caption", "edit", "output"} per line')
-    p.add_argument("--out", default=None, help="output folder DIR (made if absent)")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="output folder (made if absent; a rerun resumes it)")
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)    # --out-dir's old name
     p.add_argument("--check", default=None, metavar="DIR",
                    help="report done, missing and broken items of DIR (exit 1 if any is not done)")
     p.add_argument("--samples", type=int_arg("--samples"), default=100,
@@ -141,4 +152,4 @@ def add_commands(sub):
                    help="the K-th of N contiguous chunks (default: RANK/WORLD_SIZE under "
                         "torchrun, else 0/1)")
     add_model_options(p)
-    p.set_defaults(run=cmd_pairs, sampler="euler-a", steps=100)
+    p.set_defaults(run=cmd_pairs, sampler="euler-a", steps=100, flags={"out": "--out-dir"})

@@ -116,7 +116,7 @@ function fail(text) { $("error").textContent = "error: " + text; say("ready");
                       $("progress").classList.add("hidden"); }
 
 async function run() {
-  $("error").textContent = "";
+  $("error").textContent = ""; $("warnings").textContent = "";
   let answer, response;
   try {
     response = await fetch("/api/run", {method: "POST", body: JSON.stringify(form()),
@@ -134,6 +134,7 @@ async function poll(id) {
   try { job = await (await fetch(`/api/jobs/${id}`)).json(); }
   catch (e) { return fail("lost the server (" + e + ")"); }
   const bar = $("progress");
+  $("warnings").textContent = (job.warnings || []).map((w) => "warning: " + w).join("\n");
   if (job.state === "queued") {
     say(`job ${id} queued: ${job.ahead} job${job.ahead === 1 ? "" : "s"} ahead`);
     bar.classList.remove("hidden"); bar.removeAttribute("value");

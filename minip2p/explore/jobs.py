@@ -6,7 +6,8 @@ A job's result holds image URLs and, where the method keeps an AttentionStore, t
 numbers (rows × cols, max 1) that the page draws as heat over the images: every token's map
 averaged over the steps, each step's maps and predicted x̂₀ (for runs from noise), the
 self-attention SVD components and the DAAM word maps. A method without a store gives images only.
-Progress: a forward pre-hook on the UNet reads the `step` each denoising call carries.
+Progress: a forward pre-hook on the UNet reads the `step` each denoising call carries. The
+warnings a job raises (a prompt longer than the text encoder's window …) go back with its status.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +35,15 @@ class Job:
     error: str | None = None
     result: dict | None = None
     files: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)      # one line each, e.g. a prompt cut short
 
     def view(self, ahead: int) -> dict:
         out = {"id": self.id, "state": self.state, "step": self.step,
                "steps": self.request.steps, "method": self.request.method, "ahead": ahead}
         if self.error:
             out["error"] = self.error
+        if self.warnings:
+            out["warnings"] = self.warnings
         if self.result:
             out["result"] = self.result
         return out
@@ -115,8 +120,13 @@ def run_job(model, job: Job, out_dir: Path):
         job.files.append(out_dir / name)
         return f"/out/{name}"
 
-    res = _look(model, r) if r.look else \
-        methods.run(model, r.method, r.prompts, **r.settings, **r.params)
+    with warnings.catch_warnings(record=True) as caught:      # the job's own warnings, each
+        warnings.simplefilter("always")                       # once, go back with its status
+        try:
+            res = _look(model, r) if r.look else \
+                methods.run(model, r.method, r.prompts, **r.settings, **r.params)
+        finally:
+            job.warnings = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
     with torch.no_grad():
         result = _result(model, job, res, save)
     result["seconds"] = round(time.perf_counter() - start, 2)

@@ -2,8 +2,9 @@
 request body -> an upright RGB PIL image, or one MinipError line saying what is wrong.
 
 The bytes must start like a PNG or a JPEG (no other format reaches PIL's many decoders), the
-header's size must be at most MAX_PICTURE_SIDE a side (checked before any pixel is decoded), and
-the whole file must decode (a truncated file is refused, not padded).
+header's size must be at most MAX_PICTURE_SIDE a side (checked before any pixel is decoded) and at
+least MIN_SIDE (real/images.check_picture, as for files), and the whole file must decode (a
+truncated file is refused, not padded).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ DATA_URL = re.compile(r"data:image/(png|jpeg|jpg);base64,", re.IGNORECASE)
 def decode_picture(value):
     """The request's `image` field -> an RGB PIL image, or None where there is no picture."""
     from PIL import Image, ImageOps, UnidentifiedImageError
+    from ..real.images import check_picture, to_rgb
     if value is None or value == "":
         return None
     if not isinstance(value, str):
@@ -45,6 +47,7 @@ def decode_picture(value):
                              f"{MAX_PICTURE_SIDE} a side")
         if min(im.size) < 1:
             raise MinipError("image has no pixels")
+        check_picture(im)
         im.load()                                   # every pixel: a truncated file fails here
         im = ImageOps.exif_transpose(im)
     except MinipError:
@@ -53,5 +56,4 @@ def decode_picture(value):
             Image.DecompressionBombError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise MinipError(f"image: the {kind.upper()} cannot be read ({reason})") from None
-    from ..real.images import to_rgb
     return to_rgb(im)

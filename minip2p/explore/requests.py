@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from .. import methods
 from ..errors import MinipError, ParameterError
 from .picture import MAX_PICTURE_SIDE, decode_picture
+from ..real.images import check_picture
 
 MAX_BODY = 16 * 1024 * 1024   # bytes of a request body (a picture, base64, fits)
 MAX_STEPS = 100               # denoising steps of one job
@@ -254,6 +255,8 @@ def check_request(model, body: dict) -> Request:
                     width=_number(body, "width", native, int, f, MAX_SIDE),
                     image=decode_picture(body.get("image")))
     check_size(model, settings["height"], settings["width"])
+    if settings["image"] is not None:              # the centre crop keeps enough of the picture
+        check_picture(settings["image"], settings["height"], settings["width"])
     params = _params(body, name)
     if name == "p2p" and len(prompts) == 1 and settings["image"] is None:
         if params:

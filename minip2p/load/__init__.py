@@ -104,13 +104,15 @@ def load_folder(folder, dtype=torch.float32, device="cpu", variant=None, name=No
 
 
 def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=None,
-               embeddings=(), fast: bool = True) -> Model:
+               embeddings=(), fast: bool = True, strict_length: bool = False) -> Model:
     """`spec`: a folder, a .safetensors single file, or a Hub repo id (None: the shipped model).
 
     `variant` ("fp16"): prefer `*.<variant>.safetensors` files; `revision`: a branch, tag or
     commit of a Hub repo; `embeddings`: textual-inversion .safetensors files to add.
     `fast`: install the fast path (minip2p/fast/: fused attention wherever no controller reads
-    the maps, kernels picked by measurement); False: the reference path, every M formed."""
+    the maps, kernels picked by measurement); False: the reference path, every M formed.
+    `strict_length`: a prompt longer than the text encoder's 77 tokens is an error (default: a
+    warning naming how many tokens were dropped); it sets `model.tokenizer.strict`."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise MinipError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -152,6 +154,7 @@ def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=Non
     else:
         raise MinipError(f"model '{spec}' not found: give a model folder, a .safetensors file "
                          "or a Hub repo id (owner/name)")
+    model.tokenizer.strict = bool(strict_length)
     if embeddings:
         from .embeddings import add_embeddings
         add_embeddings(model, embeddings)

@@ -5,6 +5,8 @@ as models--owner--name/refs/<branch or tag> (a commit hash) and snapshots/<hash>
 that diffusers or `hf download` put there is used as it is, with no network call, so offline
 (HF_HUB_OFFLINE=1) works; otherwise the missing files are fetched into that cache (never into
 the package). Gated repos: huggingface_hub reads the token itself (HF_TOKEN, `hf auth login`).
+A snapshot is complete with its tokenizer in either layout the folder loader reads (vocab.json and
+merges.txt, or only tokenizer.json). Errors stay short: one `hf download` command with patterns.
 """
 from __future__ import annotations
 
@@ -13,30 +15,41 @@ from pathlib import Path
 
 from ..errors import MinipError
 
-CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
-           "tokenizer/merges.txt", "unet/config.json", "vae/config.json",
-           "text_encoder/config.json"]
-OPTIONAL = ["tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json"]  # pad token
+CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+           "vae/config.json", "text_encoder/config.json"]
+# a tokenizer folder in either layout ClipTokenizer.from_dir reads: the two BPE tables, or only
+# tokenizer.json (what transformers >= 5 saves); the pad token comes from the optional files
+TOKENIZER_LAYOUTS = (["tokenizer/vocab.json", "tokenizer/merges.txt"], ["tokenizer/tokenizer.json"])
+OPTIONAL = ["tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json"]
 WEIGHT_STEMS = ["unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model",
                 "text_encoder/model"]
 COMMIT = re.compile(r"[0-9a-f]{40}")
+OFFLINE = "offline (HF_HUB_OFFLINE=1)"
 
 
 def needed(variant: str | None) -> list[str]:
-    """The files to fetch: configs, tokenizer tables and the three weights files."""
+    """The files to fetch: configs, the tokenizer in either layout (the Hub client skips those a
+    repo lacks) and the three weights files."""
     v = f".{variant}" if variant else ""
-    return CONFIGS + OPTIONAL + [f"{stem}{v}.safetensors" for stem in WEIGHT_STEMS]
+    tokenizer = [f for layout in TOKENIZER_LAYOUTS for f in layout]
+    return CONFIGS + tokenizer + OPTIONAL + [f"{stem}{v}.safetensors" for stem in WEIGHT_STEMS]
 
 
 def fetch_command(repo_id: str, revision: str | None, variant: str | None) -> str:
-    """The `hf` command that fetches exactly those files into the cache."""
+    """A short `hf` command that fetches what minip2p reads into the cache (the configs and
+    tokenizer files, and the weights: every *model.safetensors, so also a safety checker's)."""
     rev = f" --revision {revision}" if revision else ""
-    return f"hf download {repo_id}{rev} " + " ".join(needed(variant))
+    v = f".{variant}" if variant else ""
+    return (f"hf download {repo_id}{rev} --include '*.json' --include '*.txt' "
+            f"--include '*model{v}.safetensors'")
 
 
 def complete(folder: Path, variant: str | None) -> bool:
-    """Does a snapshot folder hold every required file? (No variant asked: plain or fp16.)"""
+    """Does a snapshot folder hold every required file (the tokenizer in either layout)? No
+    variant asked: plain or fp16 weights."""
     if not all((folder / f).is_file() for f in CONFIGS):
+        return False
+    if not any(all((folder / f).is_file() for f in layout) for layout in TOKENIZER_LAYOUTS):
         return False
     kinds = [f".{variant}"] if variant else ["", ".fp16"]
     return all(any((folder / f"{stem}{k}.safetensors").is_file() for k in kinds)
@@ -62,16 +75,16 @@ def resolve(repo_id: str, revision: str | None = None, variant: str | None = Non
     if snap is not None and complete(snap, variant):
         return snap                                       # cached already: no network at all
     where = f"'{repo_id}'" + (f" at revision '{revision}'" if revision else "")
+    fetch = fetch_command(repo_id, revision, variant)
     if constants.HF_HUB_OFFLINE:
         if storage.is_dir() and snap is None and revision:
-            known = sorted(p.name for p in (storage / "refs").glob("*")) if (storage / "refs").is_dir() else []
-            raise MinipError(f"revision '{revision}' of '{repo_id}' is not in the Hugging Face "
-                             f"cache ({storage}; refs there: {', '.join(known) or 'none'}); "
-                             f"offline (HF_HUB_OFFLINE=1), so fetch it online with: "
-                             f"{fetch_command(repo_id, revision, variant)}")
-        raise MinipError(f"could not download {where} from the Hugging Face Hub: offline "
-                         f"(HF_HUB_OFFLINE=1) and not in the cache {constants.HF_HUB_CACHE}; "
-                         f"are you offline? Fetch it with: {fetch_command(repo_id, revision, variant)}")
+            refs = storage / "refs"
+            known = sorted(p.name for p in refs.glob("*")) if refs.is_dir() else []
+            raise MinipError(f"revision '{revision}' is not in the HF cache (refs: "
+                             f"{', '.join(known) or 'none'}); offline, so fetch it: {fetch}")
+        what = "the cached model is incomplete" if snap is not None else \
+            "the model is not in the Hugging Face cache"             # the command names the repo
+        raise MinipError(f"{what}, {OFFLINE}; fetch it: {fetch}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
@@ -88,11 +101,11 @@ def resolve(repo_id: str, revision: str | None = None, variant: str | None = Non
                          "set HF_TOKEN); check the id") from None
     except Exception as e:  # no network, Hub down ...: one line, no traceback
         first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise MinipError(f"could not download {where} from the Hugging Face Hub "
-                         f"({type(e).__name__}: {first[:160]}); are you offline? Fetch it "
-                         f"elsewhere with: {fetch_command(repo_id, revision, variant)}") from None
+        raise MinipError(f"could not reach the Hugging Face Hub ({type(e).__name__}: "
+                         f"{first[:40]}); offline? fetch it elsewhere: {fetch}") from None
     if not complete(folder, variant):
         what = f"the {variant} variant files" if variant else "diffusers-layout safetensors files"
-        raise MinipError(f"{where} on the Hub has no {what} (e.g. {needed(variant)[-3]}); "
-                         "is it a Stable Diffusion repo? try without the variant or another repo")
+        raise MinipError(f"{where} on the Hub has no {what} (e.g. {WEIGHT_STEMS[0]}"
+                         f"{'.' + variant if variant else ''}.safetensors); is it a Stable "
+                         "Diffusion repo? try without the variant or another repo")
     return folder

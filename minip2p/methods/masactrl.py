@@ -188,14 +188,18 @@ class Params(RealImage):
         return min(4, steps - 1) if self.start_step is None else self.start_step
 
 
-def check(steps: int, start_step: int, start_layer: int, layers: int) -> None:
-    """Refuse a start step or start layer outside the run."""
+def check(steps: int, start_step: int, start_layer: int, layers: int,
+          default: int | None = None) -> None:
+    """Refuse a start step or start layer outside the run (`default`: the model's own layer,
+    named in the message)."""
     if not 0 <= start_step < steps:
         raise ParameterError("start_step", f"must be in [0, steps) = [0, {steps}), got "
                                            f"{start_step}")
     if not 0 <= start_layer < layers:
+        default = "" if default is None else (f"; leave it out for this model's default, "
+                                              f"{default} (the decoder's two finest resolutions)")
         raise ParameterError("start_layer", f"must be in [0, {layers}): this model has {layers} "
-                                            f"transformer layers, got {start_layer}")
+                                            f"transformer layers, got {start_layer}{default}")
 
 
 def build(tok, prompts, steps, start_step=4, start_layer=10, layers=16,
@@ -222,7 +226,7 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
     from ..pipeline import check_size
     layers = len(model.unet.transformer_blocks())
     layer = default_layer(model.unet) if p.start_layer is None else p.start_layer
-    check(s.steps, p.step(s.steps), layer, layers)
+    check(s.steps, p.step(s.steps), layer, layers, default_layer(model.unet))
     height, width = check_size(model, s.height, s.width)
 
     def make_control(model, prompts, steps, step_pixels, trajectory):

@@ -259,12 +259,23 @@ class Params:
         if it is not None and (isinstance(it, bool) or not isinstance(it, int) or
                                not 1 <= it <= 50):
             raise ParameterError("guide_iterations", f"must be an integer ≥ 1 and ≤ 50, got {it!r}")
+        square(s.height, s.width, s)
+
+
+def square(height, width, s: Settings) -> None:
+    """Self-Guidance's maps are square: refuse another image (None: the size is not known)."""
+    if height and width and height != width:
+        name, other = ("width", "height") if s.width else ("height", "width")
+        value = {"height": height, "width": width}
+        raise ParameterError(name, f"{value[name]} must equal {{{other}}} {value[other]}: "
+                                   "Self-Guidance's attention maps are square")
 
 
 def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
     """The unguided image and the guided one, from the same seed."""
     from ..pipeline import check_size, encode_text, generate, to_pil
     height, width = check_size(model, s.height, s.width)
+    square(height, width, s)
     model.scheduler.timesteps(s.steps)
     moves, resizes = p.move or {}, {w: float(k) for w, k in (p.resize or {}).items()}
     tokens = tokens_of(model.tokenizer, prompts[0], {**moves, **resizes})

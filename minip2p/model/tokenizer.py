@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from ..errors import MinipError
+from ..errors import MinipError, ParameterError
 
 START, END, LENGTH = 49406, 49407, 77  # <|startoftext|>, <|endoftext|>, ids per prompt
 START_TEXT, END_TEXT = "<|startoftext|>", "<|endoftext|>"
@@ -100,6 +100,7 @@ class ClipTokenizer:
         if pad not in vocab:
             raise MinipError(f"the tokenizer's pad token {pad!r} is not in its vocabulary")
         self.pad = vocab[pad]
+        self.strict = False  # True: a prompt longer than the window is an error, not a warning
         self.vectors: dict[str, int] = {}       # textual-inversion token -> number of vectors
         try:
             bpe = models.BPE(vocab, merges, continuing_subword_prefix="",
@@ -187,12 +188,17 @@ class ClipTokenizer:
         return ids + [self.pad] * (LENGTH - len(ids)), dropped
 
     def __call__(self, texts: list[str]) -> torch.LongTensor:
-        """A (batch, 77) tensor of ids; warns about each prompt that had to be cut."""
+        """A (batch, 77) tensor of ids; warns about each prompt that had to be cut (refuses it
+        where `strict` is set, e.g. by load_model's `strict_length`)."""
         if isinstance(texts, str):
             texts = [texts]
         rows = []
         for text in texts:
             ids, dropped = self.encode(text)
+            if dropped and self.strict:
+                raise ParameterError("prompts", f"prompt {_short(text)} is {dropped} tokens too "
+                                     f"long: the text encoder reads at most {MAX_TOKENS} (77 with "
+                                     "start and end); shorten it")
             if dropped:
                 warnings.warn(f"prompt {_short(text)} is {dropped} tokens too long; "
                               f"the last {dropped} were dropped", stacklevel=2)

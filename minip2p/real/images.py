@@ -5,7 +5,10 @@
     z_0 = E(x).mean · scaling_factor                                        (1, 4, H/f, W/f)
 
 The posterior mean (not a sample) is encoded, as the null-text inversion code does. Every failure
-(missing file, not an image, truncated, empty) is one MinipError line.
+(missing file, not an image, truncated, empty) is one MinipError line. A picture must be usable:
+at least MIN_SIDE pixels a side (a 1×1 picture would be upscaled into a made-up image), and its
+centre crop to the output's aspect must keep at least 1/MAX_CUT of its width and of its height
+(the aspects differ at most MAX_CUT-fold); `check_picture` says so, for files and uploads alike.
 """
 from __future__ import annotations
 
@@ -16,6 +19,26 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import MinipError, ParameterError
+
+MIN_SIDE = 16      # pixels, the smallest side of a usable picture
+MAX_CUT = 4        # the centre crop keeps at least 1/MAX_CUT of the picture's width and height
+
+
+def check_picture(im: Image.Image, height: int | None = None, width: int | None = None):
+    """Refuse a picture under MIN_SIDE a side, or (given the output size) one whose centre crop
+    to height:width would keep less than 1/MAX_CUT of its width or of its height."""
+    W, H = im.size
+    if min(W, H) < MIN_SIDE:
+        raise ParameterError("image", f"is {W}×{H} pixels; a picture needs at least {MIN_SIDE} "
+                                      "on each side")
+    if height and width:
+        wide = W * height / (H * width)              # > 1: the crop trims the width
+        if max(wide, 1 / wide) > MAX_CUT:
+            side = "width" if wide > 1 else "height"
+            raise ParameterError("image", f"is {W}×{H} pixels: its centre crop to the output's "
+                                 f"{width}×{height} would keep less than 1/{MAX_CUT} of its "
+                                 f"{side}; crop it closer to that aspect, or choose {{height}} "
+                                 "and {width} closer to its own")
 
 
 def parse_crop(text: str | None) -> tuple[int, int, int, int]:
@@ -59,6 +82,7 @@ def open_image(path) -> Image.Image:
                          "complete?") from None
     if im.width == 0 or im.height == 0:
         raise MinipError(f"image '{path}' is empty ({im.width}×{im.height} pixels)")
+    check_picture(im)
     return to_rgb(im)
 
 
@@ -80,17 +104,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def cut_margins(im: Image.Image, crop: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Image.Image:
-    """Cut (left, top, right, bottom) pixels off the edges."""
+    """Cut (left, top, right, bottom) pixels off the edges (at least MIN_SIDE a side left)."""
     left, top, right, bottom = crop
     W, H = im.size
-    if left + right >= W or top + bottom >= H:
-        raise ParameterError("crop", f"{left},{top},{right},{bottom} leaves nothing of a {W}×{H} "
-                                     "image")
+    if W - left - right < MIN_SIDE or H - top - bottom < MIN_SIDE:
+        kept = f"{max(0, W - left - right)}×{max(0, H - top - bottom)}"
+        raise ParameterError("crop", f"{left},{top},{right},{bottom} leaves {kept} pixels of a "
+                                     f"{W}×{H} image; at least {MIN_SIDE} a side are needed")
     return im.crop((left, top, W - right, H - bottom))
 
 
 def fit(im: Image.Image, height: int, width: int) -> Image.Image:
-    """Centre-crop to the aspect height:width, then resize (bicubic) to width×height."""
+    """Centre-crop to the aspect height:width, then resize (bicubic) to width×height; a picture
+    too small or too far from that aspect is refused (check_picture)."""
+    check_picture(im, height, width)
     W, H = im.size
     if W * height > H * width:                                # too wide: trim left and right
         w = max(1, round(H * width / height))
