@@ -32,7 +32,8 @@ SIZES = ints(["32", "32", "64", "4", "8", "36"], ["0", "-32", "30", "31", "3", "
 STEPS = ints(["1", "2", "2"], ["0", "-1", "1000", "5000", "nan", "", "2.0", "9" * 30])
 SEEDS = ints(["0", "1", str(2 ** 64 - 1)], ["-1", str(2 ** 64), "nan", "", "1e3", "9" * 30])
 GUIDANCE = floats(["7.5", "1", "0", "-2", "1e30"])
-PATHS = ["@nowhere/x", "@afile", "@folder", "@afile/sub", "@notes.txt", "", "@empty.png"]
+PATHS = ["@nowhere/x", "@afile", "@folder", "@afile/sub", "@notes.txt", "", "@empty.png",
+         "@tiny.png", "@thin.png"]                     # 1×1 and 200×10 pictures: refused
 
 
 def model_options(out=None):

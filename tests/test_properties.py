@@ -59,6 +59,8 @@ def assets(tmp_path_factory):
     im = Image.new("RGB", (40, 30), (235, 235, 225))
     ImageDraw.Draw(im).ellipse((10, 5, 30, 25), fill=(200, 30, 30))
     im.save(d / "photo.png")
+    Image.new("RGB", (1, 1), "red").save(d / "tiny.png")
+    Image.new("RGB", (200, 10), "red").save(d / "thin.png")
     (d / "notes.txt").write_text("not an image")
     (d / "empty.png").write_bytes(b"")
     (d / "folder").mkdir()

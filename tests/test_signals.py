@@ -63,6 +63,25 @@ def test_sigterm_while_generating(tmp_path):
     assert not (tmp_path / "a.png").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("argv,out", [
+    (["attention", "a red circle", "--out", "maps.png"], "maps.png"),
+    (["guide", "a red circle", "--move", "circle=0.8,0.5", "--out-dir", "guide"], "guide"),
+    (["invert", "PHOTO", "a red circle", "--method", "ddim", "--out", "inv.safetensors"],
+     "inv.safetensors"),
+    (["reconstruct", "PHOTO", "a red circle", "--method", "ddim", "--out", "rec.png"], "rec.png"),
+    (["edit", "a red circle", "a blue circle", "--image", "PHOTO", "--inversion-method", "ddim",
+      "--out-dir", "edit"], "edit")], ids=lambda a: a[0] if isinstance(a, list) else None)
+def test_sigterm_during_each_command_leaves_nothing(tmp_path, argv, out):
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "photo.png")
+    argv = [str(tmp_path / "photo.png") if a == "PHOTO" else a for a in argv]
+    p = start(tmp_path, *argv, *LONG)
+    seen = wait_for(p, p.stderr, b"%|")                 # the command's loop has begun
+    rc, lines = stop(p, signal.SIGTERM, seen)
+    assert rc == 143 and lines == ["minip2p: terminated"], (argv[0], rc, lines)
+    assert not (tmp_path / out).exists() and leftovers(tmp_path) == []
+
+
 def test_sigterm_while_editing_leaves_the_previous_folder(tmp_path, capsys):
     out = tmp_path / "e"
     assert main(["edit", "a red circle", "a blue circle", *SMALL, "--maps",
