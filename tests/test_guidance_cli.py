@@ -60,7 +60,7 @@ def test_the_step_vanishes_at_the_energy_minimum_and_is_capped_at_v(toy):
                            keep_appearance=True)
     assert same.iterations == 4 and rms(same.before_step(z, 0) - z) < 1e-3 * same.weight
     far = sg.SelfGuidance(toy, cond, tokens, 4, obs, moves={"circle": (0.95, 0.05)},
-                          iterations=1, weight=0.02)
+                          iterations=1, weight=0.02, guide_steps=1.0, keep_background=False)
     assert rms(far.before_step(z, 2) - z) == pytest.approx(0.02, rel=1e-4)
     assert sg.SelfGuidance(toy, cond, tokens, 4, obs, moves={"circle": (0.9, 0.5)}).iterations == 2
 

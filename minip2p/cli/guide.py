@@ -1,11 +1,13 @@
-"""`minip2p guide PROMPT --move WORD=X,Y --resize WORD=S [--keep-appearance]`: Self-Guidance
+"""`minip2p guide PROMPT --move WORD=X,Y --resize WORD=S [--no-keep-background]`: Self-Guidance
 (methods/self_guidance.py). Writes 0.png (unguided), 1.png (guided) and strip.png as the whole of
 --out-dir (a second run's files replace the first's).
 
     guide "a red circle" --move circle=0.8,0.5            the circle to the right half
-    guide "a red circle" --resize circle=0.5 --keep-appearance
+    guide "a red circle" --resize circle=0.5
 """
 from __future__ import annotations
+
+import argparse
 
 from ..errors import MinipError
 from .common import (add_model_options, check_out_dir, float_arg, int_arg, load, preflight,
@@ -33,7 +35,8 @@ def cmd_guide(args):
     from .. import methods, views
     params = dict(move=parse_pairs(args.move, "--move", 2),
                   resize={w: k for w, (k,) in parse_pairs(args.resize, "--resize", 1).items()},
-                  keep_appearance=args.keep_appearance, guidance_weight=args.guidance_weight,
+                  keep_appearance=args.keep_appearance, keep_background=args.keep_background,
+                  guidance_weight=args.guidance_weight,
                   guide_steps=args.guide_steps, guide_iterations=args.guide_iterations)
     s = settings_of(args)
     methods.prepare("self-guidance", [args.prompt], **params, **s)
@@ -53,14 +56,17 @@ def add_commands(sub):
     g.add_argument("--move", nargs="+", metavar="WORD=X,Y",
                    help="move WORD's object to (X, Y), fractions of the image in [0, 1]")
     g.add_argument("--resize", nargs="+", metavar="WORD=S", help="scale WORD's object by S > 0")
-    g.add_argument("--keep-appearance", action="store_true",
+    g.add_argument("--keep-appearance", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the moved/resized objects' appearance from the unguided image "
-                        "(on in tools/README.md's measurements)")
+                        "(on by default)")
+    g.add_argument("--keep-background", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep everything outside the edited objects' old and new places from "
+                        "the unguided image (on by default)")
     g.add_argument("--guidance-weight", type=float_arg("--guidance-weight"), default=0.25,
                    help="largest RMS v of a guidance step of z (0.25): z ← z − d, "
                         "d = E·∇E/‖∇E‖² capped at rms(d) ≤ v")
-    g.add_argument("--guide-steps", type=float_arg("--guide-steps"), default=1.0,
-                   help="guide in this first fraction of the steps (1.0: all)")
+    g.add_argument("--guide-steps", type=float_arg("--guide-steps"), default=0.3,
+                   help="guide in this first fraction of the steps (0.3; 1.0: all)")
     g.add_argument("--guide-iterations", type=int_arg("--guide-iterations", 1, 50), default=None,
                    metavar="N", help="gradient steps per guided step (2 for moves, 4 when "
                                      "a word is resized)")

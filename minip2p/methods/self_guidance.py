@@ -23,20 +23,34 @@ affine map that moves centroid'(k) to the target and scales by √s about it, so
                         T_k: scaling by √s about centroid'(k)
     keep appearance:    E = Σ_k ‖appearance(k) − appearance'(k)‖₁ / c   (over the edited words)
 
-Several energies add. In the first `guide_steps` of the steps (a fraction, all of them by
-default), before the DDIM step, `iterations` times (ε_θ and E evaluated again each time; 2 for
-moves, 4 when a word is resized), a Polyak step capped at v in RMS:
+Several energies add. In the first `guide_steps` of the schedule (a fraction of the steps;
+DDIM's timesteps are evenly spaced, so it is the same fraction of t at 20 or 50 steps), before
+the DDIM step, `iterations` times (ε_θ and E evaluated again each time; 2 for moves, 4 when a
+word is resized), a Polyak step capped at v in RMS, restricted to the region R:
 
-    g = ∇_{z_t} E,   d = (E / ‖g‖²) · g,   d ← d · min(1, v / rms(d)),   z_t ← z_t − d
+    g = R ⊙ ∇_{z_t} E,   d = (E / ‖g‖²) · g,   d ← d · min(1, v / rms(d)),   z_t ← z_t − d
 
-rms(d) = √(mean d²), v: guidance_weight. E / ‖g‖² is the step that brings the linearised
-energy to 0 (its minimum), so steps shrink as the object reaches its target and vanish at it;
-the cap keeps a step from leaving the range of latents the model knows. (A step of fixed size,
-z_t ← z_t − v · g / rms(g), moves z_t by v even at E's minimum, so it keeps disturbing the
-latents where the energy is already met, and resizes overshoot.) The appearance distance is a
-mean over the c channels: summed over them, it outweighs the size and shape terms and the step
-mostly keeps the object as it was. The paper instead adds the gradient to the noise estimate,
-ε̃_t = ε_t + v · σ_t · ∇_{z_t} E (σ_t = √(1 − ᾱ_t)); we do not, because the raw gradient's size
+and after every DDIM step, outside R the latents are the unguided generation's (primes):
+
+    z_{t−1} ← R ⊙ z_{t−1} + (1 − R) ⊙ z'_{t−1}
+
+R = 1 where an edited object is or is asked to be: {shape'(k) ≥ ½} ∪ {T_k(shape'(k)) ≥ ½},
+dilated by one latent pixel, at the latents' size (`keep_background`, on by default).
+
+What the paper does and what we chose. The paper edits one property and holds all others: its
+moves and resizes are shown with the other words' shapes and the edited objects' appearance
+held to the unguided generation's by further energies; "move the object" means the rest of the
+picture stays. So `keep_appearance` is on by default, and the rest of the picture is held by R:
+∇_{z_t} E of an attention map is spread over the whole latent (attention mixes every pixel), and
+steps outside the object leave blotches of other colours and stray blobs on a flat background
+that no energy on the edited word's map sees; energies on every other word's map would not see
+them either (a background of flat colour has no word whose map marks it). The blend is the local
+blend of Prompt-to-Prompt (p2p.py) with the unguided latents as the source. Guiding only the
+first 30 % of the schedule: the layout is set early, where the edit is made; later steps form
+the edges and the flat fills, and gradient steps there punch holes and blotches into them.
+The appearance distance is a mean over the c channels: summed over them, it outweighs the size
+and shape terms and the step mostly keeps the object as it was. The paper instead adds the
+gradient to the noise estimate, ε̃_t = ε_t + v · σ_t · ∇_{z_t} E (σ_t = √(1 − ᾱ_t)); we do not, because the raw gradient's size
 varies a lot from step to step and σ_t puts the largest steps at the first steps, where a word's
 map does not yet show the object. Moves reach their target with 2 gradient steps per step and
 more deform the object; a shrink needs 4 to get near its area: hence the defaults (the runs
@@ -52,75 +66,12 @@ import torch.nn.functional as F
 
 from ..control import Controller, Site
 from ..guidance import TEXT
-from .attend_excite import gaussian_kernel
 from .base import ParameterError, Result, Settings, check_number, check_word, param
 from .gradient import GradientGuidance
+from .map_properties import appearance, centroid, shape, size, transform, word_maps
 
 __all__ = ["word_maps", "centroid", "size", "shape", "appearance", "transform", "Observe",
            "SelfGuidance", "Params", "run"]
-
-
-def _normalise(A: torch.Tensor) -> torch.Tensor:
-    """(n, h, w) -> Gaussian-smoothed, min-max normalised to [0, 1] per map."""
-    A = F.conv2d(F.pad(A[:, None], (1, 1, 1, 1), mode="replicate"), gaussian_kernel().to(A))[:, 0]
-    lo = A.amin((1, 2), keepdim=True)
-    hi = A.amax((1, 2), keepdim=True)
-    return (A - lo) / (hi - lo).clamp(min=1e-12)
-
-
-def word_maps(maps, tokens: dict[str, list[int]], row: int = 0) -> dict[str, torch.Tensor]:
-    """[(site, M (rows, heads, p, 77)), …] -> {word: A_k (side, side)} at the finest side."""
-    side = max(math.isqrt(s.pixels) for s, _ in maps)
-    words = list(tokens)
-    layers = []
-    for s, M in maps:
-        r = math.isqrt(s.pixels)
-        m = M[row].float().mean(0).T.reshape(-1, r, r)                      # (77, r, r)
-        m = torch.stack([m[tokens[w]].sum(0) for w in words])[None]           # (1, k, r, r)
-        if r != side:
-            m = F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)
-        layers.append(_normalise(m[0]))
-    A = torch.stack(layers).mean(0)                                            # (k, side, side)
-    return dict(zip(words, A))
-
-
-def _grid(h: int, w: int, dtype=torch.float32):
-    ys = (torch.arange(h, dtype=dtype) + 0.5) / h
-    xs = (torch.arange(w, dtype=dtype) + 0.5) / w
-    return xs, ys
-
-
-def shape(A: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(10 * (A - 0.5))
-
-
-def size(A: torch.Tensor) -> torch.Tensor:
-    return shape(A).mean()
-
-
-def centroid(A: torch.Tensor) -> torch.Tensor:
-    """(h, w) -> (x, y) in [0, 1]², the mean of the pixel centres weighted by shape(A)."""
-    S = shape(A)
-    xs, ys = _grid(*A.shape, A.dtype)
-    total = S.sum()
-    return torch.stack([(S.sum(0) * xs).sum() / total, (S.sum(1) * ys).sum() / total])
-
-
-def appearance(A: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
-    """A: (h, w); ψ: (c, H, W) -> (c,)."""
-    m = F.interpolate(shape(A)[None, None], size=psi.shape[-2:], mode="bilinear",
-                      align_corners=False)[0, 0]
-    return (psi * m).sum((1, 2)) / m.sum()
-
-
-def transform(S: torch.Tensor, c: torch.Tensor, to: torch.Tensor, scale: float) -> torch.Tensor:
-    """T(S): the map S (h, w) moved so that the point c goes to `to` and scaled by `scale`
-    about it (both in [0, 1]²); outside the image reads 0. T(S)(p) = S(c + (p − to)/scale)."""
-    c, to = c * 2 - 1, to * 2 - 1                                   # grid_sample's [−1, 1]
-    theta = torch.tensor([[1 / scale, 0.0, 0.0], [0.0, 1 / scale, 0.0]], dtype=S.dtype)
-    theta[:, 2] = c - to / scale
-    grid = F.affine_grid(theta[None], [1, 1, *S.shape], align_corners=False)
-    return F.grid_sample(S[None, None], grid, align_corners=False, padding_mode="zeros")[0, 0]
 
 
 def _last_res(unet):
@@ -139,7 +90,7 @@ class Observe(Controller):
 
     def __init__(self, unet, tokens: dict[str, list[int]], features: bool):
         self.tokens, self.feature_pick = tokens, (_last_res(unet) if features else None)
-        self.maps, self.psi = {}, {}
+        self.maps, self.psi, self.z = {}, {}, {}
 
     def wants(self, site):
         return _pick(site) or (self.feature_pick is not None and self.feature_pick(site))
@@ -153,6 +104,10 @@ class Observe(Controller):
         row = site.batch_of(h.shape[0]).row(0, TEXT)
         self.psi[site.step] = h[row].detach().float()
         return h
+
+    def after_step(self, z, step):
+        self.z[step] = z.detach().clone()
+        return z
 
     def reference(self, step: int) -> dict:
         A = word_maps(self.maps[step], self.tokens)
@@ -168,8 +123,9 @@ class SelfGuidance(GradientGuidance):
     weight: v, the largest RMS of a step of z_t."""
 
     def __init__(self, model, cond, tokens, steps: int, observed: Observe, moves=None,
-                 resizes=None, keep_appearance: bool = False, weight: float = 0.25,
-                 guide_steps: float = 1.0, iterations: int | None = None):
+                 resizes=None, keep_appearance: bool = True, weight: float = 0.25,
+                 guide_steps: float = 0.3, iterations: int | None = None,
+                 keep_background: bool = True):
         super().__init__(model, cond, steps, pick=_pick)
         self.tokens, self.observed = tokens, observed
         self.moves, self.resizes = moves or {}, resizes or {}
@@ -177,6 +133,13 @@ class SelfGuidance(GradientGuidance):
         self.iterations = iterations or (4 if self.resizes else 2)
         self.last = round(guide_steps * steps)
         self.feature_pick = _last_res(model.unet) if keep_appearance else None
+        self.local = keep_background
+
+    def after_step(self, z, step):
+        if not self.local or step not in self.observed.z:
+            return z
+        m = self.region(self.observed.reference(step), z)
+        return m * z + (1 - m) * self.observed.z[step].to(z)
 
     def active(self, step):
         return step < self.last
@@ -197,8 +160,25 @@ class SelfGuidance(GradientGuidance):
                 E = E + (appearance(A[w], psi) - ref[w]["appearance"]).abs().mean()
         return E
 
+    def region(self, ref: dict, like: torch.Tensor) -> torch.Tensor:
+        """1 where an edited object is or is asked to be (the unguided shape' and its target
+        T(shape'), at least ½, dilated by a latent pixel), at the latents' size; 0 elsewhere."""
+        R = 0.0
+        for w, (x, y) in self.moves.items():
+            S = ref[w]["shape"]
+            R = torch.maximum(torch.as_tensor(R), torch.maximum(
+                S, transform(S, ref[w]["centroid"], torch.tensor([x, y]), 1.0)))
+        for w, s in self.resizes.items():
+            S, c = ref[w]["shape"], ref[w]["centroid"]
+            R = torch.maximum(torch.as_tensor(R),
+                              torch.maximum(S, transform(S, c, c, math.sqrt(s))))
+        R = F.interpolate(R[None, None].float(), size=like.shape[-2:], mode="bilinear",
+                          align_corners=False)
+        return F.max_pool2d((R > 0.5).float(), 3, 1, 1).to(like)
+
     def update(self, z, step, t):
         ref = self.observed.reference(step)
+        mask = self.region(ref, z) if self.local else 1.0
         for _ in range(self.iterations):
             leaf, rec = self.maps_of(z, step, feature_pick=self.feature_pick)
             A = word_maps(rec.maps, self.tokens)
@@ -206,6 +186,7 @@ class SelfGuidance(GradientGuidance):
             E = self.energy(A, psi, ref)
             (grad,) = torch.autograd.grad(E, [leaf])
             self.energies[step] = e = float(E.detach())
+            grad = grad * mask
             d = e / grad.pow(2).sum().clamp(min=1e-24) * grad                     # E/‖g‖² · g
             rms = float(d.pow(2).mean().sqrt())
             z = leaf.detach() - d * min(1.0, self.weight / max(rms, 1e-12))
@@ -222,10 +203,12 @@ class Params:
     move: dict | None = param(None, "move each word's object to (x, y), fractions of the image "
                                     "in [0, 1] (0,0 top left)", kind="moves")
     resize: dict | None = param(None, "scale each word's object by s > 0", kind="resizes")
-    keep_appearance: bool = param(False, "keep the objects' appearance from the unguided image")
+    keep_appearance: bool = param(True, "keep the objects' appearance from the unguided image")
+    keep_background: bool = param(True, "keep everything outside the edited objects' old and "
+                                        "new places from the unguided image")
     guidance_weight: float = param(0.25, "largest RMS v of a guidance step of z: z ← z − d, "
                                          "d = E·∇E/‖∇E‖² capped at rms(d) ≤ v")
-    guide_steps: float = param(1.0, "guide in this first fraction of the steps (1.0: all)")
+    guide_steps: float = param(0.3, "guide in this first fraction of the steps (1.0: all)")
     guide_iterations: int | None = param(None, "gradient steps per guided step (2 for moves, "
                                                "4 when a word is resized)", kind=int)
 
@@ -285,7 +268,7 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
     plain = generate(model, prompts, control=observed, **kw)
     ctrl = SelfGuidance(model, encode_text(model, prompts), tokens, s.steps, observed,
                         {w: tuple(xy) for w, xy in moves.items()}, resizes, p.keep_appearance,
-                        p.guidance_weight, p.guide_steps, p.guide_iterations)
+                        p.guidance_weight, p.guide_steps, p.guide_iterations, p.keep_background)
     guided = generate(model, prompts, control=ctrl, **kw)
     return Result(to_pil(plain) + to_pil(guided), ["unguided", "guided"])
 
