@@ -50,9 +50,9 @@ first 30 % of the schedule: the layout is set early, where the edit is made; lat
 the edges and the flat fills, and gradient steps there punch holes and blotches into them.
 The appearance distance is a mean over the c channels: summed over them, it outweighs the size
 and shape terms and the step mostly keeps the object as it was. The paper instead adds the
-gradient to the noise estimate, ε̃_t = ε_t + v · σ_t · ∇_{z_t} E (σ_t = √(1 − ᾱ_t)); we do not, because the raw gradient's size
-varies a lot from step to step and σ_t puts the largest steps at the first steps, where a word's
-map does not yet show the object. Moves reach their target with 2 gradient steps per step and
+gradient to the noise estimate, ε̃_t = ε_t + v · σ_t · ∇_{z_t} E (σ_t = √(1 − ᾱ_t)); we do
+not, because the raw gradient's size varies a lot from step to step and σ_t puts the largest
+steps at the first steps, where a word's map does not yet show the object. Moves reach their target with 2 gradient steps per step and
 more deform the object; a shrink needs 4 to get near its area: hence the defaults (the runs
 behind these choices: tools/README.md, "Guidance methods").
 """
