@@ -162,8 +162,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=24, help="prompts × seeds per measurement (24)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--weight", type=float, default=0.25, help="Self-Guidance weight v (0.25)")
-    p.add_argument("--guide-steps", type=float, default=1.0,
-                   help="Self-Guidance: guide in this first fraction of the steps (1.0)")
+    p.add_argument("--guide-steps", type=float, default=0.3,
+                   help="Self-Guidance: guide in this first fraction of the steps (0.3)")
     p.add_argument("--iterations", type=int, default=None,
                    help="Self-Guidance: gradient steps per guided step (default: the "
                         "method's, 2 for moves, 4 for resizes)")
