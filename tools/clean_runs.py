@@ -6,6 +6,13 @@ eval_guidance, INVERSIONS for eval_inversion).
 Pictures to edit are drawn (tools/toydata.draw, seed = the case's index), never generated, so
 that an edit's defects are the edit's own. `accurate` asks the analyser whether the result
 shows what the target caption names: colour and shape for one object, both colours for two.
+
+What each method is asked: P2P Replace, LocalBlend (the object's shape word) and Pix2Pix-Zero the
+case's edit as a word swap (a size word added becomes a colour swap); P2P Refine the source with
+words added (a background, else a size word); P2P Reweight the source with its colour word ×2;
+MasaCtrl the case's edit; plug-and-play ["", target] and SDEdit [target] on the drawn source;
+Attend-and-Excite the target with its shape words; Self-Guidance the source with its (first)
+object moved to the other side; the inversions reconstruct the drawn source.
 """
 from __future__ import annotations
 
@@ -113,7 +120,8 @@ def self_guidance(model, case, i, args):
                     sampler=args.clean_sampler, move={case.shape: (x, 0.5)})
     a = toydata.analyse(torch.from_numpy(array(r.images[-1])))
     moved = a["area"] > 0 and (a["center"][0] / 64 > 0.5) == (x > 0.5)
-    return r.images[0], r.images[-1], bool(moved and shows(r.images[-1], case.source)), None
+    return (r.images[0], r.images[-1], bool(moved and shows(r.images[-1], case.source)),
+            f"(run: {case.source!r} moved to x {x})")
 
 
 def inversion(method):
@@ -141,6 +149,6 @@ EDITS = {
     "sdedit": _picture("sdedit", lambda c: [c.target]),
 }
 GUIDANCE = {"attend-excite": attend_excite,
-            "pix2pix-zero": _edit("pix2pix-zero", lambda c: c.target),
+            "pix2pix-zero": _edit("pix2pix-zero", same_words_target),
             "self-guidance": self_guidance}
 INVERSIONS = {f"{m}-inversion": inversion(m) for m in ("ddim", "null-text", "negative-prompt")}
