@@ -69,7 +69,8 @@ def refine_target(case: Case) -> str:
     """The source with words added: a background, else a size word (else the background
     changed, a word swap)."""
     if not case.bg:
-        bg = next(b for b in ("black", "white", "purple") if b not in (case.color, *(case.second or ())))
+        taken = (case.color, *(case.second or ()))
+        bg = next(b for b in ("black", "white", "purple") if b not in taken)
         return caption(case.color, case.shape, case.size, case.pos, bg, case.second)
     if not case.size and not case.second:
         return caption(case.color, case.shape, "big", case.pos, case.bg, case.second)

@@ -90,7 +90,8 @@ def make_cases(n: int = 24) -> list[Case]:
     for i in range(n):
         st, kind = styles[i % len(styles)], (i // len(styles) + i) % 3
         c, s = colors[(i * 5 + i // 6) % 6], SHAPES[(i + i // 6) % 3]
-        second = (colors[(i * 5 + i // 6 + 3) % 6], SHAPES[(i + i // 6 + 1) % 3]) if st.get("second") else None
+        second = ((colors[(i * 5 + i // 6 + 3) % 6], SHAPES[(i + i // 6 + 1) % 3])
+                  if st.get("second") else None)
         new_c = colors[(i * 5 + i // 6 + 2) % 6]
         taken = {c, new_c} | ({second[0]} if second else set())
         bgs = ["black", "white", "purple", "yellow", "blue"]
