@@ -53,3 +53,14 @@ def test_evaluate_writes_the_row_and_the_sheets(tmp_path):
     assert big.size[0] > 4 * 2 * 64
     assert (tmp_path / "f" / "fake.png").stat().st_size < 60_000
     assert "| fake | 33 % (1/3) |" in judge.table([row], args)
+
+
+def test_a_run_the_method_refuses_is_reported_as_refused(tmp_path):
+    p = argparse.ArgumentParser()
+    judge.add_args(p, ["fake"])
+    args = p.parse_args(["--clean", "--sheets", str(tmp_path)])
+
+    def run(model, case, i, args):
+        raise ValueError("sampler euler-a: needs the ddim sampler")
+    row = judge.evaluate(None, "fake", judge.make_cases(2), args, run)
+    assert row["clean"] == "refused" and "needs the ddim sampler" in row["accurate"]

@@ -158,9 +158,10 @@ def add_args(p: argparse.ArgumentParser, methods: list[str]) -> None:
 
 
 def evaluate(model, name: str, cases, args, run) -> dict:
-    """Run `run(model, case, args)` -> (source image, result image, accurate or None, note) on
+    """Run `run(model, case, index, args)` -> (source image, result image, accurate or None, note) on
     every case; the clean rate of the results (n_objects from the target caption), accuracy,
-    seconds per case; writes the contact sheets. A case that fails is counted not clean."""
+    seconds per case; writes the contact sheets. A case that fails is counted not clean;
+    when every case fails alike (a sampler the method refuses), the row says "refused"."""
     from tools.sheets import contact_sheet
     rows, t0 = [], time.time()
     for i, case in enumerate(cases):
@@ -179,6 +180,10 @@ def evaluate(model, name: str, cases, args, run) -> dict:
     contact_sheet(pairs, Path(args.sheets) / f"{tag}.png", thumb=64, columns=4)
     if args.clean_figures:
         contact_sheet(pairs[:8], Path(args.clean_figures) / f"{name}.png", thumb=48, columns=4)
+    notes = {str(r["note"]) for r in rows}
+    if len(notes) == 1 and notes.pop().startswith("failed"):       # the method refuses the run
+        return dict(method=name, clean="refused", accurate=rows[0]["note"][8:], secs=secs,
+                    failed=len(rows))
     return dict(method=name, clean=pct([r["clean"] for r in rows]),
                 accurate=pct([r["ok"] for r in rows]), secs=secs,
                 failed=sum(str(r["note"]).startswith("failed") for r in rows))
