@@ -23,6 +23,7 @@ import torch
 from tools import toydata
 
 from tools.guidance_cost import METHODS, cost, one_cost
+from tools import clean_runs, judge
 
 
 def color_pixels(image, color: str) -> int:
@@ -175,7 +176,10 @@ def main(argv=None):
     p.add_argument("--cost", action="store_true")
     p.add_argument("--size", type=int, default=None, help="--cost: image side (default: the model's)")
     p.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
+    judge.add_args(p, list(clean_runs.GUIDANCE))
     args = p.parse_args(argv)
+    if judge.maybe_run(args, clean_runs.GUIDANCE):
+        return
     torch.manual_seed(0)
     if args.one:
         print(json.dumps(one_cost(args.one, args.model, args.steps, args.size)))

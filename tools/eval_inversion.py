@@ -28,6 +28,7 @@ from minip2p.methods.noise_reg import Regulariser
 from minip2p.errors import MinipError
 from minip2p.load import load_model
 from minip2p.pipeline import check_size, decode
+from tools import clean_runs, judge
 
 RGB = {"red": (230, 26, 26), "green": (26, 166, 38), "blue": (26, 64, 230),
        "yellow": (242, 230, 26), "purple": (140, 38, 191), "black": (13, 13, 13)}
@@ -77,7 +78,10 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(invert.METHODS), choices=invert.METHODS)
     p.add_argument("--regularise", action="store_true",
                    help="each method also on the regularised DDIM inversion (Pix2Pix-Zero)")
+    judge.add_args(p, list(clean_runs.INVERSIONS))
     args = p.parse_args(argv)
+    if judge.maybe_run(args, clean_runs.INVERSIONS):
+        return
     try:
         model = load_model(args.model, args.dtype, args.device)
     except MinipError as e:

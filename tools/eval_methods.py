@@ -25,6 +25,7 @@ from minip2p.load import load_model
 from minip2p.methods import masactrl, p2p, pnp
 from minip2p.pipeline import generate
 from tools.toydata import Captions, analyse, draw, iou
+from tools import clean_runs, judge
 
 COLOURS = ["red", "blue", "green", "yellow"]
 CHANGES = {"size (big -> small)": ("a big {c} {s}", "a small {c} {s}", ["circle", "square"]),
@@ -117,7 +118,10 @@ def main():
                     help="default: masactrl.default_layer(model) (the decoder's two finest "
                          "resolutions, 10 for SD 1.x, 3 for the toy model)")
     ap.add_argument("--threads", type=int, default=None)
+    judge.add_args(ap, list(clean_runs.EDITS))
     args = ap.parse_args()
+    if judge.maybe_run(args, clean_runs.EDITS):
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)

@@ -30,6 +30,7 @@ from minip2p.load import load_model
 from minip2p.pipeline import decode, denoise, encode_text, generate, to_pil
 from minip2p.samplers import SAMPLERS, make_sampler
 from tools.toydata import COLOR_NAMES, HELD_OUT, SHAPES, Captions, analyse, draw, iou
+from tools import clean_runs, judge
 
 TEMPLATES = ["a {c} {s}", "a big {c} {s}", "a small {c} {s} on the left", "a {c} {s} at the top",
              "a big {c} {s} on the right on a {b} background",
@@ -243,7 +244,10 @@ def main(argv=None):
     p.add_argument("--figures", default=None, help="write edits.png and samples.png here")
     p.add_argument("--card", default=None, help="model card to write the table into")
     p.add_argument("--skip-fidelity", action="store_true")
+    judge.add_args(p, list(clean_runs.GENERATION))
     args = p.parse_args(argv)
+    if judge.maybe_run(args, clean_runs.GENERATION):
+        return
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     rows = []
