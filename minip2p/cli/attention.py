@@ -15,26 +15,6 @@ OVER_TIME = ("write an animation of WORD's cross-attention map and of the predic
              "denoising step (decodes every step: slow with full-size weights on a CPU)")
 
 
-def over_time_pixels(args, model, height, width) -> int | None:
-    """The per-step maps --over-time needs: --map-res's (rows × the matching columns), or the
-    coarsest down/up resolution."""
-    from .. import views
-    if args.over_time is None:
-        return None
-    if args.map_res is None:
-        return views.coarse_pixels(model, height, width)
-    return args.map_res * round(args.map_res * width / height)
-
-
-def with_x0(args, model, height, width):
-    """(z_T, an X0Recorder) for --over-time, else (None, None): generate draws z_T itself."""
-    from ..pipeline import X0Recorder, initial_noise
-    if args.over_time is None:
-        return None, None
-    z_T = initial_noise(model, args.seed, height, width)
-    return z_T, X0Recorder(model, z_T, args.steps)
-
-
 def save_over_time(model, store, prompts, word, x0, map_res, image, path) -> str:
     """Decode every step's x̂₀ and write the GIF of `word`'s map and x̂₀ over the steps."""
     from .. import views
@@ -49,6 +29,7 @@ def save_over_time(model, store, prompts, word, x0, map_res, image, path) -> str
 
 def cmd_attention(args):
     from .. import views
+    from ..methods.editing import over_time
     from ..control import AttentionStore
     from ..pipeline import generate, to_pil
 
@@ -60,8 +41,9 @@ def cmd_attention(args):
     out = check_out_file(args.out, gif=args.over_time is not None)
     model = load(args)
     height, width = preflight(args, model, controlled=32 ** 2)
-    store = AttentionStore(1, step_pixels=over_time_pixels(args, model, height, width))
-    z_T, x0 = with_x0(args, model, height, width)
+    step_pixels, z_T, x0 = over_time(model, args.seed, args.steps, height, width, args.map_res) \
+        if args.over_time is not None else (None, None, None)
+    store = AttentionStore(1, step_pixels=step_pixels)
     image = to_pil(generate(model, [args.prompt], args.seed, args.steps, args.guidance, height,
                             width, control=store, progress=not args.quiet, latents=z_T,
                             callback=x0,

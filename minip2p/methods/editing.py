@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .base import INVERSIONS, ParameterError, Result, Settings, check_number, param, read_image
 
-__all__ = ["RealImage", "edit_prompts", "picture", "inversion_of"]
+__all__ = ["RealImage", "edit_prompts", "picture", "inversion_of", "over_time"]
 
 
 @dataclass
@@ -43,11 +43,7 @@ class RealImage:
         if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or \
                 self.inner_steps < 1:
             raise ParameterError("inner_steps", f"must be an integer ≥ 1, got {self.inner_steps!r}")
-        if isinstance(self.reg_steps, bool) or not isinstance(self.reg_steps, int) or \
-                self.reg_steps < 1:
-            raise ParameterError("reg_steps", f"must be an integer ≥ 1, got {self.reg_steps!r}")
-        check_number("lambda_ac", self.lambda_ac)
-        check_number("lambda_kl", self.lambda_kl)
+        self.regulariser(0, checked=True)          # its ranges, where they are declared
         if self.strength is not None:
             check_number("strength", self.strength, 0.0, 1.0, low_open=True)
             if s.image is None:
@@ -72,10 +68,12 @@ class RealImage:
                 raise ParameterError("over_time", "follows prompts generated from noise; leave "
                                                   "out image")
 
-    def regulariser(self, seed: int):
+    def regulariser(self, seed: int, checked: bool = False):
+        """Pix2Pix-Zero's Regulariser (None without `regularise`; `checked`: built anyway, to
+        check its settings)."""
         from .noise_reg import Regulariser
         return Regulariser(self.lambda_ac, self.lambda_kl, self.reg_steps, seed=seed) \
-            if self.regularise else None
+            if self.regularise or checked else None
 
 
 def picture(s: Settings, height: int, width: int):
@@ -105,16 +103,15 @@ def inversion_of(model, p: RealImage, s: Settings, prompt: str | None):
                          progress=s.progress, reg=p.regulariser(s.seed))
 
 
-def _over_time(model, s: Settings, height: int, width: int):
-    """(step_pixels, z_T, X0Recorder) for `over_time`, else (None, None, None)."""
+def over_time(model, seed: int, steps: int, height: int, width: int, map_res: int | None):
+    """What attention through time needs: (the per-step maps' pixels -- map_res rows, or the
+    coarsest down/up resolution --, z_T, an X0Recorder keeping each step's x̂₀)."""
     from .. import views
     from ..pipeline import X0Recorder, initial_noise
-    if not s.over_time:
-        return None, None, None
-    pixels = views.coarse_pixels(model, height, width) if s.map_res is None else \
-        s.map_res * round(s.map_res * width / height)
-    z_T = initial_noise(model, s.seed, height, width)
-    return pixels, z_T, X0Recorder(model, z_T, s.steps)
+    pixels = views.coarse_pixels(model, height, width) if map_res is None else \
+        map_res * round(map_res * width / height)
+    z_T = initial_noise(model, seed, height, width)
+    return pixels, z_T, X0Recorder(model, z_T, steps)
 
 
 def edit_prompts(model, prompts: list[str], p: RealImage, s: Settings, make_control) -> Result:
@@ -127,7 +124,8 @@ def edit_prompts(model, prompts: list[str], p: RealImage, s: Settings, make_cont
     height, width = check_size(model, s.height, s.width)
     common = dict(progress=s.progress, free_text_encoder=s.free_text_encoder)
     if s.image is None:                                              # from noise
-        step_pixels, z_T, x0 = _over_time(model, s, height, width)
+        step_pixels, z_T, x0 = over_time(model, s.seed, s.steps, height, width, s.map_res) \
+            if s.over_time else (None, None, None)
         control, store = make_control(model, prompts, s.steps, step_pixels, None)
         out = generate(model, prompts, s.seed, s.steps, s.guidance, height, width,
                        control=control, latents=z_T, callback=x0, sampler=s.sampler, **common)
