@@ -61,6 +61,15 @@ def float_arg(name):
     return parse
 
 
+def lora_arg(text):
+    """--lora FILE[:SCALE] -> (FILE, SCALE); SCALE 1 when absent (a FILE with a colon in its
+    name that exists is taken whole)."""
+    path, colon, scale = text.rpartition(":")
+    if not colon or os.path.exists(text):
+        return text, 1.0
+    return path, float_arg("the scale")(scale)
+
+
 def sampler_arg(text):
     from ..samplers import SAMPLERS
     if text not in SAMPLERS:
@@ -89,6 +98,10 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
     p.add_argument("--embedding", action="append", default=[], metavar="FILE.safetensors",
                    help="textual-inversion embedding: its token becomes usable in prompts "
                         "(repeatable)")
+    p.add_argument("--lora", type=lora_arg, action="append", default=[],
+                   metavar="FILE.safetensors[:SCALE]",
+                   help="LoRA (kohya or diffusers layout) merged into the UNet and text encoder "
+                        "weights at load, with SCALE (1) (repeatable)")
     p.add_argument("--seed", type=int_arg("--seed", 0, 2 ** 64 - 1), default=0,
                    help="noise seed, 0 … 2⁶⁴ − 1 (torch's generator) (default 0)")
     p.add_argument("--steps", type=int_arg("--steps"), default=50,
@@ -170,7 +183,8 @@ def load(args):
     return load_model(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
                       revision=args.revision, embeddings=args.embedding,
                       fast=not getattr(args, "explicit", False),     # --explicit: reference
-                      strict_length=getattr(args, "strict_length", False))
+                      strict_length=getattr(args, "strict_length", False),
+                      loras=getattr(args, "lora", ()))
 
 
 def preflight(args, model, images: int = 1, size=None, **kw) -> tuple[int, int]:

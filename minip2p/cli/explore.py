@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from .common import check_out_dir, int_arg, load
+from .common import check_out_dir, int_arg, load, lora_arg
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -50,6 +50,9 @@ def add_commands(sub):
     x.add_argument("--variant", default=None, help="prefer *.VARIANT.safetensors weights")
     x.add_argument("--embedding", action="append", default=[], metavar="FILE.safetensors",
                    help="textual-inversion embedding (repeatable)")
+    x.add_argument("--lora", type=lora_arg, action="append", default=[],
+                   metavar="FILE.safetensors[:SCALE]",
+                   help="LoRA merged into the weights at load, with SCALE (1) (repeatable)")
     x.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     x.add_argument("--device", default="cpu", help="cpu, cuda, mps … (cpu)")
     x.add_argument("--strict-length", action="store_true",

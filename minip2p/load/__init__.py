@@ -9,7 +9,7 @@
 
 SD 1.x and SD 2.x (v-prediction, OpenCLIP text encoder, linear projections) load the same way:
 their differences are all in the config.json files. Textual-inversion embeddings are added
-afterwards (embeddings.py).
+afterwards (embeddings.py), and LoRA files merged into the weights (lora.py).
 
 Our module names equal the diffusers keys, so each component needs at most a tiny mapping
 function (`_vae_keys`, `_text_keys`). Models are built on the meta device and the tensors are
@@ -104,11 +104,13 @@ def load_folder(folder, dtype=torch.float32, device="cpu", variant=None, name=No
 
 
 def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=None,
-               embeddings=(), fast: bool = True, strict_length: bool = False) -> Model:
+               embeddings=(), fast: bool = True, strict_length: bool = False,
+               loras=()) -> Model:
     """`spec`: a folder, a .safetensors single file, or a Hub repo id (None: the shipped model).
 
     `variant` ("fp16"): prefer `*.<variant>.safetensors` files; `revision`: a branch, tag or
-    commit of a Hub repo; `embeddings`: textual-inversion .safetensors files to add.
+    commit of a Hub repo; `embeddings`: textual-inversion .safetensors files to add;
+    `loras`: LoRA .safetensors files to merge, each a path or (path, scale) (lora.py).
     `fast`: install the fast path (minip2p/fast/: fused attention wherever no controller reads
     the maps, kernels picked by measurement); False: the reference path, every M formed.
     `strict_length`: a prompt longer than the text encoder's 77 tokens is an error (default: a
@@ -158,6 +160,9 @@ def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=Non
     if embeddings:
         from .embeddings import add_embeddings
         add_embeddings(model, embeddings)
+    for lora in loras:
+        from .lora import add_lora
+        add_lora(model, *((lora,) if isinstance(lora, (str, Path)) else lora))
     if fast:
         from ..fast import install
         install(model)

@@ -8,7 +8,7 @@ there: Hub downloads go to huggingface_hub's own cache (see hub.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,7 +34,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass
 class Model:
     """Everything a pipeline needs. `text_encoder` may be freed (set to None) after encoding.
-    `fast`: the fast path is installed (minip2p/fast/: `install`, `uninstall`)."""
+    `fast`: the fast path is installed (minip2p/fast/: `install`, `uninstall`).
+    `loras`: the LoRA files merged into the weights, in order (lora.py: `add_lora`,
+    `remove_lora`, `clear_loras`)."""
     tokenizer: ClipTokenizer
     text_encoder: CLIPTextModel | None
     unet: UNet2DConditionModel
@@ -42,6 +44,7 @@ class Model:
     scheduler: DDIM
     name: str
     fast: bool = False
+    loras: list = field(default_factory=list)     # the merged LoRA files (lora.py's `Lora`)
 
     @property
     def dtype(self):
