@@ -47,6 +47,8 @@ def model_options(out=None):
             "--variant": st.sampled_from(["fp16", "", "../x", "v"]),
             "--revision": st.sampled_from(["main", ""]),
             "--embedding": st.sampled_from(PATHS),
+            "--lora": st.sampled_from(PATHS + ["@afile:0.5", "@nowhere/x:nan", "@afile:x", ":",
+                                               "@afile:", "@afile:inf"]),
             "--sampler": st.sampled_from(["ddim", "euler-a", "dpm++", "dpm++", "", "euler", "DDIM",
                                           "dpm"]),
             "--explicit": st.just(None), "--free-text-encoder": st.just(None)}
@@ -204,8 +206,8 @@ PAIRS = command("pairs", [st.sampled_from(
 BAD_PORTS = ["-1", "", "x", "1.5", "65536", "70000", "9" * 30, "nan"]
 BAD_HOSTS = ["999.1.1.1", "10.255.255.1", "a b", "::1", "0.0.0.0.0"]   # no name to look up
 EXPLORE_OPTIONS = {k: v for k, v in model_options().items()
-                   if k in ("--model", "--revision", "--variant", "--embedding", "--dtype",
-                            "--device")}
+                   if k in ("--model", "--revision", "--variant", "--embedding", "--lora",
+                            "--dtype", "--device")}
 EXPLORE_OPTIONS.update({"--out-dir": st.sampled_from(["@out/x", "@afile", "@afile/sub", ""]),
                         "--verbose": st.just(None)})
 EXPLORE = st.one_of(

@@ -7,8 +7,8 @@ optionally α. Merged with the user's scale s:
     W' = W + s · (α / r) · B A            (α absent: α = r)
 
 A conv LoRA (kohya's LoCon) has A a k × k conv and B a 1 × 1 conv, so B A is B (out, r) times A
-read as (r, in·k·k), reshaped to W's (out, in, k, k). ΔW is formed in fp32, and W' cast back to
-W's dtype. Merging once costs nothing at each step afterwards (unlike a LoRA run beside W).
+read as (r, in·k·k), reshaped to W's (out, in, k, k). W' is formed in fp32 and cast back to W's
+dtype. Merging once costs nothing at each step afterwards (unlike a LoRA run beside W).
 
 Layouts (safetensors only; a pickle is refused: unpickling runs code). Every key is renamed to
 our module names -- which equal the diffusers checkpoint keys -- in `_layer`, the one place:
@@ -28,7 +28,7 @@ another base model), a down without its up: each is a one-line error naming the 
 before any weight is changed. DoRA and LyCORIS' LoHa/LoKr are refused by name.
 
 Unmerging: a merged file keeps its factors (small: r·(in + out) per layer), so `remove_lora`
-recomputes the same fp32 ΔW and subtracts it; several files can be merged and removed in any
+subtracts the same fp32 ΔW again; several files can be merged and removed in any
 order. In fp32, W + ΔW − ΔW equals W to the rounding of one addition. In fp16/bf16 each merge
 and each removal rounds W' to that precision, so a removed LoRA leaves W within a rounding of
 its original values (relative ~1e-3 in fp16), not equal: reload the model for the exact weights.
@@ -73,10 +73,14 @@ class Factors:
     up: torch.Tensor                         # B: (out, r) or (out, r, 1, 1), fp32
     gain: float
 
-    def delta(self, like: torch.Tensor) -> torch.Tensor:
-        """ΔW in fp32 on `like`'s device, in `like`'s shape."""
-        up, down = (t.to(like.device, torch.float32).flatten(1) for t in (self.up, self.down))
-        return (self.gain * (up @ down)).reshape(like.shape)
+    def merge(self, w: torch.Tensor, sign: int = 1):
+        """W ← W + sign · gain · B A, in place, formed in fp32 (`sign` −1: take it out again).
+        W is read as (out, in·k·k); in fp32 the update is one fused addmm, with no ΔW kept."""
+        up, down = (t.to(w.device, torch.float32).flatten(1) for t in (self.up, self.down))
+        w32 = w.float().contiguous()                         # w itself when fp32 and contiguous
+        w32.view(w.shape[0], -1).addmm_(up, down, alpha=sign * self.gain)
+        if w32.data_ptr() != w.data_ptr():
+            w.copy_(w32)
 
 
 @dataclass
@@ -167,6 +171,8 @@ def read_lora(path, model, scale: float = 1.0) -> Lora:
     if path.suffix in PICKLE_SUFFIXES:
         raise MinipError(f"{path.name}: pickled LoRA files are refused (unpickling runs code); "
                          "use a .safetensors file")
+    if path.is_dir():
+        raise MinipError(f"LoRA '{path}' is a folder; give the LoRA's .safetensors file")
     if not path.is_file():
         raise MinipError(f"LoRA file '{path}' not found")
     if not math.isfinite(scale):
@@ -225,8 +231,7 @@ def _apply(model, lora: Lora, sign: int):
     with torch.no_grad():
         for key, factors in lora.layers.items():
             if key in targets:                # a freed text encoder has nothing to take back
-                w = targets[key].weight
-                w.copy_((w.float() + sign * factors.delta(w)).to(w.dtype))
+                factors.merge(targets[key].weight, sign)
 
 
 def add_lora(model, path, scale: float = 1.0) -> Lora:
