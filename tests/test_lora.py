@@ -113,13 +113,13 @@ def test_weights_equal_diffusers_fuse_lora_linear_projections(small_ckpt, tmp_pa
     model = load_model(folder)
     metadata = None
     if layout == "peft-metadata":
-        config = dict(r=3, lora_alpha=6.0, alpha_pattern={"to_k": 2.0, "fc1": 5.0})
-        metadata = {f"{part}.{k}": v for part in ("unet", "text_encoder")
-                    for k, v in config.items()}
-        targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0"],      # diffusers' train_text_to_image_lora
+        # the layers diffusers' train_text_to_image_lora targets; α = 6, but 2 on to_k / 5 on k_proj
+        targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0"],
                    "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
-        for part in targets:
-            metadata[f"{part}.target_modules"] = targets[part]
+        metadata = {}
+        for part, pattern in (("unet", {"to_k": 2.0}), ("text_encoder", {"k_proj": 5.0})):
+            config = dict(r=3, lora_alpha=6.0, alpha_pattern=pattern, target_modules=targets[part])
+            metadata.update({f"{part}.{k}": v for k, v in config.items()})
     lora = random_lora(model, tmp_path / "l.safetensors", layout.split("-")[0], seed=1,
                        alpha=None if metadata else 2.5, metadata=metadata)
     if metadata:                                       # r = 3 everywhere, as the config says
@@ -177,6 +177,27 @@ def test_remove_restores_the_weights_and_switches(small_ckpt, tmp_path):
     assert d <= 1e-6
     with pytest.raises(MinipError, match="is not merged into this model"):
         remove_lora(model, a)
+
+
+def test_half_precision_merges_in_fp32_and_rounds_once(small_ckpt, tmp_path):
+    """bf16 weights: W' = bf16(W + ΔW) with ΔW formed in fp32; removing it leaves W within a
+    rounding of its original (not equal: the documented half-precision caveat)."""
+    _, folder = small_ckpt
+    path = random_lora(load_model(folder), tmp_path / "a.safetensors")
+    exact = snapshot(load_model(folder, dtype="fp32", loras=[(path, 0.9)]))
+    model = load_model(folder, dtype="bf16")
+    before = snapshot(model)
+    add_lora(model, path, 0.9)
+    ulp = 2 ** -7                                                     # bf16: 8 significant bits
+    for k, v in snapshot(model).items():
+        assert v.dtype == torch.bfloat16
+        w = before[k].float()                   # two roundings: of W, then of W + ΔW
+        assert (v.float() - exact[k]).abs().le(ulp * (w.abs() + exact[k].abs())).all(), k
+    merged = snapshot(model)
+    clear_loras(model)
+    for k, v in snapshot(model).items():         # two roundings: of W + ΔW, then of W' − ΔW
+        bound = ulp * (merged[k].float().abs() + before[k].float().abs())
+        assert (v.float() - before[k].float()).abs().le(bound).all(), k
 
 
 def test_merging_under_the_installed_fast_path(small_ckpt, tmp_path):
@@ -260,3 +281,5 @@ def test_cli_lora(toy, sd_model, tmp_path, capsys):
                          "a LoRA for another base model")]:
         one_line(capsys, run + ["--out", out, "--lora", arg], needle)
         assert not out.exists()
+    one_line(capsys, ["explore", "--port", "0", "--lora", tmp_path / "missing.safetensors"],
+             "not found")                             # the explorer's model options too

@@ -1,9 +1,9 @@
 """What a LoRA costs at load: `load_model` of a folder without and with one LoRA file, and
-merging / removing it on the loaded model (minip2p/load/lora.py), rounds alternated so a noisy
-machine slows both alike. The LoRA is random, written as kohya's sd-scripts writes a plain LoRA
-for SD 1.x (fp16 factors, rank `--rank`, α = rank/2) over the layers it targets by default: the
-UNet's spatial transformers (proj_in/out, attention, feed-forward) and the text encoder's
-attention and MLP; `--conv` adds LoCon's 3×3 factors on the resnets' convs too.
+merging, removing and merging it again on the loaded model (minip2p/load/lora.py), rounds
+alternated so a noisy machine slows all alike. The LoRA is random, written as kohya's sd-scripts
+writes a plain LoRA for SD 1.x (fp16 factors, rank `--rank`, α = rank/2) over the layers it
+targets by default: the UNet's spatial transformers (proj_in/out, attention, feed-forward) and
+the text encoder's attention and MLP; `--conv` adds LoCon's factors on the resnets' convs too.
 
     python -m tools.bench_lora --model SD15_FOLDER --rank 16 --rounds 3
 """
@@ -61,7 +61,8 @@ def main(argv=None):
     lora = OUT / f"bench_lora_r{args.rank}{'_conv' if args.conv else ''}.safetensors"
     model = load_model(args.model, fast=False)
     n = write_lora(model, lora, args.rank, args.conv)
-    times = {"load": [], "load + LoRA": [], "add_lora": [], "remove_lora": []}
+    times = {"load": [], "load + LoRA": [], "add_lora": [], "remove_lora": [],
+             "add_lora again": []}
     for _ in range(args.rounds):
         del model
         gc.collect()
@@ -74,6 +75,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         remove_lora(model, lora)
         times["remove_lora"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()                  # the weights were written once already
+        add_lora(model, lora)
+        times["add_lora again"].append(time.perf_counter() - t0)
         del model
         gc.collect()
         t0 = time.perf_counter()

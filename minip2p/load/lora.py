@@ -62,7 +62,8 @@ OLD = {"unet": [(r"\.processor\.", "."), (r"\.to_(q|k|v)_lora\.", r".to_\1.lora.
 OLD_ROLES = [(r"\.(lora_linear_layer|lora)\.down\.weight$", ".lora_A.weight"),
              (r"\.(lora_linear_layer|lora)\.up\.weight$", ".lora_B.weight")]
 UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_": "LyCORIS LoHa",
-               "lokr_": "LyCORIS LoKr", "lora_te2_": "SDXL's second text encoder",
+               "lokr_": "LyCORIS LoKr", "lora_mid": "LoCon's Tucker form",
+               "lora_te2_": "SDXL's second text encoder",
                "text_encoder_2.": "SDXL's second text encoder"}
 
 
@@ -110,9 +111,10 @@ def _unsupported(key: str):
     return None
 
 
-def _layer(key: str, kohya: dict[str, tuple[str, str]]) -> tuple[tuple[str, str], str] | None:
+def _layer(key: str, kohya: dict[tuple[str, str], str]) -> tuple[tuple[str, str], str] | None:
     """A file's key -> ((part, module name), role ∈ down/up/alpha); None if it names no layer.
-    The only place where LoRA names are translated into ours."""
+    The only place where LoRA names are translated into ours; `kohya`: (part, module name with
+    "_" for ".") -> module name, for this model's layers."""
     if key.startswith("lora_"):                                   # kohya: <stem>.<role>
         stem, _, role = key.partition(".")
         for prefix, part in KOHYA.items():
