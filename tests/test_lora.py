@@ -72,13 +72,14 @@ def fused_reference(pipe, path, scale):
 
 
 def weights_diff(model, pipe) -> float:
-    """max|Δ| over every UNet and text-encoder tensor."""
+    """max|Δ| over every UNet and text-encoder tensor (transformers 5 names the text encoder's
+    tensors without our leading 'text_model.')."""
     worst = 0.0
     for part in ("unet", "text_encoder"):
         ref = getattr(pipe, part).state_dict()
         for k, v in getattr(model, part).state_dict().items():
-            if k in ref:
-                worst = max(worst, maxdiff(v, ref[k]))
+            k = k if k in ref else k.removeprefix("text_model.")
+            worst = max(worst, maxdiff(v, ref[k]))
     return worst
 
 
@@ -113,12 +114,14 @@ def test_weights_equal_diffusers_fuse_lora_linear_projections(small_ckpt, tmp_pa
     model = load_model(folder)
     metadata = None
     if layout == "peft-metadata":
-        # the layers diffusers' train_text_to_image_lora targets; α = 6, but 2 on to_k / 5 on k_proj
+        # the layers diffusers' train_text_to_image_lora targets; α 6, but 2 on to_k, 5 on k_proj
         targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0"],
                    "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
         metadata = {}
-        for part, pattern in (("unet", {"to_k": 2.0}), ("text_encoder", {"k_proj": 5.0})):
-            config = dict(r=3, lora_alpha=6.0, alpha_pattern=pattern, target_modules=targets[part])
+        for part, pattern, rs in (("unet", {"to_k": 2.0}, False),
+                                  ("text_encoder", {"k_proj": 5.0}, True)):   # rsLoRA: α/√r
+            config = dict(r=3, lora_alpha=6.0, alpha_pattern=pattern, use_rslora=rs,
+                          target_modules=targets[part])
             metadata.update({f"{part}.{k}": v for k, v in config.items()})
     lora = random_lora(model, tmp_path / "l.safetensors", layout.split("-")[0], seed=1,
                        alpha=None if metadata else 2.5, metadata=metadata)
@@ -140,8 +143,8 @@ def test_weights_equal_diffusers_fuse_lora_linear_projections(small_ckpt, tmp_pa
 
 def test_each_layer_takes_its_own_alpha(small_ckpt, tmp_path):
     """W' = W + s·(α/r)·B A with each layer's α and r (kohya's rule), checked by hand on a
-    linear, a 3×3 conv and a 1×1 conv layer. (diffusers 0.42 gives the attention layers of a
-    kohya file whose α differ the most common α instead: its α names for them do not match.)"""
+    linear, a 3×3 conv and a 1×1 conv layer. (diffusers 0.42 gives the UNet's attention layers
+    of a kohya file whose α differ the most common α instead: tools/README.md, LoRA.)"""
     _, folder = small_ckpt
     model = load_model(folder)
     before = snapshot(model)

@@ -30,8 +30,12 @@ before any weight is changed. DoRA and LyCORIS' LoHa/LoKr are refused by name.
 Unmerging: a merged file keeps its factors (small: r·(in + out) per layer), so `remove_lora`
 subtracts the same fp32 ΔW again; several files can be merged and removed in any
 order. In fp32, W + ΔW − ΔW equals W to the rounding of one addition. In fp16/bf16 each merge
-and each removal rounds W' to that precision, so a removed LoRA leaves W within a rounding of
-its original values (relative ~1e-3 in fp16), not equal: reload the model for the exact weights.
+and each removal rounds W' to that precision, so a removed LoRA leaves W within two roundings
+of its original values, not equal to them: reload the model for the exact weights.
+
+Deliberate difference from diffusers: a kohya file whose α differ from layer to layer gives each
+layer its own α (kohya's rule); diffusers 0.42 gives the UNet's attention layers the file's most
+common α. With one α in the file, as kohya writes by default, the two agree.
 
 The fast path (minip2p/fast/) shares the modules' parameters and packs nothing, so merging in
 place is seen by it at the next call; nothing needs reinstalling.
@@ -159,7 +163,7 @@ def _peft_alpha(config: dict, name: str, r: int) -> float:
         if re.match(rf"(.*\.)?({pattern})$", name):
             alpha = value
             break
-    return alpha * math.sqrt(r) / r if config.get("use_rslora") else alpha
+    return alpha * math.sqrt(r) if config.get("use_rslora") else alpha    # rsLoRA: gain α/√r
 
 
 def _kernel(t: torch.Tensor) -> tuple:
