@@ -143,8 +143,8 @@ def test_weights_equal_diffusers_fuse_lora_linear_projections(small_ckpt, tmp_pa
 
 def test_each_layer_takes_its_own_alpha(small_ckpt, tmp_path):
     """W' = W + s·(α/r)·B A with each layer's α and r (kohya's rule), checked by hand on a
-    linear, a 3×3 conv and a 1×1 conv layer. (diffusers 0.42 gives the UNet's attention layers
-    of a kohya file whose α differ the most common α instead: tools/README.md, LoRA.)"""
+    linear, a 3×3 conv and a 1×1 conv layer. (diffusers 0.42 gives some layers of a kohya file
+    whose α differ the file's most common α instead: tools/README.md, LoRA.)"""
     _, folder = small_ckpt
     model = load_model(folder)
     before = snapshot(model)

@@ -34,8 +34,9 @@ and each removal rounds W' to that precision, so a removed LoRA leaves W within 
 of its original values, not equal to them: reload the model for the exact weights.
 
 Deliberate difference from diffusers: a kohya file whose α differ from layer to layer gives each
-layer its own α (kohya's rule); diffusers 0.42 gives the UNet's attention layers the file's most
-common α. With one α in the file, as kohya writes by default, the two agree.
+layer its own α (kohya's rule); diffusers 0.42 gives the UNet's attention layers and the text
+encoder's layers the file's most common α. With one α in the file, as kohya writes by default,
+the two agree.
 
 The fast path (minip2p/fast/) shares the modules' parameters and packs nothing, so merging in
 place is seen by it at the next call; nothing needs reinstalling.
