@@ -235,6 +235,9 @@ def test_bad_files_are_one_line_errors(small_ckpt, sd_ckpt, tmp_path):
     cases["no-up"] = ({k: v for k, v in state.items() if k != up},
                       "'lora_unet_conv_in.lora_down.weight' has no up factor")
     cases["dora"] = ({**state, "lora_unet_conv_in.dora_scale": torch.ones(1)}, "DoRA")
+    down = "lora_unet_conv_in.lora_down.weight"
+    cases["nan"] = ({**state, down: state[down] * float("nan")}, "are not all finite")
+    cases["alpha"] = ({**state, "lora_unet_conv_in.alpha": torch.ones(2)}, "α is one number")
     cases["sdxl"] = ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight":
                       torch.zeros(2, 4)}, "SDXL's second text encoder")
     for name, (content, needle) in cases.items():

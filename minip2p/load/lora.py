@@ -59,7 +59,8 @@ PARTS = ("unet", "text_encoder")
 KOHYA = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 PEFT_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "alpha": "alpha"}
-# older diffusers names -> PEFT names, per part (diffusers' UNET_TO_DIFFUSERS, DIFFUSERS_OLD_TO_PEFT)
+# older diffusers names -> PEFT names, per part (as diffusers' UNET_TO_DIFFUSERS and
+# DIFFUSERS_OLD_TO_PEFT tables)
 OLD = {"unet": [(r"\.processor\.", "."), (r"\.to_(q|k|v)_lora\.", r".to_\1.lora."),
                 (r"\.to_out_lora\.", ".to_out.0.lora.")],
        "text_encoder": [(r"\.to_(q|k|v)_lora\.", r".\1_proj.lora."),
@@ -182,6 +183,10 @@ def read_lora(path, model, scale: float = 1.0) -> Lora:
         raise MinipError(f"LoRA '{path}' is a folder; give the LoRA's .safetensors file")
     if not path.is_file():
         raise MinipError(f"LoRA file '{path}' not found")
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise MinipError(f"LoRA '{path}': scale {scale!r} is not a number") from None
     if not math.isfinite(scale):
         raise MinipError(f"LoRA '{path}': scale {scale} is not a finite number")
     try:
@@ -217,20 +222,26 @@ def read_lora(path, model, scale: float = 1.0) -> Lora:
         (kd, down), (ku, up) = g["down"], g["up"]
         w = targets[part, name].weight
         r = down.shape[0]
-        if not (down.dim() in (2, 4) and up.dim() in (2, 4) and down.shape[1] == w.shape[1]
-                and _kernel(down) == _kernel(w) and _kernel(up) == (1, 1)
-                and tuple(up.shape[:2]) == (w.shape[0], r)):
+        if not (r > 0 and down.dim() in (2, 4) and up.dim() in (2, 4)
+                and down.shape[1] == w.shape[1] and _kernel(down) == _kernel(w)
+                and _kernel(up) == (1, 1) and tuple(up.shape[:2]) == (w.shape[0], r)):
             raise MinipError(f"'{path}': '{kd}' {tuple(down.shape)} with '{ku}' "
                              f"{tuple(up.shape)} does not fit {part} layer {name} "
                              f"{tuple(w.shape)}: a LoRA for another base model?")
         if "alpha" in g:
-            alpha = float(g["alpha"][1].float().reshape(-1)[0])
+            if g["alpha"][1].numel() != 1:
+                raise MinipError(f"'{path}': '{g['alpha'][0]}' holds {g['alpha'][1].numel()} "
+                                 "numbers; α is one number")
+            alpha = float(g["alpha"][1].float().reshape(()))
         elif part in config:
             alpha = _peft_alpha(config[part], name, r)
         else:
             alpha = r
-        merged[part, name] = Factors(down.float(), up.float(), scale * alpha / r)
-    return Lora(str(path), float(scale), merged)
+        down, up, gain = down.float(), up.float(), scale * alpha / r
+        if not (math.isfinite(gain) and down.isfinite().all() and up.isfinite().all()):
+            raise MinipError(f"'{path}': the factors or α of '{kd}' are not all finite numbers")
+        merged[part, name] = Factors(down, up, gain)
+    return Lora(str(path), scale, merged)
 
 
 def _apply(model, lora: Lora, sign: int):
