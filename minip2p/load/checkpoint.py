@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,7 +35,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass
 class Model:
     """Everything a pipeline needs. `text_encoder` may be freed (set to None) after encoding.
-    `fast`: the fast path is installed (minip2p/fast/: `install`, `uninstall`)."""
+    `fast`: the fast path is installed (minip2p/fast/: `install`, `uninstall`).
+    `conditioning`: ControlNets taking part in every UNet call (conditioning.conditioned)."""
     tokenizer: ClipTokenizer
     text_encoder: CLIPTextModel | None
     unet: UNet2DConditionModel
@@ -42,6 +44,7 @@ class Model:
     scheduler: DDIM
     name: str
     fast: bool = False
+    conditioning: Any = None
 
     @property
     def dtype(self):
