@@ -187,3 +187,28 @@ def load_controlnet(spec, dtype="fp32", device="cpu", variant=None, revision=Non
         from ..fast import install
         install(net)
     return net
+
+
+def config_dict(cfg: ControlNetConfig) -> dict:
+    """A ControlNetConfig as diffusers writes a ControlNet's config.json."""
+    from dataclasses import asdict
+    own = asdict(cfg)
+    unet = own.pop("unet")
+    for k in ("out_channels", "up_block_types", "sample_size"):
+        unet.pop(k, None)
+    return {"_class_name": "ControlNetModel", **unet, **own}
+
+
+def save_controlnet(net: ControlNet, folder) -> Path:
+    """Write `net` in the diffusers layout (config.json + diffusion_pytorch_model.safetensors),
+    which load_controlnet reads back. The weights file is written last (a folder without it is
+    refused as incomplete)."""
+    import json
+
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_dict(net.cfg), indent=2) + "\n")
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(folder / f"{STEM}.safetensors"))
+    return folder

@@ -1,0 +1,241 @@
+"""ControlNet: parity with diffusers' ControlNetModel + StableDiffusionControlNetPipeline on tiny
+random-weight models (DDIM, the same z_T): one net, two nets (MultiControlNet), guess mode, a
+window; the original single-file layout loads to the same net; strict, one-line refusals; and the
+nets compose with the editing methods (P2P, MasaCtrl) on the toy and an SD-1.5-shaped model."""
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from helpers import _jitter, maxdiff
+from minip2p import MinipError, methods
+from minip2p.conditioning import Control, conditioned, guess_scales
+from minip2p.load.controlnet import load_controlnet, save_controlnet
+from minip2p.model.controlnet import ControlNet
+from minip2p.pipeline import decode, generate, initial_noise
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS, SIZE, PROMPT = 4, 64, "a red circle"
+
+
+def hint_image(seed: int, size: int = SIZE) -> Image.Image:
+    """A hint with structure (blocky random colours: survives resizing) as a PIL image."""
+    rng = np.random.default_rng(seed)
+    small = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.NEAREST)
+
+
+@pytest.fixture(scope="module")
+def nets(sd_ckpt, tmp_path_factory):
+    """Two random diffusers ControlNets for the "sd" geometry, saved in the diffusers layout."""
+    from diffusers import ControlNetModel
+    pipe, _ = sd_ckpt
+    out = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        cn = ControlNetModel.from_unet(pipe.unet)
+        _jitter(cn, 10 + seed)
+        folder = tmp_path_factory.mktemp(f"cn{seed}")
+        cn.save_pretrained(str(folder), safe_serialization=True)
+        out.append((cn, folder))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(sd_ckpt, nets):
+    from diffusers import MultiControlNetModel, StableDiffusionControlNetPipeline
+    pipe, _ = sd_ckpt
+    parts = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+
+    def run(which, z, **kw):
+        cn = nets[which[0]][0] if len(which) == 1 else \
+            MultiControlNetModel([nets[i][0] for i in which])
+        ref = StableDiffusionControlNetPipeline(**parts, controlnet=cn)
+        ref.set_progress_bar_config(disable=True)
+        lat = ref(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=7.5,
+                  latents=z.clone(), output_type="latent", **kw).images
+        img = (pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        return lat, img
+    return run
+
+
+def ours(model, controls):
+    z = generate(conditioned(model, controls), [PROMPT], seed=0, steps=STEPS, guidance=7.5,
+                 height=SIZE, width=SIZE, progress=False, return_latents=True)
+    return z, decode(model, z)
+
+
+@pytest.mark.parametrize("case", ["one", "two", "window"])
+def test_parity_with_diffusers(sd_model, nets, reference, case):
+    h1, h2 = hint_image(0), hint_image(1)
+    net = [load_controlnet(f, base=sd_model) for _, f in nets]
+    z = initial_noise(sd_model, 0, SIZE, SIZE)
+    with torch.no_grad():
+        if case == "one":
+            ref = reference([0], z, image=h1, controlnet_conditioning_scale=0.8)
+            mine = ours(sd_model, [Control(net[0], h1, 0.8)])
+        elif case == "two":
+            ref = reference([0, 1], z, image=[h1, h2], controlnet_conditioning_scale=[0.8, 0.5],
+                            control_guidance_start=[0.0, 0.25], control_guidance_end=[1.0, 0.75])
+            mine = ours(sd_model, [Control(net[0], h1, 0.8), Control(net[1], h2, 0.5,
+                                                                    window=(0.25, 0.75))])
+        else:
+            ref = reference([1], z, image=h2, control_guidance_start=0.5)
+            mine = ours(sd_model, [Control(net[1], h2, window=(0.5, 1.0))])
+        plain = ours(sd_model, [])
+    assert maxdiff(mine[0], ref[0]) <= 1e-4
+    assert maxdiff(mine[1], ref[1]) <= 2 / 255
+    assert maxdiff(plain[0], ref[0]) > 1e-2                    # the nets do change the result
+
+
+def test_guess_mode_official_scales_vs_diffusers_logspace(sd_model, nets, reference,
+                                                           monkeypatch):
+    """Guess mode: control on the conditional rows only. Our scales are the official
+    0.825^(12−i); diffusers' logspace(−1, 0, 13) = 10^(−(12−i)/12) ≈ 0.8254^(12−i): at most
+    0.6 % apart, so the latents differ a little; with diffusers' scales made ours, they agree."""
+    ours13 = torch.tensor(guess_scales(13, 1.0))
+    theirs = torch.logspace(-1, 0, 13)
+    assert ((ours13 / theirs - 1).abs().max() <= 0.006).item()
+    h1 = hint_image(0)
+    net = load_controlnet(nets[0][1], base=sd_model)
+    z = initial_noise(sd_model, 0, SIZE, SIZE)
+    with torch.no_grad():
+        mine = ours(sd_model, [Control(net, h1, 0.9, guess=True)])
+        ref = reference([0], z, image=h1, controlnet_conditioning_scale=0.9, guess_mode=True)
+        assert 1e-4 < maxdiff(mine[0], ref[0]) <= 2e-3 * ref[0].abs().max()
+        logspace = torch.logspace
+        monkeypatch.setattr(torch, "logspace", lambda a, b, n, **kw: torch.tensor(
+            guess_scales(n, 1.0), device=kw.get("device")) if (a, b) == (-1, 0)
+            else logspace(a, b, n, **kw))
+        same = reference([0], z, image=h1, controlnet_conditioning_scale=0.9, guess_mode=True)
+    assert maxdiff(mine[0], same[0]) <= 1e-4 and maxdiff(mine[1], same[1]) <= 2 / 255
+
+
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+          "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def to_original(state: dict, L: int = 2, prefix: str = "control_model.") -> dict:
+    """diffusers ControlNet keys -> the original (cldm) keys: the converter's inverse, written
+    here independently of minip2p's table."""
+    out = {}
+    for k, v in state.items():
+        m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(\w+)(\..+)", k)
+        d = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", k)
+        r = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(\w+)(\..+)", k)
+        h = re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.(\w+)", k)
+        z = re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(\w+)", k)
+        if m:
+            b, kind, j, first, rest = m.groups()
+            i = 1 + int(b) * (L + 1) + int(j)
+            key = f"input_blocks.{i}.0.{RESNET[first]}{rest}" if kind == "resnets" else \
+                f"input_blocks.{i}.1.{first}{rest}"
+        elif d:
+            key = f"input_blocks.{1 + int(d.group(1)) * (L + 1) + L}.0.op.{d.group(2)}"
+        elif r:
+            kind, j, first, rest = r.groups()
+            key = f"middle_block.{2 * int(j)}.{RESNET[first]}{rest}" if kind == "resnets" else \
+                f"middle_block.1.{first}{rest}"
+        elif h:
+            key = f"input_hint_block.{2 * int(h.group(1)) + 2}.{h.group(2)}"
+        elif z:
+            key = f"zero_convs.{z.group(1)}.0.{z.group(2)}"
+        else:
+            key = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2":
+                   "time_embed.2", "conv_in": "input_blocks.0.0",
+                   "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+                   "controlnet_cond_embedding.conv_out": "input_hint_block.14",
+                   "controlnet_mid_block": "middle_block_out.0"}[k.rsplit(".", 1)[0]] + \
+                "." + k.rsplit(".", 1)[1]
+        out[prefix + key] = v.contiguous()
+    return out
+
+
+def test_original_layout_loads_to_the_same_net(sd_model, nets, tmp_path):
+    cn, folder = nets[0]
+    mine = load_controlnet(folder, base=sd_model)
+    state = cn.state_dict()
+    for prefix in ("control_model.", ""):
+        orig = to_original(state, prefix=prefix)
+        assert "control_model.zero_convs.0.0.weight" in orig or "zero_convs.0.0.weight" in orig
+        if prefix:                                   # v1.0 files bundle the whole SD model
+            orig["model.diffusion_model.out.2.bias"] = torch.zeros(4)
+        path = tmp_path / f"control{prefix or '-bare'}.safetensors"
+        save_file(orig, str(path))
+        other = load_controlnet(path, base=sd_model)
+        assert other.cfg.conditioning_embedding_out_channels == (16, 32, 96, 256)
+        a, b = mine.state_dict(), other.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    h = hint_image(3)
+    with torch.no_grad():
+        assert torch.equal(ours(sd_model, [Control(mine, h)])[0],
+                           ours(sd_model, [Control(other, h)])[0])
+
+
+def test_strict_loading_and_refusals(sd_model, small_ckpt, nets, tmp_path):
+    cn, folder = nets[0]
+    state = to_original(cn.state_dict())
+    broken = dict(state)
+    broken.pop("control_model.zero_convs.3.0.weight")
+    save_file(broken, str(tmp_path / "missing.safetensors"))
+    extra = {**state, "control_model.zero_convs.99.0.weight": torch.zeros(1)}
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    wrong = {**state, "control_model.middle_block_out.0.bias": torch.zeros(5)}
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    (tmp_path / "net.pth").write_bytes(b"pickle")
+    for name, needle in (("missing", "missing tensors: controlnet_down_blocks.3.weight"),
+                         ("extra", "unexpected tensors"), ("wrong", "wrong shape")):
+        with pytest.raises(MinipError, match=needle):
+            load_controlnet(tmp_path / f"{name}.safetensors", base=sd_model)
+    with pytest.raises(MinipError, match="pickle checkpoints are refused"):
+        load_controlnet(tmp_path / "net.pth")
+    from minip2p.load import load_model
+    small = load_model(small_ckpt[1])
+    with pytest.raises(MinipError, match="another base model"):
+        load_controlnet(folder, base=small)
+    net = load_controlnet(folder)
+    with pytest.raises(MinipError, match="another base model"):
+        conditioned(small, [Control(net, hint_image(0))])
+    for bad, needle in ((dict(scale=float("nan")), "finite"), (dict(window=(0.5, 0.5)), "window"),
+                        (dict(hint="no/such.png"), "not found"), (dict(hint=3), "an image"),
+                        (dict(hint=torch.rand(1, 4, 8, 8)), "channels")):
+        with pytest.raises(MinipError, match=needle):
+            conditioned(sd_model, [dict(dict(net=net, hint=hint_image(0)), **bad)])
+
+
+def toy_net(toy, seed: int = 0) -> ControlNet:
+    """A ControlNet for the toy model, its zero convs made non-zero (so it acts)."""
+    torch.manual_seed(seed)
+    net = ControlNet.from_unet(toy.unet, conditioning_embedding_out_channels=(8, 16, 32)).eval()
+    _jitter(net, seed)
+    return net.requires_grad_(False)
+
+
+@pytest.mark.parametrize("which", ["toy", "sd"])
+def test_edits_compose_with_controlnets(toy, sd_model, nets, which):
+    """P2P and MasaCtrl with one shared hint and with a hint per image: the source row is the
+    image `generate` makes with the same net and its hint; the net changes the edit."""
+    model = toy if which == "toy" else sd_model
+    net = toy_net(toy) if which == "toy" else load_controlnet(nets[0][1], base=sd_model)
+    size = 64
+    h1, h2 = hint_image(5, size), hint_image(6, size)
+    kw = dict(steps=3, seed=0, height=size, width=size)
+    for name, prompts in (("p2p", ["a big red square", "a big blue square"]),
+                          ("masactrl", ["a big red square", "a big red circle"])):
+        plain = methods.run(model, name, prompts, **kw).images
+        shared = methods.run(model, name, prompts, controls=[Control(net, h1)], **kw).images
+        rows = methods.run(model, name, prompts, controls=[Control(net, [h2, h1])], **kw).images
+        src = generate(conditioned(model, [Control(net, h2)]), [prompts[0]], progress=False,
+                       steps=3, seed=0, height=size, width=size)
+        assert np.abs(np.asarray(rows[0]).astype(int) - _pil(src)).max() <= 1   # saw hint 0
+        assert not np.array_equal(np.asarray(shared[1]), np.asarray(plain[1]))
+        assert not np.array_equal(np.asarray(shared[1]), np.asarray(rows[1])) or \
+            not np.array_equal(np.asarray(shared[0]), np.asarray(rows[0]))
+
+
+def _pil(images):
+    from minip2p.pipeline import to_pil
+    return np.asarray(to_pil(images)[0]).astype(int)
