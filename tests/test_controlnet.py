@@ -239,3 +239,57 @@ def test_edits_compose_with_controlnets(toy, sd_model, nets, which):
 def _pil(images):
     from minip2p.pipeline import to_pil
     return np.asarray(to_pil(images)[0]).astype(int)
+
+
+CASES = {
+    "p2p": (["a big red square", "a big blue square"], {}),
+    "masactrl": (["a big red square", "a big red circle"], {}),
+    "pnp": (["", "a big blue square"], dict(image="picture")),
+    "sdedit": (["a big blue square"], dict(image="picture", strength=0.7)),
+    "attend-excite": (["a red square and a blue circle"], dict(words=["square", "circle"])),
+    "pix2pix-zero": (["a big red square", "a big blue square"], dict(xa_guidance=0.05)),
+    "self-guidance": (["a big red square"], dict(move={"square": (0.8, 0.5)})),
+    "p2p-null-text": (["a big red square", "a big blue square"],
+                      dict(image="picture", inversion="null-text", inner_steps=2)),
+    "p2p-negative-prompt": (["a big red square", "a big blue square"],
+                            dict(image="picture", inversion="negative-prompt")),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_method_runs_with_two_controlnets(toy, case):
+    """Two nets at once (one in guess mode, one in a window): every method runs, and the nets
+    change its images."""
+    from helpers import picture
+    name = case.split("-null")[0].split("-negative")[0]
+    prompts, kw = CASES[case]
+    kw = {k: (picture() if v == "picture" else v) for k, v in kw.items()}
+    controls = [Control(toy_net(toy, 1), hint_image(7), 0.7, guess=True),
+                Control(toy_net(toy, 2), hint_image(8), 1.2, window=(0.0, 0.5))]
+    with_nets = methods.run(toy, name, prompts, steps=3, seed=0, controls=controls, **kw)
+    plain = methods.run(toy, name, prompts, steps=3, seed=0, **kw)
+    assert len(with_nets.images) == len(plain.images)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(with_nets.images, plain.images))
+
+
+@pytest.mark.slow
+def test_instruct_with_controlnets(ip2p_ckpt, sd_ckpt, nets):
+    """InstructPix2Pix with a ControlNet of its 8-channel UNet and with one of the base model's
+    (4 channels: it sees z_t alone)."""
+    from diffusers import ControlNetModel
+    from helpers import picture
+    from minip2p.load import load_model
+    model = load_model(ip2p_ckpt[1])
+    torch.manual_seed(3)
+    own = ControlNet.from_unet(model.unet)
+    _jitter(own, 3)
+    base = load_controlnet(nets[0][1], base=model)
+    kw = dict(image=picture(), steps=2, height=32, width=32, seed=0)
+    plain = np.asarray(methods.run(model, "instruct", ["make it blue"], **kw).images[0])
+    for net in (own, base):
+        r = methods.run(model, "instruct", ["make it blue"], controls=[Control(net, hint_image(
+            9, 32))], **kw)
+        assert not np.array_equal(np.asarray(r.images[0]), plain)
+    assert ControlNetModel is not None
