@@ -293,3 +293,61 @@ def test_instruct_with_controlnets(ip2p_ckpt, sd_ckpt, nets):
             9, 32))], **kw)
         assert not np.array_equal(np.asarray(r.images[0]), plain)
     assert ControlNetModel is not None
+
+
+@pytest.fixture(scope="module")
+def toy_files(toy, tmp_path_factory):
+    """A toy ControlNet in the diffusers layout, a photo and a ready hint, on disk."""
+    from helpers import picture
+    folder = save_controlnet(toy_net(toy, 4), tmp_path_factory.mktemp("toycn"))
+    photo = tmp_path_factory.mktemp("pics") / "photo.png"
+    picture(80).save(photo)
+    hint = photo.parent / "depth.png"
+    hint_image(11).save(hint)
+    return folder, photo, hint
+
+
+def test_cli_generate_and_edit_with_controlnets(toy_files, tmp_path, capsys):
+    from helpers import cli
+    net, photo, hint = toy_files
+    base = ["--steps", "2", "--quiet"]
+    rc, _, err = cli(capsys, "generate", "a red circle", *base, "--out", tmp_path / "plain.png")
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "generate", "a red circle", *base, "--controlnet", net, "--control",
+                     f"canny:{photo}", "--control-scale", "1.5", "--out", tmp_path / "cn.png")
+    assert rc == 0, err
+    a, b = (np.asarray(Image.open(tmp_path / f)) for f in ("plain.png", "cn.png"))
+    assert not np.array_equal(a, b)
+    rc, _, err = cli(capsys, "edit", "a red circle", "a blue circle", *base, "--controlnet", net,
+                     "--controlnet", net, "--control", f"canny:{photo}", "--control",
+                     f"hint:{hint}", "--guess-mode", "--control-window", "0,0.5",
+                     "--control-window", "0.5,1", "--out-dir", tmp_path / "edit")
+    assert rc == 0, err and (tmp_path / "edit" / "1.png").is_file()
+
+
+def test_cli_bad_control_input_is_one_line_and_writes_nothing(toy_files, sd_ckpt, tmp_path,
+                                                               capsys):
+    from helpers import one_line
+    net, photo, hint = toy_files
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "net.pth").write_bytes(b"pickle")
+    nets = tmp_path.parent                                     # any other folder: not a net
+    cases = [
+        (["--control", f"hint:{hint}"], "add --controlnet"),
+        (["--controlnet", net], "0 --control for 1 --controlnet"),
+        (["--controlnet", net, "--control", f"hint:{hint}", "--control", f"canny:{photo}"],
+         "more hints than nets"),
+        (["--controlnet", net, "--control", f"hint:{tmp_path / 'notes.png'}"], "not an image"),
+        (["--controlnet", net, "--control", f"edges:{photo}"], "canny:PHOTO or hint:IMAGE"),
+        (["--controlnet", net, "--control", f"hint:{hint}", "--control-scale", "inf"], "finite"),
+        (["--controlnet", net, "--control", f"hint:{hint}", "--control-window", "0.6,0.2"],
+         "START < END"),
+        (["--controlnet", tmp_path / "net.pth", "--control", f"hint:{hint}"], "pickle"),
+        (["--controlnet", nets, "--control", f"hint:{hint}"], "config"),
+        (["--model", sd_ckpt[1], "--controlnet", net, "--control", f"hint:{hint}"],
+         "another base model"),
+    ]
+    for extra, needle in cases:
+        one_line(capsys, ["generate", "a red circle", "--steps", "2", "--quiet", "--out",
+                          tmp_path / "out.png", *extra], needle)
+        assert not (tmp_path / "out.png").exists()
