@@ -351,3 +351,41 @@ def test_cli_bad_control_input_is_one_line_and_writes_nothing(toy_files, sd_ckpt
         one_line(capsys, ["generate", "a red circle", "--steps", "2", "--quiet", "--out",
                           tmp_path / "out.png", *extra], needle)
         assert not (tmp_path / "out.png").exists()
+
+
+def test_explorer_hint_upload(toy, tmp_path):
+    """The explorer with a ControlNet: the page is told so, a run with a hint picture changes the
+    images and shows the canny hint the net saw; a hint without a net, or not a picture, is a
+    one-line 400."""
+    import threading
+
+    from explore_client import PNG, data_url, request, submit, wait
+    from minip2p.explore.server import make_server
+    srv, ex = make_server(toy, "127.0.0.1", 0, tmp_path / "out", controlnets=[toy_net(toy, 4)])
+    plain_srv, plain_ex = make_server(toy, "127.0.0.1", 0, tmp_path / "out2")
+    for s in (srv, plain_srv):
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        server, plain = srv.server_address[:2], plain_srv.server_address[:2]
+        assert request(server, "GET", "/api/methods")[1]["controlnets"] == 1
+        body = dict(method="p2p", prompt="a big red circle", edits=["a big blue circle"], steps=2)
+        runs = []
+        for extra in ({}, dict(hint=PNG, hint_kind="canny", control_scale=1.5)):
+            status, job, _ = submit(server, **body, **extra)
+            assert status == 202, job
+            runs.append(wait(server, job["id"])["result"])
+        assert len(runs[1]["inputs"]) == 1 and not runs[0]["inputs"]      # the canny preview
+        edges = np.asarray(Image.open(ex.file(runs[1]["inputs"][0][len("/out/"):])))
+        assert set(np.unique(edges)) <= {0, 255} and edges.max() == 255
+        images = [np.asarray(Image.open(ex.file(r["images"][1][len("/out/"):]))) for r in runs]
+        assert not np.array_equal(*images)
+        for srv_, extra, needle in ((plain, dict(hint=PNG), "no ControlNet"),
+                                    (server, dict(hint=data_url(b"GIF89a")), "hint: image"),
+                                    (server, dict(hint=PNG, hint_kind="depth"), "hint_kind")):
+            status, answer, _ = submit(srv_, **body, **extra)
+            assert status == 400 and needle in answer["error"], answer
+    finally:
+        for s, e in ((srv, ex), (plain_srv, plain_ex)):
+            s.shutdown()
+            s.server_close()
+            e.close()

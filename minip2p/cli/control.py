@@ -100,19 +100,10 @@ def check_controls(args) -> int:
     return n
 
 
-def hint_of(kind: str, image, height: int, width: int) -> np.ndarray:
-    """The hint at the image size: uint8 H×W×3."""
-    from ..real.canny import canny, hwc3, resize
-    pic = np.asarray(image.convert("RGB"))
-    grow = height * width > pic.shape[0] * pic.shape[1]
-    pic = resize(pic, height, width, grow)
-    return hwc3(canny(pic, 100, 200)) if kind == "canny" else pic
-
-
 def attach(args, model, height: int | None = None, width: int | None = None):
     """The model with the command line's ControlNets (the model itself when there are none).
     Hints are made at height × width (default: the model's native size)."""
-    from ..conditioning import Control, conditioned
+    from ..conditioning import Control, conditioned, make_hint
     from ..load.controlnet import load_controlnet
     from ..pipeline import check_size
     n = check_controls(args)
@@ -127,7 +118,7 @@ def attach(args, model, height: int | None = None, width: int | None = None):
                                                   each(args.control_window, (0.0, 1.0))):
         net = load_controlnet(spec, dtype=args.dtype, device=args.device, base=model,
                               fast=not getattr(args, "explicit", False))
-        controls.append(Control(net, hint_of(kind, image, height, width), scale,
+        controls.append(Control(net, make_hint(kind, image, height, width), scale,
                                 args.guess_mode, window))
     try:
         return conditioned(model, controls)

@@ -81,6 +81,20 @@ def hint_tensor(hint, name: str = "controls") -> torch.Tensor:
     return hint.expand(-1, 3, -1, -1) if hint.shape[1] == 1 else hint
 
 
+def make_hint(kind: str, image, height: int, width: int) -> np.ndarray:
+    """A picture -> the hint at the image size, uint8 H×W×3: "canny", its Canny edges
+    (thresholds 100/200, real/canny.py) after resampling it to height × width as the official
+    annotator resamples (Lanczos up, area down); "hint", a ready hint (depth, pose, scribble)
+    resampled the same way."""
+    from ..real.canny import canny, hwc3, resize
+    if kind not in ("canny", "hint"):
+        raise ParameterError("controls", f"a hint is made by canny or given as is (hint), "
+                                         f"not {kind!r}")
+    pic = np.asarray(image.convert("RGB"))
+    pic = resize(pic, height, width, grow=height * width > pic.shape[0] * pic.shape[1])
+    return hwc3(canny(pic, 100, 200)) if kind == "canny" else pic
+
+
 @dataclass
 class Control:
     """One ControlNet in a run.

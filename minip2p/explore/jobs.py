@@ -65,7 +65,9 @@ def _look(model, r: Request):
     from ..control import AttentionStore
     from ..methods.base import Result
     from ..pipeline import X0Recorder, generate, initial_noise, to_pil
+    from ..conditioning import conditioned
     s = r.settings
+    model = conditioned(model, s.get("controls"))
     store = AttentionStore(1, step_pixels=views.coarse_pixels(model, s["height"], s["width"]))
     z_T = initial_noise(model, s["seed"], s["height"], s["width"])
     x0 = X0Recorder(model, z_T, s["steps"])
@@ -125,6 +127,11 @@ def run_job(model, job: Job, out_dir: Path):
         try:
             res = _look(model, r) if r.look else \
                 methods.run(model, r.method, r.prompts, **r.settings, **r.params)
+            if r.settings.get("controls"):                # the hint the nets saw (canny preview)
+                from PIL import Image
+                hint = r.settings["controls"][0].hint[0]             # (3, H, W) in [0, 1]
+                res.inputs = [*res.inputs, Image.fromarray(
+                    (hint.permute(1, 2, 0) * 255).round().byte().numpy())]
         finally:
             job.warnings = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
     with torch.no_grad():
@@ -156,8 +163,8 @@ def _result(model, job: Job, res, save) -> dict:
 class Explorer:
     """The jobs and the one worker thread that runs them in order."""
 
-    def __init__(self, model, out_dir: Path | None = None):
-        self.model = model
+    def __init__(self, model, out_dir: Path | None = None, controlnets=()):
+        self.model, self.controlnets = model, list(controlnets)
         self.temporary = out_dir is None
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="minip2p-explore-")).resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +186,7 @@ class Explorer:
             job.step = min(step + 1, job.request.steps)
 
     def submit(self, body: dict) -> Job:
-        request = check_request(self.model, body)
+        request = check_request(self.model, body, self.controlnets)
         with self.lock:
             if sum(j.state == "queued" for j in self.jobs.values()) >= MAX_QUEUE:
                 raise BadRequest(503, f"{MAX_QUEUE} jobs are waiting already; try again soon")
@@ -208,6 +215,7 @@ class Explorer:
                 job.state = "error"
             self.running = None
             job.request.settings.pop("image", None)          # the picture lives on as a file
+            job.request.settings.pop("controls", None)       # and the hint
             with self.lock:
                 self.finished.append(job.id)
                 self._forget_old()

@@ -238,8 +238,9 @@ def _params(body: dict, method: str) -> dict:
 
 # ------------------------------------------------------------------------ the request
 
-def check_request(model, body: dict) -> Request:
-    """A request body (parsed JSON) -> Request; every problem is one MinipError line."""
+def check_request(model, body: dict, controlnets=()) -> Request:
+    """A request body (parsed JSON) -> Request; every problem is one MinipError line.
+    `controlnets`: the explorer's ControlNets, which a `hint` picture conditions (`_controls`)."""
     from ..pipeline import check_size
     if not isinstance(body, dict):
         raise MinipError("the request must be a JSON object")
@@ -255,6 +256,7 @@ def check_request(model, body: dict) -> Request:
                     width=_number(body, "width", native, int, f, MAX_SIDE),
                     image=decode_picture(body.get("image")))
     check_size(model, settings["height"], settings["width"])
+    settings.update(_controls(body, controlnets, settings["height"], settings["width"]))
     if settings["image"] is not None:              # the centre crop keeps enough of the picture
         check_picture(settings["image"], settings["height"], settings["width"])
     params = _params(body, name)
@@ -267,6 +269,27 @@ def check_request(model, body: dict) -> Request:
         method.check_model(model)
     settings.update(_views(name, prompts, settings, params))
     return Request(name, prompts, settings, params)
+
+
+def _controls(body: dict, controlnets, height: int, width: int) -> dict:
+    """{"controls": [...]} when the request has a `hint` picture: every net of the explorer
+    conditioned on it, made by `hint_kind` ("canny": the picture's edges; "hint": as it is) at
+    the image size, with `control_scale` (1.0). No hint: {}."""
+    if body.get("hint") in (None, ""):
+        return {}
+    if not controlnets:
+        raise MinipError("hint: this explorer has no ControlNet (start it with --controlnet)")
+    from ..conditioning import Control, make_hint
+    kind = _text(body, "hint_kind", "canny") or "canny"
+    if kind not in ("canny", "hint"):
+        raise MinipError(f"hint_kind must be canny or hint, got {kind!r}")
+    scale = _number(body, "control_scale", 1.0, float, 0, 10)
+    try:
+        picture = decode_picture(body["hint"])
+    except MinipError as e:
+        raise MinipError(f"hint: {e}") from None
+    hint = make_hint(kind, picture, height, width)
+    return {"controls": [Control(net, hint, scale) for net in controlnets]}
 
 
 def _views(name: str, prompts: list[str], settings: dict, params: dict) -> dict:

@@ -122,15 +122,17 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def make_server(model, host: str = "127.0.0.1", port: int = 7860,
-                out_dir: Path | None = None, quiet: bool = True):
+                out_dir: Path | None = None, quiet: bool = True, controlnets=()):
     """A ThreadingHTTPServer for the explorer (not yet serving: call serve_forever) and its
-    Explorer (close it after shutting the server down)."""
-    explorer = Explorer(model, out_dir)
+    Explorer (close it after shutting the server down). `controlnets`: nets a request's hint
+    picture conditions (the page then offers a hint upload)."""
+    explorer = Explorer(model, out_dir, controlnets)
     files = resources.files("minip2p.explore")
     handler = type("ExploreHandler", (Handler,), {
         "explorer": explorer, "page": files.joinpath(PAGE).read_bytes(),
         "script": files.joinpath(SCRIPT).read_bytes(),
-        "methods": json.dumps(describe_methods()).encode(), "quiet": quiet})
+        "methods": json.dumps({**describe_methods(), "controlnets": len(controlnets)}).encode(),
+        "quiet": quiet})
     try:
         server = ThreadingHTTPServer((host, port), handler)
     except OSError as e:
