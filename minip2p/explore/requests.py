@@ -239,8 +239,7 @@ def _params(body: dict, method: str) -> dict:
 # ------------------------------------------------------------------------ the request
 
 def check_request(model, body: dict, controlnets=()) -> Request:
-    """A request body (parsed JSON) -> Request; every problem is one MinipError line.
-    `controlnets`: the explorer's ControlNets, which a `hint` picture conditions (`_controls`)."""
+    """A request body (parsed JSON) -> Request; every problem is one MinipError line."""
     from ..pipeline import check_size
     if not isinstance(body, dict):
         raise MinipError("the request must be a JSON object")
@@ -272,23 +271,18 @@ def check_request(model, body: dict, controlnets=()) -> Request:
 
 
 def _controls(body: dict, controlnets, height: int, width: int) -> dict:
-    """{"controls": [...]} when the request has a `hint` picture: every net of the explorer
-    conditioned on it, made by `hint_kind` ("canny": the picture's edges; "hint": as it is) at
-    the image size, with `control_scale` (1.0). No hint: {}."""
+    """{"controls": [...]} for a request with a `hint` picture (else {}): every net of the
+    explorer on it, made by `hint_kind` (canny: its edges; hint: as it is), `control_scale`."""
     if body.get("hint") in (None, ""):
         return {}
     if not controlnets:
-        raise MinipError("hint: this explorer has no ControlNet (start it with --controlnet)")
+        raise MinipError("hint: this explorer has no ControlNet; start it with one")
     from ..conditioning import Control, make_hint
-    kind = _text(body, "hint_kind", "canny") or "canny"
-    if kind not in ("canny", "hint"):
-        raise MinipError(f"hint_kind must be canny or hint, got {kind!r}")
-    scale = _number(body, "control_scale", 1.0, float, 0, 10)
+    kind, scale = _text(body, "hint_kind", "canny"), _number(body, "control_scale", 1, float, 0, 10)
     try:
-        picture = decode_picture(body["hint"])
+        hint = make_hint(kind, decode_picture(body["hint"]), height, width)
     except MinipError as e:
         raise MinipError(f"hint: {e}") from None
-    hint = make_hint(kind, picture, height, width)
     return {"controls": [Control(net, hint, scale) for net in controlnets]}
 
 
