@@ -357,6 +357,7 @@ def test_cli_bad_control_input_is_one_line_and_writes_nothing(toy_files, sd_ckpt
         one_line(capsys, ["generate", "a red circle", "--steps", "2", "--quiet", "--out",
                           tmp_path / "out.png", *extra], needle)
         assert not (tmp_path / "out.png").exists()
+    one_line(capsys, ["explore", "--port", "0", "--controlnet", tmp_path / "net.pth"], "pickle")
 
 
 def test_explorer_hint_upload(toy, tmp_path):
