@@ -2,6 +2,8 @@
 
     page ── GET /api/methods ──> every method: summary, whether it edits pictures, parameters
          ── POST /api/run {"method": …, "prompt": …, "edits": […], "params": {…}, "image": …}
+           (started with --controlnet: also "hint": a picture, "hint_kind": "canny" or "hint",
+            "control_scale": 1.0 -- the nets condition the run on it, requests._controls)
          <── 202 {"id": 3, "ahead": 1}        (a bad field: 4xx {"error": one line}, requests.py)
          ── GET /api/jobs/3 (every ¼ s) ──> {"state": "queued"|"running"|"done"|"error", "ahead",
          <──                                 "step", "steps", "result" or "error"}
