@@ -75,7 +75,8 @@ def hint_tensor(hint, name: str = "controls") -> torch.Tensor:
     hint = hint.float()
     hint = hint[None] if hint.ndim == 3 else hint
     if hint.ndim != 4 or hint.shape[1] not in (1, 3):
-        raise ParameterError(name, f"a hint must have 1 or 3 channels, got shape {tuple(hint.shape)}")
+        raise ParameterError(name, f"a hint must have 1 or 3 channels, got shape "
+                                   f"{tuple(hint.shape)}")
     if not torch.isfinite(hint).all() or hint.min() < 0 or hint.max() > 1:
         raise ParameterError(name, "a hint's values must lie in [0, 1]")
     return hint.expand(-1, 3, -1, -1) if hint.shape[1] == 1 else hint
