@@ -391,3 +391,25 @@ def test_explorer_hint_upload(toy, tmp_path):
             s.shutdown()
             s.server_close()
             e.close()
+
+
+def test_hub_id_through_the_cache_offline(toy, toy_files, tmp_path, monkeypatch):
+    """A Hub id resolves in huggingface_hub's cache (refs/main -> snapshots/<commit>) with no
+    network; offline and not cached: one line naming the fetch command."""
+    import shutil
+
+    import huggingface_hub.constants
+    folder = toy_files[0]
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--someone--toy-canny"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    net = load_controlnet("someone/toy-canny", base=toy)
+    same = load_controlnet(folder, base=toy)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                 same.state_dict().values()))
+    with pytest.raises(MinipError, match="hf download someone/other config.json"):
+        load_controlnet("someone/other")
