@@ -363,6 +363,9 @@ def test_cli_bad_control_input_is_one_line_and_writes_nothing(toy_files, sd_ckpt
 def test_explorer_hint_upload(toy, tmp_path):
     """The explorer with a ControlNet: the page is told so, a run with a hint picture shows the
     canny hint the net saw; a hint without a net, or not a picture, is a one-line 400."""
+    import base64
+    import io
+    import json
     import threading
 
     from explore_client import PNG, data_url, request, submit, wait
@@ -381,6 +384,11 @@ def test_explorer_hint_upload(toy, tmp_path):
         assert len(result["inputs"]) == 1 and len(result["images"]) == 2   # the canny preview
         edges = np.asarray(Image.open(ex.file(result["inputs"][0][len("/out/"):])))
         assert set(np.unique(edges)) <= {0, 255} and edges.max() == 255
+        status, answer, _ = request(server, "POST", "/api/hint", json.dumps(dict(
+            hint=PNG, hint_kind="canny")).encode(), {"Content-Type": "application/json"})
+        assert status == 200 and answer["hint"].startswith("data:image/png;base64,")
+        shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["hint"].split(",")[1]))))
+        assert np.array_equal(shown, edges)                   # the preview is what the nets saw
         for srv_, extra, needle in ((plain, dict(hint=PNG), "no ControlNet"),
                                     (server, dict(hint=data_url(b"GIF89a")), "hint: image"),
                                     (server, dict(hint=PNG, hint_kind="depth"), "canny")):

@@ -162,13 +162,24 @@ $("image").addEventListener("change", () => {
                           $("image-preview").classList.remove("hidden"); };
   reader.readAsDataURL(file);
 });
-$("hint").addEventListener("change", () => {       // a ControlNet's hint picture
+// A ControlNet's hint picture, and its preview as the nets see it (canny edges or as it is).
+async function preview_hint() {
+  $("hint-preview").classList.add("hidden");
+  if (!hint) return;
+  const response = await fetch("/api/hint", {method: "POST", headers: {"Content-Type":
+    "application/json"}, body: JSON.stringify({hint: hint, hint_kind: $("hint-kind").value})});
+  const answer = await response.json();
+  if (!response.ok) return fail(answer.error);
+  $("hint-preview").src = answer.hint; $("hint-preview").classList.remove("hidden");
+}
+$("hint").addEventListener("change", () => {
   const file = $("hint").files[0], reader = new FileReader();
-  hint = null;
+  hint = null; $("hint-preview").classList.add("hidden");
   if (!file) return;
-  reader.onload = () => { hint = reader.result; };
+  reader.onload = () => { hint = reader.result; preview_hint(); };
   reader.readAsDataURL(file);
 });
+$("hint-kind").addEventListener("change", preview_hint);
 $("method").addEventListener("change", choose_method);
 $("form").addEventListener("submit", (event) => { event.preventDefault(); run(); });
 

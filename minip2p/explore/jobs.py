@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ..errors import MinipError
-from .requests import FILE_NAME, KEEP_JOBS, MAX_QUEUE, BadRequest, Request, check_request
+from .requests import (FILE_NAME, KEEP_JOBS, MAX_QUEUE, BadRequest, Request, check_request,
+                       hint_controls)
 
 
 @dataclass
@@ -128,16 +129,20 @@ def run_job(model, job: Job, out_dir: Path):
             res = _look(model, r) if r.look else \
                 methods.run(model, r.method, r.prompts, **r.settings, **r.params)
             if r.settings.get("controls"):                # the hint the nets saw (canny preview)
-                from PIL import Image
-                hint = r.settings["controls"][0].hint[0]             # (3, H, W) in [0, 1]
-                res.inputs = [*res.inputs, Image.fromarray(
-                    (hint.permute(1, 2, 0) * 255).round().byte().numpy())]
+                res.inputs = [*res.inputs, _hint_picture(r.settings["controls"][0])]
         finally:
             job.warnings = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
     with torch.no_grad():
         result = _result(model, job, res, save)
     result["seconds"] = round(time.perf_counter() - start, 2)
     job.result = result
+
+
+def _hint_picture(control):
+    """A Control's (first) hint as a PIL image."""
+    from PIL import Image
+    hint = control.hint[0]                                       # (3, H, W) in [0, 1]
+    return Image.fromarray((hint.permute(1, 2, 0) * 255).round().byte().numpy())
 
 
 def _result(model, job: Job, res, save) -> dict:
@@ -195,6 +200,19 @@ class Explorer:
             self.next_id += 1
             self.queue.put(job)
         return job
+
+    def preview(self, body: dict) -> str:
+        """POST /api/hint: the hint a run with this picture gives the nets, at the model's native
+        size, as a PNG data URL (the canny preview)."""
+        import base64
+        import io
+        side = self.model.unet.cfg.sample_size * self.model.vae.cfg.downscale
+        controls = hint_controls(body, self.controlnets, side, side).get("controls")
+        if not controls:
+            raise MinipError("hint: give a picture")
+        buf = io.BytesIO()
+        _hint_picture(controls[0]).save(buf, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
     def ahead(self, job: Job) -> int:
         """How many jobs run or wait before this one."""

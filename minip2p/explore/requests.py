@@ -255,7 +255,7 @@ def check_request(model, body: dict, controlnets=()) -> Request:
                     width=_number(body, "width", native, int, f, MAX_SIDE),
                     image=decode_picture(body.get("image")))
     check_size(model, settings["height"], settings["width"])
-    settings.update(_controls(body, controlnets, settings["height"], settings["width"]))
+    settings.update(hint_controls(body, controlnets, settings["height"], settings["width"]))
     if settings["image"] is not None:              # the centre crop keeps enough of the picture
         check_picture(settings["image"], settings["height"], settings["width"])
     params = _params(body, name)
@@ -270,7 +270,7 @@ def check_request(model, body: dict, controlnets=()) -> Request:
     return Request(name, prompts, settings, params)
 
 
-def _controls(body: dict, controlnets, height: int, width: int) -> dict:
+def hint_controls(body: dict, controlnets, height: int, width: int) -> dict:
     """{"controls": [...]} for a request with a `hint` picture (else {}): every net of the
     explorer on it, made by `hint_kind` (canny: its edges; hint: as it is), `control_scale`."""
     if body.get("hint") in (None, ""):
@@ -283,7 +283,7 @@ def _controls(body: dict, controlnets, height: int, width: int) -> dict:
         hint = make_hint(kind, decode_picture(body["hint"]), height, width)
     except MinipError as e:
         raise MinipError(f"hint: {e}") from None
-    return {"controls": [Control(net, hint, scale) for net in controlnets]}
+    return {"controls": [Control(net, hint, scale).check() for net in controlnets]}
 
 
 def _views(name: str, prompts: list[str], settings: dict, params: dict) -> dict:
