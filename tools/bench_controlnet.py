@@ -39,9 +39,8 @@ def main(argv=None):
     set_threads(args.threads)
     model = load_model(args.model)
     f = model.vae.cfg.downscale
-    widths = (16, 32, 96, 256)[:f.bit_length()]                     # len − 1 = log2(f)
     torch.manual_seed(0)
-    net = ControlNet.from_unet(model.unet, conditioning_embedding_out_channels=widths)
+    net = ControlNet.from_unet(model.unet, downscale=f)
     with torch.no_grad():
         for zero in [*net.controlnet_down_blocks, net.controlnet_mid_block,
                      net.controlnet_cond_embedding.conv_out]:
