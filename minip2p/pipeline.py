@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .fast.autotune import tuner
+from .conditioning import eps as conditioned_eps
 from .control import Controller
 from .errors import MinipError
 from .guidance import IMAGE, TEXT, UNCOND, GuidanceBatch
@@ -115,9 +116,9 @@ def sample(model: Model, cond: torch.Tensor, uncond, z: torch.Tensor, steps: int
         z_in = batch.expand(sched.scale_input(z, t, steps))
         if image_latents is not None:                                   # z_t ⊕ E(I) (or ⊕ 0)
             z_in = torch.cat([z_in, batch.image_cond(image_latents.to(z_in))], dim=1)
-        with torch.no_grad():
-            eps = model.unet(z_in.to(model.dtype), t, context, control=control,
-                             step=i, batch=batch)
+        with torch.no_grad():                                          # ε_θ (+ ControlNets)
+            eps = conditioned_eps(model, z_in.to(model.dtype), t, context, control, i, batch,
+                                  at=(start + i, steps))
         eps = batch.guide(eps.float(), guidance, image_guidance if image_latents is not None
                           else None)                                   # CFG
         z = sched.step(eps, t, z, steps)

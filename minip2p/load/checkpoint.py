@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,7 +37,8 @@ class Model:
     """Everything a pipeline needs. `text_encoder` may be freed (set to None) after encoding.
     `fast`: the fast path is installed (minip2p/fast/: `install`, `uninstall`).
     `loras`: the LoRA files merged into the weights, in order (lora.py: `add_lora`,
-    `remove_lora`, `clear_loras`)."""
+    `remove_lora`, `clear_loras`);
+    `conditioning`: ControlNets taking part in every UNet call (conditioning.conditioned)."""
     tokenizer: ClipTokenizer
     text_encoder: CLIPTextModel | None
     unet: UNet2DConditionModel
@@ -45,6 +47,7 @@ class Model:
     name: str
     fast: bool = False
     loras: list = field(default_factory=list)     # the merged LoRA files (lora.py's `Lora`)
+    conditioning: Any = None
 
     @property
     def dtype(self):

@@ -65,6 +65,8 @@ class Settings:
     maps:      keep the attention maps (an AttentionStore in `Result.store`)
     map_res:   rows of the maps to show (default: the coarsest stored down/up resolution)
     over_time: also keep each step's cross maps (at map_res) and the predicted x̂₀ (Result.x0)
+    controls:  ControlNets taking part in every UNet call: conditioning.Control objects (or
+               their keywords: net, hint, scale, guess, window), see conditioning.py
     """
     steps: int = 50
     seed: int = 0
@@ -78,6 +80,7 @@ class Settings:
     over_time: bool = False
     progress: bool = False
     free_text_encoder: bool = False
+    controls: list = field(default_factory=list)
 
     def check(self) -> None:
         for name in ("steps", "height", "width"):
@@ -88,6 +91,8 @@ class Settings:
                 not 0 <= self.seed < 2 ** 64:
             raise ParameterError("seed", f"must be an integer in [0, 2⁶⁴), got {self.seed!r}")
         check_number("guidance", self.guidance)
+        if not isinstance(self.controls, (list, tuple)):
+            raise ParameterError("controls", "must be a list of ControlNets (conditioning.Control)")
         if self.over_time:
             self.ddim_only("over_time (x̂₀ of each DDIM step)")
 

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from ..conditioning import eps as unet_eps
 from ..control import Controller, Site
 from ..guidance import TEXT, GuidanceBatch
 
@@ -69,16 +70,16 @@ class MapRecorder(Controller):
 
 
 def forward_with_grad(model, z: torch.Tensor, t, context: torch.Tensor, recorder: MapRecorder,
-                      batch: GuidanceBatch, step: int | None = None):
-    """ε_θ(z, t, context) with autograd on. z: the rows to differentiate (rows, 4, h, w), a new
-    leaf is made of it. Returns (leaf z, ε or None if the forward stopped early); the recorder
-    holds the maps, in the graph of the leaf."""
+                      batch: GuidanceBatch, step: int | None = None, steps: int | None = None):
+    """ε_θ(z, t, context) with autograd on (with the model's ControlNets, at `step` of `steps`).
+    z: the rows to differentiate (rows, 4, h, w), a new leaf is made of it. Returns (leaf z, ε or
+    None if the forward stopped early); the recorder holds the maps, in the graph of the leaf."""
     z = z.detach().clone().requires_grad_(True)
     eps = None
     with torch.enable_grad():
         try:
-            eps = model.unet(z.to(model.dtype), t, context.to(model.dtype), control=recorder,
-                             step=step, batch=batch)
+            eps = unet_eps(model, z.to(model.dtype), t, context.to(model.dtype), recorder, step,
+                           batch, at=None if step is None or steps is None else (step, steps))
         except StopForward:
             pass
     return z, eps
@@ -127,7 +128,7 @@ class GradientGuidance(Controller):
                           None if feature_pick is not None else self.stop_after)
         context = self.cond[[b if self.cond.shape[0] > 1 else 0 for b in images]]
         leaf, _ = forward_with_grad(self.model, z, self.timesteps[step], context, rec,
-                                    cond_rows(len(images)), step)
+                                    cond_rows(len(images)), step, self.steps)
         if self.stop_after is None and feature_pick is None:
             self.stop_after = max(s.index for s, _ in rec.maps if s.kind == "cross")
         return leaf, rec

@@ -34,6 +34,7 @@ from ..control import Controller
 from ..real.invert import Inversion
 from .base import INVERSIONS, ParameterError, Result, Settings, check_number, param, words_of
 from .editing import RealImage
+from ..conditioning import eps as unet_eps
 from ..guidance import GuidanceBatch, cfg
 from ..pipeline import denoise, encode_text
 from .gradient import MapRecorder, forward_with_grad
@@ -176,14 +177,16 @@ def edit(model, source: str, delta: torch.Tensor, z: torch.Tensor, steps: int = 
     stop = None
     for i, t in enumerate(tqdm(sched.timesteps(steps), disable=not progress, desc="editing")):
         rec = MapRecorder(lambda s: s.kind == "cross", stop_after=stop)
-        x, _ = forward_with_grad(model, torch.cat([z, z]), t, context, rec, batch, step=i)
+        x, _ = forward_with_grad(model, torch.cat([z, z]), t, context, rec, batch, step=i,
+                                 steps=steps)
         stop = max(s.index for s, _ in rec.maps)               # later passes stop there
         L = sum(((M.float() - R.float()) ** 2).sum((-2, -1)).mean()
                 for (_, M), R in zip(rec.maps, ref.maps[i]))
         (grad,) = torch.autograd.grad(L, [x])
         x = x.detach() - xa_guidance * grad                              # x ← x − λ ∇_x L
         with torch.no_grad():
-            eps = model.unet(x.to(model.dtype), t, context, step=i, batch=batch)
+            eps = unet_eps(model, x.to(model.dtype), t, context, step=i, batch=batch,
+                           at=(i, steps))
         eps_u, eps_c = eps.float().chunk(2)
         z = sched.step(cfg(eps_u, eps_c, guidance), t, x[:1], steps)   # from the ∅ copy
     return z_src, z

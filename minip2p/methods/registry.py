@@ -5,14 +5,15 @@
     methods.run(model, "masactrl", ["a red circle", "a big red circle"], steps=20, seed=0)
 
 `run` takes the run settings every method shares (base.Settings: steps, seed, guidance,
-height, width, sampler, image, maps, …) and the method's own parameters, all as keywords. An
-unknown method or parameter, a parameter of another method, or a value out of range is one
-MinipError line that names it, before any work.
+height, width, sampler, image, maps, controls (ControlNets, see conditioning/), …) and the
+method's own parameters, all as keywords. An unknown method or parameter, a parameter of another
+method, or a value out of range is one MinipError line that names it, before any work.
 """
 from __future__ import annotations
 
 from dataclasses import fields
 
+from ..conditioning import conditioned
 from ..errors import MinipError
 from . import (attend_excite, instruct, masactrl, p2p, pix2pix_zero, pnp, sdedit,
                self_guidance)
@@ -79,4 +80,4 @@ def prepare(name: str, prompts, **kw) -> tuple:
 def run(model, name: str, prompts, **kw) -> Result:
     """Run method `name` on `model` (see the module docstring); returns a base.Result."""
     method, p, s, prompts = prepare(name, prompts, **kw)
-    return method.run(model, prompts, p, s)
+    return method.run(conditioned(model, s.controls), prompts, p, s)

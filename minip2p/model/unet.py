@@ -257,11 +257,13 @@ class UNet2DConditionModel(nn.Module):
         return [tb for b in blocks for t in (b.attentions or []) for tb in t.transformer_blocks]
 
     def forward(self, z, t, context, control: Controller | None = None, step: int | None = None,
-                batch=None):
+                batch=None, residuals=None):
         """ε_θ(z_t, t, c).  z: (b, 4, h, w); t: scalar or (b,); context: (b, 77, 768).
         `control` sees every site it wants, with the `step` in each `Site` and, in `site.run`,
         `batch` (a guidance.GuidanceBatch, what each row holds), the precision and the fused
-        attention kernel (`self.fused`, set by minip2p/fast/ when installed; None: explicit)."""
+        attention kernel (`self.fused`, set by minip2p/fast/ when installed; None: explicit).
+        `residuals`: (down, mid) from ControlNets (model/controlnet.py, conditioning.py), added
+        to the skip connections the decoder reads and to the mid block's output."""
         t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
         temb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
                                   self.cfg.freq_shift)
@@ -275,6 +277,10 @@ class UNet2DConditionModel(nn.Module):
             x, outs = block(x, temb, context, replace(site, block=i), control)
             skips += outs
         x = self.mid_block(x, temb, context, replace(site, place="mid"), control)
+        if residuals is not None:                       # ControlNet: skip_k + c_k, mid + c_mid
+            down, mid = residuals
+            skips = [s + c for s, c in zip(skips, down, strict=True)]
+            x = x + mid
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from . import images
 from ..atomic import atomic_write
 from ..errors import MinipError, ParameterError
-from ..guidance import cfg
+from ..conditioning import eps as unet_eps
+from ..guidance import UNCOND, GuidanceBatch, cfg
 from ..methods.noise_reg import Regulariser, regularise
 from ..pipeline import decode, denoise, encode_text
 
@@ -69,6 +70,9 @@ class Inversion:
         return [self.uncond[min(i, len(self.uncond) - 1)] for i in range(self.steps)]
 
 
+UNCOND_ROW = GuidanceBatch(((0, UNCOND),))       # ε_θ(·, ∅): ControlNets in guess mode add nothing
+
+
 # ---- the three inversions --------------------------------------------------------------------
 
 @torch.no_grad()
@@ -78,8 +82,9 @@ def ddim_invert(model, z0: torch.Tensor, cond: torch.Tensor, steps: int,
     `reg`: each ε_θ regularised (noise_reg.regularise) before its step."""
     sched, z = model.scheduler, z0.float()
     latents, gen = [z], reg.generator() if reg else None
-    for t in tqdm(sched.timesteps(steps)[::-1], disable=not progress, desc="DDIM inversion"):
-        eps = model.unet(z.to(model.dtype), t, cond).float()              # ε_θ(z_{t'}, t, c)
+    for j, t in enumerate(tqdm(sched.timesteps(steps)[::-1], disable=not progress,
+                               desc="DDIM inversion")):                   # ε_θ(z_{t'}, t, c)
+        eps = unet_eps(model, z.to(model.dtype), t, cond, at=(steps - 1 - j, steps)).float()
         if reg is not None:
             eps = regularise(eps, reg, gen, lambda o: sched.epsilon(o, z, sched.prev(t, steps)))
         z = sched.invert_step(eps, t, z, steps)                           # z_{t'} -> z_t
@@ -104,12 +109,13 @@ def null_text(model, latents: list[torch.Tensor], cond: torch.Tensor, uncond: to
         s = i * 50 / steps                                # i on the official 50-step scale
         target = latents[steps - 1 - i]                   # z_{t−1} of the DDIM inversion
         with torch.no_grad():
-            eps_c = model.unet(z.to(dtype), t, cond).float()              # ε_θ(z̄_t, t, c)
+            eps_c = unet_eps(model, z.to(dtype), t, cond, at=(i, steps)).float()  # ε_θ(z̄_t,t,c)
         u = u.detach().requires_grad_(True)
         opt = torch.optim.Adam([u], lr=1e-2 * (1 - s / 100))
         step_losses = []
         for _ in range(inner_steps):
-            eps_u = model.unet(z.to(dtype), t, u.to(dtype)).float()      # ε_θ(z̄_t, t, ∅)
+            eps_u = unet_eps(model, z.to(dtype), t, u.to(dtype), batch=UNCOND_ROW,
+                             at=(i, steps)).float()                           # ε_θ(z̄_t, t, ∅)
             loss = F.mse_loss(sched.step(cfg(eps_u, eps_c, guidance), t, z, steps), target)
             opt.zero_grad()
             loss.backward()
@@ -123,7 +129,8 @@ def null_text(model, latents: list[torch.Tensor], cond: torch.Tensor, uncond: to
         found.append(u.clone())
         losses.append(step_losses)
         with torch.no_grad():                             # z̄_{t−1} with the optimised ∅_t
-            eps_u = model.unet(z.to(dtype), t, u.to(dtype)).float()
+            eps_u = unet_eps(model, z.to(dtype), t, u.to(dtype), batch=UNCOND_ROW,
+                             at=(i, steps)).float()
             z = sched.step(cfg(eps_u, eps_c, guidance), t, z, steps)
     bar.close()
     return found, losses, z
