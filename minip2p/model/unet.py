@@ -261,12 +261,25 @@ class UNet2DConditionModel(nn.Module):
         """ε_θ(z_t, t, c).  z: (b, 4, h, w); t: scalar or (b,); context: (b, 77, 768).
         `control` sees every site it wants, with the `step` in each `Site` and, in `site.run`,
         `batch` (a guidance.GuidanceBatch, what each row holds), the precision and the fused
-        attention kernel (`self.fused`, set by minip2p/fast/ when installed; None: explicit)."""
+        attention kernel (`self.fused`, set by minip2p/fast/ when installed; None: explicit).
+        At the "h" site `control.features` may return k·b rows ([h; h + Δh], Asyrp): each copy
+        is decoded with the same skips, and ε has k·b rows in that order (control.py)."""
+        h, skips, temb, site = self.encode(z, t, context, control, step, batch)
+        h_site = replace(site, place="mid", kind="h", pixels=h.shape[-2] * h.shape[-1])
+        if control is not None and control.wants(h_site):
+            h = control.features(h, h_site)
+            k = h.shape[0] // z.shape[0]           # [h; h + Δh]: the skips as they are, per copy
+            skips, temb, context = [s.repeat(k, 1, 1, 1) for s in skips], temb.repeat(k, 1), \
+                context.repeat(k, 1, 1)
+        return self.decode(h, skips, temb, context, site, control)
+
+    def encode(self, z, t, context, control: Controller | None = None, step: int | None = None,
+               batch=None):
+        """Down path and mid block -> (h, skips, temb, site); h: Asyrp's h-space (1280×8×8)."""
         t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
         temb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
                                   self.cfg.freq_shift)
         temb = self.time_embedding(temb.to(z.dtype))                    # (b, 4·c0)
-
         run = Run(batch, self.cfg.upcast_attention, self.fused)
         site = Site("down", 0, 0, 0, "res", 0, step=step, run=run)
         x = self.conv_in(z)
@@ -275,6 +288,10 @@ class UNet2DConditionModel(nn.Module):
             x, outs = block(x, temb, context, replace(site, block=i), control)
             skips += outs
         x = self.mid_block(x, temb, context, replace(site, place="mid"), control)
+        return x, skips, temb, site
+
+    def decode(self, x, skips, temb, context, site: Site, control: Controller | None = None):
+        """The up path from h with the down path's skips -> ε."""
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]
@@ -282,4 +299,3 @@ class UNet2DConditionModel(nn.Module):
             x, _ = block(x, temb, context, replace(site, place="up", block=i), control,
                          skips=mine, up_size=up_size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
-
