@@ -133,3 +133,60 @@ def test_refusals(toy, pca_file, tmp_path, capsys):
     one_line(capsys, ["edit", "a red circle", "--method", "asyrp", "--direction",
                       f"{pca_file}:5", "--out-dir", tmp_path / "e"], "--direction")
     assert not out.exists()
+
+
+def test_directional_loss_matches_the_official_formula(clip_ckpt):
+    """L_dir = 1 − cos(normalize(Ê_I(x₁) − Ê_I(x₀)), normalize(mean_templates(Ê_T(trg) − Ê_T(src))))
+    with Ê the normalised features: ours against transformers' CLIPModel on the same pictures."""
+    import torch.nn.functional as F
+
+    from minip2p.data.clip_image import load_clip
+    from minip2p.methods import asyrp_train as at
+    ref, folder = clip_ckpt
+    clip = load_clip(folder)
+    x0, x1 = (torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+    dT, cos = at.text_direction(clip, "a red circle", "a blue circle")
+    ours = at.directional_loss(clip, x0[None], x1[None], dT)
+    with torch.no_grad():
+        def image(x):                                 # CLIP's preprocessing, then the tower
+            f = ref.get_image_features(pixel_values=clip.preprocess((x[None] + 1) / 2))
+            f = getattr(f, "pooler_output", f)
+            return f / f.norm(dim=-1, keepdim=True)
+
+        def text(words):
+            ids = clip.tokenizer([t.format(words) for t in at.TEMPLATES])
+            f = ref.get_text_features(input_ids=ids)
+            f = getattr(f, "pooler_output", f)
+            return f / f.norm(dim=-1, keepdim=True)
+        d_text = (text("a blue circle") - text("a red circle")).mean(0, keepdim=True)
+        d_text = d_text / d_text.norm(dim=-1, keepdim=True)
+        d_img = image(x1) - image(x0)
+        expected = 1 - F.cosine_similarity(d_img / d_img.norm(dim=-1, keepdim=True), d_text)
+    print(f"\nL_dir {ours.item():.6f} vs {expected.item():.6f}")
+    assert (ours - expected).abs().max() <= 1e-5
+
+
+def test_trained_direction_runs_saves_and_edits(toy, clip_ckpt, tmp_path):
+    """f_t (the official DeltaBlock's layers) learns a step per timestep t ≥ t_edit, saves to
+    safetensors, loads strictly, and edits through the method."""
+    from minip2p.data.clip_image import load_clip
+    from minip2p.methods import asyrp_train as at
+    from minip2p.pipeline import generate
+    clip = load_clip(clip_ckpt[1])
+    pictures = [generate(toy, ["a red circle"], seed=s, steps=3, progress=False) * 2 - 1
+                for s in (0, 1)]
+    before = at.new_block(toy.unet)
+    f = at.train(toy, clip, pictures, "a red circle", "a blue circle", t_edit=300, steps=3,
+                 epochs=1, progress=False)
+    assert len(f.losses) == 2 * 2 and all(l == l for l in f.losses)        # t = 667, 334
+    assert [n for n, _ in f.named_parameters()] == [n for n, _ in before.named_parameters()]
+    path = at.save(f, tmp_path / "ft.safetensors", steps=3)
+    g, meta = at.load(path)
+    assert all(torch.equal(a, b) for a, b in zip(f.state_dict().values(),
+                                                 g.state_dict().values()))
+    r = methods.run(toy, "asyrp", ["a red circle"], direction=str(path), strength=50.0,
+                    t_edit=300, steps=3)
+    assert r.images[0].tobytes() != r.images[1].tobytes()
+    other = hd.save(hd.Directions("pca", torch.zeros(1, 1, 2, 1, 1), [1]), tmp_path / "x.safetensors")
+    with pytest.raises(MinipError, match="not a trained f_t"):
+        at.load(other)

@@ -73,6 +73,10 @@ def read_direction(ref) -> tuple:
                                           "e.g. dirs.safetensors:0")
     path, sep, index = ref.rpartition(":") if ref.rpartition(":")[2].isdigit() else (ref, "", "0")
     try:
+        if hd.kind_of(path) == "ft":                                   # a trained f_t
+            from . import asyrp_train
+            f, meta = asyrp_train.load(path)
+            return hd.Directions("ft", torch.zeros(1), [], None, dict(meta, net=f)), 0
         d = hd.load(path)
     except MinipError as e:
         raise ParameterError("direction", str(e)) from None
@@ -90,6 +94,11 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
     z_T = initial_noise(model, s.seed, height, width)
     if d.kind == "pullback":
         z = pullback_edit(model, prompts[0], z_T, d, k, p, s)
+    elif d.kind == "ft":                                # Δh = f_t(h) × n_train / n_test
+        from .asyrp_train import delta_of
+        f = d.meta["net"].to(model.device, model.dtype)
+        z = edit(model, prompts[0], z_T, delta_of(model.unet, f, int(d.meta["steps"]) / s.steps),
+                 p, s)
     else:
         z = edit(model, prompts[0], z_T, lambda h, step, t: d.delta(k, t, s.steps), p, s)
     sign = "+" if p.strength >= 0 else "−"

@@ -63,7 +63,13 @@ def save(d: Directions, path) -> Path:
     return Path(path)
 
 
-def load(path) -> Directions:
+def kind_of(path) -> str:
+    """The kind a directions file says it holds ("pca", "prompts", "pullback", or "ft": a
+    trained f_t, methods/asyrp_train.py), checked to be a readable safetensors file."""
+    return _read(path)[0].get("kind", "")
+
+
+def _read(path):
     from safetensors import safe_open
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -72,10 +78,14 @@ def load(path) -> Directions:
         raise MinipError(f"{path}: no such directions file")
     try:
         with safe_open(str(path), "pt") as f:
-            meta, keys = f.metadata() or {}, set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in keys}
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:                                  # not a safetensors file
         raise MinipError(f"{path}: not a safetensors directions file ({e})") from None
+
+
+def load(path) -> Directions:
+    meta, tensors = _read(path)
+    keys = set(tensors)
     if meta.get("kind") not in KINDS or not {"directions", "timesteps"} <= keys or \
             keys - {"directions", "timesteps", "values"}:
         raise MinipError(f"{path}: not a directions file of `minip2p hspace` (kind "
@@ -168,15 +178,15 @@ def pullback(h_of, z: torch.Tensor, rank: int = 2, max_iter: int = 50, min_iter:
     return u.detach(), s.sqrt().detach(), v.detach()
 
 
-def make_pullback(model, prompt: str, seed: int = 0, steps: int = 50, edit_t: float = 0.6,
+def make_pullback(model, prompt: str, seed: int = 0, steps: int = 50, t_edit: int = 600,
                   rank: int = 5, guidance: float = 7.5, max_iter: int = 50,
                   progress: bool = True) -> Directions:
-    """v_k at z_t of (prompt, seed), t the timestep nearest edit_t·1000 (their 0.6–0.7 T):
+    """v_k at z_t of (prompt, seed), t the timestep nearest t_edit (their 0.6–0.7 T):
     DDIM with guidance to z_t, then the pullback of h(z_t) under the prompt (no CFG)."""
     from ..fast import switched
     from ..pipeline import check_size, encode_text, initial_noise, sample as pipeline_sample
     timesteps = model.scheduler.timesteps(steps)
-    step = min(range(steps), key=lambda i: abs(timesteps[i] - edit_t * 1000))
+    step = min(range(steps), key=lambda i: abs(timesteps[i] - t_edit))
     height, width = check_size(model, None, None)
     cond, uncond = encode_text(model, [prompt]), encode_text(model, [""])
     z = initial_noise(model, seed, height, width)
