@@ -13,7 +13,8 @@ picture: colour, shape, centre, area, background; a change is
 and `artifacts.artifacts` says whether the edited picture is clean. One batch per seed holds
 the unedited image and every edit (weights per image), so all share z_T and the boost noise.
 
-    python -m tools.eval_hspace --seeds 24 --samples 32 --steps 25     # ~min on 1 CPU thread
+    python -m tools.eval_hspace --seeds 24 --samples 16 --steps 20
+    python -m tools.eval_hspace --cost /work/sd15 --steps 2      # s per step at SD 1.5's shape
 """
 from __future__ import annotations
 
@@ -44,6 +45,32 @@ def changes(before: dict, after: dict) -> dict:
                 background=before["background"] != after["background"])
 
 
+def cost(folder: str | None, steps: int, size: int | None) -> dict:
+    """Seconds per step at a model's shape: plain DDIM of two images (the unedited and an edit,
+    guided: 4 UNet rows) against Asyrp's asymmetric step (the same 4 rows, the decoder on 8)."""
+    from minip2p.load import load_model
+    from minip2p.methods.asyrp import Params, edit
+    from minip2p.methods.base import Settings
+    from minip2p.methods.hspace import sample
+    from minip2p.pipeline import encode_text, initial_noise
+    model = load_model(folder)
+    size = size or model.unet.cfg.sample_size * model.vae.cfg.downscale
+    z = initial_noise(model, 0, size, size)
+    c = encode_text(model, [SOURCE]).expand(2, -1, -1)
+
+    def shape(hh, step, t):
+        return torch.ones_like(hh[0])
+    out = {}
+    for name, run in (("plain", lambda: sample(model, c, encode_text(model, [""]), z, steps,
+                                               7.5)),
+                      ("asyrp", lambda: edit(model, SOURCE, z, shape, Params(t_edit=0),
+                                             Settings(steps=steps)))):
+        t0 = time.perf_counter()
+        run()
+        out[name] = round((time.perf_counter() - t0) / steps, 3)
+    return dict(model=folder or "toy", size=size, seconds_per_step=out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=24)
@@ -58,8 +85,14 @@ def main(argv=None):
     ap.add_argument("--dirs", default=None, help="cache folder for the directions files")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     ap.add_argument("--sheet", default=None, help="write a contact sheet PNG here")
+    ap.add_argument("--cost", metavar="MODEL", default=None,
+                    help="only time a step (plain vs Asyrp) on this model folder ('toy')")
+    ap.add_argument("--size", type=int, default=None, help="--cost: picture size")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.cost:
+        print(json.dumps(cost(None if args.cost == "toy" else args.cost, args.steps, args.size)))
+        return
 
     from pathlib import Path
 
