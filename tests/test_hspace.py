@@ -63,12 +63,13 @@ def test_pca_directions_match_semantic_diffusion(sd_ckpt, sd_model):
     assert dv <= TOL and ds <= TOL
 
 
+@pytest.mark.slow
 def test_pullback_matches_diffusion_pullback(sd_ckpt, sd_model):
     """Subspace iteration for the top right singular vectors of ∂h/∂z_t (same initial V, same
     number of iterations): v_k (sign-fixed) and σ_k as the oracle's; then the x-space guidance
     z ← z + (ε(z + v) − ε(z)) gives the same Δz."""
     from diffusers.models.attention_processor import AttnProcessor
-    pipe, model, t, rank, iters = sd_ckpt[0], sd_model, 601, 2, 6
+    pipe, model, t, rank, iters = sd_ckpt[0], sd_model, 601, 2, 4
     z = _noise(11)
     cond = encode_text(model, [PROMPT])
     with switched(model, False):
@@ -129,6 +130,9 @@ def test_refusals(toy, pca_file, tmp_path, capsys):
     one_line(capsys, ["hspace", "a red circle", "--target", "x", "--out", out], "leave it out")
     one_line(capsys, ["hspace", "a red circle", "--samples", "4", "--out", out], "--components")
     one_line(capsys, ["hspace", "a red circle", "--out", tmp_path / "d.png"], ".safetensors")
+    one_line(capsys, ["hspace", "a red circle", "--directions", "train", "--target", "x",
+                      "--out", out], "needs --clip")
+    one_line(capsys, ["hspace", "a red circle", "--clip", "c", "--out", out], "leave it out")
     one_line(capsys, ["edit", "a red circle", "--direction", str(pca_file)], "another method")
     one_line(capsys, ["edit", "a red circle", "--method", "asyrp", "--direction",
                       f"{pca_file}:5", "--out-dir", tmp_path / "e"], "--direction")
@@ -166,6 +170,7 @@ def test_directional_loss_matches_the_official_formula(clip_ckpt):
     assert (ours - expected).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_trained_direction_runs_saves_and_edits(toy, clip_ckpt, tmp_path):
     """f_t (the official DeltaBlock's layers) learns a step per timestep t ≥ t_edit, saves to
     safetensors, loads strictly, and edits through the method."""
@@ -174,11 +179,11 @@ def test_trained_direction_runs_saves_and_edits(toy, clip_ckpt, tmp_path):
     from minip2p.pipeline import generate
     clip = load_clip(clip_ckpt[1])
     pictures = [generate(toy, ["a red circle"], seed=s, steps=3, progress=False) * 2 - 1
-                for s in (0, 1)]
+                for s in (0,)]
     before = at.new_block(toy.unet)
     f = at.train(toy, clip, pictures, "a red circle", "a blue circle", t_edit=300, steps=3,
                  epochs=1, progress=False)
-    assert len(f.losses) == 2 * 2 and all(l == l for l in f.losses)        # t = 667, 334
+    assert len(f.losses) == 2 and all(l == l for l in f.losses)            # t = 667, 334
     assert [n for n, _ in f.named_parameters()] == [n for n, _ in before.named_parameters()]
     path = at.save(f, tmp_path / "ft.safetensors", steps=3)
     g, meta = at.load(path)
