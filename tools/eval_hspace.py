@@ -74,6 +74,7 @@ def cost(folder: str | None, steps: int, size: int | None) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=24)
+    ap.add_argument("--first-seed", type=int, default=1000, help="the edited seeds start here")
     ap.add_argument("--samples", type=int, default=32, help="images the directions are found on")
     ap.add_argument("--components", type=int, default=5)
     ap.add_argument("--steps", type=int, default=25)
@@ -126,7 +127,6 @@ def main(argv=None):
              for k in range(K) for s in (1, -1)] + [("pair", pair, 0, args.pair_strength)]
     B = 1 + len(edits)
     p = Params(t_edit=args.t_edit, t_boost=args.t_boost, asymmetric=not args.symmetric)
-    s = Settings(steps=args.steps)
 
     def delta(h, step, t):
         per_image = torch.stack([torch.zeros_like(pca.vectors[0, 0])] +
@@ -136,7 +136,7 @@ def main(argv=None):
     counts = {label: {c: 0 for c in ("color", "shape", "position", "size", "background",
                                      "clean", "to_blue", "kept")} for label, *_ in edits}
     sheet, n, t_edit_total = [], 0, 0.0
-    for seed in range(1000, 1000 + args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         z_T = initial_noise(model, seed, 64, 64)
         t1 = time.perf_counter()
         z = edit(model, SOURCE, z_T, delta, p, Settings(steps=args.steps, seed=seed),

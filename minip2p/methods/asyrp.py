@@ -88,7 +88,7 @@ def read_direction(ref) -> tuple:
 
 
 def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
-    from ..pipeline import check_size, decode, encode_text, initial_noise, to_pil
+    from ..pipeline import check_size, decode, initial_noise, to_pil
     d, k = read_direction(p.direction)
     height, width = check_size(model, s.height, s.width)
     z_T = initial_noise(model, s.seed, height, width)
