@@ -111,6 +111,10 @@ def test_asyrp_method_and_file(toy, pca_file):
     r0 = methods.run(toy, "asyrp", ["a red circle"], direction=str(pca_file), strength=0.0,
                      t_boost=0, steps=3)
     assert r0.images[0].tobytes() == r0.images[1].tobytes()           # Δh = 0: no edit
+    from helpers import picture
+    r = methods.run(toy, "asyrp", ["a red circle"], direction=f"{pca_file}:0", strength=3.0,
+                    t_edit=0, steps=3, image=picture())                   # DDIM-inverted first
+    assert len(r.images) == 2 and len(r.inputs) == 1
 
 
 def test_refusals(toy, pca_file, tmp_path, capsys):

@@ -7,7 +7,8 @@ the method's parameters (FLAGS), `methods.run`, save.
     edit "a cat" "a sitting cat" --method masactrl         MasaCtrl (--masa-step/-layer/-mask)
     edit "" "a blue square" --method pnp --image sq.png    plug-and-play (--pnp-features/-attention)
     edit "a cat" "a dog" --method pix2pix-zero             Pix2Pix-Zero (--xa-guidance, sentences)
-    edit "a cat" --method asyrp --direction d.safetensors:3 --strength 2   Asyrp (h-space)
+    edit "a cat" --method asyrp --direction d.safetensors:3 --strength 2   Asyrp (h-space;
+                                                           --image: its DDIM inversion)
 
 Every method writes 0.png (the source), 1.png … (the targets), strip.png, and with --maps
 maps-N.png (and with --over-time WORD over-time.gif: the word's map and x̂₀ at each step): the

@@ -28,7 +28,7 @@ import torch
 
 from .base import ParameterError, Result, Settings, check_number, param
 
-NAME, EDITS_PICTURES = "asyrp", "no"
+NAME, EDITS_PICTURES = "asyrp", "optional"
 SUMMARY = "Asyrp: shift the UNet's bottleneck h along a direction (h-space), asymmetric steps"
 
 
@@ -49,6 +49,10 @@ class Params:
         if len(prompts) != 1:
             raise ParameterError("prompts", "Asyrp edits the image of one prompt; give one")
         s.ddim_only("Asyrp's asymmetric reverse process")
+        if s.image is not None and not isinstance(s.image, (str,)) and \
+                not hasattr(s.image, "convert"):
+            raise ParameterError("image", "Asyrp inverts a picture (a path or a PIL image), "
+                                          "not an inversion file")
         check_number("strength", self.strength)
         for name in ("t_edit", "t_boost", "repeats"):
             v = getattr(self, name)
@@ -91,7 +95,9 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
     from ..pipeline import check_size, decode, initial_noise, to_pil
     d, k = read_direction(p.direction)
     height, width = check_size(model, s.height, s.width)
-    z_T = initial_noise(model, s.seed, height, width)
+    z_T, shown = initial_noise(model, s.seed, height, width), []
+    if s.image is not None:                     # a picture: its DDIM inversion under the prompt
+        z_T, shown = inverted(model, prompts[0], s, height, width)
     if d.kind == "pullback":
         z = pullback_edit(model, prompts[0], z_T, d, k, p, s)
     elif d.kind == "ft":                                # Δh = f_t(h) × n_train / n_test
@@ -103,7 +109,20 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
         z = edit(model, prompts[0], z_T, lambda h, step, t: d.delta(k, t, s.steps), p, s)
     sign = "+" if p.strength >= 0 else "−"
     return Result(to_pil(decode(model, z)),
-                  [prompts[0], f"{prompts[0]} {sign} {abs(p.strength):g}·{d.kind} {k}"])
+                  [prompts[0], f"{prompts[0]} {sign} {abs(p.strength):g}·{d.kind} {k}"], shown)
+
+
+def inverted(model, prompt: str, s: Settings, height: int, width: int):
+    """(z_T of the settings' picture by DDIM inversion under `prompt`, [the fitted picture]):
+    as Asyrp edits real images (there with its unconditional model; here the unedited row is
+    the picture's reconstruction at the run's guidance)."""
+    from ..pipeline import encode_text
+    from ..real import images
+    from ..real.invert import ddim_invert
+    from .base import read_image
+    fitted = images.fit(read_image(s.image), height, width)
+    z0 = images.encode(model, images.to_tensor(fitted))
+    return ddim_invert(model, z0, encode_text(model, [prompt]), s.steps, s.progress)[-1], [fitted]
 
 
 def edit(model, prompt: str, z_T: torch.Tensor, delta, p: Params, s: Settings,
