@@ -24,23 +24,26 @@ def _noise(seed, shape=(1, 4, 8, 8)):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("t_edit, t_boost", [(0, 0), (500, 300)])
-def test_asymmetric_process_matches_asyrp(sd_ckpt, sd_model, t_edit, t_boost):
+@pytest.mark.parametrize("t_edit, t_boost, asym", [(0, 0, True), (500, 300, True),
+                                                   (0, 0, False)])
+def test_asymmetric_process_matches_asyrp(sd_ckpt, sd_model, t_edit, t_boost, asym):
     """Every step z_{t−1} = √ᾱ_{t−1}·P_t(ε̃) + √(1−ᾱ_{t−1})·ε (t ≥ t_edit), DDIM between, η = 1 with
-    the same noises below t_boost: the final latents equal the oracle's."""
+    the same noises below t_boost: the final latents equal the oracle's (and Haas et al.'s
+    symmetric form, ε̃ in both terms)."""
     pipe, model, steps = sd_ckpt[0], sd_model, 6
     delta = 0.5 * _noise(7, (steps, *model.unet.cfg.block_out_channels[-1:], 1, 1))
     z = initial_noise(model, 3, 64, 64)
-    shift = HShift(lambda h, step: delta[step], [1.0])
+    shift = HShift(lambda h, step: delta[step], [1.0], asymmetric=asym)
     ours = sample(model, encode_text(model, [PROMPT]), encode_text(model, [""]), z, steps, 7.5,
                   shift, t_edit, t_boost, seed=5)
     with torch.no_grad():
         c, u = text_embeds(pipe, [PROMPT]), text_embeds(pipe, [""])
     ref, _ = O.asyrp_loop(pipe, z.clone(), c, u, steps, 7.5, delta, t_edit, t_boost,
-                          torch.Generator().manual_seed(6))
+                          torch.Generator().manual_seed(6), asym)
     plain, _ = O.asyrp_loop(pipe, z.clone(), c, u, steps, 7.5)
     d = (ours - ref).abs().max().item()
-    print(f"\nasyrp t_edit {t_edit} t_boost {t_boost}: max|Δ| {d:.1e} (the edit moves z_0 by "
+    print(f"\nasyrp t_edit {t_edit} t_boost {t_boost} asymmetric {asym}: max|Δ| {d:.1e} (the "
+          f"edit moves z_0 by "
           f"{(ref - plain).abs().max():.2f})")
     assert d <= TOL * max(1, ref.abs().max().item())
     assert (ref - plain).abs().max() > 0.05                           # the edit did something

@@ -261,16 +261,15 @@ class UNet2DConditionModel(nn.Module):
         """ε_θ(z_t, t, c).  z: (b, 4, h, w); t: scalar or (b,); context: (b, 77, 768).
         `control` sees every site it wants, with the `step` in each `Site` and, in `site.run`,
         `batch` (a guidance.GuidanceBatch, what each row holds), the precision and the fused
-        attention kernel (`self.fused`, set by minip2p/fast/ when installed; None: explicit).
-        At the "h" site `control.features` may return k·b rows ([h; h + Δh], Asyrp): each copy
-        is decoded with the same skips, and ε has k·b rows in that order (control.py)."""
+        attention kernel (`self.fused`, set by minip2p/fast/ when installed; None: explicit). At
+        the "h" site `control.features` may return k·b rows ([h; h + Δh]): ε then has k·b rows."""
         h, skips, temb, site = self.encode(z, t, context, control, step, batch)
         h_site = replace(site, place="mid", kind="h", pixels=h.shape[-2] * h.shape[-1])
         if control is not None and control.wants(h_site):
             h = control.features(h, h_site)
-            k = h.shape[0] // z.shape[0]           # [h; h + Δh]: the skips as they are, per copy
-            skips, temb, context = [s.repeat(k, 1, 1, 1) for s in skips], temb.repeat(k, 1), \
-                context.repeat(k, 1, 1)
+            if (k := h.shape[0] // z.shape[0]) > 1:  # [h; h + Δh]: the same skips, per copy
+                skips = [s.repeat(k, 1, 1, 1) for s in skips]
+                temb, context = temb.repeat(k, 1), context.repeat(k, 1, 1)
         return self.decode(h, skips, temb, context, site, control)
 
     def encode(self, z, t, context, control: Controller | None = None, step: int | None = None,

@@ -57,8 +57,9 @@ def denoising_step(xt, et, et_modified, at, at_next, eta=0.0, noise=None):
 
 @torch.no_grad()
 def asyrp_loop(pipe, x, cond, uncond, steps, scale, delta_hs=None, t_edit=0, t_boost=0,
-               gen=None):
-    """-> (x_0, hs of the ∅ call per step (steps, C, H, W) as semantic-diffusion records)."""
+               gen=None, asyrp=True):
+    """-> (x_0, hs of the ∅ call per step (steps, C, H, W) as semantic-diffusion records).
+    asyrp=False: semantic-diffusion's default, the edited ε in both terms."""
     from diffusers import DDIMScheduler
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps)
@@ -76,6 +77,7 @@ def asyrp_loop(pipe, x, cond, uncond, steps, scale, delta_hs=None, t_edit=0, t_b
             eu2, _ = unet_h(pipe.unet, x, t, uncond, delta_hs[i])
             ec2, _ = unet_h(pipe.unet, x, t, cond, delta_hs[i])
             et_mod = eu2 + scale * (ec2 - eu2)
+            et = et if asyrp else et_mod
         eta = 1.0 if t < t_boost else 0.0
         noise = torch.randn(x.shape, generator=gen) if eta else None
         x = denoising_step(x, et, et_mod, at, at_next, eta, noise)
