@@ -9,7 +9,10 @@ where the controller's `wants(site)` is true -- on the explicit and the fast pat
     attend(q, k, v, site) -> out   attention sites: return the attention output itself, or None
                                    to let the layer compute it (MasaCtrl: softmax(Q K_srcᵀ/√d)·V_src)
     features(h, site) -> h'        "res" sites: a ResBlock's residual branch after conv2, before
-                                   the skip is added (plug-and-play's feature injection)
+                                   the skip is added (plug-and-play's feature injection);
+                                   the "h" site: the mid block's output h, Asyrp's h-space;
+                                   [h; h + Δh] (k copies' rows) runs the decoder once per copy
+                                   with the same skips, so ε comes with ε̃ (methods/asyrp.py)
     before_step(z, step) -> z'     the latents (B, 4, h, w) before / after each denoising step
     after_step(z, step) -> z'      (LocalBlend; pinning the source to an inversion trajectory)
 
@@ -54,7 +57,7 @@ class Site:
     layer:  index within that block: transformer attentions[layer] or ResBlock resnets[layer]
     depth:  index of the transformer block inside the spatial transformer (0 for SD 1.x)
     kind:   "self" (attn1: pixels attend to pixels), "cross" (attn2: pixels attend to tokens)
-            or "res" (a ResBlock's residual branch)
+            "res" (a ResBlock's residual branch) or "h" (the mid block's output, place "mid")
     pixels: number of positions, h·w (4096 = 64² ... 64 = 8² at 512 px)
     step:   index of the denoising step, 0 .. steps-1 (None outside a sampling loop)
     index:  attention sites: the transformer block's place in the UNet's forward order, 0 … n−1
@@ -104,7 +107,8 @@ class Controller:
         return None
 
     def features(self, h: torch.Tensor, site: Site) -> torch.Tensor:
-        """h: a ResBlock's residual branch (rows, c, h, w). Return the branch to add to the skip."""
+        """h: a ResBlock's residual branch (rows, c, h, w): return the branch to add to the skip;
+        or, at the "h" site, the bottleneck: return it (or k·rows rows: k copies to decode)."""
         return h
 
     def before_step(self, z: torch.Tensor, step: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Command line: `minip2p generate|edit|attention|invert|reconstruct|instruct|pairs|guide|explore`
+"""Command line: `minip2p generate|edit|attention|invert|reconstruct|instruct|pairs|guide|hspace|
+explore`
 (and `python -m minip2p`).
 
 Every user mistake ends as one line on stderr, `minip2p: <what was wrong; what to do>`, exit
@@ -15,6 +16,7 @@ clean-up, so neither leaves a temporary file or folder behind.
     instruct.py  instruct (InstructPix2Pix)
     pairs.py     pairs (the InstructPix2Pix data recipe: resumable, sharded)
     guide.py     guide (Self-Guidance: move, resize)
+    hspace.py    hspace (directions in the UNet's h-space, for edit --method asyrp)
     explore.py   explore (the attention explorer, a local web page)
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import warnings
 
 from ..errors import MinipError, ParameterError
-from . import attention, edit, explore, generate, guide, instruct, invert, pairs
+from . import attention, edit, explore, generate, guide, hspace, instruct, invert, pairs
 from .common import Parser, flag_of
 
 
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_commands(sub)
     guide.add_commands(sub)
     explore.add_commands(sub)
+    hspace.add_commands(sub)
     return p
 
 

@@ -7,6 +7,8 @@ the method's parameters (FLAGS), `methods.run`, save.
     edit "a cat" "a sitting cat" --method masactrl         MasaCtrl (--masa-step/-layer/-mask)
     edit "" "a blue square" --method pnp --image sq.png    plug-and-play (--pnp-features/-attention)
     edit "a cat" "a dog" --method pix2pix-zero             Pix2Pix-Zero (--xa-guidance, sentences)
+    edit "a cat" --method asyrp --direction d.safetensors:3 --strength 2   Asyrp (h-space;
+                                                           --image: its DDIM inversion)
 
 Every method writes 0.png (the source), 1.png … (the targets), strip.png, and with --maps
 maps-N.png (and with --over-time WORD over-time.gif: the word's map and x̂₀ at each step): the
@@ -22,7 +24,7 @@ from .common import (add_model_options, check_out_dir, float_arg, int_arg, load,
                      save_images, settings_of)
 from .invert import add_edit_options, read_input, say_inversion
 
-EDIT_METHODS = ("p2p", "masactrl", "pnp", "pix2pix-zero")
+EDIT_METHODS = ("p2p", "masactrl", "pnp", "pix2pix-zero", "asyrp")
 # the one table: each method parameter `edit` takes -> its flag (argparse's dest: the flag's name)
 FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "--self-replace",
          "blend": "--blend", "blend_threshold": "--blend-threshold", "reweight": "--reweight",
@@ -32,7 +34,9 @@ FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "
          "target_sentences": "--target-sentences", "xa_guidance": "--xa-guidance",
          "strength": "--strength", "inversion": "--inversion-method",
          "inner_steps": "--inner-steps", "regularise": "--regularise", "reg_steps": "--reg-steps",
-         "lambda_ac": "--lambda-ac", "lambda_kl": "--lambda-kl"}
+         "lambda_ac": "--lambda-ac", "lambda_kl": "--lambda-kl",
+         "direction": "--direction", "t_edit": "--t-edit", "t_boost": "--t-boost",
+         "asymmetric": "--symmetric", "repeats": "--repeats"}
 
 
 def dest(flag: str) -> str:
@@ -69,6 +73,8 @@ def parameters(args) -> dict:
     args.method = args.method or "p2p"
     given = {name: getattr(args, dest(flag)) for name, flag in FLAGS.items()}
     p = {name: v for name, v in given.items() if v is not None and v is not False}
+    if p.get("asymmetric"):                          # --symmetric: Asyrp's asymmetric step off
+        p["asymmetric"] = False
     for key in ("cross_replace", "self_replace"):
         if key in p:
             p[key] = parse_window(p[key])
@@ -107,7 +113,8 @@ def cmd_edit(args):
     out = check_out_dir(args.out_dir, "edit")
     model = load(args)
     from_file = isinstance(real, Inversion)
-    size = preflight(args, model, images=1 if args.method == "pnp" else len(prompts) + from_file,
+    size = preflight(args, model, images=1 if args.method == "pnp" else 2 if args.method == "asyrp"
+                     else len(prompts) + from_file,
                      size=(real.height, real.width) if from_file else None,
                      rows_per_image=3 if args.method == "pnp" else 2,
                      controlled=(32 ** 2 if args.maps else 16 ** 2 if args.method == "p2p" else 1),
@@ -185,8 +192,22 @@ def add_commands(sub):
                    help="sentences about the target concept, one a line")
     z.add_argument("--xa-guidance", type=float_arg("--xa-guidance"), default=None,
                    help="cross-attention guidance step λ (0.1)")
+    a = e.add_argument_group("Asyrp (--method asyrp; directions from `minip2p hspace`)")
+    a.add_argument("--direction", metavar="FILE:K", default=None,
+                   help="direction K of a directions file, e.g. dirs.safetensors:3; --strength "
+                        "scales it (1)")
+    a.add_argument("--t-edit", type=int_arg("--t-edit", 0, 1000), default=None,
+                   help="edit h at timesteps t ≥ this, of 1000 (500)")
+    a.add_argument("--t-boost", type=int_arg("--t-boost", 0, 1000), default=None,
+                   help="stochastic steps (η = 1) below this timestep (200)")
+    a.add_argument("--symmetric", action="store_true",
+                   help="the edited ε in both terms of the step (Haas et al.), not Asyrp's "
+                        "asymmetric step")
+    a.add_argument("--repeats", type=int_arg("--repeats", 0, 1000), default=None,
+                   help="pullback directions: x-space guidance steps at z_t (16)")
     e.add_argument("--strength", type=float_arg("--strength"), default=None,
-                   help="SDEdit: with --image, start from the picture noised this much, in (0, 1]")
+                   help="SDEdit: with --image, start from the picture noised this much, in "
+                        "(0, 1]; Asyrp: how far along --direction (1)")
     e.add_argument("--maps", action="store_true", help="also write maps-N.png per prompt")
     e.add_argument("--map-res", type=int_arg("--map-res"), metavar="ROWS", help=MAP_RES)
     e.add_argument("--over-time", metavar="WORD", help=OVER_TIME + " (over-time.gif)")

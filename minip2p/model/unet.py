@@ -1,7 +1,6 @@
 """The SD 1.x UNet ε_θ(z_t, t, c), read top to bottom.
 
-Module names equal the diffusers checkpoint keys (down_blocks.0.attentions.1.transformer_blocks.0
-.attn2.to_q.weight ...), so a diffusers `unet/` folder loads with no renaming.
+Module names equal the diffusers checkpoint keys, so a diffusers `unet/` folder loads as is.
 
     z_t ─ conv_in ─ down_blocks ─ mid_block ─ up_blocks ─ norm/SiLU/conv_out ─ ε
                         │ skips ────────────────►│
@@ -258,17 +257,28 @@ class UNet2DConditionModel(nn.Module):
 
     def forward(self, z, t, context, control: Controller | None = None, step: int | None = None,
                 batch=None, residuals=None):
-        """ε_θ(z_t, t, c).  z: (b, 4, h, w); t: scalar or (b,); context: (b, 77, 768).
-        `control` sees every site it wants, with the `step` in each `Site` and, in `site.run`,
-        `batch` (a guidance.GuidanceBatch, what each row holds), the precision and the fused
-        attention kernel (`self.fused`, set by minip2p/fast/ when installed; None: explicit).
-        `residuals`: (down, mid) from ControlNets (model/controlnet.py, conditioning.py), added
-        to the skip connections the decoder reads and to the mid block's output."""
+        """ε_θ(z_t, t, c).  z: (b, 4, h, w); t: scalar or (b,); context: (b, 77, 768). `control`
+        sees every site it wants (`step` in each Site; `batch`, precision and the fast path's kernel
+        in `site.run`). At the "h" site `control.features` may return k·b rows ([h; h + Δh]): ε has
+        k·b rows. `residuals`: ControlNets' (down, mid), added to the skips and h (conditioning/)."""
+        h, skips, temb, site = self.encode(z, t, context, control, step, batch)
+        if residuals is not None:                       # ControlNet: skip_k + c_k, h + c_mid
+            skips, h = [s + c for s, c in zip(skips, residuals[0], strict=True)], h + residuals[1]
+        h_site = replace(site, place="mid", kind="h", pixels=h.shape[-2] * h.shape[-1])  # Asyrp
+        if control is not None and control.wants(h_site):
+            h = control.features(h, h_site)
+            if (k := h.shape[0] // z.shape[0]) > 1:  # [h; h + Δh]: the same skips, per copy
+                skips = [s.repeat(k, 1, 1, 1) for s in skips]
+                temb, context = temb.repeat(k, 1), context.repeat(k, 1, 1)
+        return self.decode(h, skips, temb, context, site, control)
+
+    def encode(self, z, t, context, control: Controller | None = None, step: int | None = None,
+               batch=None):
+        """Down path and mid block -> (h, skips, temb, site); h: Asyrp's h-space (1280×8×8)."""
         t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
         temb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
                                   self.cfg.freq_shift)
         temb = self.time_embedding(temb.to(z.dtype))                    # (b, 4·c0)
-
         run = Run(batch, self.cfg.upcast_attention, self.fused)
         site = Site("down", 0, 0, 0, "res", 0, step=step, run=run)
         x = self.conv_in(z)
@@ -277,10 +287,10 @@ class UNet2DConditionModel(nn.Module):
             x, outs = block(x, temb, context, replace(site, block=i), control)
             skips += outs
         x = self.mid_block(x, temb, context, replace(site, place="mid"), control)
-        if residuals is not None:                       # ControlNet: skip_k + c_k, mid + c_mid
-            down, mid = residuals
-            skips = [s + c for s, c in zip(skips, down, strict=True)]
-            x = x + mid
+        return x, skips, temb, site
+
+    def decode(self, x, skips, temb, context, site: Site, control: Controller | None = None):
+        """The up path from h with the down path's skips -> ε."""
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]
@@ -288,4 +298,3 @@ class UNet2DConditionModel(nn.Module):
             x, _ = block(x, temb, context, replace(site, place="up", block=i), control,
                          skips=mine, up_size=up_size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
-

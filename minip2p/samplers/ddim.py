@@ -102,12 +102,24 @@ class DDIM:
         a = self.alpha(t).to(z0.dtype)
         return a ** 0.5 * z0 + (1 - a) ** 0.5 * noise
 
-    def step(self, model_out: torch.Tensor, t: int, z: torch.Tensor, steps: int) -> torch.Tensor:
-        """One denoising step z_t -> z_{t - 1000/steps}."""
-        a_t = self.alpha(t)
-        a_prev = self.alpha(self.prev(t, steps))
-        x0, eps = self._split(model_out, z, a_t.to(z.dtype))
-        return a_prev.to(z.dtype) ** 0.5 * x0 + (1 - a_prev.to(z.dtype)) ** 0.5 * eps
+    def step(self, model_out: torch.Tensor, t: int, z: torch.Tensor, steps: int,
+             eta: float = 0.0, noise: torch.Tensor | None = None,
+             direction: torch.Tensor | None = None) -> torch.Tensor:
+        """One denoising step z_t -> z_t', t' = t − 1000/steps.
+
+        η > 0 (Song et al. eq. 12): σ = η·√((1−ᾱ_t/ᾱ_t')(1−ᾱ_t')/(1−ᾱ_t)) and
+            z_t' = √ᾱ_t'·ẑ_0 + √(1−ᾱ_t'−σ²)·ε + σ·n,   n = `noise` ~ N(0, I)
+        `direction`: another model output whose ε points to z_t' (Asyrp's asymmetric step:
+        ẑ_0 = P_t(ε̃) from `model_out` = ε̃, the direction from the original ε)."""
+        a_t = self.alpha(t).to(z.dtype)
+        a_prev = self.alpha(self.prev(t, steps)).to(z.dtype)
+        x0, eps = self._split(model_out, z, a_t)
+        if direction is not None:
+            eps = self._split(direction, z, a_t)[1]
+        if eta == 0:
+            return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        sigma = eta * ((1 - a_t / a_prev) * (1 - a_prev) / (1 - a_t)) ** 0.5
+        return a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
 
     def epsilon(self, model_out: torch.Tensor, z: torch.Tensor, t: int) -> torch.Tensor:
         """The ε that `model_out` means at z_t (itself for ε-prediction)."""
