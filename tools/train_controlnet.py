@@ -102,7 +102,7 @@ def save_state(folder: Path, net, ema, opt, step, gen, info):
         for key in ("exp_avg", "exp_avg_sq"):
             if key in s:
                 t[f"opt.{key}.{n}"] = s[key].contiguous()
-    t["gen"] = gen.get_state()
+    t["gen"], t["step"] = gen.get_state(), torch.tensor(step)     # the step: with the weights
     steps = {n: float(opt.state[p]["step"]) for p, n in zip(net.parameters(), names)
              if p in opt.state}
     save_file(t, str(folder / "state.tmp"))
@@ -120,7 +120,16 @@ def load_state(folder: Path, net, ema, opt, gen) -> tuple[int, dict]:
             opt.state[p] = dict(step=torch.tensor(info["adam_steps"][n]),
                                 exp_avg=t[f"opt.exp_avg.{n}"], exp_avg_sq=t[f"opt.exp_avg_sq.{n}"])
     gen.set_state(t["gen"])
-    return info["step"], info
+    return int(t["step"]) if "step" in t else info["step"], info
+
+
+def export(ema, out: Path, info: dict):
+    """The EMA weights in fp16, diffusers layout (load.controlnet.save_controlnet), and the run's
+    arguments and figures in training.json."""
+    half = ControlNet(ema.cfg)
+    half.load_state_dict(ema.state_dict())
+    save_controlnet(half.half(), out)
+    (out / "training.json").write_text(json.dumps(dict(info, torch=torch.__version__), indent=1) + "\n")
 
 
 def main(argv=None):
@@ -139,7 +148,11 @@ def main(argv=None):
     p.add_argument("--pool", type=int, default=8192, help="pictures drawn and encoded up front")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop once this step is saved (0: run to --steps); a restart resumes")
     p.add_argument("--quick", action="store_true", help="a few tiny steps (CI smoke test)")
+    p.add_argument("--export", default=None, help="only write the EMA weights saved so far in "
+                                                    "OUT.state/ to this folder (a look mid-run)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.pool, args.warmup, args.log_every, args.save_every = 3, 4, 8, 1, 1, 2
@@ -161,6 +174,9 @@ def main(argv=None):
         step, info = load_state(state_dir, net, ema, opt, gen)
         t_before = info.get("seconds", 0.0)
         log(f"resumed at step {step} from {state_dir}")
+    if args.export:
+        export(ema, Path(args.export), dict(vars(args), steps_done=step, seconds=round(t_before)))
+        return log(f"wrote the EMA weights of step {step} to {args.export}")
     log(f"net {sum(q.numel() for q in net.parameters()) / 1e6:.2f} M parameters, args {vars(args)}")
     t0 = time.time()
     z0s, hints, idx = make_pool(model, caps, args.pool, args.seed)
@@ -208,13 +224,10 @@ def main(argv=None):
         if step % args.save_every == 0 or step == args.steps:
             save_state(state_dir, net, ema, opt, step, gen,
                        dict(args=vars(args), seconds=t_before + time.time() - t0, loss_avg=avg))
+            if args.stop_after and step >= args.stop_after:
+                return log(f"stopped after step {step} (--stop-after); run again to resume")
     seconds = t_before + time.time() - t0
-    half = ControlNet(ema.cfg)
-    half.load_state_dict(ema.state_dict())
-    save_controlnet(half.half(), out)
-    (out / "training.json").write_text(json.dumps(dict(vars(args), steps_done=step,
-                                                       seconds=round(seconds), loss_avg=avg,
-                                                       torch=torch.__version__), indent=1) + "\n")
+    export(ema, out, dict(vars(args), steps_done=step, seconds=round(seconds), loss_avg=avg))
     log(f"wrote {out} ({seconds / 60:.1f} min of training)")
 
 
