@@ -7,7 +7,8 @@
 The lesson is at the door: attention.py (softmax(QKᵀ/√d)·V, and where a controller sees M),
 control.py (the hooks), guidance.py (classifier-free guidance), pipeline.py (the sampling loop).
 Then model/ (the networks), load/ (checkpoints), samplers/, methods/ (every editing method and
-their registry), real/ (real pictures and inversions), fast/ (kernels picked by measurement),
+their registry), conditioning/ (ControlNets: residuals on the UNet's skips, beside the
+controllers), real/ (real pictures and inversions), fast/ (kernels picked by measurement),
 explore/ (the web page), data/ (InstructPix2Pix's training pairs) and cli/.
 """
 from .errors import MinipError

@@ -75,7 +75,9 @@ def vae_bytes(cfg, height: int, width: int, nbytes: int) -> int:
 
 
 def weights_bytes(model) -> int:
+    """Every parameter's bytes: UNet, VAE, text encoder and the ControlNets (conditioning/)."""
     parts = [model.unet, model.vae] + ([model.text_encoder] if model.text_encoder else [])
+    parts += [c.net for c in getattr(model.conditioning, "controls", [])]
     return sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
 
 

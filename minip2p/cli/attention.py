@@ -4,6 +4,7 @@ at every step; `edit --maps --over-time` uses the same helpers)."""
 from __future__ import annotations
 
 from ..errors import MinipError
+from .control import add_control_options
 from .common import (add_model_options, check_out_file, ddim_only, int_arg, load, preflight,
                      save_image)
 
@@ -71,4 +72,5 @@ def add_commands(sub):
     a.add_argument("--map-res", type=int_arg("--map-res"), metavar="ROWS", help=MAP_RES)
     a.add_argument("--over-time", metavar="WORD", help=OVER_TIME + " (--out NAME.gif)")
     add_model_options(a, out="maps.png", lean=True)
+    add_control_options(a)
     a.set_defaults(run=cmd_attention)

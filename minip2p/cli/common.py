@@ -167,10 +167,14 @@ def load(args):
     from ..load import load_model
     if getattr(args, "no_autotune", False):
         set_tuner(Tuner(enabled=False))
-    return load_model(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
-                      revision=args.revision, embeddings=args.embedding,
-                      fast=not getattr(args, "explicit", False),     # --explicit: reference
-                      strict_length=getattr(args, "strict_length", False))
+    if hasattr(args, "control"):                     # the ControlNet options (cli/control.py)
+        from .control import attach, check_controls
+        check_controls(args)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, variant=args.variant,
+                       revision=args.revision, embeddings=args.embedding,
+                       fast=not getattr(args, "explicit", False),     # --explicit: reference
+                       strict_length=getattr(args, "strict_length", False))
+    return attach(args, model) if hasattr(args, "control") else model
 
 
 def preflight(args, model, images: int = 1, size=None, **kw) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ..errors import MinipError
 from .attention import MAP_RES, OVER_TIME, save_over_time
+from .control import add_control_options
 from .common import (add_model_options, check_out_dir, float_arg, int_arg, load, preflight,
                      save_images, settings_of)
 from .invert import add_edit_options, read_input, say_inversion
@@ -192,5 +193,6 @@ def add_commands(sub):
     e.add_argument("--out-dir", default="edit",
                    help="output folder, replaced as a whole by each run (edit)")
     add_model_options(e, lean=True)
+    add_control_options(e)
     add_edit_options(e)
     e.set_defaults(run=cmd_edit, flags=FLAGS)

@@ -3,6 +3,7 @@
     minip2p explore                         http://127.0.0.1:7860, the toy model
     minip2p explore --model PATH --port 8000
     minip2p explore --host 0.0.0.0          reachable from other machines: only when asked
+    minip2p explore --controlnet NET        the page offers a hint picture (canny or as is)
 """
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ def cmd_explore(args):
                       "on it and see its images (there is no login)")
     out = check_out_dir(args.out_dir) if args.out_dir else None
     model = load(args)
+    from ..load.controlnet import load_controlnet
+    nets = [load_controlnet(spec, dtype=args.dtype, device=args.device, base=model)
+            for spec in args.controlnet]
     server, explorer = make_server(model, args.host, args.port, out,
-                                   quiet=not args.verbose)
+                                   quiet=not args.verbose, controlnets=nets)
     try:                                # Ctrl-C or SIGTERM from here on: the folder is removed
         host, port = server.server_address[:2]
         print(f"minip2p explorer on http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
@@ -50,6 +54,8 @@ def add_commands(sub):
     x.add_argument("--variant", default=None, help="prefer *.VARIANT.safetensors weights")
     x.add_argument("--embedding", action="append", default=[], metavar="FILE.safetensors",
                    help="textual-inversion embedding (repeatable)")
+    x.add_argument("--controlnet", action="append", default=[], metavar="PATH_OR_REPO",
+                   help="a ControlNet the page's hint picture conditions (repeatable)")
     x.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     x.add_argument("--device", default="cpu", help="cpu, cuda, mps … (cpu)")
     x.add_argument("--strict-length", action="store_true",

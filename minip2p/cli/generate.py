@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import MinipError
+from .control import add_control_options
 from .common import (add_model_options, check_out_file, float_arg, int_arg, load, preflight,
                      save_image, settings_of)
 
@@ -56,4 +57,5 @@ def add_commands(sub):
                    help="Attend-and-Excite: update z_t in the first N of 50 steps, scaled to "
                         "--steps (25)")
     add_model_options(g, out="minip2p.png", lean=True)
+    add_control_options(g)
     g.set_defaults(run=cmd_generate, flags=FLAGS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import MinipError
+from .control import add_control_options
 from .common import (add_model_options, check_out_dir, float_arg, int_arg, load, preflight,
                      save_images, settings_of)
 
@@ -73,4 +74,5 @@ def add_commands(sub):
     g.add_argument("--out-dir", default="guide",
                    help="output folder, replaced as a whole by each run (guide)")
     add_model_options(g)
+    add_control_options(g)
     g.set_defaults(run=cmd_guide)

@@ -7,6 +7,7 @@ instruction's cross-attention maps to OUT-maps.png.
 """
 from __future__ import annotations
 
+from .control import add_control_options
 from .common import (add_model_options, check_out_file, float_arg, load, preflight, save_image,
                      settings_of)
 
@@ -45,4 +46,5 @@ def add_commands(sub):
     p.add_argument("--maps", action="store_true",
                    help="also write the instruction's cross-attention maps (OUT-maps.png)")
     add_model_options(p, out="instruct.png")
+    add_control_options(p)
     p.set_defaults(run=cmd_instruct, sampler="euler-a", steps=100, flags={"image": "IMAGE"})

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import MinipError
+from .control import add_control_options
 from .common import (add_model_options, check_out_file, ddim_only, float_arg, int_arg, load,
                      preflight, save_image)
 
@@ -180,6 +181,7 @@ def add_commands(sub):
     i.add_argument("prompt", help="a prompt describing the image (the edits' source prompt)")
     add_inversion_options(i)
     add_model_options(i)
+    add_control_options(i)
     i.add_argument("--out", default="inversion.safetensors",
                    help="inversion file to write (inversion.safetensors)")
     i.set_defaults(run=cmd_invert, flags=POSITIONAL)
@@ -190,4 +192,5 @@ def add_commands(sub):
     r.add_argument("--inversion", metavar="FILE", help="reuse this inversion file")
     add_inversion_options(r)
     add_model_options(r, out="reconstruction.png")
+    add_control_options(r)
     r.set_defaults(run=cmd_reconstruct, flags=POSITIONAL)

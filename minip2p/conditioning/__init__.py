@@ -75,10 +75,25 @@ def hint_tensor(hint, name: str = "controls") -> torch.Tensor:
     hint = hint.float()
     hint = hint[None] if hint.ndim == 3 else hint
     if hint.ndim != 4 or hint.shape[1] not in (1, 3):
-        raise ParameterError(name, f"a hint must have 1 or 3 channels, got shape {tuple(hint.shape)}")
+        raise ParameterError(name, f"a hint must have 1 or 3 channels, got shape "
+                                   f"{tuple(hint.shape)}")
     if not torch.isfinite(hint).all() or hint.min() < 0 or hint.max() > 1:
         raise ParameterError(name, "a hint's values must lie in [0, 1]")
     return hint.expand(-1, 3, -1, -1) if hint.shape[1] == 1 else hint
+
+
+def make_hint(kind: str, image, height: int, width: int) -> np.ndarray:
+    """A picture -> the hint at the image size, uint8 H×W×3: "canny", its Canny edges
+    (thresholds 100/200, real/canny.py) after resampling it to height × width as the official
+    annotator resamples (Lanczos up, area down); "hint", a ready hint (depth, pose, scribble)
+    resampled the same way."""
+    from ..real.canny import canny, hwc3, resize
+    if kind not in ("canny", "hint"):
+        raise ParameterError("controls", f"a hint is made by canny or given as is (hint), "
+                                         f"not {kind!r}")
+    pic = np.asarray(image.convert("RGB"))
+    pic = resize(pic, height, width, grow=height * width > pic.shape[0] * pic.shape[1])
+    return hwc3(canny(pic, 100, 200)) if kind == "canny" else pic
 
 
 @dataclass
@@ -118,6 +133,33 @@ class Control:
         """Does the net act at `step` of `steps` (diffusers' controlnet_keep)?"""
         return not (step / steps < self.window[0] or (step + 1) / steps > self.window[1])
 
+    def residuals(self, z, t, context, rows) -> list[torch.Tensor]:
+        """This net's n + 1 residuals (rows, c_i, h_i, w_i), scales applied; zeros on the rows it
+        leaves alone (guess mode: every row but the conditional ones)."""
+        net, images = self.net, 1 + max(b for b, _ in rows)
+        if self.hint.shape[0] not in (1, images):
+            raise MinipError(f"a ControlNet has {self.hint.shape[0]} hints for {images} images; "
+                             "give one hint, or one per image")
+        active = [r for r, (_, cond) in enumerate(rows) if cond == TEXT or not self.guess]
+        p, f = net.conv_in.weight, net.cfg.downscale
+        hint = self.hint.to(p.device, p.dtype)
+        size = (z.shape[-2] * f, z.shape[-1] * f)                       # the image's size
+        if tuple(hint.shape[-2:]) != size:
+            hint = F.interpolate(hint, size=size, mode="bilinear", antialias=True,
+                                 align_corners=False).clamp(0, 1)
+        pick = [rows[r][0] if hint.shape[0] > 1 else 0 for r in active]  # each row's image's
+        t = t[active] if isinstance(t, torch.Tensor) and t.numel() > 1 else t
+        scales = guess_scales(net.outputs, self.scale) if self.guess else self.scale
+        down, mid = net(z[active, :net.cfg.unet.in_channels].to(p.dtype), t,
+                        context[active].to(p.dtype), hint[pick], scales)
+        out = [r.to(z.dtype) for r in (*down, mid)]
+        if len(active) == z.shape[0]:
+            return out
+        full = [r.new_zeros((z.shape[0], *r.shape[1:])) for r in out]
+        for a, r in zip(full, out):
+            a[active] = r
+        return full
+
 
 class ControlNets:
     """The ControlNets of a run: `residuals` for one UNet call, summed over the nets."""
@@ -136,48 +178,24 @@ class ControlNets:
                   at: tuple[int, int] | None = None):
         """z: the UNet's input (rows, c, h, w); context (rows, 77, d); `batch`: what each row
         holds (None: each row a conditional row of its own image); `at`: (step, steps), the
-        place in the schedule (None: every net acts) -> (down, mid) or None."""
+        place in the schedule (None: every net acts) -> (down, mid) or None (no net acts)."""
         rows = batch.rows if batch is not None else tuple((r, TEXT) for r in range(z.shape[0]))
-        images = 1 + max(b for b, _ in rows)
         total = None
         for c in self.controls:
-            if at is not None and not c.keep(*at):
-                continue
-            active = [r for r, (_, cond) in enumerate(rows) if cond == TEXT or not c.guess]
-            if c.hint.shape[0] not in (1, images):
-                raise MinipError(f"a ControlNet has {c.hint.shape[0]} hints for {images} images; "
-                                 "give one hint, or one per image")
-            net = c.net
-            p = net.conv_in.weight
-            f = net.cfg.downscale
-            hint = c.hint.to(p.device, p.dtype)
-            size = (z.shape[-2] * f, z.shape[-1] * f)
-            if tuple(hint.shape[-2:]) != size:
-                hint = F.interpolate(hint, size=size, mode="bilinear", antialias=True,
-                                     align_corners=False).clamp(0, 1)
-            pick = [rows[r][0] if hint.shape[0] > 1 else 0 for r in active]
-            tt = t[active] if isinstance(t, torch.Tensor) and t.numel() > 1 else t
-            n = net.outputs
-            scales = guess_scales(n, c.scale) if c.guess else [c.scale] * n
-            down, mid = net(z[active, :net.cfg.unet.in_channels].to(p.dtype), tt,
-                            context[active].to(p.dtype), hint[pick], scales)
-            out = [*down, mid]
-            if len(active) < z.shape[0]:                     # guess mode: zeros elsewhere
-                full = [r.new_zeros((z.shape[0], *r.shape[1:])) for r in out]
-                for f_, r in zip(full, out):
-                    f_[active] = r
-                out = full
-            out = [r.to(z.dtype) for r in out]
-            total = out if total is None else [a + b for a, b in zip(total, out)]
+            if at is None or c.keep(*at):
+                out = c.residuals(z, t, context, rows)
+                total = out if total is None else [a + b for a, b in zip(total, out)]
         return None if total is None else (total[:-1], total[-1])
 
 
 def conditioned(model, controls) -> Any:
     """The model bundle with these ControlNets (a list of `Control` or of their keywords) taking
-    part in every UNet call; the same modules, nothing copied. No controls: `model` itself."""
+    part in every UNet call, after those it has already; the same modules, nothing copied. No
+    controls: `model` itself."""
     if not controls:
         return model
-    return dataclasses.replace(model, conditioning=ControlNets(list(controls), model))
+    before = model.conditioning.controls if model.conditioning is not None else []
+    return dataclasses.replace(model, conditioning=ControlNets([*before, *controls], model))
 
 
 def eps(model, z, t, context, control=None, step: int | None = None, batch=None,

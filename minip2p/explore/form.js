@@ -6,6 +6,7 @@
 // answer names the parameter.
 let catalogue = null;          // {methods: [...], limits: {...}} from /api/methods
 let picture = null;            // the chosen file as a data: URL
+let hint = null;               // a ControlNet hint picture, a data: URL (with --controlnet)
 let watching = null;           // the job whose progress this page shows
 
 const method = () => catalogue.methods.find((m) => m.name === $("method").value);
@@ -108,6 +109,8 @@ function form() {
                 edits: $("edits").value.split("\n"), seed: num("seed"), steps: num("steps"),
                 guidance: num("guidance"), params: params()};
   if (picture && method().edits_pictures !== "no") body.image = picture;
+  if (hint) Object.assign(body, {hint: hint, hint_kind: $("hint-kind").value,
+                                 control_scale: num("control-scale")});
   return body;
 }
 
@@ -159,6 +162,24 @@ $("image").addEventListener("change", () => {
                           $("image-preview").classList.remove("hidden"); };
   reader.readAsDataURL(file);
 });
+// A ControlNet's hint picture, and its preview as the nets see it (canny edges or as it is).
+async function preview_hint() {
+  $("hint-preview").classList.add("hidden");
+  if (!hint) return;
+  const response = await fetch("/api/hint", {method: "POST", headers: {"Content-Type":
+    "application/json"}, body: JSON.stringify({hint: hint, hint_kind: $("hint-kind").value})});
+  const answer = await response.json();
+  if (!response.ok) return fail(answer.error);
+  $("hint-preview").src = answer.hint; $("hint-preview").classList.remove("hidden");
+}
+$("hint").addEventListener("change", () => {
+  const file = $("hint").files[0], reader = new FileReader();
+  hint = null; $("hint-preview").classList.add("hidden");
+  if (!file) return;
+  reader.onload = () => { hint = reader.result; preview_hint(); };
+  reader.readAsDataURL(file);
+});
+$("hint-kind").addEventListener("change", preview_hint);
 $("method").addEventListener("change", choose_method);
 $("form").addEventListener("submit", (event) => { event.preventDefault(); run(); });
 
@@ -166,5 +187,7 @@ $("form").addEventListener("submit", (event) => { event.preventDefault(); run();
   try { catalogue = await (await fetch("/api/methods")).json(); }
   catch (e) { return fail("could not read the methods (" + e + ")"); }
   for (const m of catalogue.methods) $("method").add(new Option(m.name, m.name));
+  for (const id of ["hint-label", "hint-row"])
+    $(id).classList.toggle("hidden", !catalogue.controlnets);
   choose_method();
 })();

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ..errors import MinipError
-from .requests import FILE_NAME, KEEP_JOBS, MAX_QUEUE, BadRequest, Request, check_request
+from .requests import (FILE_NAME, KEEP_JOBS, MAX_QUEUE, BadRequest, Request, check_request,
+                       hint_controls)
 
 
 @dataclass
@@ -65,7 +66,9 @@ def _look(model, r: Request):
     from ..control import AttentionStore
     from ..methods.base import Result
     from ..pipeline import X0Recorder, generate, initial_noise, to_pil
+    from ..conditioning import conditioned
     s = r.settings
+    model = conditioned(model, s.get("controls"))
     store = AttentionStore(1, step_pixels=views.coarse_pixels(model, s["height"], s["width"]))
     z_T = initial_noise(model, s["seed"], s["height"], s["width"])
     x0 = X0Recorder(model, z_T, s["steps"])
@@ -125,12 +128,21 @@ def run_job(model, job: Job, out_dir: Path):
         try:
             res = _look(model, r) if r.look else \
                 methods.run(model, r.method, r.prompts, **r.settings, **r.params)
+            if r.settings.get("controls"):                # the hint the nets saw (canny preview)
+                res.inputs = [*res.inputs, _hint_picture(r.settings["controls"][0])]
         finally:
             job.warnings = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
     with torch.no_grad():
         result = _result(model, job, res, save)
     result["seconds"] = round(time.perf_counter() - start, 2)
     job.result = result
+
+
+def _hint_picture(control):
+    """A Control's (first) hint as a PIL image."""
+    from PIL import Image
+    hint = control.hint[0]                                       # (3, H, W) in [0, 1]
+    return Image.fromarray((hint.permute(1, 2, 0) * 255).round().byte().numpy())
 
 
 def _result(model, job: Job, res, save) -> dict:
@@ -156,8 +168,8 @@ def _result(model, job: Job, res, save) -> dict:
 class Explorer:
     """The jobs and the one worker thread that runs them in order."""
 
-    def __init__(self, model, out_dir: Path | None = None):
-        self.model = model
+    def __init__(self, model, out_dir: Path | None = None, controlnets=()):
+        self.model, self.controlnets = model, list(controlnets)
         self.temporary = out_dir is None
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="minip2p-explore-")).resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +191,7 @@ class Explorer:
             job.step = min(step + 1, job.request.steps)
 
     def submit(self, body: dict) -> Job:
-        request = check_request(self.model, body)
+        request = check_request(self.model, body, self.controlnets)
         with self.lock:
             if sum(j.state == "queued" for j in self.jobs.values()) >= MAX_QUEUE:
                 raise BadRequest(503, f"{MAX_QUEUE} jobs are waiting already; try again soon")
@@ -188,6 +200,19 @@ class Explorer:
             self.next_id += 1
             self.queue.put(job)
         return job
+
+    def preview(self, body: dict) -> str:
+        """POST /api/hint: the hint a run with this picture gives the nets, at the model's native
+        size, as a PNG data URL (the canny preview)."""
+        import base64
+        import io
+        side = self.model.unet.cfg.sample_size * self.model.vae.cfg.downscale
+        controls = hint_controls(body, self.controlnets, side, side).get("controls")
+        if not controls:
+            raise MinipError("hint: give a picture")
+        buf = io.BytesIO()
+        _hint_picture(controls[0]).save(buf, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
     def ahead(self, job: Job) -> int:
         """How many jobs run or wait before this one."""
@@ -208,6 +233,7 @@ class Explorer:
                 job.state = "error"
             self.running = None
             job.request.settings.pop("image", None)          # the picture lives on as a file
+            job.request.settings.pop("controls", None)       # and the hint
             with self.lock:
                 self.finished.append(job.id)
                 self._forget_old()

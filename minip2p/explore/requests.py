@@ -238,7 +238,7 @@ def _params(body: dict, method: str) -> dict:
 
 # ------------------------------------------------------------------------ the request
 
-def check_request(model, body: dict) -> Request:
+def check_request(model, body: dict, controlnets=()) -> Request:
     """A request body (parsed JSON) -> Request; every problem is one MinipError line."""
     from ..pipeline import check_size
     if not isinstance(body, dict):
@@ -255,6 +255,7 @@ def check_request(model, body: dict) -> Request:
                     width=_number(body, "width", native, int, f, MAX_SIDE),
                     image=decode_picture(body.get("image")))
     check_size(model, settings["height"], settings["width"])
+    settings.update(hint_controls(body, controlnets, settings["height"], settings["width"]))
     if settings["image"] is not None:              # the centre crop keeps enough of the picture
         check_picture(settings["image"], settings["height"], settings["width"])
     params = _params(body, name)
@@ -267,6 +268,22 @@ def check_request(model, body: dict) -> Request:
         method.check_model(model)
     settings.update(_views(name, prompts, settings, params))
     return Request(name, prompts, settings, params)
+
+
+def hint_controls(body: dict, controlnets, height: int, width: int) -> dict:
+    """{"controls": [...]} for a request with a `hint` picture (else {}): every net of the
+    explorer on it, made by `hint_kind` (canny: its edges; hint: as it is), `control_scale`."""
+    if body.get("hint") in (None, ""):
+        return {}
+    if not controlnets:
+        raise MinipError("hint: this explorer has no ControlNet; start it with one")
+    from ..conditioning import Control, make_hint
+    kind, scale = _text(body, "hint_kind", "canny"), _number(body, "control_scale", 1, float, 0, 10)
+    try:
+        hint = make_hint(kind, decode_picture(body["hint"]), height, width)
+    except MinipError as e:
+        raise MinipError(f"hint: {e}") from None
+    return {"controls": [Control(net, hint, scale).check() for net in controlnets]}
 
 
 def _views(name: str, prompts: list[str], settings: dict, params: dict) -> dict:

@@ -2,6 +2,9 @@
 
     page ── GET /api/methods ──> every method: summary, whether it edits pictures, parameters
          ── POST /api/run {"method": …, "prompt": …, "edits": […], "params": {…}, "image": …}
+           (started with --controlnet: also "hint": a picture, "hint_kind": "canny" or "hint",
+            "control_scale": 1.0 -- the nets condition the run on it, requests.hint_controls;
+            POST /api/hint with the same fields answers {"hint": the hint as a PNG data URL})
          <── 202 {"id": 3, "ahead": 1}        (a bad field: 4xx {"error": one line}, requests.py)
          ── GET /api/jobs/3 (every ¼ s) ──> {"state": "queued"|"running"|"done"|"error", "ahead",
          <──                                 "step", "steps", "result" or "error"}
@@ -39,7 +42,7 @@ PAGE, SCRIPT = "page.html", "form.js"
 
 
 class Handler(BaseHTTPRequestHandler):
-    """GET /, /form.js, /api/methods, /api/jobs/ID, /out/NAME.png; POST /api/run.
+    """GET /, /form.js, /api/methods, /api/jobs/ID, /out/NAME.png; POST /api/run, /api/hint.
     Errors: JSON {"error": one line}."""
     server_version = "minip2p-explore"
     explorer: Explorer                    # set by `make_server`
@@ -92,8 +95,9 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self):
-        if urlsplit(self.path).path != "/api/run":
-            return self._error(404, "POST goes to /api/run")
+        path = urlsplit(self.path).path
+        if path not in ("/api/run", "/api/hint"):
+            return self._error(404, "POST goes to /api/run (or /api/hint)")
         self.close_connection = True                   # no body left half-read on this socket
         try:
             length = int(self.headers.get("Content-Length", ""))
@@ -108,6 +112,8 @@ class Handler(BaseHTTPRequestHandler):
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return self._error(400, f"malformed JSON: {e}")
         try:
+            if path == "/api/hint":                        # the hint picture as the nets see it
+                return self._json(200, {"hint": self.explorer.preview(body)})
             job = self.explorer.submit(body)
         except MinipError as e:
             return self._error(400, str(e))
@@ -122,15 +128,17 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def make_server(model, host: str = "127.0.0.1", port: int = 7860,
-                out_dir: Path | None = None, quiet: bool = True):
+                out_dir: Path | None = None, quiet: bool = True, controlnets=()):
     """A ThreadingHTTPServer for the explorer (not yet serving: call serve_forever) and its
-    Explorer (close it after shutting the server down)."""
-    explorer = Explorer(model, out_dir)
+    Explorer (close it after shutting the server down). `controlnets`: nets a request's hint
+    picture conditions (the page then offers a hint upload)."""
+    explorer = Explorer(model, out_dir, controlnets)
     files = resources.files("minip2p.explore")
     handler = type("ExploreHandler", (Handler,), {
         "explorer": explorer, "page": files.joinpath(PAGE).read_bytes(),
         "script": files.joinpath(SCRIPT).read_bytes(),
-        "methods": json.dumps(describe_methods()).encode(), "quiet": quiet})
+        "methods": json.dumps({**describe_methods(), "controlnets": len(controlnets)}).encode(),
+        "quiet": quiet})
     try:
         server = ThreadingHTTPServer((host, port), handler)
     except OSError as e:

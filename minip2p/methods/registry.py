@@ -5,9 +5,9 @@
     methods.run(model, "masactrl", ["a red circle", "a big red circle"], steps=20, seed=0)
 
 `run` takes the run settings every method shares (base.Settings: steps, seed, guidance,
-height, width, sampler, image, maps, controls (ControlNets, conditioning.py), …) and the method's own parameters, all as keywords. An
-unknown method or parameter, a parameter of another method, or a value out of range is one
-MinipError line that names it, before any work.
+height, width, sampler, image, maps, controls (ControlNets, see conditioning/), …) and the
+method's own parameters, all as keywords. An unknown method or parameter, a parameter of another
+method, or a value out of range is one MinipError line that names it, before any work.
 """
 from __future__ import annotations
 

@@ -22,9 +22,9 @@ own (UNetBlock, UNetMidBlock2DCrossAttn), built from a UNetConfig.
 
 Training forward pass (what a trainer needs):
 
-    net = ControlNet.from_unet(unet)                         # or load_controlnet(...)
+    net = ControlNet.from_unet(model.unet, downscale=model.vae.cfg.downscale)   # or load_controlnet
     down, mid = net(z_t, t, context, hint)                   # hint (b, 3, H, W) in [0, 1]
-    eps = unet(z_t, t, context, residuals=(down, mid))
+    eps = model.unet(z_t, t, context, residuals=(down, mid))
 """
 from __future__ import annotations
 
@@ -74,8 +74,15 @@ class ControlNetConfig:
         return _build(cls, {**own, "unet": unet}, source, {})
 
     @classmethod
-    def of_unet(cls, unet: UNetConfig, **hint) -> "ControlNetConfig":
-        """A ControlNet for `unet` (the hint encoder's widths SD 1.x's unless given)."""
+    def of_unet(cls, unet: UNetConfig, downscale: int | None = None, **hint) -> "ControlNetConfig":
+        """A ControlNet for `unet`. The hint encoder's widths: `conditioning_embedding_out_channels`
+        if given, else SD 1.x's (16, 32, 96, 256) cut to `downscale` (the VAE's, e.g. 4 for the
+        toy model: (16, 32, 96)); none given: SD 1.x's, 8×."""
+        if downscale is not None and "conditioning_embedding_out_channels" not in hint:
+            if downscale < 2 or downscale & (downscale - 1) or downscale > 8:
+                raise ValueError(f"downscale must be 2, 4 or 8, got {downscale}")
+            hint["conditioning_embedding_out_channels"] = \
+                cls.conditioning_embedding_out_channels[:downscale.bit_length()]
         return cls(unet=unet, **hint)
 
 
@@ -127,10 +134,12 @@ class ControlNet(nn.Module):
         return len(self.controlnet_down_blocks) + 1
 
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, copy: bool = True, **hint) -> "ControlNet":
+    def from_unet(cls, unet: UNet2DConditionModel, copy: bool = True, downscale=None,
+                  **hint) -> "ControlNet":
         """A ControlNet for `unet`, as training starts it: the encoder copied from the UNet's
-        weights (`copy`), the zero convs zero (so it adds nothing until trained)."""
-        net = cls(ControlNetConfig.of_unet(unet.cfg, **hint))
+        weights (`copy`), the zero convs zero (so it adds nothing until trained). `downscale`:
+        the VAE's (model.vae.cfg.downscale), which sets the hint encoder (`of_unet`)."""
+        net = cls(ControlNetConfig.of_unet(unet.cfg, downscale, **hint))
         if copy:
             mine = net.state_dict()
             net.load_state_dict({**mine, **{k: v for k, v in unet.state_dict().items()
