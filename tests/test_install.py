@@ -36,7 +36,8 @@ def test_wheel_installs_and_runs_from_anywhere(tmp_path):
                                                         or n.endswith(".egg-info")
                                                         or n.startswith(".venv")
                                                         or (Path(d) == ROOT / "weights"
-                                                            and n not in ("toy", "clip-tokenizer",
+                                                            and n not in ("toy", "toy-controlnet",
+                                                                          "clip-tokenizer",
                                                                           "README.md"))])
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(HF_HUB_OFFLINE="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INDEX="1")
