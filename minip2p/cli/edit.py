@@ -31,7 +31,8 @@ FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "
          "target_sentences": "--target-sentences", "xa_guidance": "--xa-guidance",
          "strength": "--strength", "inversion": "--inversion-method",
          "inner_steps": "--inner-steps", "regularise": "--regularise", "reg_steps": "--reg-steps",
-         "lambda_ac": "--lambda-ac", "lambda_kl": "--lambda-kl"}
+         "lambda_ac": "--lambda-ac", "lambda_kl": "--lambda-kl",
+         "renoise_steps": "--renoise-steps"}
 
 
 def dest(flag: str) -> str:
