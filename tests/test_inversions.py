@@ -283,3 +283,47 @@ def test_renoise_iterates_equal_the_official_step(sd_ckpt, sd_model, reg):
 def test_generation_at_64x96_equals_diffusers(sd_ckpt, sd_model):
     dz, di = generate_vs_diffusers(sd_ckpt[0], sd_model, [SRC, TGT], 0, 4, H, W)
     assert dz < 1e-4 and di < 1e-4
+
+
+def test_commands_files_and_refusals(tmp_path, capsys, sd_ckpt):
+    """--inversion-method on invert (alias of --method), reconstruct and edit; the file keeps
+    Direct Inversion's offsets and EDICT's float64 pair; what does not apply is one line."""
+    from helpers import cli
+    model = ["--model", str(sd_ckpt[1]), "--quiet", "--steps", "2", "--height", "64",
+             "--width", "96"]
+    img = tmp_path / "i.png"
+    drawn().save(img)
+    for method in ("direct", "edict", "renoise"):
+        inv = tmp_path / f"{method}.safetensors"
+        assert cli(capsys, "invert", img, SRC, "--inversion-method", method, "--out", inv,
+                   *model)[0] == 0
+        got = invert.load(inv)
+        assert got.method == method and (got.width, got.height) == (W, H)
+        assert (got.offsets is not None) == (method == "direct")
+        assert (got.y_T is not None) == (method == "edict")
+        if method == "edict":
+            assert got.z_T.dtype == got.y_T.dtype == torch.float64
+        rc, out, _ = cli(capsys, "reconstruct", "--inversion", inv, "--out", tmp_path / "r.png",
+                         *model)
+        assert rc == 0 and method in out
+        assert cli(capsys, "edit", "--inversion", inv, TGT, "--out-dir", tmp_path / method,
+                   *model)[0] == 0
+    rc, out, _ = cli(capsys, "reconstruct", img, SRC, "--method", "renoise", "--renoise-steps",
+                     "2", "--regularise", "--out", tmp_path / "r2.png", *model)
+    assert rc == 0 and "PSNR" in out
+    assert cli(capsys, "edit", SRC, TGT, "--image", img, "--inversion-method", "direct",
+               "--method", "masactrl", "--out-dir", tmp_path / "m", *model)[0] == 0
+    for argv, why in ((["invert", img, SRC, "--renoise-steps", "2"], "add --inversion-method "
+                       "renoise"),
+                      (["invert", img, SRC, "--inversion-method", "edict", "--regularise"],
+                       "EDICT's is exact"),
+                      (["invert", img, SRC, "--inversion-method", "renoise", "--regularise",
+                        "--lambda-kl", "3"], "ReNoise's has its own constants"),
+                      (["edit", SRC, TGT, "--image", img, "--renoise-steps", "3"],
+                       "--renoise-steps sets ReNoise's iterations"),
+                      (["edit", SRC, TGT, "--image", img, "--method", "pix2pix-zero",
+                        "--inversion-method", "edict"], "--inversion-method edict")):
+        rc, _, err = cli(capsys, *argv, "--out", tmp_path / "bad.safetensors", *model) \
+            if argv[0] == "invert" else cli(capsys, *argv, "--out-dir", tmp_path / "bad", *model)
+        assert rc == 2 and why in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.safetensors").exists()

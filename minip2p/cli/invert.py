@@ -139,7 +139,7 @@ def say_inversion(method: str, inner_steps: int, flag: str):
     """Before a null-text inversion, one line on stderr: it is slow, and what is fast."""
     if method == "null-text":
         print(f"minip2p: note: inverting with null-text (up to {inner_steps} optimisation steps per "
-              f"denoising step: slow on a CPU; {flag} negative-prompt is fast)", file=sys.stderr,
+              f"denoising step: slow on a CPU; {flag} direct is fast)", file=sys.stderr,
               flush=True)
 
 
