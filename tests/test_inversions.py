@@ -327,3 +327,23 @@ def test_commands_files_and_refusals(tmp_path, capsys, sd_ckpt):
             if argv[0] == "invert" else cli(capsys, *argv, "--out-dir", tmp_path / "bad", *model)
         assert rc == 2 and why in err and err.count("\n") == 1, err
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.safetensors").exists()
+
+
+def test_toy_methods_at_64x96(toy):
+    """The methods whose maps, masks or energies need a map's shape, at a non-square size on
+    the toy model (4× VAE: latents 16×24), from noise and from a Direct Inversion."""
+    from minip2p import methods
+    from minip2p.errors import MinipError
+    im = drawn()
+    kw = dict(steps=4, height=H, width=W)
+    runs = [("p2p", ["a red circle", "a blue circle"],
+             dict(image=im, inversion="direct", blend=["circle", "circle"], maps=True)),
+            ("masactrl", ["a red circle", "a big red circle"],
+             dict(image=im, inversion="edict", mask_words=["circle", "circle"])),
+            ("attend-excite", ["a red circle and a blue square"], dict(words=["circle", "square"])),
+            ("self-guidance", ["a red circle"], dict(move={"circle": (0.3, 0.5)}))]
+    for name, prompts, extra in runs:
+        r = methods.run(toy, name, prompts, **kw, **extra)
+        assert all(i.size == (W, H) for i in r.images), name
+    with pytest.raises(MinipError, match="height must be a positive multiple of 4, got 60"):
+        methods.run(toy, "p2p", ["a red circle", "a blue circle"], steps=2, height=60, width=W)

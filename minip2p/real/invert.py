@@ -288,6 +288,7 @@ def load(path) -> Inversion:
         assert inv.uncond.dim() == 4 and inv.uncond.shape[0] in (1, inv.steps)
         assert inv.uncond.shape[1:3] == (1, 77)
         assert (inv.offsets is not None) == (inv.method == "direct")
+        assert inv.offsets is None or inv.offsets.shape[:2] == (inv.steps, 1)
         assert (inv.y_T is not None) == (inv.method == "edict")
     except (KeyError, ValueError, AssertionError):
         raise MinipError(f"'{path}' is a damaged inversion file (missing or inconsistent "
