@@ -85,6 +85,17 @@ class Site:
         return self.run.batch or GuidanceBatch.cfg_layout(n_rows // 2)
 
 
+def map_shape(pixels: int, latent: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of a site with `pixels` positions in a UNet run on latents (h, w): each
+    level halves both sides, rounding up (the stride-2 convolutions), so any size works."""
+    h, w = latent
+    while h * w > pixels:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != pixels:
+        raise ValueError(f"no UNet level of latents {latent[0]}×{latent[1]} has {pixels} pixels")
+    return h, w
+
+
 class Controller:
     """Base class: every hook is a no-op, and `wants` nothing. Subclasses override what they use.
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ParameterError
-from .control import AttentionStore
+from .control import AttentionStore, map_shape
 
 TILE = 128
 
@@ -47,9 +47,8 @@ def pick_pixels(store: AttentionStore, kind: str, rows: int | None, image: Image
 
 
 def _shape(pixels: int, image: Image.Image) -> tuple[int, int]:
-    """(rows, cols) of a map with `pixels` entries over an image of this aspect ratio."""
-    scale = (image.width * image.height / pixels) ** 0.5
-    return round(image.height / scale), round(image.width / scale)
+    """(rows, cols) of a map with `pixels` entries over this image (control.map_shape)."""
+    return _shape_of(pixels, (image.height, image.width))
 
 
 def cross_maps(store: AttentionStore, prompt_index: int, pixels: int | None = None):
@@ -155,9 +154,9 @@ def word_heat(store: AttentionStore, tok, prompt: str, prompt_index: int,
 
 
 def _shape_of(pixels: int, size: tuple[int, int]) -> tuple[int, int]:
-    """(rows, cols) of a map with `pixels` entries over an image of size (height, width)."""
-    scale = (size[0] * size[1] / pixels) ** 0.5
-    return round(size[0] / scale), round(size[1] / scale)
+    """(rows, cols) of a map with `pixels` entries over an image of size (height, width): the
+    sides halved, rounding up, as the VAE (a multiple of its factor) and the UNet do."""
+    return map_shape(pixels, size)
 
 
 def step_maps(store: AttentionStore, prompt_index: int, positions: list[int], pixels=None):

@@ -95,7 +95,8 @@ def test_the_methods_and_their_parameters_are_listed(server):
     assert list(listed) == methods.names()
     masactrl = {p["name"]: p for p in listed["masactrl"]["parameters"]}
     assert masactrl["start_step"]["type"] == "int" and masactrl["start_step"]["help"]
-    assert masactrl["inversion"]["choices"] == ["ddim", "null-text", "negative-prompt"]
+    assert masactrl["inversion"]["choices"] == ["ddim", "null-text", "negative-prompt", "direct",
+                                               "edict", "renoise"]
     assert listed["pnp"]["edits_pictures"] == "required" and listed["pnp"]["summary"]
     assert listed["attend-excite"]["edits_pictures"] == "no"
     assert answer["limits"]["max_body"] == MAX_BODY

@@ -87,12 +87,12 @@ def test_a_null_text_inversion_is_said_first(capsys, tmp_path):
     for argv, flag in ((["edit", "a red circle", "a blue circle", "--image", pic, "--out-dir",
                          tmp_path / "e"], "--inversion-method"),
                        (["reconstruct", pic, "a red circle", "--out", tmp_path / "r.png"],
-                        "--method")):
+                        "--inversion-method")):
         rc, _, err = cli(capsys, *argv, *FAST, "--inner-steps", "1")
         assert rc == 0, err
         assert err.splitlines() == [f"minip2p: note: inverting with null-text (up to 1 optimisation "
                                     f"steps per denoising step: slow on a CPU; {flag} "
-                                    f"negative-prompt is fast)"]
+                                    f"direct is fast)"]
     rc, _, err = cli(capsys, "reconstruct", pic, "a red circle", "--method", "negative-prompt",
                      *FAST, "--out", tmp_path / "n.png")
     assert rc == 0 and err == ""

@@ -36,7 +36,8 @@ FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "
          "inner_steps": "--inner-steps", "regularise": "--regularise", "reg_steps": "--reg-steps",
          "lambda_ac": "--lambda-ac", "lambda_kl": "--lambda-kl",
          "direction": "--direction", "t_edit": "--t-edit", "t_boost": "--t-boost",
-         "asymmetric": "--symmetric", "repeats": "--repeats"}
+         "asymmetric": "--symmetric", "repeats": "--repeats",
+         "renoise_steps": "--renoise-steps"}
 
 
 def dest(flag: str) -> str:

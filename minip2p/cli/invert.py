@@ -1,7 +1,7 @@
 """Command line for real images: `minip2p invert …`, `minip2p reconstruct …`, and the
 `--image` / `--inversion` options of `minip2p edit` (see edit.cmd_edit).
 
-    minip2p invert photo.jpg "a red circle" --method null-text --out inversion.safetensors
+    minip2p invert photo.jpg "a red circle" --inversion-method direct --out inversion.safetensors
     minip2p edit --inversion inversion.safetensors "a blue circle"      # source from the file
     minip2p edit "a red circle" "a blue circle" --image photo.jpg         # inverts, then edits
     minip2p reconstruct photo.jpg "a red circle"   (or --inversion FILE; = edit with no target)
@@ -20,14 +20,20 @@ from .common import (add_model_options, check_out_file, ddim_only, float_arg, in
 
 
 def add_inversion_options(p: argparse.ArgumentParser, flag: str = "--method"):
-    """`flag`: `--method` for invert/reconstruct, `--inversion-method` for edit (whose `--method`
-    picks the editing method; default None there, filled in by edit.check_method_flags)."""
+    """`flag`: `--method` for invert/reconstruct (where `--inversion-method` is the same option),
+    `--inversion-method` for edit (whose `--method` picks the editing method; default None
+    there, filled in by edit.check_method_flags)."""
     from ..real.invert import METHODS
-    p.add_argument(flag, choices=METHODS, default="null-text" if flag == "--method" else None,
+    flags = ("--method", "--inversion-method") if flag == "--method" else (flag,)
+    p.add_argument(*flags, choices=METHODS, default="null-text" if flag == "--method" else None,
                    help="ddim: DDIM inversion, ∅ = \"\"; null-text: optimise ∅ per step "
-                        "(best, slow); negative-prompt: ∅ = the prompt (fast) (null-text)")
+                        "(slow); negative-prompt: ∅ = the prompt (fast); direct: Direct "
+                        "Inversion, the source kept on its DDIM trajectory (fast); edict: exact "
+                        "coupled pair; renoise: refined DDIM steps (null-text)")
     p.add_argument("--inner-steps", type=int_arg("--inner-steps"), default=None,
                    help="null-text: at most this many Adam steps per denoising step (10)")
+    p.add_argument("--renoise-steps", type=int_arg("--renoise-steps", 0), default=None,
+                   help="renoise: fixed-point iterations per inversion step (1)")
     p.add_argument("--regularise", action="store_true",
                    help="Pix2Pix-Zero's regularised DDIM inversion: each ε pushed towards white "
                         "noise (auto-correlation and KL terms; lags drawn from --seed)")
@@ -58,9 +64,20 @@ REG_FLAGS = {"reg_steps": "--reg-steps", "lambda_ac": "--lambda-ac", "lambda_kl"
 def regulariser(args, not_inverting: str | None = None):
     """--regularise and its settings -> noise_reg.Regulariser (None without it). Refused, with
     the reason `not_inverting`, where this command DDIM-inverts nothing; its settings without
-    --regularise are refused too."""
+    --regularise are refused too (and the Pix2Pix-Zero settings with renoise, whose regulariser
+    has its own constants; --renoise-steps without renoise; --regularise with edict)."""
     from ..methods.noise_reg import Regulariser
     given = [flag for key, flag in REG_FLAGS.items() if getattr(args, key) is not None]
+    method = getattr(args, "inversion_method", None) or args.method
+    if args.renoise_steps is not None and method != "renoise":
+        raise MinipError("--renoise-steps sets ReNoise's iterations; add --inversion-method "
+                         "renoise")
+    if given and method == "renoise":
+        raise MinipError(f"{given[0]} sets Pix2Pix-Zero's regulariser; ReNoise's has its own "
+                         "constants: leave it out")
+    if args.regularise and method == "edict":
+        raise MinipError("--regularise regularises a DDIM-type inversion; EDICT's is exact: "
+                         "leave it out")
     if given and not args.regularise:
         raise MinipError(f"{given[0]} sets the regularised inversion; add --regularise")
     if not args.regularise:
@@ -113,16 +130,17 @@ def inversion_for(args, model, got, prompt: str | None):
     height, width = check_size(model, args.height, args.width)
     x = images.to_tensor(images.fit(got, height, width))                # (1, 3, H, W)
     method = getattr(args, "inversion_method", None) or args.method
-    say_inversion(method, args.inner_steps or 10, "--method")
+    say_inversion(method, args.inner_steps or 10, "--inversion-method")
     return invert.invert(model, x, prompt, method, args.steps, args.guidance,
-                         args.inner_steps or 10, progress=not args.quiet, reg=regulariser(args))
+                         args.inner_steps or 10, progress=not args.quiet, reg=regulariser(args),
+                         renoise_steps=1 if args.renoise_steps is None else args.renoise_steps)
 
 
 def say_inversion(method: str, inner_steps: int, flag: str):
     """Before a null-text inversion, one line on stderr: it is slow, and what is fast."""
     if method == "null-text":
         print(f"minip2p: note: inverting with null-text (up to {inner_steps} optimisation steps per "
-              f"denoising step: slow on a CPU; {flag} negative-prompt is fast)", file=sys.stderr,
+              f"denoising step: slow on a CPU; {flag} direct is fast)", file=sys.stderr,
               flush=True)
 
 

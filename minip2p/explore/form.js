@@ -107,7 +107,8 @@ function form() {
   const num = (id) => $(id).value === "" ? undefined : Number($(id).value);
   const body = {method: $("method").value, prompt: $("prompt").value,
                 edits: $("edits").value.split("\n"), seed: num("seed"), steps: num("steps"),
-                guidance: num("guidance"), params: params()};
+                guidance: num("guidance"), width: num("width"), height: num("height"),
+                params: params()};
   if (picture && method().edits_pictures !== "no") body.image = picture;
   if (hint) Object.assign(body, {hint: hint, hint_kind: $("hint-kind").value,
                                  control_scale: num("control-scale")});

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ParameterError, Result, Settings, check_word, param
+from ..control import map_shape
 from .gradient import GradientGuidance, head_mean
 
 __all__ = ["gaussian_kernel", "max_attention", "loss", "AttendExcite", "build"]
@@ -44,14 +45,16 @@ def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> torch.Tensor:
     return (k / k.sum())[None, None]
 
 
-def max_attention(A: torch.Tensor, indices: list[int], end: int | None = None) -> list:
-    """A: (p, 77) averaged maps -> max_p Ã_s(p) for each token index s (positions in the 77)."""
-    side = math.isqrt(A.shape[0])
+def max_attention(A: torch.Tensor, indices: list[int], end: int | None = None,
+                  shape: tuple[int, int] | None = None) -> list:
+    """A: (p, 77) averaged maps -> max_p Ã_s(p) for each token index s (positions in the 77);
+    `shape`: the maps' (rows, cols) (None: square)."""
+    shape = shape or (math.isqrt(A.shape[0]),) * 2
     text = (A[:, 1:end if end is not None else -1] * 100).softmax(dim=-1)      # (p, 75)
     kernel = gaussian_kernel().to(A)
     out = []
     for s in indices:
-        image = text[:, s - 1].reshape(1, 1, side, side)                        # (1, 1, r, r)
+        image = text[:, s - 1].reshape(1, 1, *shape)                           # (1, 1, h, w)
         image = F.conv2d(F.pad(image, (1, 1, 1, 1), mode="reflect"), kernel)
         out.append(image.max())
     return out
@@ -88,7 +91,7 @@ class AttendExcite(GradientGuidance):
         A = head_mean([M for _, M in rec.maps])
         idx = self.indices[b if len(self.indices) > 1 else 0]
         end = self.ends[b] if self.ends is not None else None
-        return leaf, loss(max_attention(A, idx, end))
+        return leaf, loss(max_attention(A, idx, end, map_shape(A.shape[0], tuple(z.shape[-2:]))))
 
     def _descend(self, leaf, L, step):
         (grad,) = torch.autograd.grad(L, [leaf])

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import ParameterError
 
-INVERSIONS = ("ddim", "null-text", "negative-prompt")
+INVERSIONS = ("ddim", "null-text", "negative-prompt", "direct", "edict", "renoise")
 
 
 def param(default: Any, help: str, choices: tuple | None = None, kind: type | None = None):

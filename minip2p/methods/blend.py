@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..control import AttentionStore, Controller
+from ..control import AttentionStore, Controller, map_shape
 
 __all__ = ["LocalBlend"]
 
@@ -45,9 +45,8 @@ class LocalBlend(Controller):
     def _mask(self, z, tokens, threshold, pool):
         pixels = self.store.coarsest("cross")
         maps = self.store.average("cross", pixels)                         # (B, p, 77)
-        s = round((z.shape[2] * z.shape[3] / pixels) ** 0.5)                # latent px per map px
         maps = (maps * tokens.to(maps)[:, None, :]).sum(-1)                # (B, p)
-        maps = maps.reshape(-1, 1, z.shape[2] // s, z.shape[3] // s)
+        maps = maps.reshape(-1, 1, *map_shape(pixels, tuple(z.shape[2:])))
         if pool:
             maps = F.max_pool2d(maps, 3, stride=1, padding=1)
         maps = F.interpolate(maps, size=z.shape[2:])                       # nearest

@@ -3,8 +3,9 @@
     from noise      z_T ~ N(0, I) shared by every prompt; the controller sees every step
     from a picture  SDEdit (`strength` s): z_t₀ = the picture noised to t₀, then n = ⌊N·s⌋ steps
                     that the controller counts 0 … n − 1 (methods/sdedit.py)
-    from a picture  inverted (`inversion`: DDIM, null-text or negative-prompt; real/invert.py):
-                    z_T and ∅_t of the picture under the source prompt, then the edit from z_T
+    from a picture  inverted (`inversion`: DDIM, null-text, negative-prompt, Direct Inversion,
+                    EDICT or ReNoise; real/invert.py): z_T and ∅_t of the picture under the
+                    source prompt (EDICT: its pair), then the edit from z_T
 
 A method gives `make_control(model, prompts, steps, step_pixels, trajectory)` -> (controller,
 AttentionStore or None); `trajectory` is the inversion's [z_0 … z_T] where there is one
@@ -23,9 +24,11 @@ __all__ = ["RealImage", "edit_prompts", "picture", "inversion_of", "over_time"]
 class RealImage:
     """The parameters of an edit that may start from a real picture (`image=`)."""
     inversion: str = param("null-text", "how the picture is inverted: ddim (∅ = \"\"), null-text "
-                           "(∅_t optimised per step, best, slow) or negative-prompt (∅ = the "
-                           "prompt, fast)", INVERSIONS)
+                           "(∅_t optimised per step, slow), negative-prompt (∅ = the prompt, "
+                           "fast), direct (the source kept on its DDIM trajectory, fast), edict "
+                           "(exact coupled pair) or renoise (refined DDIM steps)", INVERSIONS)
     inner_steps: int = param(10, "null-text: at most this many Adam steps per denoising step")
+    renoise_steps: int = param(1, "renoise: fixed-point iterations K per inversion step")
     strength: float | None = param(None, "SDEdit instead of inversion: start from the picture "
                                          "noised this much, in (0, 1]")
     regularise: bool = param(False, "Pix2Pix-Zero's regularised DDIM inversion (each ε pushed "
@@ -43,6 +46,16 @@ class RealImage:
         if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or \
                 self.inner_steps < 1:
             raise ParameterError("inner_steps", f"must be an integer ≥ 1, got {self.inner_steps!r}")
+        if isinstance(self.renoise_steps, bool) or not isinstance(self.renoise_steps, int) or \
+                self.renoise_steps < 0:
+            raise ParameterError("renoise_steps", f"must be an integer ≥ 0, got "
+                                                  f"{self.renoise_steps!r}")
+        if self.renoise_steps != defaults.renoise_steps and self.inversion != "renoise":
+            raise ParameterError("renoise_steps", "sets ReNoise's iterations; add {inversion} "
+                                                  "renoise")
+        if self.regularise and self.inversion == "edict":
+            raise ParameterError("regularise", "regularises a DDIM-type inversion; EDICT's is "
+                                               "exact: leave it out")
         self.regulariser(0, checked=True)          # its ranges, where they are declared
         if self.strength is not None:
             check_number("strength", self.strength, 0.0, 1.0, low_open=True)
@@ -55,6 +68,9 @@ class RealImage:
         for name in ("reg_steps", "lambda_ac", "lambda_kl"):
             if getattr(self, name) != getattr(defaults, name) and not self.regularise:
                 raise ParameterError(name, "sets the regularised inversion; add {regularise}")
+            if getattr(self, name) != getattr(defaults, name) and self.inversion == "renoise":
+                raise ParameterError(name, "sets Pix2Pix-Zero's regulariser; ReNoise's has its "
+                                           "own constants: leave it out")
         if self.regularise:
             why = ("an inversion file is already inverted" if isinstance(s.image, Inversion)
                    else "SDEdit (strength) noises the picture" if self.strength is not None
@@ -100,7 +116,8 @@ def inversion_of(model, p: RealImage, s: Settings, prompt: str | None):
     height, width = check_size(model, s.height, s.width)
     x = images.to_tensor(images.fit(read_image(s.image), height, width))       # (1, 3, H, W)
     return invert.invert(model, x, prompt, p.inversion, s.steps, s.guidance, p.inner_steps,
-                         progress=s.progress, reg=p.regulariser(s.seed))
+                         progress=s.progress, reg=p.regulariser(s.seed),
+                         renoise_steps=p.renoise_steps)
 
 
 def over_time(model, seed: int, steps: int, height: int, width: int, map_res: int | None):

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..control import map_shape
 from .attend_excite import gaussian_kernel
 
 __all__ = ["word_maps", "centroid", "size", "shape", "appearance", "transform"]
@@ -21,19 +22,23 @@ def _normalise(A: torch.Tensor) -> torch.Tensor:
     return (A - lo) / (hi - lo).clamp(min=1e-12)
 
 
-def word_maps(maps, tokens: dict[str, list[int]], row: int = 0) -> dict[str, torch.Tensor]:
-    """[(site, M (rows, heads, p, 77)), …] -> {word: A_k (side, side)} at the finest side."""
-    side = max(math.isqrt(s.pixels) for s, _ in maps)
+def word_maps(maps, tokens: dict[str, list[int]], row: int = 0,
+              latent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """[(site, M (rows, heads, p, 77)), …] -> {word: A_k (h, w)} at the finest layer's size;
+    `latent`: the latents' (h, w), which gives each layer's shape (None: square maps)."""
+    def hw(pixels):
+        return map_shape(pixels, latent) if latent else (math.isqrt(pixels),) * 2
+    size = hw(max(s.pixels for s, _ in maps))
     words = list(tokens)
     layers = []
     for s, M in maps:
-        r = math.isqrt(s.pixels)
-        m = M[row].float().mean(0).T.reshape(-1, r, r)                      # (77, r, r)
-        m = torch.stack([m[tokens[w]].sum(0) for w in words])[None]           # (1, k, r, r)
-        if r != side:
-            m = F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)
+        r = hw(s.pixels)
+        m = M[row].float().mean(0).T.reshape(-1, *r)                        # (77, h, w)
+        m = torch.stack([m[tokens[w]].sum(0) for w in words])[None]           # (1, k, h, w)
+        if r != size:
+            m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
         layers.append(_normalise(m[0]))
-    A = torch.stack(layers).mean(0)                                            # (k, side, side)
+    A = torch.stack(layers).mean(0)                                            # (k, h, w)
     return dict(zip(words, A))
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import softmax_attention
-from ..control import Controller, Site
+from ..control import Controller, Site, map_shape
 from ..errors import MinipError
 from ..guidance import TEXT
 from ..real.invert import Inversion
@@ -57,9 +57,12 @@ def default_layer(unet) -> int:
 
 
 def mask_pixels_for(height: int, width: int, downscale: int = 8) -> int:
-    """The cross-attention resolution the masks come from: a quarter of the latent side (16² at
-    512 px, as the official code)."""
-    return (height // downscale // 4) * (width // downscale // 4)
+    """The cross-attention resolution the masks come from: the third UNet level, a quarter of
+    the latent sides rounded up as the UNet does (16² at 512 px, as the official code)."""
+    h, w = height // downscale, width // downscale
+    for _ in range(2):
+        h, w = -(-h // 2), -(-w // 2)
+    return h * w
 
 
 class MutualSelfAttention(Controller):
@@ -86,12 +89,15 @@ class MutualSelfAttention(Controller):
 class MutualSelfAttentionMasked(MutualSelfAttention):
     """Mask-guided: foreground queries read the source's foreground, background its background.
     `words` = (word in the source prompt, word in the target prompts); `mask_pixels`: the
-    cross-attention maps the masks come from (16² at 512 px: the third UNet level)."""
+    cross-attention maps the masks come from (16² at 512 px: the third UNet level); `latent`:
+    the latents' (h, w), which gives the maps' shapes (None: square maps)."""
 
     def __init__(self, tok, prompts: list[str], words: tuple[str, str], steps: int,
                  start_step: int = 4, start_layer: int = 10, layers: int = 16,
-                 threshold: float = 0.1, mask_pixels: int = 16 ** 2):
+                 threshold: float = 0.1, mask_pixels: int = 16 ** 2,
+                 latent: tuple[int, int] | None = None):
         super().__init__(steps, start_step, start_layer, layers)
+        self.latent = latent
         self.tokens = [tok.word_positions(p, words[0] if b == 0 else words[1])
                        for b, p in enumerate(prompts)]                  # token positions per image
         self.threshold, self.mask_pixels = threshold, mask_pixels
@@ -117,13 +123,16 @@ class MutualSelfAttentionMasked(MutualSelfAttention):
     def masks(self, pixels: int) -> torch.Tensor:
         """(B, pixels) bool: each image's foreground at a layer of `pixels` positions."""
         maps = torch.stack(self.maps).mean(0)                             # over layers: (B, p, 77)
-        side, res = math.isqrt(maps.shape[1]), math.isqrt(pixels)
-        if side * side != maps.shape[1] or res * res != pixels:
-            raise MinipError("mask-guided MasaCtrl needs a square image (as the official code)")
+        if self.latent is not None:
+            side, res = map_shape(maps.shape[1], self.latent), map_shape(pixels, self.latent)
+        else:
+            side, res = (math.isqrt(maps.shape[1]),) * 2, (math.isqrt(pixels),) * 2
+            if side[0] ** 2 != maps.shape[1] or res[0] ** 2 != pixels:
+                raise MinipError("mask-guided MasaCtrl without the latents' size needs square maps")
         m = torch.stack([maps[b][:, t].sum(-1) for b, t in enumerate(self.tokens)])   # (B, p)
         lo, hi = m.amin(1, keepdim=True), m.amax(1, keepdim=True)
-        m = ((m - lo) / (hi - lo)).reshape(-1, 1, side, side)             # min-max to [0, 1]
-        return F.interpolate(m, size=(res, res)).flatten(1) >= self.threshold   # nearest
+        m = ((m - lo) / (hi - lo)).reshape(-1, 1, *side)                  # min-max to [0, 1]
+        return F.interpolate(m, size=res).flatten(1) >= self.threshold    # nearest
 
     def attend(self, q, k, v, site: Site):
         if site.kind != "self":
@@ -203,9 +212,9 @@ def check(steps: int, start_step: int, start_layer: int, layers: int,
 
 
 def build(tok, prompts, steps, start_step=4, start_layer=10, layers=16,
-          mask_words=None, mask_pixels: int = 16 ** 2) -> Controller:
+          mask_words=None, mask_pixels: int = 16 ** 2, latent=None) -> Controller:
     """MasaCtrl from its parameters: plain, or mask-guided when `mask_words` = (source word,
-    target word)."""
+    target word); `latent`: the latents' (h, w) (mask-guided at any size)."""
     check(steps, start_step, start_layer, layers)
     if len(prompts) < 2:
         raise ParameterError("prompts", "MasaCtrl needs a source prompt and at least one target "
@@ -216,7 +225,7 @@ def build(tok, prompts, steps, start_step=4, start_layer=10, layers=16,
         raise ParameterError("mask_words", f"needs two words (source, target), got "
                                            f"{len(mask_words)}")
     return MutualSelfAttentionMasked(tok, prompts, tuple(mask_words), steps, start_step,
-                                     start_layer, layers, mask_pixels=mask_pixels)
+                                     start_layer, layers, mask_pixels=mask_pixels, latent=latent)
 
 
 def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
@@ -232,7 +241,8 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
     def make_control(model, prompts, steps, step_pixels, trajectory):
         ctrl = build(model.tokenizer, prompts, steps, p.step(s.steps), layer,
                      layers, tuple(p.mask_words) if p.mask_words else None,
-                     mask_pixels_for(height, width, model.vae.cfg.downscale))
+                     mask_pixels_for(height, width, model.vae.cfg.downscale),
+                     (height // model.vae.cfg.downscale, width // model.vae.cfg.downscale))
         store = AttentionStore(len(prompts), step_pixels=step_pixels) if s.maps else None
         if trajectory is not None:                             # the source on its trajectory
             ctrl = Compose(PinSource(trajectory), ctrl)

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..control import Controller
+from ..control import Compose, Controller
+from ..real.direct import AddOffsets
 from ..real.invert import Inversion
 from .base import INVERSIONS, ParameterError, Result, Settings, check_number, param, words_of
 from .editing import RealImage
@@ -53,8 +54,8 @@ SUMMARY = "Pix2Pix-Zero: an edit direction in text space, the structure kept by 
 @dataclass
 class Params(RealImage):
     """Pix2Pix-Zero's parameters (the official defaults; the paper inverts with DDIM)."""
-    inversion: str = param("ddim", "how the picture is inverted: ddim, null-text or "
-                                   "negative-prompt", INVERSIONS)
+    inversion: str = param("ddim", "how the picture is inverted: ddim, null-text, "
+                                   "negative-prompt, direct or renoise", INVERSIONS)
     source_sentences: list | None = param(None, "sentences about the source concept (default: "
                                                 "templates around the words that differ)",
                                           kind="lines")
@@ -66,6 +67,9 @@ class Params(RealImage):
         self.check_real(s, Params)
         if self.strength is not None:
             raise ParameterError("strength", "(SDEdit) does not combine with pix2pix-zero")
+        if self.inversion == "edict":
+            raise ParameterError("inversion", "edict: Pix2Pix-Zero's guided edit runs one "
+                                              "sequence, not EDICT's pair; use another")
         if s.maps:
             raise ParameterError("maps", "are not available with pix2pix-zero")
         s.ddim_only("Pix2Pix-Zero")
@@ -102,8 +106,9 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
         if inv.image is not None:
             from PIL import Image
             shown = [Image.fromarray(inv.image.numpy())]
+    pin = None if inv is None or inv.offsets is None else AddOffsets(inv.offsets)
     z_src, z_edit = edit(model, prompts[0], delta, z, s.steps, s.guidance, p.xa_guidance,
-                         progress=s.progress)
+                         progress=s.progress, source_control=pin)
     out = to_pil(decode(model, torch.cat([z_src, z_edit])))
     return Result(out, list(prompts), shown, extra={"inversion": inv} if inv else {})
 
@@ -165,11 +170,14 @@ class RecordCross(Controller):
 
 
 def edit(model, source: str, delta: torch.Tensor, z: torch.Tensor, steps: int = 50,
-         guidance: float = 7.5, xa_guidance: float = 0.1, progress: bool = True) -> torch.Tensor:
-    """z_T (1, 4, h, w) -> (z_0 of the reconstruction, z_0 of the edit), each (1, 4, h, w)."""
+         guidance: float = 7.5, xa_guidance: float = 0.1, progress: bool = True,
+         source_control=None) -> torch.Tensor:
+    """z_T (1, 4, h, w) -> (z_0 of the reconstruction, z_0 of the edit), each (1, 4, h, w).
+    `source_control`: also on the reconstruction (Direct Inversion's offsets)."""
     cond, uncond = encode_text(model, [source]), encode_text(model, [""])
     ref = RecordCross()
-    z_src = denoise(model, cond, uncond, z, steps, guidance, ref, progress=progress)
+    z_src = denoise(model, cond, uncond, z, steps, guidance, Compose(source_control, ref),
+                    progress=progress)
 
     batch = GuidanceBatch.cfg_layout(1)                                  # rows [∅, c']
     context = torch.cat([uncond, cond + delta.to(cond)])

@@ -110,7 +110,7 @@ class Observe(Controller):
         return z
 
     def reference(self, step: int) -> dict:
-        A = word_maps(self.maps[step], self.tokens)
+        A = word_maps(self.maps[step], self.tokens, latent=tuple(self.z[step].shape[-2:]))
         out = {w: dict(shape=shape(a), size=size(a), centroid=centroid(a)) for w, a in A.items()}
         if step in self.psi:
             for w, a in A.items():
@@ -181,7 +181,7 @@ class SelfGuidance(GradientGuidance):
         mask = self.region(ref, z) if self.local else 1.0
         for _ in range(self.iterations):
             leaf, rec = self.maps_of(z, step, feature_pick=self.feature_pick)
-            A = word_maps(rec.maps, self.tokens)
+            A = word_maps(rec.maps, self.tokens, latent=tuple(z.shape[-2:]))
             psi = rec.feats[-1][1][0].float() if rec.feats else None
             E = self.energy(A, psi, ref)
             (grad,) = torch.autograd.grad(E, [leaf])
@@ -242,23 +242,12 @@ class Params:
         if it is not None and (isinstance(it, bool) or not isinstance(it, int) or
                                not 1 <= it <= 50):
             raise ParameterError("guide_iterations", f"must be an integer ≥ 1 and ≤ 50, got {it!r}")
-        square(s.height, s.width, s)
-
-
-def square(height, width, s: Settings) -> None:
-    """Self-Guidance's maps are square: refuse another image (None: the size is not known)."""
-    if height and width and height != width:
-        name, other = ("width", "height") if s.width else ("height", "width")
-        value = {"height": height, "width": width}
-        raise ParameterError(name, f"{value[name]} must equal {{{other}}} {value[other]}: "
-                                   "Self-Guidance's attention maps are square")
 
 
 def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
     """The unguided image and the guided one, from the same seed."""
     from ..pipeline import check_size, encode_text, generate, to_pil
     height, width = check_size(model, s.height, s.width)
-    square(height, width, s)
     model.scheduler.timesteps(s.steps)
     moves, resizes = p.move or {}, {w: float(k) for w, k in (p.resize or {}).items()}
     tokens = tokens_of(model.tokenizer, prompts[0], {**moves, **resizes})

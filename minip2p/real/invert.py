@@ -13,6 +13,10 @@ then denoise from z_T with one of three ∅_t (the edit loop uses ∅_t for ever
                      z̄_{t−1} = DDIM(z̄_t, guided ε with the optimised ∅_t)
     negative-prompt  ∅_t = c at every step (Miyake et al. 2023, arXiv 2305.16807): the guided ε
                      of the source is then ε_c whatever g, no optimisation
+    direct           ∅_t = ψ(""), and the source row is put back on z_0 … z_T after each step
+                     by the offsets of Direct Inversion (direct.py: `offsets`, N UNet calls)
+    renoise          ∅_t = ψ(""), z_0 … z_T from ReNoise's refined inversion (renoise.py)
+    edict            EDICT's coupled pair (x_T, y_T), exact (edict.py; no trajectory)
 The null-text constants are the official ones for N = 50 steps; minip2p reads i on that 50-step
 scale (i·50/N), so they are exactly the official ones at 50 and the rate stays > 0 beyond 100.
 The optimised ∅, Adam's state and the loss are fp32 even when the UNet runs in fp16/bf16 (the
@@ -22,7 +26,8 @@ The inversion file is one safetensors file: tensors z_T (1, 4, h, w), uncond (N 
 (1 when ∅_t is the same at every step), probe (k, 2) (the model's weight norms and sizes), image
 (H, W, 3) uint8 (the input as cropped and resized); metadata format, version, prompt, method,
 steps, guidance, height, width, model, model_config (a hash of the configs), and regularised
-(the noise regulariser's settings, "" when none). It is written to a
+(the noise regulariser's settings, "" when none); Direct Inversion adds offsets (N, 1, 4, h, w),
+EDICT y_T (1, 4, h, w). It is written to a
 temporary file and renamed into place.
 """
 from __future__ import annotations
@@ -35,21 +40,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import images
+from . import direct, edict, images, renoise
 from ..atomic import atomic_write
 from ..errors import MinipError, ParameterError
 from ..conditioning import eps as unet_eps
 from ..guidance import UNCOND, GuidanceBatch, cfg
 from ..methods.noise_reg import Regulariser, regularise
+from ..control import Compose
 from ..pipeline import decode, denoise, encode_text
 
 FORMAT, VERSION = "minip2p-inversion", 1
-METHODS = ("ddim", "null-text", "negative-prompt")
+METHODS = ("ddim", "null-text", "negative-prompt", "direct", "edict", "renoise")
 
 
 @dataclass
 class Inversion:
-    z_T: torch.Tensor                   # (1, 4, h, w) fp32
+    z_T: torch.Tensor                   # (1, 4, h, w) fp32 (edict: x_T, float64)
     uncond: torch.Tensor                # (N or 1, 1, 77, d) fp32: ∅_t per step
     prompt: str
     method: str
@@ -64,6 +70,8 @@ class Inversion:
     latents: list | None = None         # DDIM inversion z_0 … z_T (in memory only)
     losses: list | None = None          # null-text: the inner losses of each step (in memory)
     regularised: str = ""               # Regulariser.describe() of a regularised inversion
+    offsets: torch.Tensor | None = None  # direct: (N, 1, 4, h, w) o_t per step
+    y_T: torch.Tensor | None = None     # edict: the second latent of the pair (1, 4, h, w)
 
     def per_step(self) -> list[torch.Tensor]:
         """∅_t for each of the N steps: a list of (1, 77, d)."""
@@ -138,9 +146,10 @@ def null_text(model, latents: list[torch.Tensor], cond: torch.Tensor, uncond: to
 
 def invert(model, x: torch.Tensor, prompt: str, method: str = "null-text", steps: int = 50,
            guidance: float = 7.5, inner_steps: int = 10, progress: bool = True,
-           reg: Regulariser | None = None) -> Inversion:
+           reg: Regulariser | None = None, renoise_steps: int = 1) -> Inversion:
     """An image x (1, 3, H, W) in [−1, 1] described by `prompt` -> Inversion (`reg`: the
-    DDIM inversion's ε regularised as Pix2Pix-Zero's)."""
+    DDIM inversion's ε regularised as Pix2Pix-Zero's; with renoise: ReNoise's own
+    regularisation, seeded by reg.seed; `renoise_steps`: ReNoise's K)."""
     if method not in METHODS:
         raise MinipError(f"unknown inversion method {method!r}; use {', '.join(METHODS)}")
     if not isinstance(inner_steps, int) or inner_steps < 1:
@@ -148,8 +157,17 @@ def invert(model, x: torch.Tensor, prompt: str, method: str = "null-text", steps
     model.scheduler.timesteps(steps)                                       # validates steps
     z0 = images.encode(model, x)                                          # (1, 4, h, w)
     cond, empty = encode_text(model, [prompt]), encode_text(model, [""])   # (1, 77, d) each
-    latents = ddim_invert(model, z0, cond, steps, progress, reg)
-    losses = None
+    losses = offsets = y_T = None
+    if method == "edict":
+        x_T, y_T = edict.invert(model, z0, cond, empty, steps, guidance, progress=progress)
+        latents = [x_T]                                  # float64, kept so; no trajectory
+    elif method == "renoise":
+        latents = renoise.invert(model, z0, cond, steps, renoise_steps, reg is not None,
+                                 reg.seed if reg else 0, progress)
+    else:
+        latents = ddim_invert(model, z0, cond, steps, progress, reg)
+    if method == "direct":
+        offsets = direct.offsets(model, latents, cond, empty, guidance, progress).cpu()
     if method == "null-text":
         found, losses, _ = null_text(model, latents, cond, empty, guidance, inner_steps,
                                      progress=progress)
@@ -160,8 +178,9 @@ def invert(model, x: torch.Tensor, prompt: str, method: str = "null-text", steps
     pixels = ((x[0].float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return Inversion(latents[-1].cpu(), uncond.cpu(), prompt, method, steps, float(guidance),
                      x.shape[2], x.shape[3], model.name, digest, probe,
-                     pixels.permute(1, 2, 0).contiguous(), latents, losses,
-                     reg.describe() if reg else "")
+                     pixels.permute(1, 2, 0).contiguous(), None if y_T is not None else latents,
+                     losses, reg.describe() if reg else "", offsets,
+                     None if y_T is None else y_T.cpu())
 
 
 def run(model, inv: Inversion, prompts: list[str], control=None, guidance: float | None = None,
@@ -174,6 +193,12 @@ def run(model, inv: Inversion, prompts: list[str], control=None, guidance: float
         model.text_encoder = None
     uncond = [u.to(model.device, model.dtype) for u in inv.per_step()]    # N × (1, 77, d)
     g = inv.guidance if guidance is None else guidance
+    if inv.y_T is not None:                                               # EDICT's pair
+        z = edict.generate(model, inv.z_T, inv.y_T, cond, uncond[0], inv.steps, g,
+                           control=control, progress=progress)
+        return z if return_latents else decode(model, z)
+    if inv.offsets is not None:                                           # Direct Inversion
+        control = Compose(direct.AddOffsets(inv.offsets), control)
     z = denoise(model, cond, uncond, inv.z_T, inv.steps, g, control, progress=progress)
     return z if return_latents else decode(model, z)
 
@@ -223,8 +248,9 @@ def save(inv: Inversion, path) -> Path:
     from safetensors.torch import save_file
     path = Path(path)
     tensors = {"z_T": inv.z_T, "uncond": inv.uncond, "probe": inv.probe}
-    if inv.image is not None:
-        tensors["image"] = inv.image
+    for name in ("image", "offsets", "y_T"):
+        if getattr(inv, name) is not None:
+            tensors[name] = getattr(inv, name)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = dict(format=FORMAT, version=str(VERSION), prompt=inv.prompt, method=inv.method,
                 steps=str(inv.steps), guidance=repr(inv.guidance), height=str(inv.height),
@@ -257,15 +283,20 @@ def load(path) -> Inversion:
                          f"{meta.get('version')!r}; this minip2p reads version {VERSION}: "
                          "invert the image again")
     try:
-        inv = Inversion(tensors["z_T"].float(), tensors["uncond"].float(), meta["prompt"],
+        z_T = tensors["z_T"].double() if meta.get("method") == "edict" else tensors["z_T"].float()
+        inv = Inversion(z_T, tensors["uncond"].float(), meta["prompt"],
                         meta["method"], int(meta["steps"]), float(meta["guidance"]),
                         int(meta["height"]), int(meta["width"]), meta["model"],
                         meta["model_config"], tensors["probe"].float(), tensors.get("image"),
-                        regularised=meta.get("regularised", ""))
+                        regularised=meta.get("regularised", ""),
+                        offsets=tensors.get("offsets"), y_T=tensors.get("y_T"))
         assert inv.method in METHODS and inv.steps >= 1
         assert inv.z_T.dim() == 4 and inv.z_T.shape[0] == 1
         assert inv.uncond.dim() == 4 and inv.uncond.shape[0] in (1, inv.steps)
         assert inv.uncond.shape[1:3] == (1, 77)
+        assert (inv.offsets is not None) == (inv.method == "direct")
+        assert inv.offsets is None or inv.offsets.shape[:2] == (inv.steps, 1)
+        assert (inv.y_T is not None) == (inv.method == "edict")
     except (KeyError, ValueError, AssertionError):
         raise MinipError(f"'{path}' is a damaged inversion file (missing or inconsistent "
                          f"entries); invert the image again") from None
