@@ -179,8 +179,8 @@ def add_commands(sub):
                         "\"ugly, blurry, black, low res, unrealistic\")")
     z = e.add_argument_group("Pix2Pix-Zero (--method pix2pix-zero)")
     z.add_argument("--source-sentences", metavar="FILE", default=None,
-                   help="sentences about the source concept, one a line (default: templates "
-                        "around the words that differ)")
+                   help="sentences about the source concept, one a line (default: the source "
+                        "prompt itself)")
     z.add_argument("--target-sentences", metavar="FILE", default=None,
                    help="sentences about the target concept, one a line")
     z.add_argument("--xa-guidance", type=float_arg("--xa-guidance"), default=None,
