@@ -57,9 +57,11 @@ the unguided steps that follow grow or shrink the object back towards what its n
 Late steps spoil a resize less than a move: the region R keeps the background, the object
 stays where it is, and the shape term asks for the unguided shape scaled about its own centroid.
 The step count is not compensated: the Polyak step aims at E = 0, so the extra guided steps of
-a 50-step run bring E nearer to 0 rather than pushing past the target, but a shrink there can go
-somewhat further than at 20 steps (size(k) keeps a floor where the map is blurred). The paper
-gives no window per property (one weight per term, the same steps for all); ours is our choice.
+a 50-step run bring E nearer to 0 rather than past it; but E = 0 is not exactly the asked area
+(the map's blurred rim adds a floor to size(k), so s · size' asks a shrink for a little less than
+s × the area), and a shrink can go further at 50 steps than at 20. What the paper
+describes implies one window for every term (ε̃_t shifted by the summed energies' gradient over
+a window of steps, one weight per term); a window per property is our choice.
 The appearance distance is a mean over the c channels: summed over them, it outweighs the size
 and shape terms and the step mostly keeps the object as it was. The paper instead adds the
 gradient to the noise estimate, ε̃_t = ε_t + v · σ_t · ∇_{z_t} E (σ_t = √(1 − ᾱ_t)); we do
