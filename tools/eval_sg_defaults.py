@@ -2,6 +2,7 @@
 
     python -m tools.eval_sg_defaults --n 24 --steps 50      moves and resizes, `methods.run`
     python -m tools.eval_sg_defaults --n 8 --set guide_steps=0.5   … with other parameters
+    python -m tools.eval_sg_defaults --n 4 --no-move --seed-from 1000   resizes, other seeds
 
 Cases: "a [big|small] COLOUR SHAPE [on a COLOUR background]" (toydata's colours and shapes),
 each with the first seed whose unguided object lies clearly in one half (centroid x outside
