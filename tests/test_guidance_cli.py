@@ -65,6 +65,26 @@ def test_the_step_vanishes_at_the_energy_minimum_and_is_capped_at_v(toy):
     assert sg.SelfGuidance(toy, cond, tokens, 4, obs, moves={"circle": (0.9, 0.5)}).iterations == 2
 
 
+def test_moves_and_resizes_have_their_own_windows(toy):
+    """Moves are guided in the first guide_steps, resizes in the first resize_steps: after the
+    move's window only the size terms remain in E."""
+    tokens, obs = {"circle": [3]}, None
+    cond = encode_text(toy, ["a red circle"])
+    kw = dict(keep_appearance=False, guide_steps=0.3, resize_steps=0.8)
+    move = sg.SelfGuidance(toy, cond, tokens, 10, obs, moves={"circle": (0.8, 0.5)}, **kw)
+    both = sg.SelfGuidance(toy, cond, tokens, 10, obs, moves={"circle": (0.8, 0.5)},
+                           resizes={"circle": 1.5}, **kw)
+    assert [i for i in range(10) if move.active(i)] == [0, 1, 2]
+    assert [i for i in range(10) if both.active(i)] == list(range(8))
+    A = torch.zeros(8, 8)
+    A[2:4, 1:3] = 1.0
+    ref = {"circle": dict(shape=sg.shape(A), size=sg.size(A), centroid=sg.centroid(A))}
+    size_only = sg.SelfGuidance(toy, cond, tokens, 10, obs, resizes={"circle": 1.5}, **kw)
+    E = lambda g, i: float(g.energy({"circle": A}, None, ref, i))         # noqa: E731
+    assert E(both, 2) > E(both, 3) > 0 and E(both, 3) == pytest.approx(E(size_only, 3))
+    assert E(both, 8) == 0.0
+
+
 def test_word_maps_are_normalised_per_layer():
     from minip2p.control import Site
     M = torch.rand(1, 2, 16, 77)

@@ -25,7 +25,7 @@ def test_pix2pix_zero_equals_diffusers(sd_ckpt, sd_model):
                                              inverse_scheduler=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     steps, xa = 4, 0.5
-    src_s, tgt_s = pz.sentences(SOURCE, TARGET)
+    src_s, tgt_s = pz.sentences(SOURCE, TARGET, templates=True)     # 11 sentences a side
     delta = pz.direction(sd_model, src_s, tgt_s)
     z = initial_noise(sd_model, 5, 64, 64)
     z_src, ours = pz.edit(sd_model, SOURCE, delta, z, steps, 7.5, xa, progress=False)
@@ -45,3 +45,7 @@ def test_direction_is_the_mean_difference(sd_model):
     e = encode_text(sd_model, ["a dog"]) - encode_text(sd_model, ["a cat", "a photo of a cat"]).mean(0)
     assert d.shape == (1, 77, e.shape[-1]) and maxdiff(d, e) < 1e-5
     assert pz.differing_words("a red circle", "a blue circle") == ("red", "blue")
+    # the default sentences are the prompts: c + Δc is the target's embedding
+    c, t = encode_text(sd_model, ["a red circle", "a blue circle"])
+    d = pz.direction(sd_model, *pz.sentences("a red circle", "a blue circle"))
+    assert maxdiff(c + d[0], t) < 1e-5

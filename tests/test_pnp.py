@@ -20,6 +20,7 @@ from minip2p.methods import pnp
 from minip2p.pipeline import denoise, encode_text
 
 PROMPT, GUIDANCE = "a photo of a pink toy horse on the beach", 7.5
+NEG = pnp.OFFICIAL_NEGATIVE_PROMPT                   # the official run; our default is ""
 TOL, END_TO_END_TOL = 1e-4, 5e-4
 
 
@@ -60,15 +61,16 @@ def test_matches_the_official_code(sd_ckpt, sd_model, picture, name):
         # the inversion: [z_0, z_1 … z_T] <-> the latents the official code saves per timestep
         traj = ddim_invert(model, images.encode(model, picture), encode_text(model, [""]), steps,
                            progress=False)
-        z = pnp.edit(model, picture, PROMPT, steps=steps, guidance=GUIDANCE, features=f,
-                     attention=a, progress=False, return_latents=True)
+        z = pnp.edit(model, picture, PROMPT, negative_prompt=NEG, steps=steps,
+                     guidance=GUIDANCE, features=f, attention=a, progress=False,
+                     return_latents=True)
     ts = model.scheduler.timesteps(steps)[::-1]                       # τ_1 … τ_N
     saved = {t: traj[k + 1] for k, t in enumerate(ts)}
     d_traj = max([(saved[t] - saved_ref[t]).abs().max().item() for t in ts] +
                  [(traj[0] - z0_ref).abs().max().item()])
 
-    z_ref, recon_ref = O.edit(pipe, saved, PROMPT, pnp.NEGATIVE_PROMPT, steps, GUIDANCE, f, a)
-    z_e2e, _ = O.edit(pipe, saved_ref, PROMPT, pnp.NEGATIVE_PROMPT, steps, GUIDANCE, f, a)
+    z_ref, recon_ref = O.edit(pipe, saved, PROMPT, NEG, steps, GUIDANCE, f, a)
+    z_e2e, _ = O.edit(pipe, saved_ref, PROMPT, NEG, steps, GUIDANCE, f, a)
     d_tgt = (z[1:] - z_ref).abs().max().item()
     d_src = (z[:1] - recon_ref).abs().max().item()
     d_e2e = (z[1:] - z_e2e).abs().max().item()
@@ -79,7 +81,7 @@ def test_matches_the_official_code(sd_ckpt, sd_model, picture, name):
     assert d_traj <= 1e-5 and d_tgt <= TOL and d_src <= TOL and d_e2e <= END_TO_END_TOL
 
     # not vacuous: the injection moves the official target away from the plain edit
-    z_plain, _ = O.edit(pipe, saved, PROMPT, pnp.NEGATIVE_PROMPT, steps, GUIDANCE, 0.0, 0.0)
+    z_plain, _ = O.edit(pipe, saved, PROMPT, NEG, steps, GUIDANCE, 0.0, 0.0)
     assert (z_plain - z_ref).abs().max() > 1e-2
 
 

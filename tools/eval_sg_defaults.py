@@ -2,6 +2,7 @@
 
     python -m tools.eval_sg_defaults --n 24 --steps 50      moves and resizes, `methods.run`
     python -m tools.eval_sg_defaults --n 8 --set guide_steps=0.5   … with other parameters
+    python -m tools.eval_sg_defaults --n 4 --no-move --seed-from 1000   resizes, other seeds
 
 Cases: "a [big|small] COLOUR SHAPE [on a COLOUR background]" (toydata's colours and shapes),
 each with the first seed whose unguided object lies clearly in one half (centroid x outside
@@ -62,21 +63,23 @@ def measure(m, args, extra: dict) -> str:
                          "clean_plain")}
     for i, prompt in enumerate(prompts(args.n)):
         shape = next(s for s in toydata.SHAPES if s in prompt)
-        seed, a0 = pick_seed(m, prompt, args.steps, 100 * i)
-        x = 0.2 if a0["center"][0] / 64 > 0.5 else 0.8
-        res = methods.run(m, "self-guidance", [prompt], move={shape: (x, 0.5)}, steps=args.steps,
-                          seed=seed, progress=False, **extra)
-        plain, guided = (tensor(im) for im in res.images)
-        r["clean_plain"].append(artifacts(plain)["clean"])
-        a = toydata.analyse(guided)
-        cx = a["center"][0] / 64
-        r["moved"].append((cx > 0.5) == (x > 0.5))
-        r["kept"].append(a["color"] == a0["color"] and a["shape"] == a0["shape"])
-        f = artifacts(guided)
-        r["clean_move"].append(f["clean"])
-        line = (f"  {prompt!r} seed {seed}: x {a0['center'][0] / 64:.2f} -> {cx:.2f} "
-                f"{a['color']} {a['shape']} purity {f['background_purity']:.3f} solid "
-                f"{f['solidity']:.2f} strays {f['stray_blobs']}")
+        seed, a0 = pick_seed(m, prompt, args.steps, args.seed_from + 100 * i)
+        line = f"  {prompt!r} seed {seed}:"
+        if not args.no_move:
+            x = 0.2 if a0["center"][0] / 64 > 0.5 else 0.8
+            res = methods.run(m, "self-guidance", [prompt], move={shape: (x, 0.5)},
+                              steps=args.steps, seed=seed, progress=False, **extra)
+            plain, guided = (tensor(im) for im in res.images)
+            r["clean_plain"].append(artifacts(plain)["clean"])
+            a = toydata.analyse(guided)
+            cx = a["center"][0] / 64
+            r["moved"].append((cx > 0.5) == (x > 0.5))
+            r["kept"].append(a["color"] == a0["color"] and a["shape"] == a0["shape"])
+            f = artifacts(guided)
+            r["clean_move"].append(f["clean"])
+            line += (f" x {a0['center'][0] / 64:.2f} -> {cx:.2f} {a['color']} {a['shape']} "
+                     f"purity {f['background_purity']:.3f} solid {f['solidity']:.2f} strays "
+                     f"{f['stray_blobs']}")
         if not args.no_resize:
             for s in (0.5, 1.5):
                 res = methods.run(m, "self-guidance", [prompt], resize={shape: s},
@@ -88,7 +91,8 @@ def measure(m, args, extra: dict) -> str:
                 r["kept_resize"].append(a["color"] == a0["color"] and a["shape"] == a0["shape"])
                 f = artifacts(g)
                 r["clean_resize"].append(f["clean"])
-                line += f" | ×{s}: ×{ratio:.2f} clean {f['clean']}"
+                line += (f" | ×{s}: ×{ratio:.2f} clean {f['clean']} ({f['background_purity']:.3f} "
+                         f"{f['solidity']:.2f} {f['stray_blobs']})")
         print(line, flush=True)
     return "\n".join(f"{k}: {pct(v)}" for k, v in r.items() if v)
 
@@ -99,6 +103,10 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=24)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--no-resize", action="store_true", help="moves only")
+    p.add_argument("--no-move", action="store_true", help="resizes only")
+    p.add_argument("--seed-from", type=int, default=0,
+                   help="prompt i's seeds are searched from this + 100·i (0; others to check "
+                        "settings away from the evaluation's cases)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a Self-Guidance parameter other than its default")
     args = p.parse_args(argv)

@@ -184,11 +184,12 @@ def add_commands(sub):
     q.add_argument("--pnp-attention", type=float_arg("--pnp-attention"), default=None,
                    help="inject self-attention queries and keys for this fraction (0.5)")
     q.add_argument("--negative-prompt", default=None,
-                   help="the target's unconditional prompt (the official one)")
+                   help="the target's unconditional prompt (\"\"; the official config's: "
+                        "\"ugly, blurry, black, low res, unrealistic\")")
     z = e.add_argument_group("Pix2Pix-Zero (--method pix2pix-zero)")
     z.add_argument("--source-sentences", metavar="FILE", default=None,
-                   help="sentences about the source concept, one a line (default: templates "
-                        "around the words that differ)")
+                   help="sentences about the source concept, one a line (default: the source "
+                        "prompt itself)")
     z.add_argument("--target-sentences", metavar="FILE", default=None,
                    help="sentences about the target concept, one a line")
     z.add_argument("--xa-guidance", type=float_arg("--xa-guidance"), default=None,

@@ -38,7 +38,8 @@ def cmd_guide(args):
                   resize={w: k for w, (k,) in parse_pairs(args.resize, "--resize", 1).items()},
                   keep_appearance=args.keep_appearance, keep_background=args.keep_background,
                   guidance_weight=args.guidance_weight,
-                  guide_steps=args.guide_steps, guide_iterations=args.guide_iterations)
+                  guide_steps=args.guide_steps, resize_steps=args.resize_steps,
+                  guide_iterations=args.guide_iterations)
     s = settings_of(args)
     methods.prepare("self-guidance", [args.prompt], **params, **s)
     out = check_out_dir(args.out_dir, "guide")
@@ -67,7 +68,9 @@ def add_commands(sub):
                    help="largest RMS v of a guidance step of z (0.25): z ← z − d, "
                         "d = E·∇E/‖∇E‖² capped at rms(d) ≤ v")
     g.add_argument("--guide-steps", type=float_arg("--guide-steps"), default=0.3,
-                   help="guide in this first fraction of the steps (0.3; 1.0: all)")
+                   help="guide the moves in this first fraction of the steps (0.3; 1.0: all)")
+    g.add_argument("--resize-steps", type=float_arg("--resize-steps"), default=1.0,
+                   help="guide the resizes in this first fraction of the steps (1.0: all)")
     g.add_argument("--guide-iterations", type=int_arg("--guide-iterations", 1, 50), default=None,
                    metavar="N", help="gradient steps per guided step (2 for moves, 4 when "
                                      "a word is resized)")

@@ -12,11 +12,22 @@ text-embedding space, while cross-attention guidance keeps the source's structur
 
 (as the reference, pix2pixzero/pix2pix-zero and diffusers' `StableDiffusionPix2PixZeroPipeline`:
 the unconditional and the conditional copy of z_t each take their own gradient step, and DDIM
-continues from the unconditional copy). The sentences are the user's files, or a built-in
-template set around the words that differ between SOURCE and TARGET ("cat" → "dog"), plus the
-two prompts themselves. Real images: z_T from the DDIM inversion of the picture under SOURCE,
-with `--regularise` the paper's regularised inversion (auto-correlation and KL terms on each
-predicted noise: noise_reg.py).
+continues from the unconditional copy). The sentences are the user's files, or by default the
+two prompts themselves, so that Δc = ψ(TARGET) − ψ(SOURCE) and c' = ψ(TARGET).
+
+Deliberate difference from the official code: it has no built-in sentences (its direction files
+hold about a thousand captions per concept, written by a language model) and they matter. Short
+templates around the lone word ("a photo of a cat") put the word at other token positions than
+the prompt's, and the mean over all 77 positions then adds the colour or shape of the edit to
+the slots of the prompt's other words: on the toy model, "yellow → orange" in "a yellow circle on
+a black background" tints the background into a haze and a two-object prompt loses the object
+not edited. The prompts themselves are aligned token by token, so the direction changes only
+what the prompts change. `sentences(…, templates=True)` gives the template set (`TEMPLATES`
+around the words that differ, plus the prompts) for models that know such captions.
+
+Real images: z_T from the DDIM inversion of the picture under SOURCE, with `--regularise` the
+paper's regularised inversion (auto-correlation and KL terms on each predicted noise:
+noise_reg.py).
 
 Memory: the reference keeps every map of every step (fp32, heads kept) between the passes, so it
 grows with steps × cross layers × heads × pixels × 77 tokens: gigabytes at 512 px and 50 steps, as
@@ -57,8 +68,7 @@ class Params(RealImage):
     inversion: str = param("ddim", "how the picture is inverted: ddim, null-text, "
                                    "negative-prompt, direct or renoise", INVERSIONS)
     source_sentences: list | None = param(None, "sentences about the source concept (default: "
-                                                "templates around the words that differ)",
-                                          kind="lines")
+                                                "the source prompt itself)", kind="lines")
     target_sentences: list | None = param(None, "sentences about the target concept",
                                           kind="lines")
     xa_guidance: float = param(0.1, "cross-attention guidance step λ")
@@ -125,9 +135,12 @@ def differing_words(source: str, target: str) -> tuple[str, str]:
     return " ".join(x for x, _ in diff), " ".join(y for _, y in diff)
 
 
-def sentences(source: str, target: str) -> tuple[list[str], list[str]]:
-    """The built-in sentence sets: the templates around the differing words, and the prompts."""
+def sentences(source: str, target: str, templates: bool = False) -> tuple[list[str], list[str]]:
+    """The built-in sentence sets: the prompts themselves (the default), or with `templates`
+    the templates around the differing words and the prompts."""
     w_src, w_tgt = differing_words(source, target)
+    if not templates:
+        return [source], [target]
     return ([t.format(w_src) for t in TEMPLATES] + [source],
             [t.format(w_tgt) for t in TEMPLATES] + [target])
 

@@ -16,6 +16,7 @@ self-attention that the UNet forms on the image's own (inverted) trajectory.
                           ε̃ = ε̂(ψ(P⁻)) + g · (ε̂(ψ(P)) − ε̂(ψ(P⁻)))   P⁻: the negative prompt
                           z_{t−1}^* = DDIM(z_t^*, ε̃)
     τ_f = 0.8, τ_A = 0.5, g = 7.5, N = 50 (the official config); decoder layer l = 3·block + j.
+    P⁻ = "" by default; the official config's is "ugly, blurry, black, low res, unrealistic".
 
 Injecting A_t^l is injecting (q, k): the target's values v stay its own. As in the official
 code, both target rows (P⁻ and P) receive the source's f and (q, k), and the UNet batch is
@@ -24,9 +25,17 @@ with the source row at the inversion latent of the step (control.PinSource) and 
 "" whatever the inversion prompt (as the official code does); the source's ε is used only for
 its reconstruction, which `edit` returns beside the target.
 
-Deliberate difference from the official code: its preprocess.py inverts with 999 DDIM steps
-(timesteps 1 … 999) and the edit reads the latents saved at its 50 timesteps; here the inversion
-runs on the edit's own N timesteps (N UNet calls instead of 999), with the same inversion step.
+Deliberate differences from the official code. The negative prompt: the official one
+(`OFFICIAL_NEGATIVE_PROMPT`, chosen for photographs with SD 1.5) is the unconditional row of the
+guidance, and g = 7.5 extrapolates the edit away from it: its word "black" fights every target
+that names black (a black background or object turns to a purple-grey wash), and for a model that
+has not learnt its other words it is an arbitrary point rather than "no prompt", so the target
+drifts off the picture's colours altogether (on the toy model every named background washes out).
+The default is therefore "", the plain unconditional row every other method here uses; give the
+official one as `negative_prompt` to follow the paper's runs. The inversion: its preprocess.py
+inverts with 999 DDIM steps (timesteps 1 … 999) and the edit reads the latents saved at its 50
+timesteps; here the inversion runs on the edit's own N timesteps (N UNet calls instead of 999),
+with the same inversion step.
 """
 from __future__ import annotations
 
@@ -43,7 +52,8 @@ from ..guidance import TEXT, UNCOND, GuidanceBatch
 from ..real.invert import ddim_invert
 from ..pipeline import check_size, decode, denoise, encode_text
 
-NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"      # config_pnp.yaml
+OFFICIAL_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"   # config_pnp.yaml
+NEGATIVE_PROMPT = ""                                     # ours (the module docstring says why)
 FEATURE_SITE = ("up", 1, 1)                                           # up_blocks[1].resnets[1]
 ATTENTION_SITES = {(1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2)}  # (block, j)
 
@@ -54,10 +64,13 @@ SUMMARY = "plug-and-play: the source picture's features and self-attention injec
 
 @dataclass
 class Params:
-    """Plug-and-play's parameters (the official config_pnp.yaml)."""
+    """Plug-and-play's parameters (the official config_pnp.yaml, but for the negative prompt:
+    "" rather than the official one, see the module docstring)."""
     features: float = param(0.8, "inject ResBlock features for this fraction τ_f of the steps")
     attention: float = param(0.5, "inject self-attention queries and keys for this fraction τ_A")
-    negative_prompt: str = param(NEGATIVE_PROMPT, "the target's unconditional prompt")
+    negative_prompt: str = param(NEGATIVE_PROMPT, "the target's unconditional prompt (\"\"; "
+                                                  "the official config's: " +
+                                                  repr(OFFICIAL_NEGATIVE_PROMPT) + ")")
 
     def check(self, prompts: list[str], s: Settings) -> None:
         from ..real.invert import Inversion

@@ -23,10 +23,11 @@ affine map that moves centroid'(k) to the target and scales by √s about it, so
                         T_k: scaling by √s about centroid'(k)
     keep appearance:    E = Σ_k ‖appearance(k) − appearance'(k)‖₁ / c   (over the edited words)
 
-Several energies add. In the first `guide_steps` of the schedule (a fraction of the steps;
-DDIM's timesteps are evenly spaced, so it is the same fraction of t at 20 or 50 steps), before
-the DDIM step, `iterations` times (ε_θ and E evaluated again each time; 2 for moves, 4 when a
-word is resized), a Polyak step capped at v in RMS, restricted to the region R:
+Several energies add. Moves are guided in the first `guide_steps` of the schedule, resizes in
+the first `resize_steps` (fractions of the steps; DDIM's timesteps are evenly spaced, so it is the
+same fraction of t at 20 or 50 steps); at those steps, before the DDIM step, `iterations` times
+(ε_θ and E evaluated again each time; 2 for moves, 4 when a word is resized), a Polyak step
+capped at v in RMS, restricted to the region R:
 
     g = R ⊙ ∇_{z_t} E,   d = (E / ‖g‖²) · g,   d ← d · min(1, v / rms(d)),   z_t ← z_t − d
 
@@ -45,9 +46,22 @@ picture stays. So `keep_appearance` is on by default, and the rest of the pictur
 steps outside the object leave blotches of other colours and stray blobs on a flat background
 that no energy on the edited word's map sees; energies on every other word's map would not see
 them either (a background of flat colour has no word whose map marks it). The blend is the local
-blend of Prompt-to-Prompt (p2p.py) with the unguided latents as the source. Guiding only the
-first 30 % of the schedule: the layout is set early, where the edit is made; later steps form
-the edges and the flat fills, and gradient steps there punch holes and blotches into them.
+blend of Prompt-to-Prompt (p2p.py) with the unguided latents as the source. Moves are guided
+in the first 30 % of the schedule only: the layout is set early, where the edit is made; later
+steps form the edges and the flat fills, and gradient steps there punch holes and blotches into
+a moved object (whose new place R leaves to the guided latents).
+A resize is guided longer, by default to the last step: a word's map follows its object's area
+only once the layout has formed (tools/README.md, "Guidance methods": the map size's correlation
+with the final area), so a size asked in the first steps alone is asked of a blurred map, and
+the unguided steps that follow grow or shrink the object back towards what its noise implies.
+Late steps spoil a resize less than a move: the region R keeps the background, the object
+stays where it is, and the shape term asks for the unguided shape scaled about its own centroid.
+The step count is not compensated: the Polyak step aims at E = 0, so the extra guided steps of
+a 50-step run bring E nearer to 0 rather than past it; but E = 0 is not exactly the asked area
+(the map's blurred rim adds a floor to size(k), so s · size' asks a shrink for a little less than
+s × the area), and a shrink can go further at 50 steps than at 20. What the paper
+describes implies one window for every term (ε̃_t shifted by the summed energies' gradient over
+a window of steps, one weight per term); a window per property is our choice.
 The appearance distance is a mean over the c channels: summed over them, it outweighs the size
 and shape terms and the step mostly keeps the object as it was. The paper instead adds the
 gradient to the noise estimate, ε̃_t = ε_t + v · σ_t · ∇_{z_t} E (σ_t = √(1 − ᾱ_t)); we do
@@ -125,13 +139,14 @@ class SelfGuidance(GradientGuidance):
     def __init__(self, model, cond, tokens, steps: int, observed: Observe, moves=None,
                  resizes=None, keep_appearance: bool = True, weight: float = 0.25,
                  guide_steps: float = 0.3, iterations: int | None = None,
-                 keep_background: bool = True):
+                 keep_background: bool = True, resize_steps: float = 1.0):
         super().__init__(model, cond, steps, pick=_pick)
         self.tokens, self.observed = tokens, observed
         self.moves, self.resizes = moves or {}, resizes or {}
         self.keep_appearance, self.weight = keep_appearance, weight
         self.iterations = iterations or (4 if self.resizes else 2)
-        self.last = round(guide_steps * steps)
+        self.last = round(guide_steps * steps) if self.moves else 0
+        self.last_resize = round(resize_steps * steps) if self.resizes else 0
         self.feature_pick = _last_res(model.unet) if keep_appearance else None
         self.local = keep_background
 
@@ -142,21 +157,23 @@ class SelfGuidance(GradientGuidance):
         return m * z + (1 - m) * self.observed.z[step].to(z)
 
     def active(self, step):
-        return step < self.last
+        return step < max(self.last, self.last_resize)
 
-    def energy(self, A: dict, psi, ref: dict) -> torch.Tensor:
+    def energy(self, A: dict, psi, ref: dict, step: int = 0) -> torch.Tensor:
         E = 0.0
-        for w, (x, y) in self.moves.items():
+        moves = self.moves if step < self.last else {}
+        resizes = self.resizes if step < self.last_resize else {}
+        for w, (x, y) in moves.items():
             to = torch.tensor([x, y])
             E = E + (centroid(A[w]) - to).abs().sum()
             target = transform(ref[w]["shape"], ref[w]["centroid"], to, 1.0)
             E = E + (shape(A[w]) - target).abs().mean()
-        for w, s in self.resizes.items():
+        for w, s in resizes.items():
             E = E + (size(A[w]) - s * ref[w]["size"]).abs()
             c = ref[w]["centroid"]
             E = E + (shape(A[w]) - transform(ref[w]["shape"], c, c, math.sqrt(s))).abs().mean()
         if self.keep_appearance:
-            for w in {**self.moves, **self.resizes}:
+            for w in {**moves, **resizes}:
                 E = E + (appearance(A[w], psi) - ref[w]["appearance"]).abs().mean()
         return E
 
@@ -183,7 +200,7 @@ class SelfGuidance(GradientGuidance):
             leaf, rec = self.maps_of(z, step, feature_pick=self.feature_pick)
             A = word_maps(rec.maps, self.tokens, latent=tuple(z.shape[-2:]))
             psi = rec.feats[-1][1][0].float() if rec.feats else None
-            E = self.energy(A, psi, ref)
+            E = self.energy(A, psi, ref, step)
             (grad,) = torch.autograd.grad(E, [leaf])
             self.energies[step] = e = float(E.detach())
             grad = grad * mask
@@ -208,7 +225,9 @@ class Params:
                                         "new places from the unguided image")
     guidance_weight: float = param(0.25, "largest RMS v of a guidance step of z: z ← z − d, "
                                          "d = E·∇E/‖∇E‖² capped at rms(d) ≤ v")
-    guide_steps: float = param(0.3, "guide in this first fraction of the steps (1.0: all)")
+    guide_steps: float = param(0.3, "guide the moves in this first fraction of the steps "
+                                    "(1.0: all)")
+    resize_steps: float = param(1.0, "guide the resizes in this first fraction of the steps")
     guide_iterations: int | None = param(None, "gradient steps per guided step (2 for moves, "
                                                "4 when a word is resized)", kind=int)
 
@@ -238,6 +257,7 @@ class Params:
             raise ParameterError("guidance_weight", f"is the largest step of z_t (RMS), ≥ 0; got "
                                                     f"{self.guidance_weight:g}")
         check_number("guide_steps", self.guide_steps, 0.0, 1.0, low_open=True)
+        check_number("resize_steps", self.resize_steps, 0.0, 1.0, low_open=True)
         it = self.guide_iterations
         if it is not None and (isinstance(it, bool) or not isinstance(it, int) or
                                not 1 <= it <= 50):
@@ -257,7 +277,8 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
     plain = generate(model, prompts, control=observed, **kw)
     ctrl = SelfGuidance(model, encode_text(model, prompts), tokens, s.steps, observed,
                         {w: tuple(xy) for w, xy in moves.items()}, resizes, p.keep_appearance,
-                        p.guidance_weight, p.guide_steps, p.guide_iterations, p.keep_background)
+                        p.guidance_weight, p.guide_steps, p.guide_iterations, p.keep_background,
+                        p.resize_steps)
     guided = generate(model, prompts, control=ctrl, **kw)
     return Result(to_pil(plain) + to_pil(guided), ["unguided", "guided"])
 
