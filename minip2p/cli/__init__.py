@@ -1,5 +1,5 @@
 """Command line: `minip2p generate|edit|attention|invert|reconstruct|instruct|pairs|guide|hspace|
-explore`
+explore|learn-word|learn-instruction`
 (and `python -m minip2p`).
 
 Every user mistake ends as one line on stderr, `minip2p: <what was wrong; what to do>`, exit
@@ -18,6 +18,7 @@ clean-up, so neither leaves a temporary file or folder behind.
     guide.py     guide (Self-Guidance: move, resize)
     hspace.py    hspace (directions in the UNet's h-space, for edit --method asyrp)
     explore.py   explore (the attention explorer, a local web page)
+    learn.py     learn-word (textual inversion), learn-instruction (Visii)
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import sys
 import warnings
 
 from ..errors import MinipError, ParameterError
-from . import attention, edit, explore, generate, guide, hspace, instruct, invert, pairs
+from . import attention, edit, explore, generate, guide, hspace, instruct, invert, learn, pairs
 from .common import Parser, flag_of
 
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     guide.add_commands(sub)
     explore.add_commands(sub)
     hspace.add_commands(sub)
+    learn.add_commands(sub)
     return p
 
 

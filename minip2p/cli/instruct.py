@@ -3,10 +3,13 @@
     instruct photo.jpg "make it snowy" --image-guidance 1.5 --guidance 7.5 --steps 100 --out o.png
 
 Euler ancestral with 100 steps by default (the official edit_cli.py); `--maps` also writes the
-instruction's cross-attention maps to OUT-maps.png.
+instruction's cross-attention maps to OUT-maps.png. `--instruction-embedding instr.safetensors`
+uses an instruction learned from a before/after pair (`learn-instruction`, Visii) instead; the
+INSTRUCTION's words, if given, are added to it (a hybrid instruction).
 """
 from __future__ import annotations
 
+from ..errors import MinipError
 from .control import add_control_options
 from .common import (add_model_options, check_out_file, float_arg, load, preflight, save_image,
                      settings_of)
@@ -20,6 +23,16 @@ def cmd_instruct(args):
     photo = images.open_image(args.image)                            # before the model loads
     s = settings_of(args, image=photo, maps=args.maps)
     params = dict(image_guidance=args.image_guidance)
+    if args.instruction_embedding:          # Visii: learned rows (+ the INSTRUCTION's words)
+        if args.maps:
+            raise MinipError("--maps shows the words of a typed instruction; leave it out with "
+                             "--instruction-embedding")
+        from ..load.embeddings import read_instruction
+        read_instruction(args.instruction_embedding)                     # before the model loads
+        params["instruction_embedding"] = args.instruction_embedding
+    elif not args.instruction.strip():
+        raise MinipError("give an INSTRUCTION, e.g. \"make it blue\" (or a learned one with "
+                         "--instruction-embedding)")
     methods.prepare("instruct", [args.instruction], **params, **s)
     model = load(args)
     instruct.check_model(model)
@@ -40,7 +53,11 @@ def cmd_instruct(args):
 def add_commands(sub):
     p = sub.add_parser("instruct", help="InstructPix2Pix: edit IMAGE by an INSTRUCTION")
     p.add_argument("image", help="the picture to edit")
-    p.add_argument("instruction", help='what to change, e.g. "make it blue"')
+    p.add_argument("instruction", nargs="?", default="",
+                   help='what to change, e.g. "make it blue"; with --instruction-embedding, '
+                        "words added to the learned instruction (optional)")
+    p.add_argument("--instruction-embedding", default=None, metavar="FILE.safetensors",
+                   help="an instruction learned by `minip2p learn-instruction` (Visii)")
     p.add_argument("--image-guidance", type=float_arg("--image-guidance"), default=1.5,
                    help="s_I: how closely to keep the picture (1.5)")
     p.add_argument("--maps", action="store_true",

@@ -56,27 +56,57 @@ def read_embedding(path) -> tuple[str, torch.Tensor]:
 
 def add_embeddings(model, paths) -> dict[str, list[int]]:
     """Add the tokens of `paths` to `model`'s tokenizer and text encoder; returns their ids."""
-    if model.text_encoder is None:
-        raise MinipError("the text encoder was freed; add embeddings before encoding prompts")
     added = {}
     for path in paths:
         token, vectors = read_embedding(path)
-        emb = model.text_encoder.text_model.embeddings.token_embedding
-        d = emb.weight.shape[1]
-        if vectors.shape[1] != d:
-            raise MinipError(f"'{path}': the embedding of {token!r} is {vectors.shape[1]} wide but "
-                             f"this model's text encoder is {d} wide; it was trained for another "
-                             "model (SD 1.x: 768, SD 2.x: 1024)")
         if token in added:
             raise MinipError(f"token {token!r} comes twice ('{path}'); pass each embedding once")
-        ids = model.tokenizer.add_tokens(token, len(vectors))
-        # E: (V, d) -> (V', d), the new rows at the tokenizer's new ids
-        weight = emb.weight.new_zeros(max(max(ids) + 1, emb.weight.shape[0]), d)
-        weight[:emb.weight.shape[0]] = emb.weight
-        weight[ids] = vectors.to(weight)
-        emb.weight = torch.nn.Parameter(weight, requires_grad=False)
-        emb.num_embeddings = weight.shape[0]
-        cfg = model.text_encoder.cfg
-        model.text_encoder.cfg = replace(cfg, vocab_size=weight.shape[0])
-        added[token] = ids
+        added[token] = add_token(model, token, vectors, source=f"'{path}'")
     return added
+
+
+def add_token(model, token: str, vectors: torch.Tensor, source: str = "the embedding") -> list[int]:
+    """Add one token standing for `vectors` (n, d) to the tokenizer (ids "<tok>", "<tok>_1", …)
+    and as new rows of the token table E; returns their ids (also textual inversion's start)."""
+    if model.text_encoder is None:
+        raise MinipError("the text encoder was freed; add embeddings before encoding prompts")
+    emb = model.text_encoder.text_model.embeddings.token_embedding
+    d = emb.weight.shape[1]
+    if vectors.shape[1] != d:
+        raise MinipError(f"{source}: the embedding of {token!r} is {vectors.shape[1]} wide but "
+                         f"this model's text encoder is {d} wide; it was trained for another "
+                         "model (SD 1.x: 768, SD 2.x: 1024)")
+    ids = model.tokenizer.add_tokens(token, len(vectors))
+    # E: (V, d) -> (V', d), the new rows at the tokenizer's new ids
+    weight = emb.weight.new_zeros(max(max(ids) + 1, emb.weight.shape[0]), d)
+    weight[:emb.weight.shape[0]] = emb.weight
+    weight[ids] = vectors.to(weight)
+    emb.weight = torch.nn.Parameter(weight, requires_grad=False)
+    emb.num_embeddings = weight.shape[0]
+    cfg = model.text_encoder.cfg
+    model.text_encoder.cfg = replace(cfg, vocab_size=weight.shape[0])
+    return ids
+
+
+def read_instruction(path) -> tuple[torch.Tensor, int, str]:
+    """A learned instruction (Visii, train/visii.py): (c_T (77, d), eos, init phrase)."""
+    from safetensors import safe_open
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise MinipError(f"{path.name}: pickled files are refused (unpickling runs code); "
+                         "use a .safetensors instruction")
+    if not path.is_file():
+        raise MinipError(f"instruction file '{path}' not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        c, eos = state["instruction"], int(meta["eos"])
+    except Exception as e:                    # safetensors, KeyError, ValueError alike
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise MinipError(f"'{path}' is not a learned instruction of `minip2p learn-instruction` "
+                         f"({first})") from None
+    if c.dim() != 2 or c.shape[0] != 77 or not 1 <= eos < 77:
+        raise MinipError(f"'{path}': the instruction has shape {tuple(c.shape)} and end {eos}; "
+                         "expected (77, width) and an end in 1 … 76")
+    return c.float(), eos, meta.get("init", "")

@@ -37,6 +37,9 @@ DEFAULTS = {"steps": 100, "sampler": "euler-a"}              # the official edit
 @dataclass
 class Params:
     image_guidance: float = param(1.5, "s_I: how closely to keep the picture")
+    instruction_embedding: str | None = param(
+        None, "a learned instruction (Visii) file used instead of encoding the instruction; the "
+              "instruction's words, if any, are added to it (a hybrid instruction)")
 
     def check(self, prompts: list[str], s: Settings) -> None:
         check_number("image_guidance", self.image_guidance)
@@ -58,9 +61,34 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
         height, width = check_size(model, s.height, s.width)
     fitted = images.fit(photo, height, width)
     store = AttentionStore(1) if s.maps else None
+    cond = None
+    if p.instruction_embedding:
+        from ..load.embeddings import read_instruction
+        learned, eos, _ = read_instruction(p.instruction_embedding)
+        cond = hybrid(model, learned, eos, prompts[0])
     out = edit(model, fitted, prompts[0], s.seed, s.steps, s.guidance, p.image_guidance,
-               s.sampler, height, width, control=store, progress=s.progress)
+               s.sampler, height, width, control=store, progress=s.progress, cond=cond)
     return Result(to_pil(out), list(prompts), [fitted], store=store)
+
+
+def hybrid(model: Model, learned: torch.Tensor, eos: int, extra: str = "") -> torch.Tensor:
+    """A learned instruction c_T (77, d) whose rows end at `eos` -> (1, 77, d), with the rows
+    0 … eos₂−1 of ψ(extra) (its BOS and words) written over rows eos+2 … (Visii's hybrid
+    instruction, its test_concatenate); `extra` empty: c_T as learned."""
+    from ..model.tokenizer import END
+    d = model.text_encoder.cfg.hidden_size if model.text_encoder is not None else None
+    if d is not None and learned.shape[-1] != d:
+        raise MinipError(f"the learned instruction is {learned.shape[-1]} wide but this model's "
+                         f"text encoder is {d} wide; it was learned on another model")
+    c = learned[None].clone().to(model.device, model.dtype)
+    if extra.strip():
+        eos2 = int((model.tokenizer([extra])[0] == END).nonzero()[0])
+        n = min(eos2, c.shape[1] - (eos + 2))
+        if n < eos2:
+            raise MinipError(f"the words {extra!r} do not fit after the learned instruction "
+                             f"({eos + 2} + {eos2} > 77 rows); use fewer words")
+        c[0, eos + 2:eos + 2 + n] = encode_text(model, [extra])[0, :n].to(c)
+    return c
 
 
 def check_model(model: Model) -> None:
@@ -91,10 +119,11 @@ def image_latents(model: Model, x: torch.Tensor) -> torch.Tensor:
 def edit(model: Model, image, instruction: str, seed: int = 0, steps: int = 100,
          guidance: float = 7.5, image_guidance: float = 1.5, sampler: str = "euler-a",
          height: int | None = None, width: int | None = None, control=None,
-         progress: bool = True, return_latents: bool = False):
+         progress: bool = True, return_latents: bool = False, cond: torch.Tensor | None = None):
     """A picture (PIL, or x (1, 3, H, W) in [−1, 1]) and an instruction -> the edited picture
     (1, 3, H, W) in [0, 1] (or z_0 if `return_latents`). A PIL picture is centre-cropped and
-    resized to height × width (default: its own aspect, the model's native size)."""
+    resized to height × width (default: its own aspect, the model's native size). `cond`: the
+    instruction's text states (1, 77, d) given (a learned instruction, `hybrid`), not encoded."""
     check_model(model)
     if isinstance(image, Image.Image):
         if height is None and width is None:
@@ -104,7 +133,7 @@ def edit(model: Model, image, instruction: str, seed: int = 0, steps: int = 100,
     height, width = check_size(model, image.shape[2], image.shape[3])
     model.scheduler.timesteps(steps)                                         # validates steps
     smp, z = seeded_sampler(model, sampler, seed, height, width)
-    cond = encode_text(model, [instruction])
+    cond = encode_text(model, [instruction]) if cond is None else cond  # or a learned c_T
     uncond = encode_text(model, [""])
     z = denoise(model, cond, uncond, z, steps, guidance, control, progress=progress,
                 batch=GuidanceBatch.instruct_layout(1), sampler=smp,

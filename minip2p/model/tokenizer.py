@@ -155,14 +155,18 @@ class ClipTokenizer:
         """Add `token` standing for `n` vectors (ids "<tok>", "<tok>_1", ...); returns their ids.
         A name the vocabulary already knows (as a piece or a word) is refused."""
         names = [token] + [f"{token}_{i}" for i in range(1, n)]
-        vocab = self._tok.get_vocab(with_added_tokens=True)
         for name in names:
-            if not name.strip() or name in vocab or name + WORD_END in vocab:
+            if not name.strip() or self.knows(name):
                 raise MinipError(f"token {name!r} already exists in the tokenizer's vocabulary; "
                                  "rename the embedding (a new, unused word such as <my-token>)")
         self._tok.add_tokens([AddedToken(name, normalized=True, special=False) for name in names])
         self.vectors[token] = n
         return [self._tok.token_to_id(name) for name in names]
+
+    def knows(self, name: str) -> bool:
+        """Is `name` already in the vocabulary (as a piece, a word or an added token)?"""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        return name in vocab or name + WORD_END in vocab
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

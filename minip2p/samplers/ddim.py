@@ -97,10 +97,26 @@ class DDIM:
         x0 = ((1 - b).sqrt() * z_t.double() - (1 - a).sqrt() * z_prev.double()) / den
         return x0.to(z_prev.dtype)
 
-    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        """The forward process in one jump: z_t = √ᾱ_t · z_0 + √(1−ᾱ_t) · ε."""
-        a = self.alpha(t).to(z0.dtype)
+    def _alpha_rows(self, t, z0: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t for an int t, or one per row for a (b,) tensor of timesteps (training)."""
+        if torch.is_tensor(t) and t.dim() > 0:
+            a = self.alphas_cumprod[t.cpu()].view(-1, *[1] * (z0.dim() - 1))
+            return a.to(z0.device, z0.dtype)
+        return self.alpha(int(t)).to(z0.device, z0.dtype)
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """The forward process in one jump: z_t = √ᾱ_t · z_0 + √(1−ᾱ_t) · ε (t an int, or a (b,)
+        tensor: one timestep per row)."""
+        a = self._alpha_rows(t, z0)
         return a ** 0.5 * z0 + (1 - a) ** 0.5 * noise
+
+    def target(self, z0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """What the network learns to output at z_t = add_noise(z0, ε, t): ε (ε-prediction), or
+        v = √ᾱ_t · ε − √(1−ᾱ_t) · z_0 (v-prediction, SD 2.x 768-v)."""
+        if self.cfg.prediction_type == "epsilon":
+            return noise
+        a = self._alpha_rows(t, z0)
+        return a ** 0.5 * noise - (1 - a) ** 0.5 * z0
 
     def step(self, model_out: torch.Tensor, t: int, z: torch.Tensor, steps: int,
              eta: float = 0.0, noise: torch.Tensor | None = None,
