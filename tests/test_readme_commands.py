@@ -119,6 +119,8 @@ def expected(a):
     if cmd == "instruct":
         out = Path(opt("--out", "instruct.png"))
         return [out] + ([out.with_name(out.stem + "-maps.png")] if "--maps" in a else [])
+    if cmd in ("learn-word", "learn-instruction"):
+        return [Path(opt("--out", ""))]
     if cmd == "pairs":
         return [] if "--check" in a or "--partition" in a else [Path(opt("--out-dir", opt("--out", ""))) / "0000000" / "metadata.jsonl"]
     default = {"generate": "minip2p.png", "attention": "maps.png", "invert": "inversion.safetensors",
@@ -130,8 +132,14 @@ def prepare(folder, ip2p_ckpt, clip_ckpt, sd_ckpt):
     """The inputs the commands name, drawn or written into `folder`."""
     im = Image.new("RGB", (64, 64), (240, 240, 230))
     ImageDraw.Draw(im).ellipse((12, 12, 48, 48), fill=(200, 30, 30))
-    for name in ("photo.jpg", "photo.png"):
+    for name in ("photo.jpg", "photo.png", "before.png"):
         im.save(folder / name)
+    (folder / "pictures").mkdir()
+    for i in range(2):                                       # learn-word's pictures
+        im.rotate(90 * i).save(folder / "pictures" / f"{i}.png")
+    after = Image.new("RGB", (64, 64), (240, 240, 230))
+    ImageDraw.Draw(after).ellipse((12, 12, 48, 48), fill=(30, 30, 200))
+    after.save(folder / "after.png")
     (folder / "sentences.txt").write_text("a red circle\na red circle on a white background\n")
     lines = [{"caption": "a red circle", "edit": "make it blue", "output": "a blue circle"},
              {"caption": "a green square", "edit": "make it a triangle", "output": "a green triangle"}]

@@ -43,7 +43,9 @@ def official_step(pipe, token, n, init, prompts, z0, noise, t):
                     truncation=True, max_length=77, return_tensors="pt").input_ids
     noisy = sched.add_noise(z0, noise, t)
     pred = unet(noisy, t, text(input_ids)[0]).sample
-    loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+    target = noise if sched.config.prediction_type == "epsilon" else \
+        sched.get_velocity(z0, noise, t)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
     loss.backward()
     opt.step()
     keep = torch.ones(len(tok), dtype=torch.bool)
@@ -53,8 +55,9 @@ def official_step(pipe, token, n, init, prompts, z0, noise, t):
     return E[ids].detach(), loss.item()
 
 
-def test_one_step_equals_the_official_step(small_ckpt):
-    pipe, folder = small_ckpt
+@pytest.mark.parametrize("geometry", ["small", "small2"])          # ε- and v-prediction
+def test_one_step_equals_the_official_step(geometry, request):
+    pipe, folder = request.getfixturevalue(f"{geometry}_ckpt")
     model = load_model(folder)
     p = ti.Params(token="<my-thing>", init="dog", vectors=2, batch=3, steps=1, lr=LR)
     from minip2p.real import images

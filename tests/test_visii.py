@@ -165,3 +165,15 @@ def test_bad_input_is_one_line_and_writes_nothing(ip2p_ckpt, sd_ckpt, tmp_path, 
               "empty-init": "--init is empty", "not-an-instruction": "not a learned instruction"}
     one_line(capsys, argv, needle[case])
     assert list(out.iterdir()) == []
+
+
+def test_the_explorer_neither_shows_nor_takes_the_file_parameter(ip2p_ckpt):
+    from minip2p.errors import ParameterError
+    from minip2p.explore.requests import check_request, describe_methods
+    shown = {p["name"] for m in describe_methods()["methods"] if m["name"] == "instruct"
+             for p in m["parameters"]}
+    assert "image_guidance" in shown and "instruction_embedding" not in shown
+    model = load_model(ip2p_ckpt[1])
+    with pytest.raises(ParameterError, match="names a file of this machine"):
+        check_request(model, {"prompt": "make it blue", "method": "instruct",
+                              "params": {"instruction_embedding": "/etc/passwd"}})

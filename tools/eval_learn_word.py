@@ -3,12 +3,14 @@ shape the toy never saw together (a small purple triangle: a held-out pair), lea
 from them (minip2p/train/textual_inversion.py, template "a {}"), then generate
 "a <my-thing> on the left" for 24 seeds and read each picture back with the toy analyser
 (tools/toydata.py): the object is right when its colour and shape are the pictures' and its
-centre lies in the left 40 % of the picture.
+centre lies in the left 40 % of the picture. Also "a <my-thing>" and, for comparison, the words
+("a small purple triangle on the left"). Figures in tools/README.md.
 
     python -m tools.eval_learn_word                       # minutes on a laptop CPU
-    python -m tools.eval_learn_word --steps 800 --lr 5e-2 --batch 4 --out-dir tools/out/learn-word
+    python -m tools.eval_learn_word --steps 800 --lr 5e-2 --batch 4 --vectors 1 --sheet
 
-The learning resumes from its checkpoint in OUT_DIR if killed; `--sheet` writes the 24 pictures.
+The learning resumes from its checkpoint in OUT_DIR if killed (and a finished one is reused:
+only the prompts run again); `--sheet` writes each prompt's 24 pictures.
 """
 from __future__ import annotations
 
@@ -40,6 +42,11 @@ def draw_pictures(folder: Path, color: str, shape: str, size: str | None, n: int
         Image.fromarray(a).save(folder / f"{i}.png")
 
 
+def learner_pictures(folder: Path) -> list[torch.Tensor]:
+    from minip2p.real import images
+    return [images.to_tensor(images.open_image(p))[0] for p in sorted(folder.glob("*.png"))]
+
+
 def judge(image, color: str, shape: str) -> dict:
     a = analyse(image)
     W = image.shape[-1]
@@ -57,18 +64,21 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=5e-2)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--vectors", type=int, default=1)
+    ap.add_argument("--vectors", type=int, default=2)
     ap.add_argument("--init", default="triangle")
     ap.add_argument("--template", action="append", default=None)
     ap.add_argument("--seeds", type=int, default=24)
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--prompt", default="a <my-thing> on the left")
-    ap.add_argument("--out-dir", type=Path, default=OUT)
+    ap.add_argument("--out-dir", type=Path, default=None,
+                    help="default tools/out/learn-word/VECTORSv-STEPS-LR (the checkpoint's)")
     ap.add_argument("--sheet", action="store_true")
+    ap.add_argument("--no-words", action="store_true", help="skip the prompt with the words")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = None if args.size == "none" else args.size
+    args.out_dir = args.out_dir or OUT / f"{args.vectors}v-{args.steps}-{args.lr:g}"
     pics = args.out_dir / "pictures"
     draw_pictures(pics, args.color, args.shape, size, args.pictures, seed=1)
     model = load_model(None)
@@ -78,23 +88,30 @@ def main(argv=None):
     w0 = time.time()
     ti.learn(model, p, pics, args.out_dir / "my-thing.safetensors")
     cpu, wall = time.process_time() - t0, time.time() - w0
-    rows = []
-    images = []
-    for seed in range(args.seeds):
-        im = generate(model, [args.prompt], seed=seed, steps=args.sample_steps, progress=False)[0]
-        images.append(im)
-        rows.append(judge(im, args.color, args.shape))
-    ok = [r["color"] and r["shape"] and r["left"] for r in rows]
-    result = dict(prompt=args.prompt, object=f"{args.size} {args.color} {args.shape}",
-                  steps=args.steps, lr=args.lr, batch=args.batch, vectors=args.vectors,
-                  learn_cpu_s=round(cpu, 1), learn_wall_s=round(wall, 1),
-                  right=f"{sum(ok)}/{len(ok)}", colour=sum(r["color"] for r in rows),
-                  shape=sum(r["shape"] for r in rows), left=sum(r["left"] for r in rows),
-                  median_area=float(np.median([r["area"] for r in rows])))
+    words = " ".join(w for w in (size, args.color, args.shape) if w)
+    prompts = {"learned": args.prompt, "learned, no place": args.prompt.split(" on the ")[0],
+               "the words": args.prompt.replace("<my-thing>", words)}
+    areas = [analyse((x + 1) / 2)["area"] for x in learner_pictures(pics)]
+    result = dict(object=words, steps=args.steps, lr=args.lr, batch=args.batch,
+                  vectors=args.vectors, learn_cpu_s=round(cpu, 1), learn_wall_s=round(wall, 1),
+                  pictures_area=[min(areas), max(areas)])
+    for name, prompt in prompts.items():
+        if name == "the words" and args.no_words:
+            continue
+        images = [generate(model, [prompt], seed=s, steps=args.sample_steps, progress=False)[0]
+                  for s in range(args.seeds)]
+        rows = [judge(im, args.color, args.shape) for im in images]
+        result[name] = dict(prompt=prompt, right=sum(r["color"] and r["shape"] and r["left"]
+                                                      for r in rows),
+                            colour_and_shape=sum(r["color"] and r["shape"] for r in rows),
+                            colour=sum(r["color"] for r in rows),
+                            shape=sum(r["shape"] for r in rows),
+                            left=sum(r["left"] for r in rows), of=len(rows),
+                            median_area=float(np.median([r["area"] for r in rows])))
+        if args.sheet:
+            name = name.replace(" ", "-").replace(",", "")
+            to_pil(torch.cat(images, -1)[None])[0].save(args.out_dir / f"sheet-{name}.png")
     print(json.dumps(result))
-    if args.sheet:
-        sheet = torch.cat(images, -1)
-        to_pil(sheet[None])[0].save(args.out_dir / "sheet.png")
     return result
 
 

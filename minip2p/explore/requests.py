@@ -68,7 +68,8 @@ def describe_methods() -> dict:
     out = []
     for name in methods.names():
         m = methods.get(name)
-        params = sorted(methods.parameters(name), key=lambda p: p.name in real)
+        params = sorted((p for p in methods.parameters(name) if p.type != "path"),  # no files
+                        key=lambda p: p.name in real)                            # of this machine
         out.append({"name": name, "summary": m.SUMMARY, "edits_pictures": m.EDITS_PICTURES,
                     "parameters": [{"name": p.name, "default": p.default, "help": p.help,
                                     "type": p.type, "choices": p.choices, "picture": p.name in real}
@@ -220,9 +221,12 @@ def _params(body: dict, method: str) -> dict:
     given = {} if given is None else given
     if not isinstance(given, dict):
         raise MinipError("params must be an object {parameter: value}")
-    known = {p.name: p for p in methods.parameters(method)}
+    known = {p.name: p for p in methods.parameters(method) if p.type != "path"}
     out = _old_fields(body, method)
     for name, v in given.items():
+        if any(p.name == name and p.type == "path" for p in methods.parameters(method)):
+            raise ParameterError(name, "names a file of this machine: the command line takes "
+                                       "it, the explorer does not")
         if name not in known:
             where = "a run setting: give it as a field of the request" \
                 if name in {s.name for s in methods.settings()} else None

@@ -39,7 +39,7 @@ class Params:
     image_guidance: float = param(1.5, "s_I: how closely to keep the picture")
     instruction_embedding: str | None = param(
         None, "a learned instruction (Visii) file used instead of encoding the instruction; the "
-              "instruction's words, if any, are added to it (a hybrid instruction)")
+              "instruction's words, if any, are added to it (a hybrid instruction)", kind="path")
 
     def check(self, prompts: list[str], s: Settings) -> None:
         check_number("image_guidance", self.image_guidance)
