@@ -1,4 +1,5 @@
-"""Command line: `minip2p generate|edit|attention|invert|reconstruct|instruct|pairs|guide|explore`
+"""Command line: `minip2p generate|edit|attention|invert|reconstruct|instruct|pairs|guide|explore|
+eval-edit`
 (and `python -m minip2p`).
 
 Every user mistake ends as one line on stderr, `minip2p: <what was wrong; what to do>`, exit
@@ -16,6 +17,7 @@ clean-up, so neither leaves a temporary file or folder behind.
     pairs.py     pairs (the InstructPix2Pix data recipe: resumable, sharded)
     guide.py     guide (Self-Guidance: move, resize)
     explore.py   explore (the attention explorer, a local web page)
+    eval_edit.py eval-edit (PIE-Bench's editing metrics)
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import sys
 import warnings
 
 from ..errors import MinipError, ParameterError
-from . import attention, edit, explore, generate, guide, instruct, invert, pairs
+from . import attention, edit, eval_edit, explore, generate, guide, instruct, invert, pairs
 from .common import Parser, flag_of
 
 
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_commands(sub)
     guide.add_commands(sub)
     explore.add_commands(sub)
+    eval_edit.add_commands(sub)
     return p
 
 

@@ -172,9 +172,11 @@ class DinoFeatures:
         return self.tokens[:, 0]
 
     def self_similarity(self) -> torch.Tensor:
-        """S = cos(k_i, k_j) over all token pairs, CLS included (B, N, N)."""
-        k = F.normalize(self.keys, dim=-1)
-        return k @ k.transpose(1, 2)
+        """S = cos(k_i, k_j) over all token pairs, CLS included (B, N, N); the norms' product
+        clamped at 1e-8 as the official extractor (splice's `attn_cosine_sim`) does."""
+        k = self.keys
+        norms = k.norm(dim=-1, keepdim=True)                              # (B, N, 1)
+        return (k @ k.transpose(1, 2)) / (norms @ norms.transpose(1, 2)).clamp(min=1e-8)
 
 
 class DinoViT(nn.Module):
