@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import fields
 
 from ..errors import MinipError
-from . import (attend_excite, instruct, masactrl, p2p, pix2pix_zero, pnp, sdedit,
+from . import (attend_excite, diffuseit, instruct, masactrl, p2p, pix2pix_zero, pnp, sdedit,
                self_guidance)
 from .base import Parameter, ParameterError, Result, Settings, describe
 
 METHODS = {m.NAME: m for m in (p2p, masactrl, pnp, sdedit, attend_excite, pix2pix_zero,
-                               self_guidance, instruct)}
+                               self_guidance, instruct, diffuseit)}
 SETTINGS = tuple(f.name for f in fields(Settings))
 
 __all__ = ["METHODS", "names", "get", "parameters", "settings", "prepare", "run", "Result"]
