@@ -212,7 +212,7 @@ def add_commands(sub):
     d.add_argument("--cuts", type=int_arg("--cuts", 0), default=None,
                    help="random views for the CLIP loss (8)")
     d.add_argument("--semantic-until", type=int_arg("--semantic-until", 0), default=None,
-                   help="the semantic loss acts while t > this (50)")
+                   help="the semantic loss acts while t > this, of 1000 (500)")
     d.add_argument("--noise-aug", action=argparse.BooleanOptionalAction, default=None,
                    help="losses on the noise-augmented x̂₀ (on)")
     d.add_argument("--regularize-content", action=argparse.BooleanOptionalAction, default=None,

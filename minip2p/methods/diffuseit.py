@@ -15,7 +15,8 @@ and the VAE decoder D (methods/diffuseit_losses.py for each L):
     ε̃'     = ε̃ + s·√(1−ᾱ_t)·∇_{z_t} L                   the score correction (ε̃: after CFG)
 
 f = 2 once the CLIP loss is below −0.5 (`regularize_content`), else 1; x_prev = the last step's
-x_in (x_src at the start). DDIM is linear in ε, so the corrected step is the plain step plus
+x_in (x_src at the start). t_sem = 500: the code's `diff_iter` 50 counts the 100 respaced steps
+(its cond_fn unscales t to them), i.e. half of the schedule. DDIM is linear in ε, so the corrected step is the plain step plus
 c_t·δ with δ = s·√(1−ᾱ_t)·∇L and c_t = √(1−ᾱ_{t−1}) − √ᾱ_{t−1}·√(1−ᾱ_t)/√ᾱ_t: the controller
 computes δ in `before_step` and adds c_t·δ in `after_step` — the sampling loop is untouched.
 
@@ -53,7 +54,7 @@ class Params:
     structure_weight: float = param(1000.0, "λ_ssim: DINO key self-similarity to the source")
     contrastive_weight: float = param(200.0, "λ_contra: PatchNCE on DINO keys")
     semantic_weight: float = param(100.0, "λ_sem: [CLS] divergence from the previous step")
-    semantic_until: int = param(50, "t_sem: the semantic loss acts while t > t_sem (of 1000)")
+    semantic_until: int = param(500, "t_sem: the semantic loss acts while t > t_sem (of 1000)")
     range_weight: float = param(200.0, "λ_range: keep x̂₀ in [−1, 1]")
     target_weight: float = param(2000.0, "λ_trg: [CLS] to the target picture's (image mode)")
     pixel_weight: float = param(3000.0, "λ_px: pixel MSE to the target picture (image mode)")

@@ -9,7 +9,7 @@ e(x) its [CLS] before the final norm.
                    ℓ_ii = cos(k_i(x), k_i(src)) (the positive), ℓ_ij = cos(k_i(x), k_j(src)),
                    j ≠ i (the negatives); the code puts the positive first and fills the
                    diagonal of the negatives with −10 (PatchNCE of CUT, all tokens, one image)
-    semantic       L_sem    = −Σ_b ‖e(x_b) − e(x_prev,b)‖² / D   while t > t_sem        (λ 100)
+    semantic       L_sem    = −Σ_b ‖e(x_b) − e(x_prev,b)‖² / D   while t > t_sem = 500  (λ 100)
                    (pushes each step's [CLS] away from the previous step's: "semantic divergence")
     image target   L_trg    = Σ_b ‖e(x_b) − e(y_b)‖² / D                                (λ 2000)
     CLIP           L_clip   = −mean over cuts c of E_I(aug_c(x)) · d                   (λ 2000)
