@@ -153,18 +153,14 @@ def text_features(clip, hidden, ids):
 
 
 def export(judges: Judges, clip_cfg: dict, dino_cfg: dict, out: Path, toy) -> None:
-    """OUT/clip (a CLIPModel folder) and OUT/dino (a ViTModel folder), stored in fp16 (the
-    loaders compute in fp32)."""
-    import shutil
-    from minip2p.load.checkpoint import CLIP_TOKENIZER
+    """OUT/clip (a CLIPModel folder; its tokenizer is the shipped CLIP BPE) and OUT/dino (a
+    ViTModel folder), stored in fp16 (the loaders compute in fp32)."""
     for name, module, cfg in (("clip", judges.clip, clip_cfg), ("dino", judges.dino, dino_cfg)):
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().half().contiguous() for k, v in module.state_dict().items()}
         save_file(state, folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in ("vocab.json", "merges.txt"):
-        shutil.copy(CLIP_TOKENIZER / f, out / "clip" / f)
     print(f"wrote {out / 'clip'} and {out / 'dino'}")
 
 
