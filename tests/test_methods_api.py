@@ -31,7 +31,7 @@ def toy():
 
 def test_every_method_is_registered_with_its_parameters():
     assert methods.names() == ["p2p", "masactrl", "pnp", "sdedit", "attend-excite",
-                               "pix2pix-zero", "self-guidance", "instruct", "asyrp"]
+                               "pix2pix-zero", "self-guidance", "instruct", "asyrp", "diffuseit"]
     for name in methods.names():
         for p in methods.parameters(name):
             assert p.help and p.help == p.help.strip(), (name, p.name)

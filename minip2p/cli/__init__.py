@@ -1,5 +1,5 @@
 """Command line: `minip2p generate|edit|attention|invert|reconstruct|instruct|pairs|guide|hspace|
-explore|learn-word|learn-instruction`
+explore|learn-word|learn-instruction|eval-edit`
 (and `python -m minip2p`).
 
 Every user mistake ends as one line on stderr, `minip2p: <what was wrong; what to do>`, exit
@@ -19,6 +19,7 @@ clean-up, so neither leaves a temporary file or folder behind.
     hspace.py    hspace (directions in the UNet's h-space, for edit --method asyrp)
     explore.py   explore (the attention explorer, a local web page)
     learn.py     learn-word (textual inversion), learn-instruction (Visii)
+    eval_edit.py eval-edit (PIE-Bench's editing metrics)
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import sys
 import warnings
 
 from ..errors import MinipError, ParameterError
-from . import attention, edit, explore, generate, guide, hspace, instruct, invert, learn, pairs
+from . import (attention, edit, eval_edit, explore, generate, guide, hspace, instruct, invert,
+               learn, pairs)
 from .common import Parser, flag_of
 
 
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_commands(sub)
     hspace.add_commands(sub)
     learn.add_commands(sub)
+    eval_edit.add_commands(sub)
     return p
 
 

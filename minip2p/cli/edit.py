@@ -1,4 +1,4 @@
-"""`minip2p edit SOURCE TARGET … --method p2p|masactrl|pnp|pix2pix-zero`: parse, map the flags to
+"""`minip2p edit SOURCE TARGET … --method p2p|masactrl|pnp|pix2pix-zero|diffuseit`: parse, map the flags to
 the method's parameters (FLAGS), `methods.run`, save.
 
     edit "a cat" "a dog"                                   Prompt-to-Prompt (the default method)
@@ -9,6 +9,7 @@ the method's parameters (FLAGS), `methods.run`, save.
     edit "a cat" "a dog" --method pix2pix-zero             Pix2Pix-Zero (--xa-guidance, sentences)
     edit "a cat" --method asyrp --direction d.safetensors:3 --strength 2   Asyrp (h-space;
                                                            --image: its DDIM inversion)
+    edit "a lion" "a black leopard" --method diffuseit --image lion.jpg     DiffuseIT
 
 Every method writes 0.png (the source), 1.png … (the targets), strip.png, and with --maps
 maps-N.png (and with --over-time WORD over-time.gif: the word's map and x̂₀ at each step): the
@@ -17,6 +18,8 @@ one method given to another is refused, as is anything out of range, before the 
 """
 from __future__ import annotations
 
+import argparse
+
 from ..errors import MinipError
 from .attention import MAP_RES, OVER_TIME, save_over_time
 from .control import add_control_options
@@ -24,7 +27,7 @@ from .common import (add_model_options, check_out_dir, float_arg, int_arg, load,
                      save_images, settings_of)
 from .invert import add_edit_options, read_input, say_inversion
 
-EDIT_METHODS = ("p2p", "masactrl", "pnp", "pix2pix-zero", "asyrp")
+EDIT_METHODS = ("p2p", "masactrl", "pnp", "pix2pix-zero", "asyrp", "diffuseit")
 # the one table: each method parameter `edit` takes -> its flag (argparse's dest: the flag's name)
 FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "--self-replace",
          "blend": "--blend", "blend_threshold": "--blend-threshold", "reweight": "--reweight",
@@ -37,7 +40,14 @@ FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "
          "lambda_ac": "--lambda-ac", "lambda_kl": "--lambda-kl",
          "direction": "--direction", "t_edit": "--t-edit", "t_boost": "--t-boost",
          "asymmetric": "--symmetric", "repeats": "--repeats",
-         "renoise_steps": "--renoise-steps"}
+         "renoise_steps": "--renoise-steps",
+         "target_image": "--target-image", "dino": "--dino", "clip": "--clip",
+         "clip_weight": "--clip-weight", "structure_weight": "--structure-weight",
+         "contrastive_weight": "--contrastive-weight", "semantic_weight": "--semantic-weight",
+         "semantic_until": "--semantic-until", "range_weight": "--range-weight",
+         "target_weight": "--target-weight", "pixel_weight": "--pixel-weight", "cuts": "--cuts",
+         "noise_aug": "--noise-aug", "regularize_content": "--regularize-content",
+         "scale": "--guide-scale"}
 
 
 def dest(flag: str) -> str:
@@ -76,6 +86,7 @@ def parameters(args) -> dict:
     p = {name: v for name, v in given.items() if v is not None and v is not False}
     if p.get("asymmetric"):                          # --symmetric: Asyrp's asymmetric step off
         p["asymmetric"] = False
+    p.update({k: False for k in ("noise_aug", "regularize_content") if given[k] is False})
     for key in ("cross_replace", "self_replace"):
         if key in p:
             p[key] = parse_window(p[key])
@@ -105,7 +116,7 @@ def cmd_edit(args):
     prompts = [p for p in [args.source] + args.targets if p is not None]
     if args.over_time is not None:
         views.prompts_with(prompts, args.over_time)
-    inverted = args.method != "pnp" and args.strength is None
+    inverted = args.method not in ("pnp", "diffuseit") and args.strength is None
     real = read_input(args.image, args.inversion, args.crop, prompts[0] if prompts else None,
                       needs_prompt=inverted)                          # before the model loads
     s = settings_of(args, image=real, maps=args.maps, map_res=args.map_res,
@@ -119,8 +130,8 @@ def cmd_edit(args):
                      size=(real.height, real.width) if from_file else None,
                      rows_per_image=3 if args.method == "pnp" else 2,
                      controlled=(32 ** 2 if args.maps else 16 ** 2 if args.method == "p2p" else 1),
-                     grad=inverted and real is not None and not from_file
-                     and params.get("inversion", "null-text") == "null-text")
+                     grad=args.method == "diffuseit" or inverted and real is not None
+                     and not from_file and params.get("inversion", "null-text") == "null-text")
     if real is not None and not from_file:
         check_picture(real, *size)                     # before the line on a slow inversion
         if getattr(chosen, "strength", None) is None:
@@ -207,6 +218,28 @@ def add_commands(sub):
                         "asymmetric step")
     a.add_argument("--repeats", type=int_arg("--repeats", 0, 1000), default=None,
                    help="pullback directions: x-space guidance steps at z_t (16)")
+    d = e.add_argument_group("DiffuseIT (--method diffuseit; the weights default to the official)")
+    d.add_argument("--target-image", metavar="FILE", help="image-guided: take this picture's "
+                   "appearance (the CLIP loss is then off)")
+    d.add_argument("--dino", metavar="DIR|REPO", help="DINO ViT (facebook/dino-vitb8, cached)")
+    d.add_argument("--clip", metavar="DIR|REPO", help="CLIP (openai/clip-vit-base-patch16, cached)")
+    for flag, what in (("--clip-weight", "CLIP directional loss (2000)"),
+                       ("--structure-weight", "DINO key self-similarity (1000)"),
+                       ("--contrastive-weight", "PatchNCE on DINO keys (200)"),
+                       ("--semantic-weight", "[CLS] divergence (100)"),
+                       ("--range-weight", "range loss (200)"),
+                       ("--target-weight", "[CLS] to --target-image (2000)"),
+                       ("--pixel-weight", "pixel MSE to --target-image (3000)"),
+                       ("--guide-scale", "multiplies the whole correction (1)")):
+        d.add_argument(flag, type=float_arg(flag), default=None, help=what)
+    d.add_argument("--cuts", type=int_arg("--cuts", 0), default=None,
+                   help="random views for the CLIP loss (8)")
+    d.add_argument("--semantic-until", type=int_arg("--semantic-until", 0), default=None,
+                   help="the semantic loss acts while t > this, of 1000 (500)")
+    d.add_argument("--noise-aug", action=argparse.BooleanOptionalAction, default=None,
+                   help="losses on the noise-augmented x̂₀ (on)")
+    d.add_argument("--regularize-content", action=argparse.BooleanOptionalAction, default=None,
+                   help="double the contrastive loss once the CLIP loss is below −0.5 (on)")
     e.add_argument("--strength", type=float_arg("--strength"), default=None,
                    help="SDEdit: with --image, start from the picture noised this much, in "
                         "(0, 1]; Asyrp: how far along --direction (1)")

@@ -15,12 +15,12 @@ from dataclasses import fields
 
 from ..conditioning import conditioned
 from ..errors import MinipError
-from . import (asyrp, attend_excite, instruct, masactrl, p2p, pix2pix_zero, pnp, sdedit,
-               self_guidance)
+from . import (asyrp, attend_excite, diffuseit, instruct, masactrl, p2p, pix2pix_zero, pnp,
+               sdedit, self_guidance)
 from .base import Parameter, ParameterError, Result, Settings, describe
 
 METHODS = {m.NAME: m for m in (p2p, masactrl, pnp, sdedit, attend_excite, pix2pix_zero,
-                               self_guidance, instruct, asyrp)}
+                               self_guidance, instruct, asyrp, diffuseit)}
 SETTINGS = tuple(f.name for f in fields(Settings))
 
 __all__ = ["METHODS", "names", "get", "parameters", "settings", "prepare", "run", "Result"]

@@ -1,0 +1,99 @@
+"""DiffuseIT beside SDEdit at the same strength, on drawn toy pictures: does the colour change
+while the shape stays where it was?
+
+Cases: a red circle, square or triangle (no size word, small, big; positions and a white or no
+background varied), drawn by tools/toydata.py; the target prompt names the object blue. Both
+methods start from the picture noised to the same strength (0.6, DiffuseIT's default) with the
+same seed. Read by the toy analyser: **colour** (the object's colour is blue), **kept** (IoU of
+the object's mask with the source's ≥ 0.8), **clean** (tools/artifacts.py). The judges are the
+toy's own CLIP and DINO-layout ViT (tools/train_toy_judges.py).
+
+    OMP_NUM_THREADS=1 python -m tools.eval_diffuseit --judges weights/toy-judges --n 24
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minip2p import load_model, methods
+from tools import toydata
+from tools.judge import is_clean, to_array
+from tools.sheets import contact_sheet, to_pil
+
+SHAPES, SIZES = ("circle", "square", "triangle"), (0, 1, 2)
+POSITIONS = (0, 1, 2, 5)                    # none, left, right, middle
+
+
+def cases(n: int):
+    """n (source caption, target caption, attrs) triples."""
+    red, blue, white = (toydata.COLOR_NAMES.index(c) for c in ("red", "blue", "white"))
+    out = []
+    for i in range(n):
+        s, z, p = i % 3, (i // 3) % 3, POSITIONS[(i // 9 + i) % 4]
+        b = white if i % 2 else -1
+        attrs = torch.tensor([[red, s, z, p, b, -1, -1]])
+        words = lambda colour: toydata.caption(colour, SHAPES[s], toydata.SIZES[z],  # noqa: E731
+                                               toydata.POSITIONS[p], "white" if b >= 0 else None)
+        out.append((words("red"), words("blue"), attrs))
+    return out
+
+
+def judge(source: np.ndarray, result) -> dict:
+    a, r = toydata.analyse(source), toydata.analyse(to_array(result))
+    return dict(colour=r["color"] == "blue", kept=toydata.iou(a["mask"], r["mask"]) >= 0.8,
+                clean=is_clean(result, 1))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--judges", default="weights/toy-judges")
+    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--strength", type=float, default=0.6)
+    ap.add_argument("--set", nargs="*", default=[], metavar="K=V", help="DiffuseIT parameters")
+    ap.add_argument("--sheets", default="tools/out/sheets")
+    args = ap.parse_args(argv)
+    extra = {k: float(v) if v.replace(".", "", 1).replace("-", "", 1).isdigit() else v
+             for k, v in (kv.split("=", 1) for kv in args.set)}
+    extra = {k: int(v) if k in ("cuts", "semantic_until") else v for k, v in extra.items()}
+    model = load_model()
+    judges = Path(args.judges)
+    rows = {"sdedit": [], "diffuseit": []}
+    pairs = {"sdedit": [], "diffuseit": []}
+    seconds = {"sdedit": 0.0, "diffuseit": 0.0}
+    for i, (src, tgt, attrs) in enumerate(cases(args.n)):
+        picture = (toydata.draw(attrs, torch.Generator().manual_seed(i))[0] / 2 + 0.5).numpy()
+        photo = to_pil(picture)
+        runs = {"sdedit": lambda: methods.run(model, "sdedit", [tgt], image=photo, seed=i,
+                                              steps=args.steps, strength=args.strength),
+                "diffuseit": lambda: methods.run(model, "diffuseit", [src, tgt], image=photo,
+                                                 seed=i, steps=args.steps, strength=args.strength,
+                                                 dino=str(judges / "dino"),
+                                                 clip=str(judges / "clip"), **extra)}
+        for name, go in runs.items():
+            t0 = time.time()
+            result = go().images[-1]
+            seconds[name] += time.time() - t0
+            rows[name].append(judge(picture, result))
+            pairs[name].append((photo, result, rows[name][-1]["clean"]))
+        print(f"{i + 1}/{args.n} {tgt}: " + "  ".join(
+            f"{k} {'colour' if rows[k][-1]['colour'] else '-'}/{'kept' if rows[k][-1]['kept'] else '-'}"
+            f"/{'clean' if rows[k][-1]['clean'] else '-'}" for k in rows), flush=True)
+    print(f"\n| method | colour blue | shape kept (IoU ≥ 0.8) | both | clean | s/edit |\n"
+          f"|---|---:|---:|---:|---:|---:|")
+    for name, rs in rows.items():
+        share = lambda key: f"{100 * np.mean([r[key] for r in rs]):.0f} % ({sum(r[key] for r in rs)}/{len(rs)})"  # noqa: E731
+        both = sum(r["colour"] and r["kept"] for r in rs)
+        print(f"| {name} | {share('colour')} | {share('kept')} | {100 * both / len(rs):.0f} % "
+              f"({both}/{len(rs)}) | {share('clean')} | {seconds[name] / len(rs):.1f} |")
+        Path(args.sheets).mkdir(parents=True, exist_ok=True)
+        contact_sheet(pairs[name][:24], Path(args.sheets) / f"diffuseit-vs-{name}.png")
+    print(f"sheets in {args.sheets}")
+
+
+if __name__ == "__main__":
+    main()
