@@ -200,3 +200,24 @@ def test_diffuseit_command_on_the_toy_model(capsys, tmp_path, dino, clip_ckpt):
                        "--steps", "4", "--out-dir", tmp_path / "out", "--no-noise-aug")
     assert rc == 0, err
     assert (tmp_path / "out" / "0.png").is_file() and (tmp_path / "out" / "strip.png").is_file()
+
+
+def test_the_shipped_toy_judges_load_and_read_colour():
+    """weights/toy-judges: both folders load strictly; the toy CLIP names the colour of drawn
+    pictures (measured 95 % zero-shot over 96 pictures; asserted ≥ 80 % over 24)."""
+    from minip2p.data.clip_image import load_clip
+    from minip2p.load.checkpoint import WEIGHTS
+    from minip2p.model.dino import load_dino
+    from tools import toydata
+    clip = load_clip(WEIGHTS / "toy-judges" / "clip")
+    dino = load_dino(WEIGHTS / "toy-judges" / "dino")
+    g = torch.Generator().manual_seed(123)
+    caps = toydata.Captions(clip.tokenizer)
+    attrs = caps.attrs[caps.sample(24, g, two_objects=0)]
+    x = toydata.draw(attrs, g) / 2 + 0.5
+    texts = [f"a {c} {s}" for c in toydata.COLOR_NAMES for s in toydata.SHAPES]
+    with torch.no_grad():
+        pred = (clip.encode_images(x) @ clip.encode_texts(texts).T).argmax(1)
+        assert dino(L.preprocess(x[:2], patch=dino.cfg.patch_size)).keys.shape == (2, 50, 128)
+    right = [texts[p].split()[1] == toydata.COLOR_NAMES[a[0]] for p, a in zip(pred.tolist(), attrs.tolist())]
+    assert sum(right) >= 0.8 * len(right)
