@@ -85,13 +85,14 @@ def argv(line, env):
             out += ["--model", env["ip2p"]]
         elif w == "--model":
             pass                                                   # the toy model, the default
-        elif w == "--clip":
+        elif w == "--clip" and words[0] == "pairs":
             out += ["--clip", env["clip"], "--clip-threshold", "-1", "--clip-dir-threshold", "-1",
                     "--clip-img-threshold", "-1"]
         elif w in ("--steps", "--samples", "--guide-iterations"):
             out += [w, {"--steps": STEPS, "--samples": "2", "--guide-iterations": "1"}[w]]
         else:
-            out.append({"F": "sentences.txt", "P": "photo.png"}.get(w, w))
+            w = str(ROOT / w) if w.startswith("weights/") else w       # shipped files
+            out.append({"F": "sentences.txt", "P": "photo.png", "sq.png": "photo.png"}.get(w, w))
             i += 1
             continue
         i += 2
@@ -99,6 +100,8 @@ def argv(line, env):
         out += ["--model", env["sd"]]
     if words[0] == "explore":
         return out + ["--port", "0"]
+    if words[0] == "eval-edit":                                   # no model, no steps
+        return out
     steps = str(int(out[out.index("--masa-step") + 1]) + 1) if "--masa-step" in out else STEPS
     if "--steps" in out:
         out[out.index("--steps") + 1] = steps
@@ -140,6 +143,13 @@ def prepare(folder, ip2p_ckpt, clip_ckpt, sd_ckpt):
     after = Image.new("RGB", (64, 64), (240, 240, 230))
     ImageDraw.Draw(after).ellipse((12, 12, 48, 48), fill=(30, 30, 200))
     after.save(folder / "after.png")
+    for sub in ("sources", "edits", "masks"):                 # eval-edit's folders
+        (folder / sub).mkdir()
+        (im if sub != "masks" else Image.new("L", (64, 64), 255)).save(folder / sub / "a.png")
+    (folder / "prompts.json").write_text('{"a": "a blue circle"}')
+    from safetensors.torch import save_file
+    from minip2p.data.lpips import LPIPS
+    save_file({k: v.contiguous() for k, v in LPIPS().state_dict().items()}, folder / "lpips.safetensors")
     (folder / "sentences.txt").write_text("a red circle\na red circle on a white background\n")
     lines = [{"caption": "a red circle", "edit": "make it blue", "output": "a blue circle"},
              {"caption": "a green square", "edit": "make it a triangle", "output": "a green triangle"}]

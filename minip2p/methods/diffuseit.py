@@ -197,4 +197,4 @@ def run(model, prompts: list[str], p: Params, s: Settings, judges=None) -> Resul
                               dino, clip, direction, target, s.seed)
     out = generate(model, fitted, [prompts[1]], p.strength, s.seed, s.steps, s.guidance, height,
                    width, control=guide, progress=s.progress)
-    return Result(to_pil(out), [prompts[1]], [fitted], extra={"losses": guide.losses})
+    return Result([fitted] + to_pil(out), list(prompts), [fitted], extra={"losses": guide.losses})
