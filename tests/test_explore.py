@@ -146,3 +146,12 @@ def test_a_long_prompt_comes_back_with_its_warning(server):
     assert job["state"] == "done", job.get("error")
     assert len(job["warnings"]) == 1 and "15 tokens too long" in job["warnings"][0]
     assert "warnings" not in wait(server, submit(server, prompt=PROMPT, steps=1)[1]["id"])
+
+
+def test_a_server_that_cannot_bind_leaves_no_out_dir(tmp_path, capsys):
+    """The folder --out-dir names is made for the images; a bind that fails removes it again."""
+    from helpers import cli
+    out = tmp_path / "kept"
+    rc, _, err = cli(capsys, "explore", "--host", "999.1.1.1", "--port", "0", "--out-dir", out)
+    assert rc == 2 and err.splitlines()[-1].startswith("minip2p: cannot serve on 999.1.1.1")
+    assert not out.exists()

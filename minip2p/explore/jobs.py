@@ -171,6 +171,7 @@ class Explorer:
     def __init__(self, model, out_dir: Path | None = None, controlnets=()):
         self.model, self.controlnets = model, list(controlnets)
         self.temporary = out_dir is None
+        self.made = out_dir is not None and not Path(out_dir).exists()    # ours to remove if empty
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="minip2p-explore-")).resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jobs: dict[int, Job] = {}
@@ -260,3 +261,5 @@ class Explorer:
             self.hook.remove()
         if self.temporary:
             shutil.rmtree(self.out_dir, ignore_errors=True)
+        elif self.made and not any(self.out_dir.iterdir()):    # e.g. the server could not bind
+            self.out_dir.rmdir()
