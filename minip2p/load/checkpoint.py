@@ -55,8 +55,10 @@ class Model:
         return self.unet.conv_in.weight.device
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file; a pickle, a truncated or a garbage file is refused."""
+def read_safetensors(path: Path, convert=None) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file; a pickle, a truncated or a garbage file is refused.
+    `convert(key, tensor) -> {key: tensor, …}` is applied to each tensor as it is read (a cast
+    to the compute dtype, int8.converter), so the file's precision is never held whole."""
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         raise MinipError(f"{path.name}: pickle checkpoints are refused (unpickling runs code); "
@@ -65,21 +67,31 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise MinipError(f"missing weights file {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            if convert is None:
+                return {k: f.get_tensor(k) for k in f.keys()}
+            state = {}
+            for k in f.keys():
+                state.update(convert(k, f.get_tensor(k)))
+            return state
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MinipError(f"{path}: not a readable safetensors file ({msg}); "
                          "the download may be truncated") from None
 
 
-def strict_build(cls, cfg, state: dict[str, torch.Tensor], source: str,
-                 dtype=torch.float32, device="cpu") -> nn.Module:
-    """Build `cls(cfg)` without initialising it, then assign `state`, checking every tensor."""
+def strict_build(cls, cfg, state, source: str, dtype=torch.float32, device="cpu",
+                 prepare=None) -> nn.Module:
+    """Build `cls(cfg)` without initialising it, then assign `state`, checking every tensor.
+    `prepare(module)` may change the meta module first (int8.prepare); `state` may then be a
+    function of its result, called once the module is built (to read the file only then)."""
     try:
         with torch.device("meta"):
             module = cls(cfg)
     except ValueError as e:  # e.g. GroupNorm: channels not divisible by norm_num_groups
         raise MinipError(f"{source}: the config describes no buildable model ({e})") from None
+    prepared = prepare(module) if prepare else None
+    if callable(state):
+        state = state(prepared)
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want))
