@@ -53,7 +53,8 @@ def add_commands(sub):
     x.add_argument("--lora", type=lora_arg, action="append", default=[],
                    metavar="FILE.safetensors[:SCALE]",
                    help="LoRA merged into the weights at load, with SCALE (1) (repeatable)")
-    x.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    x.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="auto: bf16 on a CPU with native bf16 where it measured faster, else fp32")
     x.add_argument("--device", default="cpu", help="cpu, cuda, mps … (cpu)")
     x.add_argument("--strict-length", action="store_true",
                    help="refuse prompts longer than 77 tokens (default: warn, drop the rest)")

@@ -7,6 +7,8 @@ tuner measured it faster at the model's width, fp32 elsewhere. One place decides
                     -> bf16, else fp32
     auto elsewhere: fp32 (a GPU keeps the precision it had; `--dtype fp16` asks for half)
     --no-autotune:  fp32 (PyTorch's defaults, reproducible runs; autotune.DEFAULT)
+    MINIP2P_DTYPE:  fp32|fp16|bf16 answers "auto" without measuring (the tests set fp32, so
+                    their references do not depend on the machine)
 
 The measurement (`Tuner.pick("precision", …)`, cached like every choice, fast/autotune.py) times
 a UNet-shaped slice in each precision: a 3×3 convolution and a linear layer of the model's
@@ -32,6 +34,7 @@ fp32. What stays in fp32 when the weights and activations are bf16, and why:
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from .autotune import tuner
 
 NATIVE_FLAGS = ("avx512_bf16", "amx_bf16")
+ENV = "MINIP2P_DTYPE"
 
 
 @functools.cache
@@ -75,6 +79,8 @@ def _slice(width: int, dtype: torch.dtype):
 
 def choose(device: torch.device | str, width: int) -> str:
     """"fp32" or "bf16" for a model whose UNet's working width is `width` on `device`."""
+    if os.environ.get(ENV) in ("fp32", "fp16", "bf16"):
+        return os.environ[ENV]
     if torch.device(device).type != "cpu" or not bf16_native():
         return "fp32"
     return tuner().pick("precision", (width,), lambda: {
