@@ -136,6 +136,9 @@ def test_int8_memory_and_nonsense_combinations(sd_ckpt, sd_model):
     full = sum(p.numel() * 4 for p in sd_model.unet.parameters())
     assert memory.weights_bytes(m) < memory.weights_bytes(sd_model)
     assert sum(t.numel() * t.element_size() for t in m.unet.buffers()) < full / 3
+    assert memory.estimate(m, 2, 64, 64, False) < memory.estimate(sd_model, 2, 64, 64, False)
+    assert memory.estimate(sd_model, 2, 64, 64, False, free_text=True) \
+        <= memory.estimate(sd_model, 2, 64, 64, False)
     with pytest.raises(ParameterError, match="fp16"):
         load_model(sd_ckpt[1], dtype="fp16", weights="int8")
     with pytest.raises(ParameterError, match="weight format"):
