@@ -7,6 +7,7 @@ from minip2p.errors import MinipError, ParameterError
 from minip2p.fast import autotune, precision, switched
 from minip2p.fast.autotune import Tuner, forced
 from minip2p.load import int8, load_model
+from minip2p.pipeline import decode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,15 +77,19 @@ def test_bf16_fast_path_is_close_to_the_bf16_explicit_path_for_every_candidate(s
     c = torch.randn(2, 77, m.unet.cfg.cross_attention_dim, generator=g).bfloat16()
     with switched(m, False), torch.no_grad():
         ref = m.unet(z, 10, c).float()
+        image = decode(m, z[:1, :, :8, :8].float())
     old = autotune.tuner()
     try:
         for name in ("torch", "onednn"):
-            autotune.set_tuner(forced(linear=name, geglu=name,
+            layout = "channels_last" if name == "onednn" else "contiguous"
+            autotune.set_tuner(forced(linear=name, geglu=name, decode=layout,
                                       attention="onednn" if name == "onednn" else "sdpa"))
             with switched(m, True), torch.no_grad():
                 out = m.unet(z, 10, c).float()
             assert out.dtype == torch.float32 and torch.isfinite(out).all()
             assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+            with switched(m, True):
+                assert (decode(m, z[:1, :, :8, :8].float()) - image).abs().max() <= 0.05  # bf16
     finally:
         autotune.set_tuner(old)
 
