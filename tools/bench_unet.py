@@ -49,6 +49,8 @@ def main(argv=None):
     ap.add_argument("--fp32", action="store_true", help="plain rows in fp32 too (batch 2, 4)")
     ap.add_argument("--openvino", action="store_true",
                     help="OpenVINO rows, default precision and f32 (batch 2, 4)")
+    ap.add_argument("--no-methods", action="store_true",
+                    help="skip the MasaCtrl and plug-and-play rows")
     ap.add_argument("--only-methods", action="store_true",
                     help="only the plain rows and the MasaCtrl / plug-and-play rows")
     args = ap.parse_args(argv)
@@ -68,11 +70,13 @@ def main(argv=None):
     z3, c3, b3 = z[1:], context[1:], pnp.batch()                       # pnp's 3 rows
     pnp_ctrl = pnp.PlugAndPlay(50)
     rows = {"minip2p fast, plain": lambda: unet(z, t, context, batch=cfg2),
-            "minip2p fast, plain, batch 2": lambda: unet(z[two], t, context[two]),
+            "minip2p fast, plain, batch 2": lambda: unet(z[two], t, context[two])}
+    if not args.no_methods:
+        rows.update({
             "minip2p fast, MasaCtrl (step 4)": lambda: unet(z, t, context, masa, 4, batch=cfg2),
             "minip2p fast, plain, 3 rows": lambda: unet(z3, t, c3, batch=b3),
             "minip2p fast, plug-and-play (step 0), 3 rows": lambda: unet(
-                z3, t, c3, pnp_ctrl, 0, batch=b3)}
+                z3, t, c3, pnp_ctrl, 0, batch=b3)})
     if not args.only_methods:
         rows["minip2p fast, Replace"] = lambda: unet(z, t, context, edit, 0)
     if not args.no_explicit and not args.only_methods:
