@@ -39,7 +39,7 @@ def softmax_attention(q, k, v, fused=None, upcast: bool = False, mask=None):
     scale = q.shape[-1] ** -0.5                                           # 1/√d
     logits = (q.float() @ k.float().transpose(-1, -2)) if upcast else q @ k.transpose(-1, -2)
     logits = logits * scale if mask is None else logits * scale + mask
-    return logits.softmax(dim=-1).to(v.dtype) @ v
+    return logits.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v     # fp32 softmax
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -55,7 +55,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     elif out is None:
         scale = q.shape[-1] ** -0.5                                       # 1/√d
         logits = (q.float() @ k.float().transpose(-1, -2)) if upcast else q @ k.transpose(-1, -2)
-        probs = (logits * scale).softmax(dim=-1).to(v.dtype)              # M: (b, h, n, m)
+        probs = (logits * scale).softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # M, fp32 exp
         if wanted:
             probs = control.probs(probs, site)                            # the P2P hook
         out = probs @ v                                                   # (b, h, n, d)

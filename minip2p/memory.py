@@ -3,7 +3,9 @@
     peak ≈ runtime + weights + max(one UNet call, one VAE encode/decode)
 
     runtime     the interpreter, torch and its kernels (CPU only; a fixed allowance, RUNTIME)
-    weights     every parameter × bytes per element (fp32 4, fp16/bf16 2)
+    weights     every parameter and buffer × bytes per element (fp32 4, fp16/bf16 2, int8
+                weights 1, load/int8.py, plus one layer dequantised at a time); a text encoder
+                freed after encoding (the CLI's default) counts only until the UNet runs
     UNet call   rows = 2 per image (∅ and c; plug-and-play 3). At each level (n = h·w latent
                 pixels, c channels) the skips the decoder will read stay alive; the worst
                 moment is one block's temporaries -- a ResBlock's feature maps, the GEGLU's
@@ -74,23 +76,29 @@ def vae_bytes(cfg, height: int, width: int, nbytes: int) -> int:
     return max(worst, 3 * n * n * nbytes)
 
 
-def weights_bytes(model) -> int:
-    """Every parameter's bytes: UNet, VAE, text encoder and the ControlNets (conditioning/)."""
-    parts = [model.unet, model.vae] + ([model.text_encoder] if model.text_encoder else [])
+def weights_bytes(model, text: bool = True) -> int:
+    """Every parameter's and buffer's bytes: UNet, VAE, text encoder (unless `text` is False),
+    the ControlNets (conditioning/), and one int8 layer dequantised."""
+    parts = [model.unet, model.vae] + ([model.text_encoder] if model.text_encoder and text
+                                       else [])
     parts += [c.net for c in getattr(model.conditioning, "controls", [])]
-    return sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
+    total = sum(t.numel() * t.element_size() for m in parts
+                for t in (*m.parameters(), *m.buffers()))
+    q = [m.weight_q.numel() for m in model.unet.modules() if hasattr(m, "weight_q")]
+    return total + max(q, default=0) * model.dtype.itemsize       # one layer dequantised
 
 
 def estimate(model, images: int, height: int, width: int, explicit: bool, rows_per_image=2,
-             controlled: int = 0, grad: bool = False) -> int:
-    """Bytes at the peak of a request of `images` images at height × width."""
+             controlled: int = 0, grad: bool = False, free_text: bool = False) -> int:
+    """Bytes at the peak of a request of `images` images at height × width (`free_text`: the
+    text encoder is freed once the prompts are encoded)."""
     f, nbytes = model.vae.cfg.downscale, model.dtype.itemsize
     rows = rows_per_image * images
     unet = unet_bytes(model.unet.cfg, rows, height // f, width // f, nbytes, explicit,
                       controlled, grad)
     vae = vae_bytes(model.vae.cfg, height, width, nbytes)
     runtime = RUNTIME if model.device.type == "cpu" else 0
-    return runtime + weights_bytes(model) + max(unet, vae)
+    return runtime + max(weights_bytes(model), weights_bytes(model, not free_text) + max(unet, vae))
 
 
 def available(device: torch.device) -> tuple[int, str]:
@@ -134,10 +142,11 @@ def _size(b: float) -> str:
 
 
 def check(model, images: int, height: int, width: int, explicit: bool, rows_per_image=2,
-          controlled: int = 0, grad: bool = False) -> int:
+          controlled: int = 0, grad: bool = False, free_text: bool = False) -> int:
     """Refuse, in one line, a request whose estimated peak exceeds the memory there is.
     MINIP2P_MEMORY_LIMIT (bytes) replaces the measured limit (tests, shared machines)."""
-    need = estimate(model, images, height, width, explicit, rows_per_image, controlled, grad)
+    need = estimate(model, images, height, width, explicit, rows_per_image, controlled, grad,
+                    free_text)
     if os.environ.get("MINIP2P_MEMORY_LIMIT"):
         limit, what = int(float(os.environ["MINIP2P_MEMORY_LIMIT"])), "allowed"
     else:
@@ -150,6 +159,8 @@ def check(model, images: int, height: int, width: int, explicit: bool, rows_per_
             hints.append("the fast path (drop {explicit})")
         if model.dtype == torch.float32:
             hints.append("{dtype} fp16 on a GPU")
+        if not any(hasattr(m, "weight_q") for m in model.unet.modules()):
+            hints.append("{weights} int8")
         hint = hints[0] if len(hints) == 1 else ", ".join(hints[:-1]) + " or " + hints[-1]
         raise ParameterError(None, f"{width}×{height} with {images} image{'s' * (images > 1)} "
                                    f"needs about {_size(need)} of memory (estimated peak), "

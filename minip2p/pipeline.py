@@ -166,17 +166,19 @@ def decode(model: Model, z: torch.Tensor) -> torch.Tensor:
     (`python -m tools.bench_decode`); elsewhere (GPU, fp16) in channels-last. Without it, PyTorch's
     default layout. Same images within float rounding (tests/test_fast.py, test_autotune.py)."""
     z = (z / model.vae.cfg.scaling_factor).to(model.device, model.dtype)
-    tuned = model.fast and model.device.type == "cpu" and model.dtype == torch.float32
+    tuned = (model.fast and model.device.type == "cpu"
+             and model.dtype in (torch.float32, torch.bfloat16))
+    bf16 = ("bf16",) if model.dtype == torch.bfloat16 else ()      # measured apart from fp32
     untuned = "channels_last" if model.fast else "contiguous"
     images = []
     for zi in z:           # one image at a time: the decoder's activations dominate peak memory
-        pick, trial = tuner().trial("decode", tuple(zi.shape)) if tuned else (untuned, False)
+        pick, trial = tuner().trial("decode", (*zi.shape, *bf16)) if tuned else (untuned, False)
         layout = torch.channels_last if pick == "channels_last" else torch.contiguous_format
         t0 = time.perf_counter()
         images.append(model.vae.decode(zi[None].contiguous(memory_format=layout)).float()
                       .contiguous())
         if trial:
-            tuner().record("decode", tuple(zi.shape), pick, time.perf_counter() - t0)
+            tuner().record("decode", (*zi.shape, *bf16), pick, time.perf_counter() - t0)
     return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
 

@@ -15,6 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # makes one, /tmp/torchinductor_USER, otherwise)
 RUN_DIR = tempfile.mkdtemp(prefix="minip2p-tests-")
 os.environ.setdefault("MINIP2P_CACHE_DIR", RUN_DIR)
+# the CLI's --dtype auto answers fp32 (fast/precision.py): references do not depend on the CPU
+os.environ.setdefault("MINIP2P_DTYPE", "fp32")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(RUN_DIR, "torchinductor"))
 warnings.filterwarnings("ignore", module="diffusers")
 warnings.filterwarnings("ignore", module="transformers")

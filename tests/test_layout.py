@@ -83,3 +83,13 @@ def test_layout_shows_the_architecture():
     assert {"cli/__init__.py", "cli/common.py", "cli/edit.py"} <= names
     flat = {n for n in names if "/" not in n}
     assert len(flat) <= 10, f"the package root holds {sorted(flat)}: give each a folder"
+
+
+def test_every_subpackage_is_packaged():
+    """A folder of minip2p/ missing from pyproject's `packages` is left out of the wheel."""
+    import tomllib
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"minip2p." + p.parent.relative_to(root / "minip2p").as_posix().replace("/", ".")
+             for p in (root / "minip2p").rglob("__init__.py") if p.parent != root / "minip2p"}
+    assert found <= listed, sorted(found - listed)

@@ -249,7 +249,7 @@ def main(argv=None):
     if judge.maybe_run(args, clean_runs.GENERATION):
         return
     torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=args.dtype, weights=args.weights)
     rows = []
     fid = fidelity(model, args, rows) if not args.skip_fidelity else (None, None, None)
     shown = p2p_eval(model, args, rows)

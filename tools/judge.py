@@ -153,6 +153,9 @@ def add_args(p: argparse.ArgumentParser, methods: list[str]) -> None:
     g.add_argument("--clean-sampler", default="ddim", choices=["ddim", "euler-a", "dpm++"],
                    help="sampler of the methods that generate from noise (ddim)")
     g.add_argument("--sheets", default=str(OUT), help=f"contact sheets here ({OUT})")
+    g.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the model's compute precision (fp32; auto: the CLI's default)")
+    g.add_argument("--weights", default="full", choices=["full", "int8"], help="(full)")
     g.add_argument("--sheet-figures", dest="clean_figures", default=None,
                    help=f"also small 8-case sheets here (e.g. {FIGURES})")
 
@@ -215,5 +218,7 @@ def maybe_run(args, runners) -> bool:
         return False
     from minip2p.load import load_model
     torch.set_num_threads(getattr(args, "threads", None) or torch.get_num_threads())
-    run_all(load_model(getattr(args, "model", None)), args.clean or list(runners), args, runners)
+    model = load_model(getattr(args, "model", None), dtype=args.dtype, weights=args.weights)
+    print(f"model {model.name}: {model.dtype}, weights {args.weights}", flush=True)
+    run_all(model, args.clean or list(runners), args, runners)
     return True

@@ -122,8 +122,12 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
                         "native size)")
     p.add_argument("--width", type=int_arg("--width"), default=None,
                    help="image width, the same rule as --height")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="weights and activations (fp32; fp16/bf16 are meant for GPUs)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="weights and activations: auto = bf16 on a CPU with native bf16 where "
+                        "it measured faster, else fp32; fp16 is for GPUs (auto)")
+    p.add_argument("--weights", choices=["full", "int8"], default="full",
+                   help="int8: UNet and text encoder weights stored as 8-bit integers, one scale "
+                        "per output channel, dequantised layer by layer (less memory) (full)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--explicit", action="store_true",
@@ -134,9 +138,12 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
     p.add_argument("--strict-length", action="store_true",
                    help="refuse a prompt longer than the text encoder's 77 tokens (default: "
                         "warn and drop the tokens past 77)")
-    if lean:
-        p.add_argument("--free-text-encoder", action="store_true",
-                       help="free the text encoder once the prompts are encoded (less memory)")
+    if lean:                                  # freed by default; the flag stays accepted
+        p.add_argument("--keep-text-encoder", dest="free_text_encoder", action="store_false",
+                       help="keep the text encoder in memory after the prompts are encoded "
+                            "(default: freed then, less memory)")
+        p.add_argument("--free-text-encoder", action="store_true", help=argparse.SUPPRESS)
+        p.set_defaults(free_text_encoder=True)
     if out:
         p.add_argument("--out", default=out, help=f"output image file ({out})")
 
@@ -187,7 +194,8 @@ def load(args):
                        revision=args.revision, embeddings=args.embedding,
                        fast=not getattr(args, "explicit", False),     # --explicit: reference
                        strict_length=getattr(args, "strict_length", False),
-                       loras=getattr(args, "lora", ()))
+                       loras=getattr(args, "lora", ()),
+                       weights=getattr(args, "weights", "full"))
     return attach(args, model) if hasattr(args, "control") else model
 
 
@@ -199,6 +207,7 @@ def preflight(args, model, images: int = 1, size=None, **kw) -> tuple[int, int]:
     from ..pipeline import check_size
     height, width = size or check_size(model, args.height, args.width)
     model.scheduler.timesteps(args.steps)
+    kw.setdefault("free_text", getattr(args, "free_text_encoder", False))
     memory.check(model, images, height, width, explicit=args.explicit, **kw)
     return height, width
 

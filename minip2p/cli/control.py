@@ -116,7 +116,7 @@ def attach(args, model, height: int | None = None, width: int | None = None):
     for spec, (kind, image), scale, window in zip(args.controlnet, args.control,
                                                   each(args.control_scale, 1.0),
                                                   each(args.control_window, (0.0, 1.0))):
-        net = load_controlnet(spec, dtype=args.dtype, device=args.device, base=model,
+        net = load_controlnet(spec, dtype=model.dtype, device=args.device, base=model,
                               fast=not getattr(args, "explicit", False))
         controls.append(Control(net, make_hint(kind, image, height, width), scale,
                                 args.guess_mode, window))

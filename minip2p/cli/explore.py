@@ -22,7 +22,7 @@ def cmd_explore(args):
     out = check_out_dir(args.out_dir) if args.out_dir else None
     model = load(args)
     from ..load.controlnet import load_controlnet
-    nets = [load_controlnet(spec, dtype=args.dtype, device=args.device, base=model)
+    nets = [load_controlnet(spec, dtype=model.dtype, device=args.device, base=model)
             for spec in args.controlnet]
     server, explorer = make_server(model, args.host, args.port, out,
                                    quiet=not args.verbose, controlnets=nets)
@@ -59,7 +59,8 @@ def add_commands(sub):
                    help="LoRA merged into the weights at load, with SCALE (1) (repeatable)")
     x.add_argument("--controlnet", action="append", default=[], metavar="PATH_OR_REPO",
                    help="a ControlNet the page's hint picture conditions (repeatable)")
-    x.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    x.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="auto: bf16 on a CPU with native bf16 where it measured faster, else fp32")
     x.add_argument("--device", default="cpu", help="cpu, cuda, mps … (cpu)")
     x.add_argument("--strict-length", action="store_true",
                    help="refuse prompts longer than 77 tokens (default: warn, drop the rest)")

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..attention import Attention
 from ..load.checkpoint import Model
+from ..load.int8 import Int8Linear, Int8TokenConv, Int8Weight
 from ..model.unet import GEGLU, TokenConv, Transformer2DModel
 from . import kernels
 
@@ -53,7 +54,16 @@ class FastGEGLU(GEGLU):
         return kernels.geglu(self.proj, x)
 
 
-FAST = {nn.Linear: FastLinear, TokenConv: FastTokenConv, GEGLU: FastGEGLU}
+class FastInt8Linear(Int8Weight, FastLinear):
+    """`FastLinear` with int8 weights (load/int8.py): W dequantised, then the tuned kernel."""
+
+
+class FastInt8TokenConv(Int8Weight, FastTokenConv):
+    """`FastTokenConv` with int8 weights."""
+
+
+FAST = {nn.Linear: FastLinear, TokenConv: FastTokenConv, GEGLU: FastGEGLU,
+        Int8Linear: FastInt8Linear, Int8TokenConv: FastInt8TokenConv}
 PLAIN = {fast: plain for plain, fast in FAST.items()}
 
 

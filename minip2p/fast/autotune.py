@@ -9,6 +9,10 @@ build, the thread count and the shape: the same candidate wins on one CPU and lo
     geglu       torch | onednn               a · GELU(g)           (three passes vs two fused matmuls)
     attention   sdpa  | onednn               softmax(QKᵀ/√d)·V, m ≥ 1024 keys (fused vs query slices)
     decode      contiguous | channels_last   the VAE decoder's memory layout
+    precision   fp32  | bf16                 the model's compute precision (fast/precision.py)
+
+In bf16 the linear, GEGLU and attention candidates are the same kernels in bf16 (oneDNN's bf16
+matmul, PyTorch's bf16 SDPA), measured separately: their sites carry the dtype ("…xbf16").
 
 The first time the fast path meets a (kind, shape) on a machine, `Tuner.pick` times every
 candidate on a slice of the real input (256-2048 rows, about 0.5 GFLOP; one image·head of
@@ -39,7 +43,8 @@ from typing import Callable
 import torch
 
 KINDS = {"linear": ("torch", "onednn"), "geglu": ("torch", "onednn"),
-         "attention": ("sdpa", "onednn"), "decode": ("contiguous", "channels_last")}
+         "attention": ("sdpa", "onednn"), "decode": ("contiguous", "channels_last"),
+         "precision": ("fp32", "bf16")}
 DEFAULT = {kind: names[0] for kind, names in KINDS.items()}       # PyTorch's own kernels
 REPS = 2
 ENV_OFF = "MINIP2P_NO_AUTOTUNE"

@@ -11,7 +11,8 @@ threads): on some CPUs oneDNN wins clearly at the UNet's shapes, on others it lo
 (`python -m tools.bench_kernels` times both; figures in tools/README.md). So the choice is
 measured, per shape (fast/autotune.py).
 
-That op has no backward (its inputs get no gradient), so it is a candidate only where autograd
+The candidates run in fp32 or bf16 (oneDNN's bf16 matmul on AMX/AVX512-BF16, fast/precision.py);
+that op has no backward (its inputs get no gradient), so it is a candidate only where autograd
 is off; everything else -- training, null-text inversion's gradient steps, GPU, fp16 -- takes
 PyTorch's `F.linear`, as a model without the fast path does. tests/test_fast.py and tests/test_autotune.py prove
 every candidate gives the explicit path's outputs.
@@ -42,9 +43,14 @@ def _dnn(x, w, b, attr="none", algorithm=""):
 
 
 def onednn_ok(x: torch.Tensor) -> bool:
-    """May this call go to oneDNN? CPU, fp32, no autograd (its op has no backward)."""
-    return (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+    """May this call go to oneDNN? CPU, fp32 or bf16, no autograd (its op has no backward)."""
+    return (ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.is_grad_enabled())
+
+
+def _key(x: torch.Tensor, *shape) -> tuple:
+    """The tuner's shape key: bf16 sites are measured apart from fp32 ones (the same names)."""
+    return shape if x.dtype == torch.float32 else (*shape, "bf16")
 
 
 def linear(layer: nn.Linear | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +64,7 @@ def linear(layer: nn.Linear | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             xs = x.reshape(-1, w.shape[1])
             xs = xs[:tune_rows(len(xs), *w.shape[::-1])]
             return {"torch": lambda: F.linear(xs, w, b), "onednn": lambda: _dnn(xs, w, b)}
-        shape = (x.numel() // w.shape[1], *w.shape[::-1])               # (tokens, in, out)
+        shape = _key(x, x.numel() // w.shape[1], *w.shape[::-1])        # (tokens, in, out)
         if tuner().pick("linear", shape, candidates) == "onednn":
             return _dnn(x, w, b)
     return F.linear(x, w, b)
@@ -75,7 +81,7 @@ def geglu(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
             xs = xs[:tune_rows(len(xs), proj.in_features, proj.out_features)]
             return {"torch": lambda: _geglu_torch(proj, xs),
                     "onednn": lambda: _geglu_dnn(proj, xs)}
-        shape = (x.numel() // proj.in_features, proj.in_features, proj.out_features)
+        shape = _key(x, x.numel() // proj.in_features, proj.in_features, proj.out_features)
         if tuner().pick("geglu", shape, candidates) == "onednn":
             return _geglu_dnn(proj, x)
     return _geglu_torch(proj, x)
@@ -109,7 +115,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
             q1, k1, v1 = (t[:1, :1].contiguous() for t in (q, k, v))  # one image, one head
             return {"sdpa": lambda: F.scaled_dot_product_attention(q1, k1, v1),
                     "onednn": lambda: dnn_attention(q1, k1, v1)}
-        if tuner().pick("attention", (q.shape[2], m, q.shape[3]), candidates) == "onednn":
+        if tuner().pick("attention", _key(q, q.shape[2], m, q.shape[3]), candidates) == "onednn":
             return dnn_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -129,5 +135,6 @@ def dnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for j in range(b * h):
         for i in range(0, n, rows):
             s = _dnn(qs[j, i:i + rows], ks[j], None)                   # (rows, d) · (d, m)
-            out[j, i:i + rows] = _dnn(s.softmax(dim=-1), vt[j], None)  # (rows, m) · (m, d)
+            p = s.softmax(dim=-1, dtype=torch.float32).to(s.dtype)     # fp32 softmax (bf16)
+            out[j, i:i + rows] = _dnn(p, vt[j], None)                  # (rows, m) · (m, d)
     return out.view(b, h, n, d)

@@ -33,6 +33,7 @@ from ..errors import MinipError, ParameterError
 from ..model.tokenizer import ClipTokenizer
 from ..model.unet import UNet2DConditionModel
 from ..model.vae import AutoencoderKL
+from . import int8 as int8_
 
 
 def _vae_keys(state):
@@ -76,17 +77,27 @@ def _weights_file(folder: Path, stem: str, variant: str | None) -> Path:
     raise MinipError(f"{folder}: no {names[0]} found; is the download complete?")
 
 
-def load_component(folder: Path, name: str, dtype=torch.float32, device="cpu", variant=None):
+def load_component(folder: Path, name: str, dtype=torch.float32, device="cpu", variant=None,
+                   int8: bool = False):
+    """One component, each tensor cast to `dtype` (or, `int8`, quantised: int8.py) as it is read."""
     cfg_file, stem, cfg_cls, cls, keymap = COMPONENTS[name]
     sub = Path(folder) / name
     if not sub.is_dir():
         raise MinipError(f"{folder}: missing component folder '{name}/'")
     cfg = cfg_cls.from_dict(read_json(sub / cfg_file), f"{sub / cfg_file}")
-    state = keymap(read_safetensors(_weights_file(sub, stem, variant)))
-    return strict_build(cls, cfg, state, f"{sub}", dtype, device)
+    file = _weights_file(sub, stem, variant)
+
+    def state(names):
+        return keymap(read_safetensors(file, int8_.converter(names or set(), dtype, keymap)))
+    return strict_build(cls, cfg, state, f"{sub}", dtype, device,
+                        prepare=int8_.prepare if int8 and name in INT8_PARTS else None)
 
 
-def load_folder(folder, dtype=torch.float32, device="cpu", variant=None, name=None) -> Model:
+INT8_PARTS = ("unet", "text_encoder")                      # the VAE stays in the compute dtype
+
+
+def load_folder(folder, dtype=torch.float32, device="cpu", variant=None, name=None,
+                int8: bool = False) -> Model:
     """A diffusers-layout folder -> Model."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
@@ -95,7 +106,7 @@ def load_folder(folder, dtype=torch.float32, device="cpu", variant=None, name=No
     tokenizer = ClipTokenizer.from_dir(folder / "tokenizer")
     sched = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"),
                                       f"{folder / 'scheduler'}")
-    parts = {n: load_component(folder, n, dtype, device, variant) for n in COMPONENTS}
+    parts = {n: load_component(folder, n, dtype, device, variant, int8) for n in COMPONENTS}
     if parts["text_encoder"].cfg.hidden_size != parts["unet"].cfg.cross_attention_dim:
         raise MinipError(f"{folder}: text encoder width {parts['text_encoder'].cfg.hidden_size} "
                          f"≠ UNet cross_attention_dim {parts['unet'].cfg.cross_attention_dim}")
@@ -105,7 +116,7 @@ def load_folder(folder, dtype=torch.float32, device="cpu", variant=None, name=No
 
 def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=None,
                embeddings=(), fast: bool = True, strict_length: bool = False,
-               loras=()) -> Model:
+               loras=(), weights: str = "full") -> Model:
     """`spec`: a folder, a .safetensors single file, or a Hub repo id (None: the shipped model).
 
     `variant` ("fp16"): prefer `*.<variant>.safetensors` files; `revision`: a branch, tag or
@@ -114,10 +125,17 @@ def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=Non
     `fast`: install the fast path (minip2p/fast/: fused attention wherever no controller reads
     the maps, kernels picked by measurement); False: the reference path, every M formed.
     `strict_length`: a prompt longer than the text encoder's 77 tokens is an error (default: a
-    warning naming how many tokens were dropped); it sets `model.tokenizer.strict`."""
+    warning naming how many tokens were dropped); it sets `model.tokenizer.strict`.
+    `dtype`: "fp32", "fp16", "bf16" or "auto" (bf16 where the CPU has it and it measured faster,
+    else fp32: fast/precision.py). `weights`: "full" (the compute dtype) or "int8" (int8.py)."""
+    if weights not in ("full", "int8"):
+        raise ParameterError("weights", f"{weights!r} is not a weight format; use full or int8")
+    if dtype == "auto":
+        from ..fast.precision import choose, width_of
+        dtype = choose(device, width_of(spec if spec is not None else DEFAULT_MODEL))
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise MinipError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+            raise MinipError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     try:
         device = torch.device(device)
@@ -141,18 +159,28 @@ def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=Non
     if revision is not None and not hub:
         raise ParameterError("revision", f"{revision} applies to Hub repo ids only, not to "
                          f"'{spec if spec is not None else path}'; drop it")
+    int8 = weights == "int8"
+    if int8 and dtype == torch.float16 and device.type == "cpu":
+        raise ParameterError("weights", "int8 weights dequantise to the compute dtype, and fp16 "
+                                        "is not a CPU compute dtype; use bf16 or fp32 with int8")
+    if int8 and loras:
+        raise ParameterError("weights", "int8 weights cannot take a LoRA merge after quantising; "
+                                        "merge the LoRA into a full-precision model instead")
     if path.is_dir():
-        model = load_folder(path, dtype, device, variant)
+        model = load_folder(path, dtype, device, variant, int8=int8)
     elif path.is_file() or path.suffix in (".safetensors",) + PICKLE_SUFFIXES:
         if variant is not None:
             raise ParameterError("variant", f"{variant} applies to model folders and Hub ids, not to "
                              f"the single file '{path}'; drop it")
         from .single_file import load_single_file
         model = load_single_file(path, dtype, device)
+        if int8:
+            for part in (model.unet, model.text_encoder):
+                int8_.quantize_module(part, dtype)
     elif hub:
         from .hub import resolve
         model = load_folder(resolve(str(spec), revision, variant), dtype, device, variant,
-                            name=str(spec))
+                            name=str(spec), int8=int8)
     else:
         raise MinipError(f"model '{spec}' not found: give a model folder, a .safetensors file "
                          "or a Hub repo id (owner/name)")

@@ -8,6 +8,7 @@ there: Hub downloads go to huggingface_hub's own cache (see hub.py).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,10 @@ class Model:
         return self.unet.conv_in.weight.device
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file; a pickle, a truncated or a garbage file is refused."""
+def read_safetensors(path: Path, convert=None) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file; a pickle, a truncated or a garbage file is refused.
+    `convert(key, tensor) -> {key: tensor, …}` is applied to each tensor as it is read (a cast
+    to the compute dtype, int8.converter), so the file's precision is never held whole."""
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         raise MinipError(f"{path.name}: pickle checkpoints are refused (unpickling runs code); "
@@ -68,21 +71,57 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise MinipError(f"missing weights file {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            if convert is None:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        return _read_each(path, convert)
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MinipError(f"{path}: not a readable safetensors file ({msg}); "
                          "the download may be truncated") from None
 
 
-def strict_build(cls, cfg, state: dict[str, torch.Tensor], source: str,
-                 dtype=torch.float32, device="cpu") -> nn.Module:
-    """Build `cls(cfg)` without initialising it, then assign `state`, checking every tensor."""
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+             "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+             "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_each(path: Path, convert) -> dict[str, torch.Tensor]:
+    """The tensors one at a time into fresh memory with plain reads, each handed to `convert`:
+    safetensors' own reader maps the whole file, and those mapped pages count in the process's
+    resident memory as a second full copy while the file is open. safe_open has checked the
+    header already; the offsets are checked here."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        start, size, state = 8 + n, path.stat().st_size, {}
+        for k, info in header.items():
+            if k == "__metadata__":
+                continue
+            a, b = info["data_offsets"]
+            if not 0 <= a <= b <= size - start:
+                raise ValueError(f"tensor {k} lies outside the file")
+            buf = torch.empty(b - a, dtype=torch.uint8)
+            f.seek(start + a)
+            if f.readinto(buf.numpy()) != b - a:
+                raise ValueError(f"tensor {k} is truncated")
+            t = buf.view(ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+            state.update(convert(k, t))
+    return state
+
+
+def strict_build(cls, cfg, state, source: str, dtype=torch.float32, device="cpu",
+                 prepare=None) -> nn.Module:
+    """Build `cls(cfg)` without initialising it, then assign `state`, checking every tensor.
+    `prepare(module)` may change the meta module first (int8.prepare); `state` may then be a
+    function of its result, called once the module is built (to read the file only then)."""
     try:
         with torch.device("meta"):
             module = cls(cfg)
     except ValueError as e:  # e.g. GroupNorm: channels not divisible by norm_num_groups
         raise MinipError(f"{source}: the config describes no buildable model ({e})") from None
+    prepared = prepare(module) if prepare else None
+    if callable(state):
+        state = state(prepared)
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want))
