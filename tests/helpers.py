@@ -251,3 +251,19 @@ def run_minip2p(*args, env: dict | None = None, timeout: float = 300, **kw):
 
 # stderr lines of a run that are not its error: warnings and notes (e.g. a slow inversion)
 NOT_ERRORS = ("minip2p: warning: ", "minip2p: note: ")
+
+
+def build_dino(folder: Path, pooler: bool = False, eps: float = 1e-6):
+    """A tiny random transformers ViTModel in DINO's layout (32 px, 8-px patches, 2 layers)
+    saved as its own folder (config.json + model.safetensors) -> (the reference model, folder)."""
+    import transformers
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, image_size=32, patch_size=8,
+                                 layer_norm_eps=eps, qkv_bias=True)
+    torch.manual_seed(0)
+    ref = transformers.ViTModel(cfg, add_pooling_layer=pooler).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+    ref.save_pretrained(folder, safe_serialization=True)
+    return ref, Path(folder)

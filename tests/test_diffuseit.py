@@ -16,17 +16,9 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def dino(tmp_path_factory):
+    from helpers import build_dino
     from minip2p.model.dino import load_dino
-    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, image_size=32, patch_size=8,
-                                 layer_norm_eps=1e-6)
-    torch.manual_seed(0)
-    ref = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.2)
-    folder = tmp_path_factory.mktemp("dino")
-    ref.save_pretrained(folder, safe_serialization=True)
+    ref, folder = build_dino(tmp_path_factory.mktemp("dino"))
     return ref, load_dino(folder), folder
 
 

@@ -11,16 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny_vit(tmp_path, pooler=True, eps=1e-6):
-    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, image_size=32, patch_size=8,
-                                 layer_norm_eps=eps, qkv_bias=True)
-    torch.manual_seed(0)
-    ref = transformers.ViTModel(cfg, add_pooling_layer=pooler).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.2)
-    ref.save_pretrained(tmp_path, safe_serialization=True)
-    return ref
+    from helpers import build_dino
+    return build_dino(tmp_path, pooler=pooler, eps=eps)[0]
 
 
 def reference(ref, x, interpolate=False):

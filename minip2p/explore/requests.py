@@ -8,8 +8,8 @@
 JSON values are turned into the Python types the methods take (a window pair becomes a tuple,
 words may be one string split at spaces) and then `methods.prepare` checks everything, so the
 page and the command line refuse the same things. A request without a method is Prompt-to-Prompt;
-Prompt-to-Prompt with no edited prompt and no picture just looks (the prompt's image and maps).
-Earlier field names (mode, cross, self, reweight "blue=2", blend, masa_step, masa_layer) still work.
+Prompt-to-Prompt with no edited prompt and no picture just looks (the prompt's image and maps);
+earlier field names (mode, cross, self, reweight "blue=2", blend, masa_step, masa_layer) work.
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ OLD_NAMES = {"mode": "mode", "cross": "cross_replace", "self": "self_replace",
 
 class BadRequest(Exception):
     """An HTTP error with a one-line reason (status 4xx/5xx)."""
-
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
@@ -81,9 +80,7 @@ def describe_methods() -> dict:
 
 def _number(body: dict, key: str, default, kind, low, high):
     """body[key] as an int or float within [low, high], or a one-line MinipError."""
-    v = body.get(key, default)
-    if v is None:
-        v = default
+    v = default if body.get(key) is None else body[key]
     if isinstance(v, str) and v.strip():
         try:
             v = kind(v) if kind is int else float(v)
@@ -98,9 +95,7 @@ def _number(body: dict, key: str, default, kind, low, high):
 
 
 def _text(body: dict, key: str, default: str = "") -> str:
-    v = body.get(key, default)
-    if v is None:
-        return default
+    v = default if body.get(key) is None else body[key]
     if not isinstance(v, (str, int, float)) or isinstance(v, bool):
         raise MinipError(f"{key} must be text, got {type(v).__name__}")
     return str(v).strip()
@@ -225,8 +220,8 @@ def _params(body: dict, method: str) -> dict:
     out = _old_fields(body, method)
     for name, v in given.items():
         if any(p.name == name and p.type == "path" for p in methods.parameters(method)):
-            raise ParameterError(name, "names a file of this machine: the command line takes "
-                                       "it, the explorer does not")
+            raise ParameterError(name, "names a file of this machine: only the command line "
+                                       "takes it")
         if name not in known:
             where = "a run setting: give it as a field of the request" \
                 if name in {s.name for s in methods.settings()} else None
@@ -275,8 +270,8 @@ def check_request(model, body: dict, controlnets=()) -> Request:
 
 
 def hint_controls(body: dict, controlnets, height: int, width: int) -> dict:
-    """{"controls": [...]} for a request with a `hint` picture (else {}): every net of the
-    explorer on it, made by `hint_kind` (canny: its edges; hint: as it is), `control_scale`."""
+    """{"controls": [every net on the `hint` picture, made by `hint_kind`: canny (its edges) or
+    hint (as it is), at `control_scale`]}; {} without a hint."""
     if body.get("hint") in (None, ""):
         return {}
     if not controlnets:

@@ -27,8 +27,7 @@ The inversion file is one safetensors file: tensors z_T (1, 4, h, w), uncond (N 
 (H, W, 3) uint8 (the input as cropped and resized); metadata format, version, prompt, method,
 steps, guidance, height, width, model, model_config (a hash of the configs), and regularised
 (the noise regulariser's settings, "" when none); Direct Inversion adds offsets (N, 1, 4, h, w),
-EDICT y_T (1, 4, h, w). It is written to a
-temporary file and renamed into place.
+EDICT y_T (1, 4, h, w). It is written to a temporary file and renamed into place.
 """
 from __future__ import annotations
 
@@ -80,8 +79,7 @@ class Inversion:
 
 UNCOND_ROW = GuidanceBatch(((0, UNCOND),))       # ε_θ(·, ∅): ControlNets in guess mode add nothing
 
-
-# ---- the three inversions --------------------------------------------------------------------
+# ---- the inversions --------------------------------------------------------------------------
 
 @torch.no_grad()
 def ddim_invert(model, z0: torch.Tensor, cond: torch.Tensor, steps: int,
@@ -201,7 +199,6 @@ def run(model, inv: Inversion, prompts: list[str], control=None, guidance: float
         control = Compose(direct.AddOffsets(inv.offsets), control)
     z = denoise(model, cond, uncond, inv.z_T, inv.steps, g, control, progress=progress)
     return z if return_latents else decode(model, z)
-
 
 # ---- which model made it ---------------------------------------------------------------------
 
