@@ -56,9 +56,11 @@ COMPONENTS = {  # folder: (config file, weights file stem, config class, module 
 }
 
 
-def _weights_file(folder: Path, stem: str, variant: str | None) -> Path:
+def _weights_file(folder: Path, stem: str, variant: str | None,
+                  missing: str = " found; is the download complete?") -> Path:
     """Pick <stem>.safetensors or <stem>.<variant>.safetensors (no variant asked: the plain
-    file, else the fp16 one); refuse pickle-only folders and name the variants that exist."""
+    file, else the fp16 one); refuse pickle-only folders and name the variants that exist.
+    `missing`: the end of the message when no file is there (e.g. what the folder is not)."""
     names = [f"{stem}.{variant}.safetensors"] if variant else \
         [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
     for name in names:
@@ -74,7 +76,7 @@ def _weights_file(folder: Path, stem: str, variant: str | None) -> Path:
         have = ", ".join("none (plain files)" if v == "" else v for v in found) or "none"
         raise MinipError(f"{folder}: no {names[0]}: variant {variant!r} is unknown here "
                          f"(variants found: {have}); drop the variant or use one of those")
-    raise MinipError(f"{folder}: no {names[0]} found; is the download complete?")
+    raise MinipError(f"{folder}: no {names[0]}{missing}")
 
 
 def load_component(folder: Path, name: str, dtype=torch.float32, device="cpu", variant=None,

@@ -28,6 +28,7 @@ import torch
 from ..errors import MinipError
 from ..model.config import UNetConfig, read_json
 from ..model.controlnet import ControlNet, ControlNetConfig
+from . import _weights_file
 from .checkpoint import DTYPES, PICKLE_SUFFIXES, read_safetensors, strict_build
 from .single_file import RESNET, _count, rename, unet_table
 
@@ -134,19 +135,6 @@ def _resolve(repo_id: str, revision: str | None, variant: str | None) -> Path:
                          f"({type(e).__name__}: {first[:60]}); fetch it: {fetch}") from None
 
 
-def _folder_weights(folder: Path, variant: str | None) -> Path:
-    names = [f"{STEM}.{variant}.safetensors"] if variant else \
-        [f"{STEM}.safetensors", f"{STEM}.fp16.safetensors"]
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    pickles = [p.name for p in folder.glob(f"{STEM}*") if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise MinipError(f"{folder}: only pickle weights ({pickles[0]}); they are refused "
-                         "(unpickling runs code): get the .safetensors file")
-    raise MinipError(f"{folder}: no {names[0]}; not a diffusers-layout ControlNet folder")
-
-
 def load_controlnet(spec, dtype="fp32", device="cpu", variant=None, revision=None, base=None,
                     fast: bool = True) -> ControlNet:
     """`spec`: a diffusers-layout folder, a .safetensors file (original layout, or diffusers keys
@@ -166,7 +154,8 @@ def load_controlnet(spec, dtype="fp32", device="cpu", variant=None, revision=Non
         raise MinipError(f"a revision applies to Hub repo ids only, not to '{spec}'")
     if path.is_dir():
         cfg = ControlNetConfig.from_dict(read_json(path / "config.json"), f"{path / 'config.json'}")
-        state = read_safetensors(_folder_weights(path, variant))
+        state = read_safetensors(_weights_file(path, STEM, variant,
+                                               "; not a diffusers-layout ControlNet folder"))
     elif path.is_file() or path.suffix == ".safetensors":
         state = read_safetensors(path)
         if any(k.endswith("zero_convs.0.0.weight") for k in state):

@@ -24,21 +24,30 @@ from ..errors import MinipError
 MULTI_KEYS = ("string_to_param.*", "string_to_param", "emb_params")
 
 
+def _learned_file(path: Path, noun: str, plural: str) -> None:
+    """A learned file must be a .safetensors file that exists (one line otherwise)."""
+    if path.suffix in PICKLE_SUFFIXES:
+        raise MinipError(f"{path.name}: pickled {plural} are refused (unpickling runs code); "
+                         f"use a .safetensors {noun}")
+    if not path.is_file():
+        raise MinipError(f"{noun} file '{path}' not found")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:120]
+
+
 def read_embedding(path) -> tuple[str, torch.Tensor]:
     """(token, vectors (n, d) fp32) of one embedding file; anything unreadable is one line."""
     from safetensors import safe_open
     path = Path(path)
-    if path.suffix in PICKLE_SUFFIXES:
-        raise MinipError(f"{path.name}: pickled embeddings are refused (unpickling runs code); "
-                         "use a .safetensors embedding")
-    if not path.is_file():
-        raise MinipError(f"embedding file '{path}' not found")
+    _learned_file(path, "embedding", "embeddings")
     try:
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:                    # safetensors raises several types on bad files
-        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise MinipError(f"'{path}' is not a readable safetensors embedding ({first})") from None
+        raise MinipError(f"'{path}' is not a readable safetensors embedding "
+                         f"({_first_line(e)})") from None
     multi = [k for k in MULTI_KEYS if k in state]
     if multi:
         token, vectors = path.stem, state[multi[0]]
@@ -92,20 +101,15 @@ def read_instruction(path) -> tuple[torch.Tensor, int, str]:
     """A learned instruction (Visii, train/visii.py): (c_T (77, d), eos, init phrase)."""
     from safetensors import safe_open
     path = Path(path)
-    if path.suffix in PICKLE_SUFFIXES:
-        raise MinipError(f"{path.name}: pickled files are refused (unpickling runs code); "
-                         "use a .safetensors instruction")
-    if not path.is_file():
-        raise MinipError(f"instruction file '{path}' not found")
+    _learned_file(path, "instruction", "files")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
         c, eos = state["instruction"], int(meta["eos"])
     except Exception as e:                    # safetensors, KeyError, ValueError alike
-        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
         raise MinipError(f"'{path}' is not a learned instruction of `minip2p learn-instruction` "
-                         f"({first})") from None
+                         f"({_first_line(e)})") from None
     if c.dim() != 2 or c.shape[0] != 77 or not 1 <= eos < 77:
         raise MinipError(f"'{path}': the instruction has shape {tuple(c.shape)} and end {eos}; "
                          "expected (77, width) and an end in 1 … 76")
