@@ -53,6 +53,8 @@ def main(argv=None):
                     help="skip the MasaCtrl and plug-and-play rows")
     ap.add_argument("--only-methods", action="store_true",
                     help="only the plain rows and the MasaCtrl / plug-and-play rows")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler's top operators of one plain batch-2 call")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     model = load_model(args.model, dtype=args.dtype, weights=args.weights)
@@ -123,6 +125,20 @@ def main(argv=None):
     for site, choice in sorted(autotune.tuner().table.get(autotune.machine_key(), {}).items()):
         times = autotune.tuner().timings.get(site, {})
         print(f"  {site:28} {str(choice):14} " + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()))
+    if args.profile:
+        profile(rows["minip2p fast, plain, batch 2"])
+
+
+def profile(call):
+    """Where one call's time goes: torch.profiler's operators by their own CPU time, as shares."""
+    from torch.profiler import ProfilerActivity
+    with torch.no_grad(), torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    print(f"\none plain batch-2 call, {total / 1e6:.2f} s of operator time:")
+    for e in ops[:12]:
+        print(f"  {e.key:52} {e.self_cpu_time_total / total:6.1%}  {e.count:4d} calls")
 
 if __name__ == "__main__":
     main()
