@@ -150,6 +150,20 @@ def test_diffuseit_runs_on_the_toy(toy, dino, clip_ckpt):
     assert np.abs(np.asarray(a.images[1], float) - np.asarray(b.images[0], float)).max() <= 1
 
 
+def test_inverted_start_is_the_inversion_stopped_at_t0(toy):
+    """sdedit.inverted (DiffuseIT's `start="inverted"`): DDIM inversion run for the ⌊N·s⌋ steps
+    that will run, i.e. the full inversion's latent at t₀ = the first timestep that runs."""
+    from minip2p.methods.sdedit import inverted
+    from minip2p.pipeline import encode_text
+    from minip2p.real.invert import ddim_invert
+    g = torch.Generator().manual_seed(0)
+    z0, cond = torch.randn(1, 4, 8, 8, generator=g), encode_text(toy, ["a red square"])
+    z, start = inverted(toy, z0, cond, 10, 0.6, progress=False)
+    full = ddim_invert(toy, z0, cond, 10, progress=False)
+    assert start == 4 and torch.equal(z, full[6])
+    assert toy.scheduler.timesteps(10)[start] == toy.scheduler.timesteps(10)[::-1][5]
+
+
 def test_diffuseit_parameters_are_checked():
     from minip2p import methods
     from minip2p.errors import MinipError
@@ -160,6 +174,8 @@ def test_diffuseit_parameters_are_checked():
         methods.prepare("diffuseit", ["a cat", "a dog"], image=photo, cuts=-1)
     with pytest.raises(MinipError, match="diffuseit edits a picture"):
         methods.prepare("diffuseit", ["a cat", "a dog"])
+    with pytest.raises(MinipError, match="start"):
+        methods.prepare("diffuseit", ["a cat", "a dog"], image=photo, start="inverse")
     with pytest.raises(MinipError, match="structure_weight"):
         methods.prepare("diffuseit", ["a cat", "a dog"], image=photo, structure_weight=float("nan"))
 

@@ -41,6 +41,7 @@ from . import diffuseit_losses as L
 from .gradient import cond_rows
 
 NAME, EDITS_PICTURES = "diffuseit", "required"
+STARTS = ("noised", "inverted")
 SUMMARY = "DiffuseIT: keep the picture's DINO structure while CLIP (or a target picture) " \
           "changes its meaning"
 
@@ -48,6 +49,8 @@ SUMMARY = "DiffuseIT: keep the picture's DINO structure while CLIP (or a target 
 @dataclass
 class Params:
     strength: float = param(0.6, "noise level of the start, in (0, 1] (as SDEdit's)")
+    start: str = param("noised", "'noised' (SDEdit's start, as the official code) or "
+                                 "'inverted' (DDIM inversion under the SOURCE prompt to t₀)")
     target_image: str | None = param(None, "a picture whose appearance to take (image-guided "
                                            "mode; the CLIP loss is then off)")
     clip_weight: float = param(2000.0, "λ_clip: CLIP directional loss")
@@ -70,6 +73,8 @@ class Params:
         check_strength(self.strength)
         start_index(s.steps, self.strength)
         s.ddim_only("DiffuseIT")
+        if self.start not in STARTS:
+            raise ParameterError("start", f"must be one of {', '.join(STARTS)}, got {self.start!r}")
         if len(prompts) != 2:
             raise ParameterError("prompts", "DiffuseIT takes a SOURCE prompt (what the picture "
                                             "shows) and a TARGET prompt")
@@ -196,5 +201,6 @@ def run(model, prompts: list[str], p: Params, s: Settings, judges=None) -> Resul
     guide = DiffuseITGuidance(model, cond, p, x_src, s.steps, start_index(s.steps, p.strength),
                               dino, clip, direction, target, s.seed)
     out = generate(model, fitted, [prompts[1]], p.strength, s.seed, s.steps, s.guidance, height,
-                   width, control=guide, progress=s.progress)
+                   width, control=guide, progress=s.progress,
+                   invert_prompt=prompts[0] if p.start == "inverted" else None)
     return Result([fitted] + to_pil(out), list(prompts), [fitted], extra={"losses": guide.losses})
