@@ -91,6 +91,8 @@ def main(argv=None):
     ap.add_argument("--set", nargs="*", default=[], metavar="K=V", help="DiffuseIT parameters")
     ap.add_argument("--sheets", default="tools/out/sheets")
     ap.add_argument("--cache", default=None, help="a folder keeping each result (resumable)")
+    ap.add_argument("--reverse", action="store_true", help="cases from the last (a second "
+                    "process sharing --cache)")
     args = ap.parse_args(argv)
     extra = {k: float(v) if v.replace(".", "", 1).replace("-", "", 1).isdigit() else v
              for k, v in (kv.split("=", 1) for kv in args.set)}
@@ -104,7 +106,8 @@ def main(argv=None):
     pairs = {name: [] for name in args.rows}
     seconds = {name: [] for name in args.rows}
     shown = []
-    for i, (src, tgt, attrs) in enumerate(cases(args.n)):
+    order = list(enumerate(cases(args.n)))
+    for i, (src, tgt, attrs) in order[::-1] if args.reverse else order:
         picture = (toydata.draw(attrs, torch.Generator().manual_seed(i))[0] / 2 + 0.5).numpy()
         photo = to_pil(picture)
         shown.append([photo])

@@ -2,9 +2,14 @@
 each denoising step with losses on the predicted clean picture — a DINO ViT's key
 self-similarity keeps the structure, CLIP (or a target picture's DINO [CLS]) sets the meaning.
 
-Start as SDEdit does: z_t₀ = √ᾱ_t₀·E(x_src) + √(1−ᾱ_t₀)·ε at t₀ = strength·T (the official code
-skips 40 of 100 steps: 0.6). At each step, on the conditional row, with gradients through the UNet
-and the VAE decoder D (methods/diffuseit_losses.py for each L):
+Start (`start`): "noised", as SDEdit and the official code (its q_sample of the picture):
+z_t₀ = √ᾱ_t₀·E(x_src) + √(1−ᾱ_t₀)·ε at t₀ = strength·T (the official code skips 40 of 100 steps:
+0.6); or "inverted": z_t₀ by DDIM inversion of E(x_src) under the source prompt (guidance 1),
+which the latent adaptation allows ("a noised or inverted start"). Noised is the default, chosen
+by measurement on the toy model (tools/README.md): there the inverted start kept the object's
+outline no more often and broke more pictures (sampling at guidance 7.5 under the target prompt
+leaves the inversion's path from the first step). At each step, on the conditional row, with
+gradients through the UNet and the VAE decoder D (methods/diffuseit_losses.py for each L):
 
     ẑ₀     = (z_t − √(1−ᾱ_t)·ε_θ(z_t, t, c)) / √ᾱ_t
     z_mix  = √(1−ᾱ_t)·ẑ₀ + (1 − √(1−ᾱ_t))·z_t          the official "noise augmentation"
