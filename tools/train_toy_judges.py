@@ -15,6 +15,10 @@ DINO's. Pictures come from tools/toydata.py (64 px, upsampled to 224 as the judg
 
     OMP_NUM_THREADS=1 python -m tools.train_toy_judges --out weights/toy-judges --steps 3000
 
+The shipped weights/toy-judges/dino is no longer this caption-trained tower (its keys carry little
+of the outline) but tools/train_toy_dino.py's structure judge: to retrain the CLIP, write to
+another --out and copy its clip/ folder.
+
 Resumable: a checkpoint (safetensors + json) every 200 steps in OUT/checkpoint/.
 """
 from __future__ import annotations

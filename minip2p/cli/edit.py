@@ -47,7 +47,7 @@ FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "
          "semantic_until": "--semantic-until", "range_weight": "--range-weight",
          "target_weight": "--target-weight", "pixel_weight": "--pixel-weight", "cuts": "--cuts",
          "noise_aug": "--noise-aug", "regularize_content": "--regularize-content",
-         "scale": "--guide-scale"}
+         "scale": "--guide-scale", "start": "--start-from"}
 
 
 def dest(flag: str) -> str:
@@ -236,6 +236,9 @@ def add_commands(sub):
                    help="random views for the CLIP loss (8)")
     d.add_argument("--semantic-until", type=int_arg("--semantic-until", 0), default=None,
                    help="the semantic loss acts while t > this, of 1000 (500)")
+    d.add_argument("--start-from", choices=("noised", "inverted"), default=None,
+                   help="the picture noised to --strength (as SDEdit) or DDIM-inverted there "
+                        "under SOURCE (noised)")
     d.add_argument("--noise-aug", action=argparse.BooleanOptionalAction, default=None,
                    help="losses on the noise-augmented x̂₀ (on)")
     d.add_argument("--regularize-content", action=argparse.BooleanOptionalAction, default=None,

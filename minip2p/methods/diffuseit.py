@@ -2,9 +2,14 @@
 each denoising step with losses on the predicted clean picture — a DINO ViT's key
 self-similarity keeps the structure, CLIP (or a target picture's DINO [CLS]) sets the meaning.
 
-Start as SDEdit does: z_t₀ = √ᾱ_t₀·E(x_src) + √(1−ᾱ_t₀)·ε at t₀ = strength·T (the official code
-skips 40 of 100 steps: 0.6). At each step, on the conditional row, with gradients through the UNet
-and the VAE decoder D (methods/diffuseit_losses.py for each L):
+Start (`start`): "noised", as SDEdit and the official code (its q_sample of the picture):
+z_t₀ = √ᾱ_t₀·E(x_src) + √(1−ᾱ_t₀)·ε at t₀ = strength·T (the official code skips 40 of 100 steps:
+0.6); or "inverted": z_t₀ by DDIM inversion of E(x_src) under the source prompt (guidance 1),
+which the latent adaptation allows ("a noised or inverted start"). Noised is the default, chosen
+by measurement on the toy model (tools/README.md): there the inverted start kept the object's
+outline no more often and broke more pictures (sampling at guidance 7.5 under the target prompt
+leaves the inversion's path from the first step). At each step, on the conditional row, with
+gradients through the UNet and the VAE decoder D (methods/diffuseit_losses.py for each L):
 
     ẑ₀     = (z_t − √(1−ᾱ_t)·ε_θ(z_t, t, c)) / √ᾱ_t
     z_mix  = √(1−ᾱ_t)·ẑ₀ + (1 − √(1−ᾱ_t))·z_t          the official "noise augmentation"
@@ -41,6 +46,7 @@ from . import diffuseit_losses as L
 from .gradient import cond_rows
 
 NAME, EDITS_PICTURES = "diffuseit", "required"
+STARTS = ("noised", "inverted")
 SUMMARY = "DiffuseIT: keep the picture's DINO structure while CLIP (or a target picture) " \
           "changes its meaning"
 
@@ -48,6 +54,8 @@ SUMMARY = "DiffuseIT: keep the picture's DINO structure while CLIP (or a target 
 @dataclass
 class Params:
     strength: float = param(0.6, "noise level of the start, in (0, 1] (as SDEdit's)")
+    start: str = param("noised", "'noised' (SDEdit's start, as the official code) or "
+                                 "'inverted' (DDIM inversion under the SOURCE prompt to t₀)")
     target_image: str | None = param(None, "a picture whose appearance to take (image-guided "
                                            "mode; the CLIP loss is then off)")
     clip_weight: float = param(2000.0, "λ_clip: CLIP directional loss")
@@ -70,6 +78,8 @@ class Params:
         check_strength(self.strength)
         start_index(s.steps, self.strength)
         s.ddim_only("DiffuseIT")
+        if self.start not in STARTS:
+            raise ParameterError("start", f"must be one of {', '.join(STARTS)}, got {self.start!r}")
         if len(prompts) != 2:
             raise ParameterError("prompts", "DiffuseIT takes a SOURCE prompt (what the picture "
                                             "shows) and a TARGET prompt")
@@ -196,5 +206,6 @@ def run(model, prompts: list[str], p: Params, s: Settings, judges=None) -> Resul
     guide = DiffuseITGuidance(model, cond, p, x_src, s.steps, start_index(s.steps, p.strength),
                               dino, clip, direction, target, s.seed)
     out = generate(model, fitted, [prompts[1]], p.strength, s.seed, s.steps, s.guidance, height,
-                   width, control=guide, progress=s.progress)
+                   width, control=guide, progress=s.progress,
+                   invert_prompt=prompts[0] if p.start == "inverted" else None)
     return Result([fitted] + to_pil(out), list(prompts), [fitted], extra={"losses": guide.losses})

@@ -81,11 +81,22 @@ def noised(model, z0: torch.Tensor, steps: int, strength: float,
     return model.scheduler.add_noise(z0.float(), noise.float().to(z0.device), t0), start
 
 
+def inverted(model, z0: torch.Tensor, cond: torch.Tensor, steps: int, strength: float,
+             progress: bool = True) -> tuple[torch.Tensor, int]:
+    """z_0 -> (z_t₀ by DDIM inversion under `cond` (guidance 1), start index): the same t₀ as
+    `noised`, reached deterministically, so that the layout of z_0 survives in z_t₀."""
+    from ..real.invert import ddim_invert
+    start = start_index(steps, strength)
+    return ddim_invert(model, z0, cond, steps, progress, until=steps - start)[-1], start
+
+
 def generate(model, photo, prompts: list[str], strength: float = DEFAULT_STRENGTH, seed: int = 0,
              steps: int = 50, guidance: float = 7.5, height: int | None = None,
              width: int | None = None, control=None, progress: bool = True,
-             free_text_encoder: bool = False, return_latents: bool = False):
-    """A picture (PIL image, or z_0 (1, 4, h, w)) and prompts -> images (B, 3, H, W) in [0, 1]."""
+             free_text_encoder: bool = False, return_latents: bool = False,
+             invert_prompt: str | None = None):
+    """A picture (PIL image, or z_0 (1, 4, h, w)) and prompts -> images (B, 3, H, W) in [0, 1].
+    `invert_prompt`: start from the picture DDIM-inverted under it (`inverted`), not noised."""
     strength = check_strength(strength)
     if isinstance(photo, torch.Tensor):
         z0 = photo.float()
@@ -93,7 +104,11 @@ def generate(model, photo, prompts: list[str], strength: float = DEFAULT_STRENGT
     else:
         height, width = check_size(model, height, width)
         z0 = images.encode(model, images.to_tensor(images.fit(photo, height, width)))
-    z, start = noised(model, z0, steps, strength, initial_noise(model, seed, height, width))
+    if invert_prompt is None:
+        z, start = noised(model, z0, steps, strength, initial_noise(model, seed, height, width))
+    else:
+        z, start = inverted(model, z0, encode_text(model, [invert_prompt]), steps, strength,
+                            progress)
     cond = encode_text(model, prompts)
     uncond = encode_text(model, [""])
     if free_text_encoder:
