@@ -271,8 +271,9 @@ def main(argv=None) -> int:
             build_s = time.perf_counter() - t0
         if any(r.startswith("openvino") for r in rows):                 # once, in its own process
             args.openvino_ir = args.openvino_ir or Path(tmp) / "openvino"
-            subprocess.run([sys.executable, "-m", "tools.bench_openvino", str(folder),
-                            str(args.openvino_ir), str(args.size)], check=True)
+            for part in ("text_encoder", "vae_decoder", "unet"):      # one process each
+                subprocess.run([sys.executable, "-m", "tools.bench_openvino", str(folder),
+                                str(args.openvino_ir), str(args.size), part], check=True)
         floor = None
         if args.device == "cpu":
             from tools.floor import best_rate

@@ -9,7 +9,7 @@ shapes stay dynamic, so batches 2 and 4 run on one compiled model each.
 
 Whole runs (tools/bench.py's openvino-default and openvino-f32 rows): `convert` traces a
 folder's text encoder, UNet (the timestep an input) and VAE decoder once, in a process of its
-own (`python -m tools.bench_openvino FOLDER OUT`), and saves them as OpenVINO IR (weights
+own (`python -m tools.bench_openvino FOLDER OUT SIZE [PART]`), and saves them as OpenVINO IR (weights
 stored in fp16, `save_model`'s default). A row reads and compiles the three for the CPU at one
 precision and runs minip2p's `generate` -- tokenizer, the same noise, DDIM, guidance, decoding
 -- with every network call going to OpenVINO: no torch module in that process holds weights.
@@ -85,24 +85,34 @@ class _Decode(torch.nn.Module):
         return self.vae.decode(z)
 
 
-def convert(folder, out: Path, size: int) -> Path:
-    """The three networks of `folder` as out/PART.xml (+ .bin), unless they are there already."""
+def convert(folder, out: Path, size: int, parts=PARTS) -> Path:
+    """The networks `parts` of `folder` as out/PART.xml (+ .bin), each unless already there, each
+    loaded alone (fp32, plain reference modules), traced, freed, then saved."""
+    import gc
     import openvino as ov
-    from minip2p.load import load_model
+    from minip2p.load import load_component
+    from minip2p.model.tokenizer import ClipTokenizer
     out = Path(out)
-    if all((out / f"{p}.xml").is_file() for p in PARTS):
-        return out
-    m = load_model(folder, dtype="fp32", fast=False)              # the plain reference modules
-    s = size // m.vae.cfg.downscale
-    z, c = torch.randn(2, 4, s, s), torch.randn(2, 77, m.unet.cfg.cross_attention_dim)
-    nets = {"text_encoder": (m.text_encoder, (m.tokenizer(["a"]),)),
-            "unet": (_Call(m.unet), (z, torch.tensor(981), c)),
-            "vae_decoder": (_Decode(m.vae), (z[:1],))}
     out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        for name, (module, example) in nets.items():
-            ov.save_model(ov.convert_model(module.eval(), example_input=example),
-                          str(out / f"{name}.xml"))
+    for part in [p for p in parts if not (out / f"{p}.xml").is_file()]:
+        net = load_component(Path(folder), "vae" if part == "vae_decoder" else part)
+        if part == "text_encoder":
+            module, example = net, (ClipTokenizer.from_dir(Path(folder) / "tokenizer")(["a"]),)
+        elif part == "unet":
+            s = size // 8
+            module, example = _Call(net), (torch.randn(2, net.cfg.in_channels, s, s),
+                                           torch.tensor(981),
+                                           torch.randn(2, 77, net.cfg.cross_attention_dim))
+        else:
+            s = size // net.cfg.downscale
+            module, example = _Decode(net), (torch.randn(1, net.cfg.latent_channels, s, s),)
+        with torch.no_grad():
+            model = ov.convert_model(module.eval(), example_input=example)
+        del module, net
+        gc.collect()
+        ov.save_model(model, str(out / f"{part}.xml"))
+        del model
+        gc.collect()
     return out
 
 
@@ -155,5 +165,5 @@ def whole_run(name: str, args, prompts):
     return images, load, t
 
 
-if __name__ == "__main__":                           # FOLDER OUT SIZE: convert, in its own process
-    convert(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]))
+if __name__ == "__main__":          # FOLDER OUT SIZE [PART]: convert, in a process of its own
+    convert(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:] or PARTS)
