@@ -28,6 +28,7 @@ from .control import Controller
 from .errors import MinipError
 from .guidance import IMAGE, TEXT, UNCOND, GuidanceBatch
 from .load import Model
+from .memory import decode_tile, release
 from .samplers import make_sampler
 
 
@@ -157,7 +158,8 @@ class X0Recorder:
 
 @torch.no_grad()
 def decode(model: Model, z: torch.Tensor) -> torch.Tensor:
-    """z_0 (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32.
+    """z_0 (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32; one image at a time (the
+    decoder's activations dominate peak memory), in tiles where `memory.decode_tile` says so.
 
     With the fast path installed (`model.fast`, minip2p/fast/) the decoder runs in the memory
     layout `autotune` measured faster here (the first two decodes at a size on a machine run one
@@ -165,20 +167,26 @@ def decode(model: Model, z: torch.Tensor) -> torch.Tensor:
     input and output to and from a blocked layout, which channels-last skips
     (`python -m tools.bench_decode`); elsewhere (GPU, fp16) in channels-last. Without it, PyTorch's
     default layout. Same images within float rounding (tests/test_fast.py, test_autotune.py)."""
+    f = model.vae.cfg.downscale
     z = (z / model.vae.cfg.scaling_factor).to(model.device, model.dtype)
+    tile = decode_tile(model, f * z.shape[2], f * z.shape[3])
     tuned = (model.fast and model.device.type == "cpu"
              and model.dtype in (torch.float32, torch.bfloat16))
-    bf16 = ("bf16",) if model.dtype == torch.bfloat16 else ()      # measured apart from fp32
+    key = (*z.shape[1:], *(("bf16",) if model.dtype == torch.bfloat16 else ()),
+           *((f"tile{tile}",) if tile else ()))                   # measured apart
     untuned = "channels_last" if model.fast else "contiguous"
     images = []
-    for zi in z:           # one image at a time: the decoder's activations dominate peak memory
-        pick, trial = tuner().trial("decode", (*zi.shape, *bf16)) if tuned else (untuned, False)
+    for zi in z:
+        pick, trial = tuner().trial("decode", key) if tuned else (untuned, False)
         layout = torch.channels_last if pick == "channels_last" else torch.contiguous_format
         t0 = time.perf_counter()
-        images.append(model.vae.decode(zi[None].contiguous(memory_format=layout)).float()
-                      .contiguous())
+        if tile:
+            images.append(model.vae.decode_tiled(zi[None], tile, layout=layout))
+        else:
+            images.append(model.vae.decode(zi[None].contiguous(memory_format=layout)).float()
+                          .contiguous())
         if trial:
-            tuner().record("decode", (*zi.shape, *bf16), pick, time.perf_counter() - t0)
+            tuner().record("decode", key, pick, time.perf_counter() - t0)
     return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
 
@@ -204,6 +212,7 @@ def generate(model: Model, prompts: list[str], seed: int = 0, steps: int = 50,
     uncond = encode_text(model, [""])
     if free_text_encoder:
         model.text_encoder = None
+        release()                                  # its pages back to the system
     z = denoise(model, cond, uncond, z, steps, guidance, control, callback, progress,
                 start=start, sampler=smp)
     return z if return_latents else decode(model, z)

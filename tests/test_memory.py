@@ -73,7 +73,7 @@ def test_steps_1000_is_one_line(capsys, tmp_path):
 def test_65536_pixels_is_refused_before_any_work(capsys, tmp_path):
     err = one_line(capsys, ["generate", "a red circle", "--height", "65536", "--width", "65536",
                             "--quiet", "--out", str(tmp_path / "a.png")])
-    assert "needs about" in err and "PiB" in err and "smaller --height/--width" in err
+    assert "needs about" in err and "TiB" in err and "smaller --height/--width" in err
     assert list(tmp_path.iterdir()) == []
 
 

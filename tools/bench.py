@@ -12,6 +12,9 @@ step, decoding both images):
     community-edit           diffusers' community Prompt2PromptPipeline (examples/community/
                              pipeline_prompt2prompt.py, given with --community PATH), same
                              edit: n_cross_replace=0.8, n_self_replace=0.4 (the keys it reads)
+    openvino-default, -f32   generate() with its three networks in OpenVINO, default precision
+                             and f32 (tools/bench_openvino.py); skipped, with a note, where
+                             openvino is not installed (never a minip2p dependency)
 Same prompts, initial noise, DDIM (SD 1.x settings), steps, guidance 7.5 and size everywhere.
 Reported: load time; run time (wall and CPU) split into setup + text encoding / denoising /
 decoding (the UNet's forward hooks mark the steps); s/step and it/s of the denoising loop; peak
@@ -27,23 +30,24 @@ On a shared CPU, --threads 1 gives steadier figures than torch's default. Usage:
 """
 from __future__ import annotations
 
-import argparse, gc, importlib.util, json, os, subprocess, sys  # noqa: E401
-import tempfile, time, warnings  # noqa: E401
+import argparse, gc, importlib.util, json, os, subprocess, sys, tempfile, time, warnings  # noqa
 from pathlib import Path
 
 import torch
 
 from tools.harness import Clock, cpu_model, peak_gib, peak_rss_gib, reset_peak, set_threads
 from tools.harness import table as markdown
+from tools.bench_openvino import missing as openvino_missing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a painting of a squirrel eating a burger", "a painting of a lion eating a burger"]
 ROWS = ["minip2p-plain", "minip2p-edit", "minip2p-edit-explicit", "diffusers-plain",
-        "community-edit"]
+        "community-edit", "openvino-default", "openvino-f32"]
 REF = {"minip2p-plain": "diffusers-plain", "minip2p-edit": "community-edit",  # same images
-       "minip2p-edit-explicit": "community-edit", "community-edit": "diffusers-plain"}  # edited
+       "minip2p-edit-explicit": "community-edit", "community-edit": "diffusers-plain",  # edited
+       "openvino-default": "minip2p-plain", "openvino-f32": "minip2p-plain"}
 TAG = "BENCH-RESULT "
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -136,7 +140,9 @@ def run_row(args) -> dict:
     device = torch.device(args.device)
     set_threads(args.threads)
     reset_peak(device)
-    fn = row_minip2p if args.row.startswith("minip2p") else row_diffusers
+    from tools.bench_openvino import whole_run
+    fn = row_minip2p if args.row.startswith("minip2p") else \
+        (lambda *a: whole_run(args.row, args, PROMPTS)) if "openvino" in args.row else row_diffusers
     images, load, t = fn(args.row, args, device)
     torch.save(images.float().cpu(), args.save)
     rss, peak = peak_rss_gib(), peak_gib(device)
@@ -154,7 +160,8 @@ def child(name: str, args, folder: Path, save: Path) -> dict | None:
            "--sampler", args.sampler] + \
           (["--store"] if args.store else []) + \
           (["--free-text-encoder"] if args.free_text_encoder else []) + \
-          (["--community", args.community] if args.community else [])
+          (["--community", args.community] if args.community else []) + \
+          (["--openvino-ir", str(args.openvino_ir)] if args.openvino_ir else [])
     print(f"--- {name}", flush=True)
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr goes straight through
     lines = [line for line in p.stdout.splitlines() if line.startswith(TAG)]
@@ -165,25 +172,6 @@ def child(name: str, args, folder: Path, save: Path) -> dict | None:
     print(f"    run {res['run']:.1f} s, {res['s_step']:.2f} s/step, peak {res['peak']:.2f} GiB",
           flush=True)
     return res
-
-
-def floor_table(res: dict, args, folder: Path, rate: float, kernel: str):
-    """Each row's s/step and decode against the floor (tools/floor.py): FLOPs of one step (the
-    UNet on 4 rows: 2 prompts with guidance) and of decoding 2 images, ÷ the best rate measured
-    in this run."""
-    from tools.floor import configs, decode_flops, unet_flops
-    ucfg, vcfg = configs(folder)
-    step = unet_flops(ucfg, vcfg, 4, args.size, args.size)
-    dec = 2 * decode_flops(vcfg, args.size, args.size)
-    print(f"\nFloor: best rate measured in this run {rate / 1e9:.0f} GFLOP/s ({kernel}); one step "
-          f"{step / 1e9:,.1f} GFLOP -> {step / rate:.2f} s; decoding 2 images {dec / 1e9:,.1f} "
-          f"GFLOP -> {dec / rate:.2f} s\n")
-    total = (args.steps * step + dec) / rate
-    markdown(["row", "s/step", "step / floor", "decode s", "decode / floor", "run s",
-              "run / floor"],
-             [[name, f"{r['s_step']:.2f}", f"{r['s_step'] / (step / rate):.2f}x",
-               f"{r['decode']:.1f}", f"{r['decode'] / (dec / rate):.2f}x", f"{r['run']:.1f}",
-               f"{r['run'] / total:.2f}x"] for name, r in res.items()], "l" + "r" * 6)
 
 
 def table(res: dict, args, mem: str, build_s: float | None):
@@ -253,6 +241,8 @@ def main(argv=None) -> int:
                     help="every row's sampler (dpm++: DPM-Solver++ 2M, diffusers' "
                          "DPMSolverMultistepScheduler in its rows)")
     ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--openvino-ir", type=Path, help="the OpenVINO rows' converted networks: "
+                    "made here if absent, kept (default: a temporary folder of the run)")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, print one JSON line
     ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -267,6 +257,10 @@ def main(argv=None) -> int:
     if "community-edit" in rows and not args.community:
         print("note: no --community PATH given: skipping the community-edit row", flush=True)
         rows.remove("community-edit")
+    ov_rows = [r for r in rows if r.startswith("openvino")]
+    if ov_rows and openvino_missing():
+        print(f"note: {openvino_missing()}", flush=True)
+        rows = [r for r in rows if r not in ov_rows]
     mem = "GPU allocated" if args.device.startswith("cuda") else "RSS"
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         build_s = None
@@ -275,6 +269,11 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             build_model(folder, args.tiny, args.seed)
             build_s = time.perf_counter() - t0
+        if any(r.startswith("openvino") for r in rows):                 # once, in its own process
+            args.openvino_ir = args.openvino_ir or Path(tmp) / "openvino"
+            for part in ("text_encoder", "vae_decoder", "unet"):      # one process each
+                subprocess.run([sys.executable, "-m", "tools.bench_openvino", str(folder),
+                                str(args.openvino_ir), str(args.size), part], check=True)
         floor = None
         if args.device == "cpu":
             from tools.floor import best_rate
@@ -290,8 +289,9 @@ def main(argv=None) -> int:
                 a, b = torch.load(Path(tmp) / f"{name}.pt"), torch.load(Path(tmp) / f"{ref}.pt")
                 res[name]["diff"] = (a - b).abs().max().item()
         table(res, args, mem, build_s)
-        if floor:
-            floor_table(res, args, folder, *floor)
+        if floor and res:
+            from tools.floor import bench_table
+            bench_table(res, args, folder, *floor)
     ratios(res)
     return 0 if len(res) == len(rows) else 1
 

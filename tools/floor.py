@@ -89,3 +89,22 @@ def best_rate() -> tuple[float, str]:
 def floor_text(flops: float, seconds: float, rate: float) -> str:
     floor = flops / rate
     return f"{flops / 1e9:,.1f} GFLOP, floor {floor:.2f} s, reached {floor / seconds:.0%} ({seconds / floor:.2f}x the floor)"
+
+
+def bench_table(res: dict, args, folder: Path, rate: float, kernel: str):
+    """Each row's s/step and decode against the floor (tools/floor.py): FLOPs of one step (the
+    UNet on 4 rows: 2 prompts with guidance) and of decoding 2 images, ÷ the best rate measured
+    in this run."""
+    from tools.harness import table as markdown
+    ucfg, vcfg = configs(folder)
+    step = unet_flops(ucfg, vcfg, 4, args.size, args.size)
+    dec = 2 * decode_flops(vcfg, args.size, args.size)
+    print(f"\nFloor: best rate measured in this run {rate / 1e9:.0f} GFLOP/s ({kernel}); one step "
+          f"{step / 1e9:,.1f} GFLOP -> {step / rate:.2f} s; decoding 2 images {dec / 1e9:,.1f} "
+          f"GFLOP -> {dec / rate:.2f} s\n")
+    total = (args.steps * step + dec) / rate
+    markdown(["row", "s/step", "step / floor", "decode s", "decode / floor", "run s",
+              "run / floor"],
+             [[name, f"{r['s_step']:.2f}", f"{r['s_step'] / (step / rate):.2f}x",
+               f"{r['decode']:.1f}", f"{r['decode'] / (dec / rate):.2f}x", f"{r['run']:.1f}",
+               f"{r['run'] / total:.2f}x"] for name, r in res.items()], "l" + "r" * 6)

@@ -29,6 +29,7 @@ import sys
 import warnings
 
 from ..errors import MinipError, ParameterError
+from .. import memory
 from . import (attention, edit, eval_edit, explore, generate, guide, hspace, instruct, invert,
                learn, pairs)
 from .common import Parser, flag_of
@@ -81,6 +82,7 @@ def _main(argv) -> int:
     if hasattr(signal, "SIGXFSZ"):      # past a file-size limit: an error to report, not a kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     args = None
+    memory.lean_heap()                  # freed tensors go back to the system (memory.py)
     try:
         args = build_parser().parse_args(argv)
         rc = args.run(args)

@@ -128,6 +128,10 @@ def add_model_options(p: argparse.ArgumentParser, out: str | None = None, lean: 
     p.add_argument("--weights", choices=["full", "int8"], default="full",
                    help="int8: UNet and text encoder weights stored as 8-bit integers, one scale "
                         "per output channel, dequantised layer by layer (less memory) (full)")
+    p.add_argument("--decode-tile", type=int_arg("--decode-tile", 0), default=None,
+                   metavar="PX", help="decode pictures in overlapping tiles of PX pixels a side "
+                   "(less memory; 0: whole; default: tiled only when a picture is large or "
+                   "the memory is short)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--explicit", action="store_true",
@@ -184,6 +188,7 @@ def save_images(files: dict, folder: Path, command: str):
 
 def load(args):
     from ..fast.autotune import Tuner, set_tuner
+    from ..memory import release
     from ..load import load_model
     if getattr(args, "no_autotune", False):
         set_tuner(Tuner(enabled=False))
@@ -196,6 +201,14 @@ def load(args):
                        strict_length=getattr(args, "strict_length", False),
                        loras=getattr(args, "lora", ()),
                        weights=getattr(args, "weights", "full"))
+    tile = getattr(args, "decode_tile", None)
+    if tile is not None:
+        f = model.vae.cfg.downscale
+        if tile % f or tile and tile < 2 * f:
+            raise MinipError(f"--decode-tile {tile}: a tile is a multiple of the VAE's "
+                             f"downscale factor {f}, at least {2 * f} (or 0: whole pictures)")
+        model.decode_tile = tile // f
+    release()                                      # the load's freed pages back to the system
     return attach(args, model) if hasattr(args, "control") else model
 
 

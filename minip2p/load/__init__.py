@@ -50,9 +50,11 @@ def _text_keys(state):
 
 
 COMPONENTS = {  # folder: (config file, weights file stem, config class, module class, key map)
-    "unet": ("config.json", "diffusion_pytorch_model", UNetConfig, UNet2DConditionModel, dict),
-    "vae": ("config.json", "diffusion_pytorch_model", VAEConfig, AutoencoderKL, _vae_keys),
+    # read in this order: the text encoder's large token embedding is read (and cast) while
+    # nothing else is loaded yet, so its file-precision copy does not add to the UNet's
     "text_encoder": ("config.json", "model", TextConfig, CLIPTextModel, _text_keys),
+    "vae": ("config.json", "diffusion_pytorch_model", VAEConfig, AutoencoderKL, _vae_keys),
+    "unet": ("config.json", "diffusion_pytorch_model", UNetConfig, UNet2DConditionModel, dict),
 }
 
 

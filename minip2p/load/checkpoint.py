@@ -39,7 +39,9 @@ class Model:
     `fast`: the fast path is installed (minip2p/fast/: `install`, `uninstall`).
     `loras`: the LoRA files merged into the weights, in order (lora.py: `add_lora`,
     `remove_lora`, `clear_loras`);
-    `conditioning`: ControlNets taking part in every UNet call (conditioning.conditioned)."""
+    `conditioning`: ControlNets taking part in every UNet call (conditioning.conditioned);
+    `decode_tile`: the VAE decodes in tiles of this many latents a side (0: whole pictures;
+    None: by size, memory.decode_tile)."""
     tokenizer: ClipTokenizer
     text_encoder: CLIPTextModel | None
     unet: UNet2DConditionModel
@@ -49,6 +51,7 @@ class Model:
     fast: bool = False
     loras: list = field(default_factory=list)     # the merged LoRA files (lora.py's `Lora`)
     conditioning: Any = None
+    decode_tile: int | None = None
 
     @property
     def dtype(self):

@@ -59,10 +59,11 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x, temb=None, site: Site | None = None, control: Controller | None = None):
-        h = self.conv1(F.silu(self.norm1(x)))
+        fresh = not torch.is_grad_enabled()        # no graph: SiLU in place on the norm's output
+        h = self.conv1(F.silu(self.norm1(x), inplace=fresh))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(F.silu(self.norm2(h), inplace=fresh))
         if control is not None:
             site = replace(site, pixels=h.shape[-2] * h.shape[-1])
             if control.wants(site):
@@ -173,14 +174,10 @@ class UNetBlock(nn.Module):
         super().__init__()
         temb, g = cfg.block_out_channels[0] * 4, cfg.norm_num_groups
         self.resnets = nn.ModuleList([ResnetBlock2D(c, cout, temb, g, cfg.norm_eps) for c in cins])
-        if attn:
-            self.attentions = nn.ModuleList([
-                Transformer2DModel(cout, cfg.heads(level), cfg.cross_attention_dim,
-                                   cfg.transformer_layers_per_block, g, cfg.use_linear_projection,
-                                   cfg.upcast_attention)
-                for _ in cins])
-        else:
-            self.attentions = None
+        self.attentions = nn.ModuleList([
+            Transformer2DModel(cout, cfg.heads(level), cfg.cross_attention_dim,
+                               cfg.transformer_layers_per_block, g, cfg.use_linear_projection,
+                               cfg.upcast_attention) for _ in cins]) if attn else None
         if sampler == "down":
             self.downsamplers = nn.ModuleList([Downsample2D(cout)])
         elif sampler == "up":

@@ -142,3 +142,49 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: (b, 4, h, w) -> x̂: (b, 3, 8h, 8w), roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
+
+    def decode_tiled(self, z: torch.Tensor, tile: int, overlap: int | None = None,
+                     layout=torch.contiguous_format) -> torch.Tensor:
+        """x̂ decoded in overlapping tiles of `tile` × `tile` latents (neighbours share `overlap`,
+        default tile/4), each blended into the next with linear weights over the shared pixels,
+        as diffusers' `tiled_decode`: the decoder's activations are one tile's, not the picture's.
+        Returns fp32. Not D(z) exactly: GroupNorm's statistics and the bottleneck's attention
+        see one tile (tests/test_decode_tiles.py bounds the difference on a random VAE)."""
+        b, _, h, w = z.shape
+        f = self.cfg.downscale
+        overlap = tile // 4 if overlap is None else overlap
+        if not 0 <= overlap < tile:
+            raise ValueError(f"a tile of {tile} latents cannot overlap its neighbour by {overlap}")
+        out = z.new_zeros(b, self.cfg.out_channels, f * h, f * w, dtype=torch.float32)
+        weight = z.new_zeros(f * h, f * w, dtype=torch.float32)
+        for i in _starts(h, tile, overlap):
+            for j in _starts(w, tile, overlap):
+                x = self.decode(z[:, :, i:i + tile, j:j + tile].contiguous(memory_format=layout))
+                th, tw = x.shape[-2:]
+                ramp = (_ramp(th, f * overlap, i > 0, i + tile < h)[:, None]
+                        * _ramp(tw, f * overlap, j > 0, j + tile < w)[None]).to(out.device)
+                out[..., f * i:f * i + th, f * j:f * j + tw] += x.float() * ramp
+                weight[f * i:f * i + th, f * j:f * j + tw] += ramp
+                del x
+        return out / weight
+
+
+def _starts(n: int, tile: int, overlap: int) -> list[int]:
+    """First latent row (or column) of each tile: a stride of tile − overlap, the last tile
+    flush with the edge (it may then share more than `overlap`: the weights are normalised)."""
+    if n <= tile:
+        return [0]
+    return list(range(0, n - tile, tile - overlap)) + [n - tile]
+
+
+def _ramp(n: int, e: int, up: bool, down: bool) -> torch.Tensor:
+    """A tile's blending weights along one axis: rising over its first `e` pixels where a
+    neighbour comes before it (`up`), falling over its last `e` where one follows (`down`);
+    a rise and the neighbour's fall sum to 1."""
+    w = torch.ones(n)
+    r = (torch.arange(min(e, n)) + 0.5) / max(e, 1)
+    if up and e:
+        w[:len(r)] = r
+    if down and e:
+        w[n - len(r):] = torch.minimum(w[n - len(r):], r.flip(0))
+    return w
