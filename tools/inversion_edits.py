@@ -171,8 +171,8 @@ def table(rows: dict[str, list[dict]]) -> str:
             continue
         ok = sum(r["ok"] for r in rs)
         lines.append(f"| {m} | {len(rs)} | {mm(rs, 'rec')} | {100 * ok / len(rs):.0f} % "
-                     f"({ok}/{len(rs)}) | {mm(rs, 'bg')} | {mm(rs, 'structure')} | "
-                     f"{mm(rs, 'structure_rec')} | {mm(rs, 'secs', '{:.1f}')} |")
+                     f"({ok}/{len(rs)}) | {mm(rs, 'bg')} | {mm(rs, 'structure', '{:.3f}')} | "
+                     f"{mm(rs, 'structure_rec', '{:.3f}')} | {mm(rs, 'secs', '{:.1f}')} |")
     return "\n".join(lines + ["", "(each cell: mean / median)"])
 
 
