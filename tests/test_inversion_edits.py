@@ -54,3 +54,9 @@ def test_edits_resume_from_the_results_file(tmp_path, monkeypatch, capsys):
     eval_inversion.main(argv + ["--table-only"])                         # no model loaded
     out = capsys.readouterr().out
     assert out.count("| direct | 1 |") == 2 and "0 to run" in out
+    eval_inversion.main(argv + ["--table-only", "--rescore"])           # from the 8-bit PNGs
+    again = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [r["method"] for r in again] == ["ddim", "direct"]
+    for r, s in zip(rows, again):
+        assert s["structure"] == pytest.approx(r["structure"], abs=0.05)
+        assert s["rec"] == r["rec"]

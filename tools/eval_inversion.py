@@ -88,6 +88,8 @@ def main(argv=None):
                    help="--edits: the toy judges (DINO for the structure distance; none: skip)")
     p.add_argument("--table-only", action="store_true",
                    help="--edits: only the table and sheets of what the results file holds")
+    p.add_argument("--rescore", action="store_true", help="--edits --table-only: the structure "
+                   "columns again from the saved pictures, by the DINO of --judges")
     judge.add_args(p, list(clean_runs.INVERSIONS))
     args = p.parse_args(argv)
     if judge.maybe_run(args, clean_runs.INVERSIONS):

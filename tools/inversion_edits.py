@@ -19,7 +19,8 @@ Each result is one JSON line of OUT/results.jsonl, written as soon as it is know
 pictures OUT/images/CASE-METHOD.png (reconstruction │ edit) beside OUT/images/CASE-drawing.png;
 a restart skips what the file holds (lines of other steps or guidance are ignored). At the end,
 or alone with --table-only: the table (means and medians) from the file, and one contact sheet
-per inversion (drawing │ reconstruction │ edit, the edit framed green when ok).
+per inversion (drawing │ reconstruction │ edit, the edit framed green when ok). --rescore: the
+structure columns again from the saved pictures (PNG, 8 bits), by the DINO of --judges.
 """
 from __future__ import annotations
 
@@ -144,9 +145,31 @@ def run(model, args) -> None:
     finish(args)
 
 
+def rescore(args) -> None:
+    """Recompute the structure columns of results.jsonl from the saved pictures with the DINO of
+    --judges (when the judge changed), the file rewritten whole."""
+    from minip2p.data.edit_metrics import SCALES, structure_distance
+    from minip2p.model.dino import load_dino
+    out = out_dir(args)
+    path, dino = out / "results.jsonl", load_dino(Path(args.judges) / "dino")
+    rows = list(load_results(path, {}).values())
+    png = lambda name: np.asarray(Image.open(out / "images" / name).convert("RGB"),  # noqa: E731
+                                  dtype=np.float32) / 255
+    for r in rows:
+        x, both = png(f"{r['case']:02d}-drawing.png"), png(f"{r['case']:02d}-{r['method']}.png")
+        w = both.shape[1] // 2
+        r["structure"] = structure_distance(dino, x, both[:, w:]) * SCALES["structure"]
+        r["structure_rec"] = structure_distance(dino, x, both[:, :w]) * SCALES["structure"]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
 def finish(args) -> str:
     """Print the table of results.jsonl (its first --edits cases) and write the sheets."""
     out = out_dir(args)
+    if getattr(args, "rescore", False):
+        rescore(args)
     done = load_results(out / "results.jsonl", settings(args))
     rows = {m: [done[i, m] for i in range(args.edits) if (i, m) in done] for m in args.methods}
     text = table(rows)
