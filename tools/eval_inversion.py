@@ -13,16 +13,9 @@ right and lower neighbours, averaged over channels and the two directions.
     python -m tools.eval_inversion --device cuda --dtype fp16    # on a GPU
     python -m tools.eval_inversion --model PATH --steps 50 --pictures 2
     python -m tools.eval_inversion --methods ddim --regularise      # Pix2Pix-Zero's inversion
-    python -m tools.eval_inversion --edits 48 --steps 20        # every inversion, edited (below)
+    python -m tools.eval_inversion --edits 48 --steps 20        # every inversion, edited
 
---edits N: the inversions side by side on N of tools/judge.py's cases (drawn pictures, seed =
-the case's index; a word swap of colour, shape or size, clean_runs.same_words_target). Each
-picture is inverted under its source caption, then Prompt-to-Prompt (the registry's defaults,
-one batch [source, target]) runs from the inversion: the source row is the reconstruction
-(PSNR against the drawing), the target row the edit. "edit ok": the toy analyser finds the
-target's colour and shape (clean_runs.shows); "background": PSNR of the edit against the
-drawing outside the objects (pixels farther than 0.12 from the border's median colour in
-either picture, dilated by 2 px); "s/edit": inversion plus edit, wall time.
+--edits N: every inversion edited with P2P on N judge cases, resumable (tools/inversion_edits.py).
 """
 from __future__ import annotations
 
@@ -38,7 +31,7 @@ from minip2p.methods.noise_reg import Regulariser
 from minip2p.errors import MinipError
 from minip2p.load import load_model
 from minip2p.pipeline import check_size, decode
-from tools import clean_runs, judge
+from tools import clean_runs, inversion_edits, judge
 
 RGB = {"red": (230, 26, 26), "green": (26, 166, 38), "blue": (26, 64, 230),
        "yellow": (242, 230, 26), "purple": (140, 38, 191), "black": (13, 13, 13)}
@@ -80,7 +73,6 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model (default: weights/toy)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--inner-steps", type=int, default=10)
@@ -90,16 +82,26 @@ def main(argv=None):
                    help="each method also on the regularised DDIM inversion (Pix2Pix-Zero)")
     p.add_argument("--edits", type=int, default=None, metavar="N",
                    help="the inversions side by side on N judge cases, edited with P2P")
+    p.add_argument("--out", default=None, help="--edits: results and pictures here "
+                   "(tools/out/inversion_edits/STEPSsteps-gGUIDANCE)")
+    p.add_argument("--judges", default="weights/toy-judges",
+                   help="--edits: the toy judges (DINO for the structure distance; none: skip)")
+    p.add_argument("--table-only", action="store_true",
+                   help="--edits: only the table and sheets of what the results file holds")
+    p.add_argument("--rescore", action="store_true", help="--edits --table-only: the structure "
+                   "columns again from the saved pictures, by the DINO of --judges")
     judge.add_args(p, list(clean_runs.INVERSIONS))
     args = p.parse_args(argv)
     if judge.maybe_run(args, clean_runs.INVERSIONS):
         return
+    if args.edits and args.table_only:
+        return inversion_edits.finish(args)
     try:
         model = load_model(args.model, args.dtype, args.device)
     except MinipError as e:
         sys.exit(f"eval_inversion: {e}")
     if args.edits:
-        return edits(model, args)
+        return inversion_edits.run(model, args)
     height, width = check_size(model, None, None)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"CPU, {torch.get_num_threads()} threads"
@@ -144,55 +146,6 @@ def main(argv=None):
         noise = " | ".join(format(sum(s[k] for s in stats) / len(stats), f)
                            for k, f in enumerate(("+.3f", ".3f", "+.3f"))) if stats else "– | – | –"
         print(f"| {name} | {sum(psnr) / len(psnr):.2f} | {min(psnr):.2f} | {times} | {noise} |")
-
-
-def objects(x: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) in [0, 1] -> bool (H, W): farther than 0.12 from the border's median colour."""
-    border = torch.cat([x[:, :2].reshape(3, -1), x[:, -2:].reshape(3, -1),
-                        x[:, :, :2].reshape(3, -1), x[:, :, -2:].reshape(3, -1)], 1)
-    return ((x - border.median(1).values[:, None, None]) ** 2).sum(0).sqrt() > 0.12
-
-
-def background_psnr(edit: torch.Tensor, src: torch.Tensor) -> float:
-    """PSNR of `edit` against `src` (3, H, W) outside both pictures' objects, dilated 2 px."""
-    import torch.nn.functional as F
-    fg = (objects(edit) | objects(src)).float()[None, None]
-    keep = F.max_pool2d(fg, 5, 1, 2)[0, 0] < 0.5
-    mse = ((edit - src) ** 2)[:, keep].mean()
-    return float(-10 * torch.log10(mse.clamp(min=1e-10)))
-
-
-def edits(model, args):
-    """The --edits table (module docstring)."""
-    from minip2p.methods import p2p
-    from minip2p.pipeline import to_pil
-    from tools.clean_runs import same_words_target, shows
-    cases = judge.make_cases(args.edits)
-    print(f"model {model.name}, {args.steps} steps, guidance {args.guidance:g}, {len(cases)} "
-          f"cases, CPU {torch.get_num_threads()} thread(s)")
-    rows = {m: dict(rec=[], ok=[], bg=[], t=[]) for m in args.methods}
-    for i, case in enumerate(cases):
-        src, tgt = case.drawn(i), same_words_target(case)
-        for method in args.methods:
-            t0 = time.perf_counter()
-            inv = invert.invert(model, src[None] * 2 - 1, case.source, method, args.steps,
-                                args.guidance, args.inner_steps, progress=False)
-            control, _ = p2p.build(model.tokenizer, [case.source, tgt], args.steps)
-            out = invert.run(model, inv, [case.source, tgt], control, progress=False).cpu()
-            r = rows[method]
-            r["t"].append(time.perf_counter() - t0)
-            r["rec"].append(images.psnr(out[:1], src[None]))
-            r["ok"].append(shows(to_pil(out[1:])[0], tgt))
-            r["bg"].append(background_psnr(out[1], src))
-            print(f"  {i:2d} {case.source!r:<48} -> {tgt!r:<40} {method:<16} rec "
-                  f"{r['rec'][-1]:5.2f} dB  edit {'ok' if r['ok'][-1] else 'NO'}  background "
-                  f"{r['bg'][-1]:5.2f} dB  {r['t'][-1]:5.1f} s", flush=True)
-    print("\n| inversion | reconstruction PSNR (dB) | edit ok | background PSNR (dB) | s/edit |")
-    print("|---|---:|---:|---:|---:|")
-    mean = lambda xs: sum(xs) / len(xs)                                      # noqa: E731
-    for m, r in rows.items():
-        print(f"| {m} | {mean(r['rec']):.2f} | {sum(r['ok'])}/{len(r['ok'])} | "
-              f"{mean(r['bg']):.2f} | {mean(r['t']):.1f} |")
 
 
 if __name__ == "__main__":

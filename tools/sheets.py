@@ -23,17 +23,20 @@ def to_pil(image) -> Image.Image | None:
 def contact_sheet(pairs, path, thumb: int = 64, columns: int = 4, frame: int = 3) -> Path:
     """pairs: [(source or None, result or None, clean)] -> a PNG at `path`: `columns` pairs a
     row, each pair the source (grey frame) and the result (green: clean, red: not); a missing
-    picture is a crossed-out blank."""
+    picture is a crossed-out blank. Longer tuples (a, b, …, result, clean) frame all but the
+    last picture grey."""
     cell, gap = thumb + 2 * frame, 4
-    pair_w = 2 * cell + gap
+    n = max((len(p) - 1 for p in pairs), default=2)
+    pair_w = n * cell + (n - 1) * gap
     rows = max(1, -(-len(pairs) // columns))
     sheet = Image.new("RGB", (columns * pair_w + (columns + 1) * 2 * gap,
                               rows * cell + (rows + 1) * gap), PAPER)
     draw = ImageDraw.Draw(sheet)
-    for k, (src, out, clean) in enumerate(pairs):
+    for k, (*pics, clean) in enumerate(pairs):
         x = 2 * gap + (k % columns) * (pair_w + 2 * gap)
         y = gap + (k // columns) * (cell + gap)
-        for j, (im, colour) in enumerate(((src, GREY), (out, GREEN if clean else RED))):
+        frames = [GREY] * (len(pics) - 1) + [GREEN if clean else RED]
+        for j, (im, colour) in enumerate(zip(pics, frames)):
             x0 = x + j * (cell + gap)
             draw.rectangle([x0, y, x0 + cell - 1, y + cell - 1], fill=colour)
             im = to_pil(im)
