@@ -88,6 +88,9 @@ __all__ = ["word_maps", "centroid", "size", "shape", "appearance", "transform", 
            "SelfGuidance", "Params", "run"]
 
 
+RESIZE_GRADIENT_STEPS = 120     # over the whole schedule, whatever the number of steps
+
+
 def _last_res(unet):
     """Pick for the decoder's last ResBlock ("res" site), whose features are ψ."""
     block, layer = len(unet.up_blocks) - 1, len(unet.up_blocks[-1].resnets) - 1
@@ -125,10 +128,12 @@ class Observe(Controller):
 
     def reference(self, step: int) -> dict:
         A = word_maps(self.maps[step], self.tokens, latent=tuple(self.z[step].shape[-2:]))
-        out = {w: dict(shape=shape(a), size=size(a), centroid=centroid(a)) for w, a in A.items()}
+        out = {w: dict(shape=shape(a), size=size(a), centroid=centroid(a),
+                       rim=(shape(a) * (a < 0.5)).mean()) for w, a in A.items()}
         if step in self.psi:
             for w, a in A.items():
                 out[w]["appearance"] = appearance(a, self.psi[step])
+                out[w]["background"] = appearance(1 - a, self.psi[step])
         return out
 
 
@@ -139,22 +144,38 @@ class SelfGuidance(GradientGuidance):
     def __init__(self, model, cond, tokens, steps: int, observed: Observe, moves=None,
                  resizes=None, keep_appearance: bool = True, weight: float = 0.25,
                  guide_steps: float = 0.3, iterations: int | None = None,
-                 keep_background: bool = True, resize_steps: float = 1.0):
+                 keep_background: bool = True, resize_steps: float = 1.0,
+                 rim: bool = True, decay: float = 1.0,
+                 vacated: float = 0.0):
         super().__init__(model, cond, steps, pick=_pick)
         self.tokens, self.observed = tokens, observed
         self.moves, self.resizes = moves or {}, resizes or {}
         self.keep_appearance, self.weight = keep_appearance, weight
-        self.iterations = iterations or (4 if self.resizes else 2)
+        self.iterations = iterations
         self.last = round(guide_steps * steps) if self.moves else 0
         self.last_resize = round(resize_steps * steps) if self.resizes else 0
         self.feature_pick = _last_res(model.unet) if keep_appearance else None
         self.local = keep_background
+        self.rim, self.decay, self.vacated = rim, decay, vacated
+        ac = model.scheduler.alphas_cumprod
+        self.sigma = {i: float((1 - ac[t]).sqrt()) ** decay for i, t in enumerate(self.timesteps)}
 
     def after_step(self, z, step):
         if not self.local or step not in self.observed.z:
             return z
         m = self.region(self.observed.reference(step), z)
         return m * z + (1 - m) * self.observed.z[step].to(z)
+
+    def iterations_at(self, step: int) -> int:
+        """Gradient steps at `step`: `iterations` if given; else 2 for a move; for a resize,
+        RESIZE_GRADIENT_STEPS spread evenly over the schedule (6 per step at 20 steps, 2 or 3
+        at 50), so that 20 and 50 steps take the same number of gradient steps."""
+        if self.iterations:
+            return self.iterations
+        if step >= self.last_resize:
+            return 2
+        r = RESIZE_GRADIENT_STEPS / self.steps
+        return max(1, math.floor((step + 1) * r) - math.floor(step * r))
 
     def active(self, step):
         return step < max(self.last, self.last_resize)
@@ -169,12 +190,22 @@ class SelfGuidance(GradientGuidance):
             target = transform(ref[w]["shape"], ref[w]["centroid"], to, 1.0)
             E = E + (shape(A[w]) - target).abs().mean()
         for w, s in resizes.items():
-            E = E + (size(A[w]) - s * ref[w]["size"]).abs()
+            r = ref[w]["rim"] if self.rim else 0.0
+            E = E + (size(A[w]) - s * (ref[w]["size"] - r) - math.sqrt(s) * r).abs()
             c = ref[w]["centroid"]
             E = E + (shape(A[w]) - transform(ref[w]["shape"], c, c, math.sqrt(s))).abs().mean()
         if self.keep_appearance:
             for w in {**moves, **resizes}:
                 E = E + (appearance(A[w], psi) - ref[w]["appearance"]).abs().mean()
+        if self.vacated and psi is not None:
+            for w, s in resizes.items():
+                c = ref[w]["centroid"]
+                V = ref[w]["shape"] * (1 - transform(ref[w]["shape"], c, c, math.sqrt(s)))
+                if float(V.sum()) > 1.0:
+                    m = F.interpolate(V[None, None], size=psi.shape[-2:], mode="bilinear",
+                                      align_corners=False)[0, 0]
+                    bg = (psi * m).sum((1, 2)) / m.sum()
+                    E = E + self.vacated * (bg - ref[w]["background"]).abs().mean()
         return E
 
     def region(self, ref: dict, like: torch.Tensor) -> torch.Tensor:
@@ -196,7 +227,7 @@ class SelfGuidance(GradientGuidance):
     def update(self, z, step, t):
         ref = self.observed.reference(step)
         mask = self.region(ref, z) if self.local else 1.0
-        for _ in range(self.iterations):
+        for _ in range(self.iterations_at(step)):
             leaf, rec = self.maps_of(z, step, feature_pick=self.feature_pick)
             A = word_maps(rec.maps, self.tokens, latent=tuple(z.shape[-2:]))
             psi = rec.feats[-1][1][0].float() if rec.feats else None
@@ -206,7 +237,8 @@ class SelfGuidance(GradientGuidance):
             grad = grad * mask
             d = e / grad.pow(2).sum().clamp(min=1e-24) * grad                     # E/‖g‖² · g
             rms = float(d.pow(2).mean().sqrt())
-            z = leaf.detach() - d * min(1.0, self.weight / max(rms, 1e-12))
+            v = self.weight * (self.sigma[step] if step < self.last_resize else 1.0)
+            z = leaf.detach() - d * min(1.0, v / max(rms, 1e-12))
         return z
 
 
@@ -230,6 +262,9 @@ class Params:
     resize_steps: float = param(1.0, "guide the resizes in this first fraction of the steps")
     guide_iterations: int | None = param(None, "gradient steps per guided step (2 for moves, "
                                                "4 when a word is resized)", kind=int)
+    rim: bool = param(True, "x")
+    decay: float = param(1.0, "x")
+    vacated: float = param(0.0, "x")
 
     def check(self, prompts: list[str], s: Settings) -> None:
         """Refuse words not in the prompt, x or y outside [0, 1], s ≤ 0, no energy, v < 0."""
@@ -278,7 +313,8 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
     ctrl = SelfGuidance(model, encode_text(model, prompts), tokens, s.steps, observed,
                         {w: tuple(xy) for w, xy in moves.items()}, resizes, p.keep_appearance,
                         p.guidance_weight, p.guide_steps, p.guide_iterations, p.keep_background,
-                        p.resize_steps)
+                        p.resize_steps, p.rim, p.decay,
+                        p.vacated)
     guided = generate(model, prompts, control=ctrl, **kw)
     return Result(to_pil(plain) + to_pil(guided), ["unguided", "guided"])
 
