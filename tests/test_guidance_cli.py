@@ -58,11 +58,17 @@ def test_the_step_vanishes_at_the_energy_minimum_and_is_capped_at_v(toy):
     rms = lambda d: d.pow(2).mean().sqrt().item()                       # noqa: E731
     same = sg.SelfGuidance(toy, cond, tokens, 4, obs, resizes={"circle": 1.0},
                            keep_appearance=True)
-    assert same.iterations == 4 and rms(same.before_step(z, 0) - z) < 1e-3 * same.weight
+    assert rms(same.before_step(z, 0) - z) < 1e-3 * same.weight
     far = sg.SelfGuidance(toy, cond, tokens, 4, obs, moves={"circle": (0.95, 0.05)},
                           iterations=1, weight=0.02, guide_steps=1.0, keep_background=False)
     assert rms(far.before_step(z, 2) - z) == pytest.approx(0.02, rel=1e-4)
-    assert sg.SelfGuidance(toy, cond, tokens, 4, obs, moves={"circle": (0.9, 0.5)}).iterations == 2
+    move = sg.SelfGuidance(toy, cond, tokens, 4, obs, moves={"circle": (0.9, 0.5)})
+    assert [move.iterations_at(i) for i in range(2)] == [2, 2]
+    # resizes: the same number of gradient steps over the schedule at 20 and at 50 steps
+    for n, per_step in ((20, {6}), (50, {2, 3})):
+        size = sg.SelfGuidance(toy, cond, tokens, n, obs, resizes={"circle": 0.5})
+        its = [size.iterations_at(i) for i in range(n)]
+        assert sum(its) == sg.RESIZE_GRADIENT_STEPS and set(its) == per_step
 
 
 def test_moves_and_resizes_have_their_own_windows(toy):

@@ -128,12 +128,10 @@ class Observe(Controller):
 
     def reference(self, step: int) -> dict:
         A = word_maps(self.maps[step], self.tokens, latent=tuple(self.z[step].shape[-2:]))
-        out = {w: dict(shape=shape(a), size=size(a), centroid=centroid(a),
-                       rim=(shape(a) * (a < 0.5)).mean()) for w, a in A.items()}
+        out = {w: dict(shape=shape(a), size=size(a), centroid=centroid(a)) for w, a in A.items()}
         if step in self.psi:
             for w, a in A.items():
                 out[w]["appearance"] = appearance(a, self.psi[step])
-                out[w]["background"] = appearance(1 - a, self.psi[step])
         return out
 
 
@@ -144,9 +142,7 @@ class SelfGuidance(GradientGuidance):
     def __init__(self, model, cond, tokens, steps: int, observed: Observe, moves=None,
                  resizes=None, keep_appearance: bool = True, weight: float = 0.25,
                  guide_steps: float = 0.3, iterations: int | None = None,
-                 keep_background: bool = True, resize_steps: float = 1.0,
-                 rim: bool = True, decay: float = 1.0,
-                 vacated: float = 0.0):
+                 keep_background: bool = True, resize_steps: float = 1.0):
         super().__init__(model, cond, steps, pick=_pick)
         self.tokens, self.observed = tokens, observed
         self.moves, self.resizes = moves or {}, resizes or {}
@@ -156,9 +152,8 @@ class SelfGuidance(GradientGuidance):
         self.last_resize = round(resize_steps * steps) if self.resizes else 0
         self.feature_pick = _last_res(model.unet) if keep_appearance else None
         self.local = keep_background
-        self.rim, self.decay, self.vacated = rim, decay, vacated
         ac = model.scheduler.alphas_cumprod
-        self.sigma = {i: float((1 - ac[t]).sqrt()) ** decay for i, t in enumerate(self.timesteps)}
+        self.sigma = [float((1 - ac[t]).sqrt()) for t in self.timesteps]     # σ_t per step
 
     def after_step(self, z, step):
         if not self.local or step not in self.observed.z:
@@ -174,7 +169,7 @@ class SelfGuidance(GradientGuidance):
             return self.iterations
         if step >= self.last_resize:
             return 2
-        r = RESIZE_GRADIENT_STEPS / self.steps
+        r = min(RESIZE_GRADIENT_STEPS / self.steps, 10)
         return max(1, math.floor((step + 1) * r) - math.floor(step * r))
 
     def active(self, step):
@@ -190,22 +185,12 @@ class SelfGuidance(GradientGuidance):
             target = transform(ref[w]["shape"], ref[w]["centroid"], to, 1.0)
             E = E + (shape(A[w]) - target).abs().mean()
         for w, s in resizes.items():
-            r = ref[w]["rim"] if self.rim else 0.0
-            E = E + (size(A[w]) - s * (ref[w]["size"] - r) - math.sqrt(s) * r).abs()
+            E = E + (size(A[w]) - s * ref[w]["size"]).abs()
             c = ref[w]["centroid"]
             E = E + (shape(A[w]) - transform(ref[w]["shape"], c, c, math.sqrt(s))).abs().mean()
         if self.keep_appearance:
             for w in {**moves, **resizes}:
                 E = E + (appearance(A[w], psi) - ref[w]["appearance"]).abs().mean()
-        if self.vacated and psi is not None:
-            for w, s in resizes.items():
-                c = ref[w]["centroid"]
-                V = ref[w]["shape"] * (1 - transform(ref[w]["shape"], c, c, math.sqrt(s)))
-                if float(V.sum()) > 1.0:
-                    m = F.interpolate(V[None, None], size=psi.shape[-2:], mode="bilinear",
-                                      align_corners=False)[0, 0]
-                    bg = (psi * m).sum((1, 2)) / m.sum()
-                    E = E + self.vacated * (bg - ref[w]["background"]).abs().mean()
         return E
 
     def region(self, ref: dict, like: torch.Tensor) -> torch.Tensor:
@@ -262,9 +247,6 @@ class Params:
     resize_steps: float = param(1.0, "guide the resizes in this first fraction of the steps")
     guide_iterations: int | None = param(None, "gradient steps per guided step (2 for moves, "
                                                "4 when a word is resized)", kind=int)
-    rim: bool = param(True, "x")
-    decay: float = param(1.0, "x")
-    vacated: float = param(0.0, "x")
 
     def check(self, prompts: list[str], s: Settings) -> None:
         """Refuse words not in the prompt, x or y outside [0, 1], s ≤ 0, no energy, v < 0."""
@@ -313,8 +295,7 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
     ctrl = SelfGuidance(model, encode_text(model, prompts), tokens, s.steps, observed,
                         {w: tuple(xy) for w, xy in moves.items()}, resizes, p.keep_appearance,
                         p.guidance_weight, p.guide_steps, p.guide_iterations, p.keep_background,
-                        p.resize_steps, p.rim, p.decay,
-                        p.vacated)
+                        p.resize_steps)
     guided = generate(model, prompts, control=ctrl, **kw)
     return Result(to_pil(plain) + to_pil(guided), ["unguided", "guided"])
 
