@@ -14,7 +14,8 @@ asked half), colour and shape kept (toydata.analyse), area within ±25 % of S ×
 area, and clean (tools.artifacts) — for the unguided pictures too, as the reference.
 `--log FILE` keeps each finished case (one JSON line) and skips it when the run is started again;
 `--summary FILE…` only adds up such logs. `--sheet PNG` writes the contact sheet (source │ result,
-green frame = clean): per prompt the move, ×0.5 and ×1.5.
+green frame = clean): per prompt the move, ×0.5 and ×1.5 (the cases of this run, not the
+logged ones).
 """
 from __future__ import annotations
 
@@ -136,8 +137,8 @@ def measure(m, args, extra: dict) -> str:
         if args.log:
             with open(args.log, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
-    if args.sheet and pairs:
-        contact_sheet(pairs, args.sheet, columns=(1 - args.no_move) + 2 * (1 - args.no_resize))
+        if args.sheet and pairs:             # after every case: a stopped run keeps its sheet
+            contact_sheet(pairs, args.sheet, columns=(1 - args.no_move) + 2 * (1 - args.no_resize))
     return summary(rows)
 
 
