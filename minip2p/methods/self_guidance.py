@@ -58,9 +58,9 @@ A Polyak step (the distance to E = 0 along the gradient) replaces v · σ_t · �
 varies a lot from step to step; for resizes the paper's σ_t stays as the cap's decay, so the late
 steps, where z_t is nearly the picture, take small steps (large ones there punch holes and leave
 blobs where a shrunk object was). The step count is compensated for resizes: 50 steps take the
-same 120 gradient steps as 20 (with 4 a step at both, 50 steps shrank ×0.5 to ×0.4: E = 0 is not
-exactly the asked area, since the map's soft rim adds a floor to size(k), and more gradient steps
-came nearer to it). Moves keep 2 a step: their edit holds at 20 and 50 steps. The runs behind
+same 120 gradient steps as 20 (with a fixed number a step, 50 steps shrank further than 20: E = 0
+is not exactly the asked area, since the map's soft rim adds a floor to size(k), and more gradient
+steps came nearer to it). Moves keep 2 a step: their edit holds at 20 and 50 steps. The runs behind
 these choices: tools/README.md, "Self-Guidance".
 """
 from __future__ import annotations
