@@ -50,7 +50,9 @@ def test_self_guidance_quantities():
 def test_the_step_vanishes_at_the_energy_minimum_and_is_capped_at_v(toy):
     """Polyak step d = E·∇E/‖∇E‖², rms(d) ≤ v: resizing by 1 from the unguided latents (E ≈ 0)
     leaves z_t (a step of fixed size v would move it by v, and grew objects ×1.3); a move far
-    from the object is capped at exactly v; the default iteration counts are 2 / 4."""
+    from the object is capped at exactly v, a resize late in the schedule at v·σ_t; the default
+    gradient steps: 2 a step for moves, the same number over the schedule at 20 and 50 steps
+    for resizes."""
     prompt, tokens = "a red circle", {"circle": [3]}
     obs = sg.Observe(toy.unet, tokens, True)
     generate(toy, [prompt], seed=0, steps=4, control=obs, progress=False)
@@ -58,11 +60,23 @@ def test_the_step_vanishes_at_the_energy_minimum_and_is_capped_at_v(toy):
     rms = lambda d: d.pow(2).mean().sqrt().item()                       # noqa: E731
     same = sg.SelfGuidance(toy, cond, tokens, 4, obs, resizes={"circle": 1.0},
                            keep_appearance=True)
-    assert same.iterations == 4 and rms(same.before_step(z, 0) - z) < 1e-3 * same.weight
+    assert rms(same.before_step(z, 0) - z) < 1e-3 * same.weight
     far = sg.SelfGuidance(toy, cond, tokens, 4, obs, moves={"circle": (0.95, 0.05)},
                           iterations=1, weight=0.02, guide_steps=1.0, keep_background=False)
     assert rms(far.before_step(z, 2) - z) == pytest.approx(0.02, rel=1e-4)
-    assert sg.SelfGuidance(toy, cond, tokens, 4, obs, moves={"circle": (0.9, 0.5)}).iterations == 2
+    # in a resize's window the cap decays as σ_t = √(1 − ᾱ_t): small steps where z_t is nearly
+    # the picture
+    grow = sg.SelfGuidance(toy, cond, tokens, 4, obs, resizes={"circle": 3.0}, iterations=1,
+                           weight=0.001, keep_background=False)
+    sigma = (1 - toy.scheduler.alphas_cumprod[grow.timesteps[3]]).sqrt().item()
+    assert sigma < 0.5 and rms(grow.before_step(z, 3) - z) == pytest.approx(0.001 * sigma, rel=1e-4)
+    move = sg.SelfGuidance(toy, cond, tokens, 4, obs, moves={"circle": (0.9, 0.5)})
+    assert [move.iterations_at(i) for i in range(2)] == [2, 2]
+    # resizes: the same number of gradient steps over the schedule at 20 and at 50 steps
+    for n, per_step in ((20, {6}), (50, {2, 3})):
+        size = sg.SelfGuidance(toy, cond, tokens, n, obs, resizes={"circle": 0.5})
+        its = [size.iterations_at(i) for i in range(n)]
+        assert sum(its) == sg.RESIZE_GRADIENT_STEPS and set(its) == per_step
 
 
 def test_moves_and_resizes_have_their_own_windows(toy):

@@ -3,6 +3,7 @@
     python -m tools.eval_sg_defaults --n 24 --steps 50      moves and resizes, `methods.run`
     python -m tools.eval_sg_defaults --n 8 --set guide_steps=0.5   … with other parameters
     python -m tools.eval_sg_defaults --n 4 --no-move --seed-from 1000   resizes, other seeds
+    python -m tools.eval_sg_defaults --cases 0-11 --log A.jsonl   part of the cases (resumable)
 
 Cases: "a [big|small] COLOUR SHAPE [on a COLOUR background]" (toydata's colours and shapes),
 each with the first seed whose unguided object lies clearly in one half (centroid x outside
@@ -11,11 +12,17 @@ Each edit goes through `methods.run(model, "self-guidance", …)` with only the 
 given (every other parameter at its default unless --set). Reported: moved (centroid in the
 asked half), colour and shape kept (toydata.analyse), area within ±25 % of S × the unguided
 area, and clean (tools.artifacts) — for the unguided pictures too, as the reference.
+`--log FILE` keeps each finished case (one JSON line) and skips it when the run is started again;
+`--summary FILE…` only adds up such logs. `--sheet PNG` writes the contact sheet (source │ result,
+green frame = clean): per prompt the move, ×0.5 and ×1.5 (the cases of this run, not the
+logged ones).
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,14 +64,44 @@ def pct(xs):
     return f"{100 * sum(xs) / max(len(xs), 1):.0f} % ({sum(xs)}/{len(xs)})"
 
 
+KEYS = ("moved", "kept", "clean_move", "resized", "kept_resize", "clean_resize", "clean_plain")
+
+
+def cases(spec: str | None, n: int) -> list[int]:
+    """"0-5,12" -> [0, 1, 2, 3, 4, 5, 12]; None: range(n)."""
+    if not spec:
+        return list(range(n))
+    out = []
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def summary(rows: list[dict]) -> str:
+    r = {k: [x for row in rows for x in row.get(k, [])] for k in KEYS}
+    return "\n".join(f"{k}: {pct(v)}" for k, v in r.items() if v)
+
+
 def measure(m, args, extra: dict) -> str:
     from minip2p import methods
-    r = {k: [] for k in ("moved", "kept", "clean_move", "resized", "kept_resize", "clean_resize",
-                         "clean_plain")}
-    for i, prompt in enumerate(prompts(args.n)):
+    from tools.sheets import contact_sheet
+    done = {}
+    if args.log and Path(args.log).exists():
+        for line in Path(args.log).read_text().splitlines():
+            row = json.loads(line)
+            done[row["case"]] = row
+    rows, pairs, names = [], [], prompts(max(args.n, max(cases(args.cases, args.n)) + 1))
+    for i in cases(args.cases, args.n):
+        if i in done:
+            rows.append(done[i])
+            print(done[i]["line"], "(logged)", flush=True)
+            continue
+        prompt = names[i]
+        r = {k: [] for k in KEYS}
         shape = next(s for s in toydata.SHAPES if s in prompt)
         seed, a0 = pick_seed(m, prompt, args.steps, args.seed_from + 100 * i)
-        line = f"  {prompt!r} seed {seed}:"
+        line = f"  {i} {prompt!r} seed {seed}:"
         if not args.no_move:
             x = 0.2 if a0["center"][0] / 64 > 0.5 else 0.8
             res = methods.run(m, "self-guidance", [prompt], move={shape: (x, 0.5)},
@@ -77,6 +114,7 @@ def measure(m, args, extra: dict) -> str:
             r["kept"].append(a["color"] == a0["color"] and a["shape"] == a0["shape"])
             f = artifacts(guided)
             r["clean_move"].append(f["clean"])
+            pairs.append((plain, guided, f["clean"]))
             line += (f" x {a0['center'][0] / 64:.2f} -> {cx:.2f} {a['color']} {a['shape']} "
                      f"purity {f['background_purity']:.3f} solid {f['solidity']:.2f} strays "
                      f"{f['stray_blobs']}")
@@ -91,10 +129,17 @@ def measure(m, args, extra: dict) -> str:
                 r["kept_resize"].append(a["color"] == a0["color"] and a["shape"] == a0["shape"])
                 f = artifacts(g)
                 r["clean_resize"].append(f["clean"])
+                pairs.append((tensor(res.images[0]), g, f["clean"]))
                 line += (f" | ×{s}: ×{ratio:.2f} clean {f['clean']} ({f['background_purity']:.3f} "
                          f"{f['solidity']:.2f} {f['stray_blobs']})")
         print(line, flush=True)
-    return "\n".join(f"{k}: {pct(v)}" for k, v in r.items() if v)
+        rows.append(dict(r, case=i, line=line))
+        if args.log:
+            with open(args.log, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+        if args.sheet and pairs:             # after every case: a stopped run keeps its sheet
+            contact_sheet(pairs, args.sheet, columns=(1 - args.no_move) + 2 * (1 - args.no_resize))
+    return summary(rows)
 
 
 def main(argv=None):
@@ -107,9 +152,20 @@ def main(argv=None):
     p.add_argument("--seed-from", type=int, default=0,
                    help="prompt i's seeds are searched from this + 100·i (0; others to check "
                         "settings away from the evaluation's cases)")
+    p.add_argument("--cases", default=None, metavar="I-J,K",
+                   help="only these prompts (indices into the n prompts; default all)")
+    p.add_argument("--log", default=None, help="JSON lines of finished cases, skipped on a rerun")
+    p.add_argument("--summary", nargs="+", default=None, metavar="LOG",
+                   help="only add up these logs")
+    p.add_argument("--sheet", default=None, help="write the contact sheet of this run's cases")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a Self-Guidance parameter other than its default")
     args = p.parse_args(argv)
+    if args.summary:
+        rows = [json.loads(x) for f in args.summary for x in Path(f).read_text().splitlines()]
+        rows = list({row["case"]: row for row in rows}.values())
+        print(f"{len(rows)} cases\n{summary(rows)}")
+        return
     extra = {}
     for kv in args.set:
         k, _, v = kv.partition("=")

@@ -66,14 +66,14 @@ def add_commands(sub):
                         "the unguided image (on by default)")
     g.add_argument("--guidance-weight", type=float_arg("--guidance-weight"), default=0.25,
                    help="largest RMS v of a guidance step of z (0.25): z ← z − d, "
-                        "d = E·∇E/‖∇E‖² capped at rms(d) ≤ v")
+                        "d = E·∇E/‖∇E‖² capped at rms(d) ≤ v (v·σ_t for resizes)")
     g.add_argument("--guide-steps", type=float_arg("--guide-steps"), default=0.3,
                    help="guide the moves in this first fraction of the steps (0.3; 1.0: all)")
     g.add_argument("--resize-steps", type=float_arg("--resize-steps"), default=1.0,
                    help="guide the resizes in this first fraction of the steps (1.0: all)")
     g.add_argument("--guide-iterations", type=int_arg("--guide-iterations", 1, 50), default=None,
-                   metavar="N", help="gradient steps per guided step (2 for moves, 4 when "
-                                     "a word is resized)")
+                   metavar="N", help="gradient steps per guided step (2 for moves; resizes: "
+                                     "120 spread over the steps)")
     g.add_argument("--out-dir", default="guide",
                    help="output folder, replaced as a whole by each run (guide)")
     add_model_options(g)

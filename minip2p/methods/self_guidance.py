@@ -25,50 +25,43 @@ affine map that moves centroid'(k) to the target and scales by √s about it, so
 
 Several energies add. Moves are guided in the first `guide_steps` of the schedule, resizes in
 the first `resize_steps` (fractions of the steps; DDIM's timesteps are evenly spaced, so it is the
-same fraction of t at 20 or 50 steps); at those steps, before the DDIM step, `iterations` times
-(ε_θ and E evaluated again each time; 2 for moves, 4 when a word is resized), a Polyak step
-capped at v in RMS, restricted to the region R:
+same fraction of t at 20 or 50 steps); at those steps, before the DDIM step, n_t times (ε_θ and E
+evaluated again each time), a Polyak step capped in RMS, restricted to the region R:
 
-    g = R ⊙ ∇_{z_t} E,   d = (E / ‖g‖²) · g,   d ← d · min(1, v / rms(d)),   z_t ← z_t − d
+    g = R ⊙ ∇_{z_t} E,   d = (E / ‖g‖²) · g,   d ← d · min(1, v_t / rms(d)),   z_t ← z_t − d
 
-and after every DDIM step, outside R the latents are the unguided generation's (primes):
+n_t = 2 for moves; for resizes, 120 gradient steps spread evenly over the schedule (6 a step at
+20 steps, 2 or 3 at 50; at most 10). v_t = v for moves, v · σ_t for resizes (σ_t = √(1 − ᾱ_t)).
+After every DDIM step, outside R the latents are the unguided generation's (primes):
 
     z_{t−1} ← R ⊙ z_{t−1} + (1 − R) ⊙ z'_{t−1}
 
 R = 1 where an edited object is or is asked to be: {shape'(k) ≥ ½} ∪ {T_k(shape'(k)) ≥ ½},
 dilated by one latent pixel, at the latents' size (`keep_background`, on by default).
 
-What the paper does and what we chose. The paper edits one property and holds all others: its
-moves and resizes are shown with the other words' shapes and the edited objects' appearance
-held to the unguided generation's by further energies; "move the object" means the rest of the
-picture stays. So `keep_appearance` is on by default, and the rest of the picture is held by R:
+What the paper does, what its description implies and what we chose. The paper edits one
+property and holds all others: its moves and resizes are shown with the other words' shapes and
+the edited objects' appearance held to the unguided generation's by further energies, and it
+adds the summed energies' gradient to the noise estimate, ε̃_t = ε_t + v · σ_t · ∇_{z_t} E, over
+one window of steps with one weight per term (there is no official code). We hold the edited
+object's appearance (`keep_appearance`, on by default) and the rest of the picture by R:
 ∇_{z_t} E of an attention map is spread over the whole latent (attention mixes every pixel), and
-steps outside the object leave blotches of other colours and stray blobs on a flat background
-that no energy on the edited word's map sees; energies on every other word's map would not see
-them either (a background of flat colour has no word whose map marks it). The blend is the local
-blend of Prompt-to-Prompt (p2p.py) with the unguided latents as the source. Moves are guided
-in the first 30 % of the schedule only: the layout is set early, where the edit is made; later
-steps form the edges and the flat fills, and gradient steps there punch holes and blotches into
-a moved object (whose new place R leaves to the guided latents).
-A resize is guided longer, by default to the last step: a word's map follows its object's area
-only once the layout has formed (tools/README.md, "Guidance methods": the map size's correlation
-with the final area), so a size asked in the first steps alone is asked of a blurred map, and
-the unguided steps that follow grow or shrink the object back towards what its noise implies.
-Late steps spoil a resize less than a move: the region R keeps the background, the object
-stays where it is, and the shape term asks for the unguided shape scaled about its own centroid.
-The step count is not compensated: the Polyak step aims at E = 0, so the extra guided steps of
-a 50-step run bring E nearer to 0 rather than past it; but E = 0 is not exactly the asked area
-(the map's blurred rim adds a floor to size(k), so s · size' asks a shrink for a little less than
-s × the area), and a shrink can go further at 50 steps than at 20. What the paper
-describes implies one window for every term (ε̃_t shifted by the summed energies' gradient over
-a window of steps, one weight per term); a window per property is our choice.
-The appearance distance is a mean over the c channels: summed over them, it outweighs the size
-and shape terms and the step mostly keeps the object as it was. The paper instead adds the
-gradient to the noise estimate, ε̃_t = ε_t + v · σ_t · ∇_{z_t} E (σ_t = √(1 − ᾱ_t)); we do
-not, because the raw gradient's size varies a lot from step to step and σ_t puts the largest
-steps at the first steps, where a word's map does not yet show the object. Moves reach their target with 2 gradient steps per step and
-more deform the object; a shrink needs 4 to get near its area: hence the defaults (the runs
-behind these choices: tools/README.md, "Guidance methods").
+steps outside the object leave blotches and stray blobs on a flat background that no energy on a
+word's map sees (a flat background has no word whose map marks it). The blend is the local blend
+of Prompt-to-Prompt (p2p.py) with the unguided latents as the source. The appearance distance is
+a mean over the c channels: summed, it outweighs the other terms and the object stays as it was.
+A window per property is our choice. Moves are guided in the first 30 % only: the layout is set
+early, and later gradient steps punch holes into the moved object. A resize is guided to the last
+step: a word's map follows its object's area only once the layout has formed (tools/README.md,
+"Guidance methods"), and steps left unguided after it grow or shrink the object back.
+A Polyak step (the distance to E = 0 along the gradient) replaces v · σ_t · ∇E, whose size
+varies a lot from step to step; for resizes the paper's σ_t stays as the cap's decay, so the late
+steps, where z_t is nearly the picture, take small steps (large ones there punch holes and leave
+blobs where a shrunk object was). The step count is compensated for resizes: 50 steps take the
+same 120 gradient steps as 20 (with a fixed number a step, 50 steps shrank further than 20: E = 0
+is not exactly the asked area, since the map's soft rim adds a floor to size(k), and more gradient
+steps came nearer to it). Moves keep 2 a step: their edit holds at 20 and 50 steps. The runs behind
+these choices: tools/README.md, "Self-Guidance".
 """
 from __future__ import annotations
 
@@ -86,6 +79,9 @@ from .map_properties import appearance, centroid, shape, size, transform, word_m
 
 __all__ = ["word_maps", "centroid", "size", "shape", "appearance", "transform", "Observe",
            "SelfGuidance", "Params", "run"]
+
+
+RESIZE_GRADIENT_STEPS = 120     # over the whole schedule, whatever the number of steps
 
 
 def _last_res(unet):
@@ -134,7 +130,7 @@ class Observe(Controller):
 
 class SelfGuidance(GradientGuidance):
     """moves: {word: (x, y)}; resizes: {word: s}; `observed`: the `Observe` of the unguided run;
-    weight: v, the largest RMS of a step of z_t."""
+    weight: v, the largest RMS of a step of z_t (v·σ_t in a resize's window)."""
 
     def __init__(self, model, cond, tokens, steps: int, observed: Observe, moves=None,
                  resizes=None, keep_appearance: bool = True, weight: float = 0.25,
@@ -144,17 +140,30 @@ class SelfGuidance(GradientGuidance):
         self.tokens, self.observed = tokens, observed
         self.moves, self.resizes = moves or {}, resizes or {}
         self.keep_appearance, self.weight = keep_appearance, weight
-        self.iterations = iterations or (4 if self.resizes else 2)
+        self.iterations = iterations
         self.last = round(guide_steps * steps) if self.moves else 0
         self.last_resize = round(resize_steps * steps) if self.resizes else 0
         self.feature_pick = _last_res(model.unet) if keep_appearance else None
         self.local = keep_background
+        ac = model.scheduler.alphas_cumprod
+        self.sigma = [float((1 - ac[t]).sqrt()) for t in self.timesteps]     # σ_t per step
 
     def after_step(self, z, step):
         if not self.local or step not in self.observed.z:
             return z
         m = self.region(self.observed.reference(step), z)
         return m * z + (1 - m) * self.observed.z[step].to(z)
+
+    def iterations_at(self, step: int) -> int:
+        """n_t: `iterations` if given; else 2 for a move; in a resize's window,
+        RESIZE_GRADIENT_STEPS spread evenly over the schedule (6 a step at 20 steps, 2 or 3 at
+        50, at most 10), so that 20 and 50 steps take the same number of gradient steps."""
+        if self.iterations:
+            return self.iterations
+        if step >= self.last_resize:
+            return 2
+        r = min(RESIZE_GRADIENT_STEPS / self.steps, 10)
+        return max(1, math.floor((step + 1) * r) - math.floor(step * r))
 
     def active(self, step):
         return step < max(self.last, self.last_resize)
@@ -196,7 +205,7 @@ class SelfGuidance(GradientGuidance):
     def update(self, z, step, t):
         ref = self.observed.reference(step)
         mask = self.region(ref, z) if self.local else 1.0
-        for _ in range(self.iterations):
+        for _ in range(self.iterations_at(step)):
             leaf, rec = self.maps_of(z, step, feature_pick=self.feature_pick)
             A = word_maps(rec.maps, self.tokens, latent=tuple(z.shape[-2:]))
             psi = rec.feats[-1][1][0].float() if rec.feats else None
@@ -206,7 +215,8 @@ class SelfGuidance(GradientGuidance):
             grad = grad * mask
             d = e / grad.pow(2).sum().clamp(min=1e-24) * grad                     # E/‖g‖² · g
             rms = float(d.pow(2).mean().sqrt())
-            z = leaf.detach() - d * min(1.0, self.weight / max(rms, 1e-12))
+            v = self.weight * (self.sigma[step] if step < self.last_resize else 1.0)
+            z = leaf.detach() - d * min(1.0, v / max(rms, 1e-12))
         return z
 
 
@@ -224,12 +234,14 @@ class Params:
     keep_background: bool = param(True, "keep everything outside the edited objects' old and "
                                         "new places from the unguided image")
     guidance_weight: float = param(0.25, "largest RMS v of a guidance step of z: z ← z − d, "
-                                         "d = E·∇E/‖∇E‖² capped at rms(d) ≤ v")
+                                         "d = E·∇E/‖∇E‖² capped at rms(d) ≤ v (v·σ_t for "
+                                         "resizes)")
     guide_steps: float = param(0.3, "guide the moves in this first fraction of the steps "
                                     "(1.0: all)")
     resize_steps: float = param(1.0, "guide the resizes in this first fraction of the steps")
-    guide_iterations: int | None = param(None, "gradient steps per guided step (2 for moves, "
-                                               "4 when a word is resized)", kind=int)
+    guide_iterations: int | None = param(None, "gradient steps per guided step (default: 2 "
+                                               "for moves; resizes: 120 over the schedule)",
+                                         kind=int)
 
     def check(self, prompts: list[str], s: Settings) -> None:
         """Refuse words not in the prompt, x or y outside [0, 1], s ≤ 0, no energy, v < 0."""
