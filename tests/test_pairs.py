@@ -165,6 +165,28 @@ def test_self_copy_copies_image_0s_self_attention_in_both_halves():
     assert torch.equal(out[1], M[0]) and torch.equal(out[3], M[2]) and torch.equal(out[0], M[0])
 
 
+def test_self_copy_in_groups_copies_each_pairs_first_image():
+    """Batched tries: image 2q+1 copies image 2q, while try q's own threshold holds."""
+    from minip2p.control import Run, Site
+    from minip2p.guidance import GuidanceBatch
+    from minip2p.data.pairs import SelfCopy
+    c = SelfCopy([0.5, 0.0], 5, group=2)                   # try 0: steps 0, 1; try 1: never
+    M = torch.rand(8, 2, 16, 16)                           # rows [∅ × 4, c × 4]
+    site = Site("down", 0, 0, 0, "self", 16, step=1, run=Run(GuidanceBatch.cfg_layout(4)))
+    out = c.probs(M, site)
+    assert c.wants(site) and torch.equal(out[1], M[0]) and torch.equal(out[5], M[4])
+    assert all(torch.equal(out[r], M[r]) for r in (0, 2, 3, 4, 6, 7))
+    assert not c.wants(Site("down", 0, 0, 0, "self", 16, step=2, run=site.run))
+
+
+@pytest.mark.slow   # the module's `job`
+def test_batched_tries_equal_one_by_one(job, tmp_path):
+    """--batch 5: the 12 tries of the 4 items in batches across items, the same pairs."""
+    tmp, caps, clean, clip = job
+    assert main([*args(caps, tmp_path / "batched", clip), "--batch", "5"]) == 0
+    same(clean, tmp_path / "batched")
+
+
 def test_out_is_the_old_name_of_out_dir(tmp_path, capsys):
     """`pairs --out DIR` still works, with a one-line warning; given beside --out-dir, refused."""
     caps = tmp_path / "c.jsonl"

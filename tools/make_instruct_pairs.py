@@ -5,6 +5,7 @@ recipe, pairs.py), and the toy analyser as the filter in place of CLIP.
     python -m tools.make_instruct_pairs captions            # tools/out/instruct/captions.jsonl
     python -m tools.make_instruct_pairs run                 # minip2p pairs on them (resumable)
     python -m tools.make_instruct_pairs filter              # tools/out/instruct/kept.jsonl
+    python -m tools.make_instruct_pairs filter --align      # also the pairs whose object moved
 
 Captions. Each instruction maps a source caption of the toy grammar (tools/toydata.py: one
 object, an optional size, position and background) to the caption with one attribute changed:
@@ -24,6 +25,10 @@ images alike and the change along the captions' direction. The toy analyser read
 directly: image 0 shows the source's colour and shape, image 1 the edited caption's, the
 background is kept, the object stays in place (centre within MAX_SHIFT px) and its size is kept
 (area ratio within KEEP_AREA) or, for a size instruction, changes by at least SIZE_AREA.
+The filter prints why pairs fail. Most fail because the object MOVED: the toy model reads the
+place from the noise and the self-attention copy does not hold it. With --align such a pair,
+right in every other way, is kept with image 1 moved back by whole pixels onto image 0's place
+(the flat background's edge replicated; not in the official recipe, whose objects do not move).
 Every kept pair is also used backwards, with the instruction that undoes the edit ("make it
 blue" on red -> blue gives "make it red" on blue -> red; big <-> small by the same area
 ratio): not in the official recipe, which had captions to spare; here each pair costs seconds.
@@ -121,7 +126,7 @@ def read(image) -> dict:
     return r
 
 
-def judge_pair(r0: dict, r1: dict, attr: str, value: str) -> dict:
+def judge_pair(r0: dict, r1: dict, attr: str, value: str, max_shift: float = MAX_SHIFT) -> dict:
     """{"done": the instruction carried out, "kept": everything else kept} for two readings."""
     if r0["color"] is None or r1["color"] is None:
         return dict(done=False, kept=False)
@@ -131,12 +136,33 @@ def judge_pair(r0: dict, r1: dict, attr: str, value: str) -> dict:
         done = ratio >= SIZE_AREA if value == "big" else ratio <= 1 / SIZE_AREA
     else:
         done = r1[attr] == value
-    kept = shift <= MAX_SHIFT and r1["background"] == r0["background"]
+    kept = shift <= max_shift and r1["background"] == r0["background"]
     kept &= attr == "size" or KEEP_AREA[0] <= ratio <= KEEP_AREA[1]
     for other in ("color", "shape"):
         if other != attr:
             kept &= r1[other] == r0[other]
     return dict(done=bool(done), kept=bool(kept), shift=round(shift, 2), ratio=round(ratio, 3))
+
+
+def why_not(r0: dict, r1: dict, src: dict, attr: str, value: str,
+            align: bool = False) -> str | None:
+    """The first reason a pair fails the filter (None: kept), for the filter's tally; with
+    `align`, a pair whose object only moved passes (it is moved back, see filter_pairs)."""
+    if r0["color"] is None or r1["color"] is None:
+        return "no object"
+    if r0["color"] != src["color"] or r0["shape"] != src["shape"]:
+        return "source not drawn"
+    v = judge_pair(r0, r1, attr, value, float("inf") if align else MAX_SHIFT)
+    if not v["done"]:
+        return "edit not made"
+    if v["kept"]:
+        return None
+    if not align and v["shift"] > MAX_SHIFT:
+        return "moved"
+    if r1["background"] != r0["background"]:
+        return "background changed"
+    return "size changed" if attr != "size" and not KEEP_AREA[0] <= v["ratio"] <= KEEP_AREA[1] \
+        else "another attribute changed"
 
 
 def reverse(attr: str, value: str, src: dict) -> str:
@@ -148,11 +174,15 @@ def reverse(attr: str, value: str, src: dict) -> str:
     return "make it small" if value == "big" else "make it big"
 
 
-def filter_pairs(folder: Path, out: Path) -> None:
-    """Every done item of the pairs folder -> kept.jsonl: one line per pair passing the filter."""
+def filter_pairs(folder: Path, out: Path, align: bool = False) -> None:
+    """Every done item of the pairs folder -> kept.jsonl: one line per pair passing the filter.
+    With `align`, a pair that passes but for its object's place is kept too, image 1 to be
+    moved by the whole pixels (dy, dx) that put its object's centre on image 0's (recorded as
+    "after_shift", or "before_shift" in the reversed line; train_instruct.load_pairs applies it,
+    the flat background's edge replicated)."""
     from PIL import Image
     ins = {t: (attr, value) for t, attr, value in instructions()}
-    lines, seen, counts = [], 0, {}
+    lines, seen, counts, reasons = [], 0, {}, {}
     for d in sorted(folder.glob("[0-9]" * 7)):
         if not (d / "metadata.jsonl").is_file():
             continue
@@ -163,21 +193,30 @@ def filter_pairs(folder: Path, out: Path) -> None:
             seen += 1
             r0, r1 = (read(np.asarray(Image.open(d / f"{rec['seed']}_{s}.jpg").convert("RGB"),
                                       np.float32).transpose(2, 0, 1) / 255) for s in (0, 1))
-            ok = r0["color"] == src["color"] and r0["shape"] == src["shape"]
-            v = judge_pair(r0, r1, attr, value)
+            reason = why_not(r0, r1, src, attr, value, align)
             c = counts.setdefault(prompt["edit"], [0, 0])
             c[1] += 1
-            if ok and v["done"] and v["kept"]:
+            reasons[reason] = reasons.get(reason, 0) + 1
+            if reason is None:
                 c[0] += 1
                 pair = dict(before=str(d / f"{rec['seed']}_0.jpg"),
                             after=str(d / f"{rec['seed']}_1.jpg"), **rec)
-                lines.append(dict(pair, instruction=prompt["edit"]))
+                dy = round(r0["center"][1] - r1["center"][1])
+                dx = round(r0["center"][0] - r1["center"][0])
+                moved = dict(after_shift=[dy, dx]) if (dy or dx) and align else {}
+                lines.append(dict(pair, instruction=prompt["edit"], **moved))
                 back = reverse(attr, value, src)
                 lines.append(dict(pair, before=pair["after"], after=pair["before"],
-                                  instruction=back, reversed=True))
+                                  instruction=back, reversed=True,
+                                  **({"before_shift": moved["after_shift"]} if moved else {})))
+                if np.hypot(dy, dx) > MAX_SHIFT:             # kept only by `align`
+                    reasons[None] -= 1
+                    reasons["kept, moved back"] = reasons.get("kept, moved back", 0) + 1
     out.write_text("".join(json.dumps(x) + "\n" for x in lines))
     for k, (a, b) in counts.items():
         print(f"{k:24s} kept {a:4d} of {b:4d}")
+    for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        print(f"{k or 'kept':24s} {n:5d}")
     print(f"{len(lines) // 2} of {seen} pairs kept, {len(lines)} with their reverses -> {out}")
 
 
@@ -192,6 +231,10 @@ def main(argv=None):
     p.add_argument("--dir", default=str(OUT), help="working folder (tools/out/instruct)")
     p.add_argument("--items", type=int, default=2600, help="caption pairs written (2600)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32, help="tries per UNet batch for `run` (32)")
+    p.add_argument("--align", action="store_true",
+                   help="filter: keep pairs whose object only moved, moving it back (see "
+                        "filter_pairs)")
     args = p.parse_args(argv)
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -202,9 +245,10 @@ def main(argv=None):
               f"{d / 'captions.jsonl'}")
     elif args.what == "run":
         from minip2p.cli import main as cli
-        sys.exit(cli(["pairs", str(d / "captions.jsonl"), "--out-dir", str(d / "pairs"), *RUN]))
+        sys.exit(cli(["pairs", str(d / "captions.jsonl"), "--out-dir", str(d / "pairs"), *RUN,
+                     "--batch", str(args.batch)]))
     else:
-        filter_pairs(d / "pairs", d / "kept.jsonl")
+        filter_pairs(d / "pairs", d / "kept.jsonl", args.align)
 
 
 if __name__ == "__main__":

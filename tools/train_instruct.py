@@ -9,9 +9,11 @@ that start at zero and see a weak signal move slowly, too slowly for a CPU budge
 tools/README.md); the new channels therefore see k·E(I) in training (--image-lr-scale k, 20)
 and ship as k × their weights: the same network, their learning rate k times the rest. Optional
 (--x0-weight c): each example's ε-MSE weighted by clamp(1/SNR_t, 1, c), the x̂₀ error, so that
-the high t where the layout is decided (and the picture matters) weigh more; --init starts from
-another run's checkpoint (the shipped model: stage 1 plain, stage 2 with c = 20). One step, for
-a batch of pairs (before I, after x, instruction T):
+the high t where the layout is decided (and the picture matters) weigh more; --high-t f: that
+fraction of each batch draws t from the upper half of the schedule; --shift s: each example
+(both pictures) moved by up to ±s latent pixels at every step, so that the place can only come
+from E(I); --init starts from another run's checkpoint (weights and EMA). One step, for a batch
+of pairs (before I, after x, instruction T):
 
     z₀ = E(x)·scaling_factor,  ε ~ N(0, 1),  t ~ U{0 … 999},  z_t = √ᾱ_t z₀ + √(1 − ᾱ_t) ε
     r ~ U(0, 1) per example, p = 0.05 (the official ddpm_edit.py / diffusers' script):
@@ -27,6 +29,7 @@ checkpoint's settings do not name the data).
 
     python -m tools.train_instruct --minutes 45          # train (resumes tools/out/instruct/train)
     python -m tools.train_instruct --export-only         # write weights/toy-instruct from the last checkpoint
+    python -m tools.train_instruct --init CKPT --x0-weight 20 --high-t 0.3 --shift 2 --work DIR
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import argparse
 import copy
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -67,32 +71,56 @@ def widen(unet4: UNet2DConditionModel) -> UNet2DConditionModel:
 
 def load_pairs(model, kept: Path):
     """kept.jsonl -> (E(I) unscaled (n, 4, h, w), z₀ = E(x)·sf (n, 4, h, w), instruction index
-    (n,), instructions), n = 2 × the pairs: each also mirrored left-right (both pictures, as the
-    official dataset's random flip)."""
+    (n,), instructions), n = 2 × the lines: each also mirrored left-right (both pictures, as
+    the official dataset's random flip; in pixels: the VAE is not mirror-symmetric). Encoded
+    256 pictures at a time; a line's "before_shift" / "after_shift" (make_instruct_pairs
+    --align) moves that picture first."""
     from PIL import Image
     rows = [json.loads(x) for x in kept.read_text().splitlines() if x.strip()]
     if not rows:
         raise SystemExit(f"{kept}: no pairs; run tools/make_instruct_pairs.py first")
     texts = sorted({r["instruction"] for r in rows})
 
-    def pic(path):
+    def pic(path, shift=None):                  # shift: (dy, dx) px, the edges replicated
         a = np.asarray(Image.open(path).convert("RGB"), np.float32) / 127.5 - 1
-        return torch.from_numpy(a).permute(2, 0, 1)
-    with torch.no_grad():                       # each pair also flipped left-right (both sides)
-        before = torch.stack([pic(r["before"]) for r in rows])
-        after = torch.stack([pic(r["after"]) for r in rows])
-        before, after = torch.cat([before, before.flip(3)]), torch.cat([after, after.flip(3)])
-        e_img = torch.cat([model.vae.encode(b) for b in before.split(64)])
-        z0 = torch.cat([model.vae.encode(a) for a in after.split(64)]) * model.vae.cfg.scaling_factor
-    which = torch.tensor([texts.index(r["instruction"]) for r in rows] * 2)
-    return e_img, z0, which, texts
+        if shift:
+            (dy, dx), (h, w) = shift, a.shape[:2]
+            m = max(abs(dy), abs(dx))
+            a = np.pad(a, ((m, m), (m, m), (0, 0)), mode="edge")[m - dy:m - dy + h,
+                                                                  m - dx:m - dx + w]
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+    e_img, z0 = [], []
+    with torch.no_grad():
+        for at in range(0, len(rows), 256):
+            part = rows[at:at + 256]
+            before = torch.stack([pic(r["before"], r.get("before_shift")) for r in part])
+            after = torch.stack([pic(r["after"], r.get("after_shift")) for r in part])
+            for b, a in ((before, after), (before.flip(3), after.flip(3))):
+                e_img.append(model.vae.encode(b))
+                z0.append(model.vae.encode(a) * model.vae.cfg.scaling_factor)
+    which = torch.tensor([texts.index(r["instruction"]) for r in rows])
+    which = torch.cat([which[at:at + 256].repeat(2) for at in range(0, len(rows), 256)])
+    return torch.cat(e_img), torch.cat(z0), which, texts
+
+
+def shifted(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Each example of x (n, c, h, w) moved by its own (dy, dx) latent pixels, the edges
+    replicated (the toy pictures' backgrounds are flat): a gather, so one call for the batch."""
+    n, _, h, w = x.shape
+    rows = (torch.arange(h)[None] - dy[:, None]).clamp(0, h - 1)            # (n, h)
+    cols = (torch.arange(w)[None] - dx[:, None]).clamp(0, w - 1)            # (n, w)
+    i = torch.arange(n)[:, None, None]
+    return x.permute(0, 2, 3, 1)[i, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def make_step(unet, data, abar, batch: int, until: float | None, k_img: float = 1.0,
-              x0_cap: float = 0.0):
+              x0_cap: float = 0.0, shift: int = 0, high_t: float = 0.0):
     """The learner's step for minip2p/train/loop.py: step(k, g) draws a batch of examples, their
-    dropout, noise and t from g, and returns the loss (the loop does backward and AdamW). Past
-    `until` (a time.time()) it raises TimeUp, which the loop answers with a checkpoint."""
+    augmentation, dropout, noise and t from g, and returns the loss (the loop does backward and
+    AdamW). Past `until` (a time.time()) it raises TimeUp, which the loop answers with a
+    checkpoint. `shift`: each example (E(I) and z₀ alike) moved by up to ±shift latent pixels (a
+    latent pixel is 4 px of picture, and the VAE a convolution), a new draw every step;
+    `high_t`: that fraction of the batch draws t from the upper half U{T/2 … T−1}."""
     e_img, z0, which, text_emb, null = data
 
     def step(k, g):
@@ -100,11 +128,18 @@ def make_step(unet, data, abar, batch: int, until: float | None, k_img: float = 
             raise TimeUp
         j = torch.randint(len(z0), (batch,), generator=g)
         text, img, z = text_emb[which[j]], e_img[j], z0[j]
+        if shift:
+            dy, dx = torch.randint(-shift, shift + 1, (2, batch), generator=g)
+            img, z = shifted(img, dy, dx), shifted(z, dy, dx)
         r = torch.rand(batch, generator=g)
         text = torch.where((r < 2 * P_DROP)[:, None, None], null.expand_as(text), text)
         img = img * ~((r >= P_DROP) & (r < 3 * P_DROP))[:, None, None, None]
         eps = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, len(abar), (batch,), generator=g)
+        T = len(abar)
+        t = torch.randint(0, T, (batch,), generator=g)
+        if high_t:
+            up = torch.rand(batch, generator=g) < high_t
+            t = torch.where(up, torch.randint(T // 2, T, (batch,), generator=g), t)
         a = abar[t][:, None, None, None]
         zt = a.sqrt() * z + (1 - a).sqrt() * eps
         per = (unet(torch.cat([zt, k_img * img], 1), t, text) - eps).pow(2).mean((1, 2, 3))
@@ -169,6 +204,12 @@ def main(argv=None):
     p.add_argument("--x0-weight", type=float, default=0.0,
                    help="cap c: weight each example's ε-MSE by clamp(1/SNR_t, 1, c), i.e. as the "
                         "x̂₀ error up to c (0: plain ε-MSE, the official loss)")
+    p.add_argument("--shift", type=int, default=0,
+                   help="augmentation: move each example (both pictures) by up to ±N latent "
+                        "pixels, a new draw at every step (0)")
+    p.add_argument("--high-t", type=float, default=0.0,
+                   help="this fraction of each batch draws t from the upper half of the "
+                        "schedule, where the layout is decided (0)")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="start from another run's checkpoint weights (and EMA); fresh optimizer")
     p.add_argument("--seed", type=int, default=0)
@@ -176,7 +217,9 @@ def main(argv=None):
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--export-only", action="store_true")
     args = p.parse_args(argv)
+    from minip2p.cli import _terminate
     from minip2p.train.loop import Plan, train
+    signal.signal(signal.SIGTERM, _terminate)   # kill -TERM: checkpoint the last whole step
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -190,7 +233,8 @@ def main(argv=None):
     plan = Plan(steps=args.steps, lr=args.lr, seed=args.seed, weight_decay=1e-2,
                 warmup=args.warmup, save_every=args.save_every, desc="toy instruct")
     settings = dict(batch=args.batch, ema=args.ema, p_drop=P_DROP, k_img=args.image_lr_scale,
-                    x0_weight=args.x0_weight, init=args.init)
+                    x0_weight=args.x0_weight, init=args.init, shift=args.shift,
+                    high_t=args.high_t)
     if args.init and not (work / "unet.ckpt.json").is_file():
         from safetensors.torch import load_file
         saved = load_file(str(args.init))
@@ -211,8 +255,8 @@ def main(argv=None):
         return
     e_img, z0, which, texts = load_pairs(model, Path(args.pairs))
     data = (e_img, z0, which, encode_text(model, texts), encode_text(model, [""]))
-    print(f"{len(z0)} examples ({len(z0) // 2} pairs and their mirror images), "
-          f"{len(texts)} instructions", flush=True)
+    print(f"{len(z0)} examples (the kept lines and their mirrors), {len(texts)} instructions",
+          flush=True)
     abar = model.scheduler.alphas_cumprod.float()
     t0 = time.time()
     until = t0 + 60 * args.minutes if args.minutes else None
@@ -223,15 +267,15 @@ def main(argv=None):
             e.lerp_(q, 1 - d)
 
     try:
-        out = train(params, make_step(unet, data, abar, args.batch, until,
-                                            args.image_lr_scale, args.x0_weight), plan, ckpt,
-                    settings, after=after, state=state)
+        step_fn = make_step(unet, data, abar, args.batch, until, args.image_lr_scale,
+                            args.x0_weight, args.shift, args.high_t)
+        out = train(params, step_fn, plan, ckpt, settings, after=after, state=state)
         step, losses = out.step, out.losses
     except TimeUp:
         step, losses = json.loads(ckpt.with_suffix(".json").read_text())["step"], []
     info["seconds"] += time.time() - t0
-    info["runs"].append(dict(examples=len(z0), pairs=len(z0) // 4, until_step=step,
-                             minutes=round((time.time() - t0) / 60, 1)))
+    info["runs"].append(dict(examples=len(z0), pairs=len(z0) // 4,
+                             until_step=step, minutes=round((time.time() - t0) / 60, 1)))
     clock.write_text(json.dumps(info) + "\n")
     export(ema, Path(args.out), dict(info, step=step, batch=args.batch, lr=args.lr, ema=args.ema,
                                      p_drop=P_DROP, image_lr_scale=args.image_lr_scale,

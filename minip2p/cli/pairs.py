@@ -4,6 +4,7 @@
     minip2p pairs captions.jsonl --out-dir data --partition 3/8        # the 4th of 8 chunks
     torchrun --nnodes M --nproc-per-node G -m minip2p pairs captions.jsonl --out-dir data
     minip2p pairs captions.jsonl --check data                          # done / missing / broken
+    minip2p pairs captions.jsonl --out-dir data --batch 32             # 32 tries per UNet batch
 
 Run the same command again after any interruption: done items are skipped, the rest redone.
 `--out DIR`, the flag's old name, is still taken, with a warning: everywhere else --out is a file.
@@ -71,55 +72,71 @@ def cmd_pairs(args):
     elif k == 0:
         warnings.warn("no --clip: CLIP filtering is off; the first --keep tries of each item are kept")
     from .common import preflight
-    height, width = preflight(args, model, images=2, controlled=16 ** 2)
+    height, width = preflight(args, model, images=2 * args.batch, controlled=16 ** 2)
     out.mkdir(exist_ok=True)
     pairs.write_record(out, k, parts, digest, settings, len(items))
     todo = [i for i in mine if not pairs.is_done(out, i)]
     run_items(model, clip, items, todo, out, settings, height, width, k, parts,
-              len(mine) - len(todo), not args.quiet)
+              len(mine) - len(todo), not args.quiet, args.batch)
     print(f"partition {k}/{parts}: items {mine.start}–{mine.stop - 1} done in '{out}'")
     return 0
 
 
-def run_items(model, clip, items, todo, out, s, height, width, k, parts, skipped, progress):
+def run_items(model, clip, items, todo, out, s, height, width, k, parts, skipped, progress,
+              batch=1):
+    """Every try of every item in `todo`, `batch` tries per UNet batch (pairs.py: batching);
+    an item is written as soon as its last try is done."""
     import torch
     from tqdm.auto import tqdm
 
     from ..data import pairs
-    from ..data.pairs import SelfCopy
+    from ..data.pairs import GroupSampler, SelfCopy
     from ..pipeline import decode, denoise, encode_text, seeded_sampler, to_pil
     uncond = encode_text(model, [""])
     bar = tqdm(total=len(todo) + skipped, initial=skipped, disable=not progress,
                desc=f"pairs {k}/{parts}", position=k, unit="item")
-    kept_total, t0 = 0, time.time()
-    for n, i in enumerate(todo, 1):
-        item = items[i]
-        d = pairs.clean_item(out, i)
-        cond = encode_text(model, [item["caption"], item["output"]])
-        results, pictures = [], {}
+    tries = []                              # (item, seed, threshold, guidance), distinct seeds
+    for i in todo:
+        seen = set()
         for j in range(s.samples):
             seed, threshold, guidance = pairs.sample_params(s, i, j)
-            if seed in pictures:
-                continue
-            smp, z = seeded_sampler(model, s.sampler, seed, height, width)
-            z = denoise(model, cond, uncond, z, s.steps, guidance, SelfCopy(threshold, s.steps),
-                        progress=False, sampler=smp)
-            x = decode(model, z)                                           # (2, 3, H, W) in [0, 1]
-            rec = dict(seed=seed, p2p_threshold=threshold, cfg_scale=guidance,
+            if seed not in seen and (clip is not None or len(seen) < s.keep):
+                seen.add(seed)
+                tries.append((i, seed, threshold, guidance))
+    left = {i: sum(1 for x in tries if x[0] == i) for i in todo}
+    results, pictures = {i: [] for i in todo}, {i: {} for i in todo}
+    kept_total, done, t0 = 0, 0, time.time()
+    for at in range(0, len(tries), batch):
+        chunk = tries[at:at + batch]
+        cond = encode_text(model, [c for i, *_ in chunk
+                                   for c in (items[i]["caption"], items[i]["output"])])
+        made = [seeded_sampler(model, s.sampler, seed, height, width) for _, seed, _, _ in chunk]
+        z = torch.cat([zq for _, zq in made]).repeat_interleave(2, 0)     # one z_T per pair
+        guidance = torch.tensor([g for *_, g in chunk]).repeat_interleave(2)[:, None, None, None]
+        z = denoise(model, cond, uncond, z, s.steps, guidance,
+                    SelfCopy([thr for _, _, thr, _ in chunk], s.steps, group=2), progress=False,
+                    sampler=GroupSampler([smp for smp, _ in made], 2))
+        x = decode(model, z)                                   # (2 × tries, 3, H, W) in [0, 1]
+        for q, (i, seed, threshold, g) in enumerate(chunk):
+            xq = x[2 * q:2 * q + 2]
+            rec = dict(seed=seed, p2p_threshold=threshold, cfg_scale=g,
                        clip_sim_0=None, clip_sim_1=None, clip_sim_dir=None, clip_sim_image=None)
             if clip is not None:
                 with torch.no_grad():
-                    sims = clip.similarities(x[:1], x[1:], [item["caption"]], [item["output"]])
+                    sims = clip.similarities(xq[:1], xq[1:], [items[i]["caption"]],
+                                             [items[i]["output"]])
                 rec.update({key: float(v[0]) for key, v in sims.items()})
-            pictures[seed] = to_pil(x)
-            results.append(rec)
-            if clip is None and len(results) == s.keep:
-                break
-        kept = pairs.select(results, s, clip is not None)
-        pairs.write_item(d, item, kept, pictures)
-        kept_total += len(kept)
-        bar.update()
-        bar.set_postfix(kept=kept_total, per_hour=f"{n / max(time.time() - t0, 1e-9) * 3600:.0f}")
+            pictures[i][seed] = to_pil(xq)
+            results[i].append(rec)
+            left[i] -= 1
+            if left[i]:
+                continue
+            kept = pairs.select(results[i], s, clip is not None)
+            pairs.write_item(pairs.clean_item(out, i), items[i], kept, pictures.pop(i))
+            kept_total, done = kept_total + len(kept), done + 1
+            bar.update()
+            bar.set_postfix(kept=kept_total,
+                            per_hour=f"{done / max(time.time() - t0, 1e-9) * 3600:.0f}")
     bar.close()
 
 
@@ -148,6 +165,9 @@ def add_commands(sub):
                    help="image–image similarity ≥ (0.7)")
     p.add_argument("--keep", type=int_arg("--keep"), default=4,
                    help="kept pairs per item, the best by directional similarity (4)")
+    p.add_argument("--batch", type=int_arg("--batch"), default=1,
+                   help="tries run together in one UNet batch (same pictures, faster on a small "
+                        "model) (1)")
     p.add_argument("--partition", default=None, metavar="K/N",
                    help="the K-th of N contiguous chunks (default: RANK/WORLD_SIZE under "
                         "torchrun, else 0/1)")

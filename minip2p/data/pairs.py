@@ -22,6 +22,11 @@ Sharding: partition K of N takes the K-th of N contiguous chunks (np.array_split
 overlap, so partitions never write the same file. Each partition records its settings in
 DIR/run-K-of-N.json (its own file); a DIR whose records name other captions or other settings
 is refused.
+
+Batching (`--batch K`): K tries, of one item or of several, run as one UNet batch of 2K images
+(4K rows with the unconditional ones): each try keeps its own noise stream (GroupSampler), its
+own threshold (SelfCopy with one per pair) and its own guidance, so the pictures are those of
+the tries run one by one, within float rounding; only the speed changes.
 """
 from __future__ import annotations
 
@@ -241,20 +246,50 @@ class SelfCopy(Controller):
     every self-attention layer (all resolutions) the maps of images 1 … B−1 are those of image 0,
     in every guidance half (∅ and c), while the step i satisfies  threshold > i / (N − 1)
     (the official `prompt2prompt_threshold > i / (len(sigmas) − 2)`, len(sigmas) = N + 1).
-    The official code copies the logits QKᵀ/√d before the softmax: the same maps after it."""
+    The official code copies the logits QKᵀ/√d before the softmax: the same maps after it.
+    Batched tries (`group` = 2): images 2q, 2q+1 are try q's pair, each with its own threshold
+    (`threshold` a sequence); image 2q+1 copies image 2q."""
 
-    def __init__(self, threshold: float, steps: int):
+    def __init__(self, threshold, steps: int, group: int | None = None):
         if steps < 2:
             raise MinipError("the self-attention copy schedule needs at least 2 steps")
-        self.threshold, self.steps = float(threshold), steps
+        self.thresholds = [float(x) for x in np.atleast_1d(threshold)]
+        self.threshold, self.steps, self.group = self.thresholds[0], steps, group
 
-    def active(self, step: int) -> bool:
-        return self.threshold > step / (self.steps - 1)
+    def active(self, step: int, q: int = 0) -> bool:
+        return self.thresholds[q] > step / (self.steps - 1)
 
     def wants(self, site: Site) -> bool:
-        return site.kind == "self" and site.step is not None and self.active(site.step)
+        return (site.kind == "self" and site.step is not None
+                and any(self.active(site.step, q) for q in range(len(self.thresholds))))
 
     def probs(self, M, site: Site):
         batch = site.batch_of(M.shape[0])
-        src = [batch.source_row(r) for r in range(M.shape[0])]           # image 0, same condition
+        g = self.group or batch.images
+        src = [batch.row(b - b % g, c) if self.active(site.step, b // g) else r
+               for r, (b, c) in enumerate(batch.rows)]                    # image 0 of its group
         return M[src]
+
+
+class GroupSampler:
+    """Batched tries: one sampler per group of `group` images (each with its own seed's
+    generator, so Euler ancestral's fresh noise stays shared within a pair only), stepped on its
+    own rows; timesteps and input scaling are the same for all."""
+
+    def __init__(self, samplers: list, group: int):
+        self.samplers, self.group, self.name = samplers, group, samplers[0].name
+
+    def timesteps(self, steps: int):
+        return self.samplers[0].timesteps(steps)
+
+    def init_sigma(self, steps: int) -> float:
+        return self.samplers[0].init_sigma(steps)
+
+    def scale_input(self, z, t, steps: int):
+        return self.samplers[0].scale_input(z, t, steps)
+
+    def step(self, eps, t, z, steps: int):
+        import torch
+        g = self.group
+        return torch.cat([s.step(eps[q * g:(q + 1) * g], t, z[q * g:(q + 1) * g], steps)
+                          for q, s in enumerate(self.samplers)])
