@@ -82,12 +82,10 @@ UNCOND_ROW = GuidanceBatch(((0, UNCOND),))       # ε_θ(·, ∅): ControlNets i
 # ---- the inversions --------------------------------------------------------------------------
 
 @torch.no_grad()
-def ddim_invert(model, z0: torch.Tensor, cond: torch.Tensor, steps: int,
-                progress: bool = True, reg: Regulariser | None = None,
-                until: int | None = None) -> list[torch.Tensor]:
-    """z_0 (1, 4, h, w) -> [z_0, z_1, …, z_T] (N + 1 latents, fp32), guidance 1 with c;
-    `reg`: each ε_θ regularised (noise_reg.regularise) before its step; `until`: stop after that
-    many steps (the last latent is then at the `until`-th smallest timestep)."""
+def ddim_invert(model, z0: torch.Tensor, cond: torch.Tensor, steps: int, progress: bool = True,
+                reg: Regulariser | None = None, until: int | None = None) -> list[torch.Tensor]:
+    """z_0 (1, 4, h, w) -> [z_0, z_1, …, z_T] (N + 1 latents, fp32), guidance 1 with c; `reg`:
+    each ε_θ regularised (noise_reg.regularise) before its step; `until`: stop after that many."""
     sched, z = model.scheduler, z0.float()
     latents, gen = [z], reg.generator() if reg else None
     for j, t in enumerate(tqdm(sched.timesteps(steps)[::-1][:until], disable=not progress,
