@@ -50,7 +50,9 @@ def job(tmp_path_factory, clip_ckpt):
 
 
 def same(a: Path, b: Path):
-    """Same items, seeds and parameters; scores within 1e-4; images within 2/255."""
+    """Same items, seeds and parameters; scores within 1e-4; the JPEG-decoded images within 6/255
+    at any pixel and 0.5/255 on average (JPEG's quantisation can turn a last-bit difference of
+    the picture, from another batch size's kernels, into a few levels of its 8×8 block)."""
     items = sorted(p.name for p in a.iterdir() if p.is_dir())
     assert items == sorted(p.name for p in b.iterdir() if p.is_dir()) == [f"{i:07d}" for i in range(4)]
     for it in items:
@@ -67,7 +69,8 @@ def same(a: Path, b: Path):
             if name.endswith(".jpg"):
                 ia = np.asarray(Image.open(a / it / name), dtype=np.int16)
                 ib = np.asarray(Image.open(b / it / name), dtype=np.int16)
-                assert np.abs(ia - ib).max() <= 2, name
+                d = np.abs(ia - ib)
+                assert d.max() <= 6 and d.mean() <= 0.5, (name, d.max(), d.mean())
 
 
 @pytest.mark.slow   # the module's `job` runs pairs in a subprocess

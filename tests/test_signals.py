@@ -27,8 +27,11 @@ def start(tmp: Path, *args):
     (tmp / "tmp").mkdir(exist_ok=True)                  # the process's own temporary folder
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
                TMPDIR=str(tmp / "tmp"))
+    # SIGINT as a terminal gives it: a test run started in the background (`cmd &`) hands its
+    # children an ignored SIGINT, and Python then keeps ignoring it
     return subprocess.Popen([sys.executable, "-m", "minip2p", *map(str, args)], cwd=tmp, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(p, stream, needle: bytes, timeout=120) -> bytes:
