@@ -166,8 +166,8 @@ def add_commands(sub):
     p.add_argument("--keep", type=int_arg("--keep"), default=4,
                    help="kept pairs per item, the best by directional similarity (4)")
     p.add_argument("--batch", type=int_arg("--batch"), default=1,
-                   help="tries run together in one UNet batch (same pictures, faster on a small "
-                        "model) (1)")
+                   help="tries run together in one UNet batch (the same pairs; whether it is "
+                        "faster depends on the machine) (1)")
     p.add_argument("--partition", default=None, metavar="K/N",
                    help="the K-th of N contiguous chunks (default: RANK/WORLD_SIZE under "
                         "torchrun, else 0/1)")
