@@ -102,7 +102,8 @@ def test_generate_equals_diffusers_fuse_lora(sd_ckpt, tmp_path, layout):
     dw = weights_diff(model, ref)
     d, d_img = generate_vs_diffusers(ref, model, PROMPTS, 1234, 8, 64, 64)
     print(f"LoRA {layout}: weights max|Δ| = {dw:.1e}, latents {d:.1e}, images {d_img:.1e}")
-    assert dw <= 1e-6 and d <= 1e-4 and d_img <= 2 / 255
+    # latents: the fast path's packed convolutions sum in oneDNN's order, diffusers' in PyTorch's
+    assert dw <= 1e-6 and d <= 2e-4 and d_img <= 2 / 255
 
 
 @pytest.mark.slow

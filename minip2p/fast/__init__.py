@@ -12,6 +12,12 @@ it and never imports it; tests prove a model with it installed gives the explici
   - each `Attention` of the UNet gets `fused = kernels.sdpa`: `attention()` computes
     softmax(QKᵀ/√d)·V through it wherever no controller wants the site (M never kept), and the
     UNet hands it to controllers that compute attention themselves as `site.run.fused`;
+  - every convolution of the UNet's ResNet blocks (3×3, and the 1×1 shortcuts), down- and
+    upsamplers becomes a `FastConv2d`: `kernels.conv`, which may pack its weight once into oneDNN's layout. The packed
+    copy is then the layer's only copy (the parameter keeps its name, shape and dtype on the
+    "meta" device, holding no memory); whatever reads `.weight` -- a LoRA merge, `.to()`, a
+    state_dict, `uninstall` -- gets the plain weight back first, exactly, and the layer packs
+    again at its next call;
   - `model.fast = True`: `pipeline.decode` runs the VAE decoder in the memory layout the tuner
     picked.
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from ..attention import Attention
@@ -52,6 +59,51 @@ class FastGEGLU(GEGLU):
 
     def forward(self, x):
         return kernels.geglu(self.proj, x)
+
+
+class FastConv2d(nn.Conv2d):
+    """nn.Conv2d through `kernels.conv`; `packed` holds its weight in oneDNN's layout once
+    the tuner chose that, and `weight` is then an empty meta-device placeholder."""
+
+    packed = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._parameters["weight"].dtype
+
+    def forward(self, x):
+        return kernels.conv(self, x)
+
+    def pack(self, shape):
+        """Make the packed weight the only copy (for inputs of `shape`)."""
+        w = self._parameters["weight"]
+        self.packed = kernels.pack(w, self, shape)
+        self._parameters["weight"] = nn.Parameter(torch.empty_like(w, device="meta"),
+                                                  requires_grad=False)
+
+    def unpack(self):
+        """Give the layer its plain weight back (bit-exact) and drop the packed copy."""
+        if self.packed is not None:
+            w = self.packed.to_dense(self.dtype)
+            self._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+            self.packed = None
+
+    def __getattr__(self, name):
+        if name == "weight":
+            self.unpack()
+        return super().__getattr__(name)
+
+    def _apply(self, fn, recurse=True):
+        self.unpack()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.unpack()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kw):
+        self.unpack()
+        super()._load_from_state_dict(*args, **kw)
 
 
 class FastInt8Linear(Int8Weight, FastLinear):
@@ -84,6 +136,23 @@ def _swap(unet: nn.Module, table: dict[type, type]):
                     setattr(parent, name, _recast(child, table[type(child)]))
 
 
+def _packable(m: nn.Module) -> bool:
+    """A convolution worth packing: the 3×3 ones but the few-channel conv_in / conv_out, and
+    the 1×1 shortcuts of ResNet blocks (proj_in/proj_out are `TokenConv`s: linear layers here)."""
+    return (type(m) in (nn.Conv2d, FastConv2d) and m.kernel_size in ((3, 3), (1, 1))
+            and m.groups == 1
+            and min(m.in_channels, m.out_channels) >= 32)
+
+
+def _swap_convs(unet: nn.Module, cls: type):
+    for parent in list(unet.modules()):
+        for name, child in list(parent.named_children()):
+            if _packable(child) and type(child) is not cls:
+                if isinstance(child, FastConv2d):
+                    child.unpack()
+                setattr(parent, name, _recast(child, cls))
+
+
 def _set_fused(unet: nn.Module, fused):
     unet.fused = fused
     for m in unet.modules():
@@ -96,6 +165,7 @@ def install(model):
     Installing twice is a no-op."""
     unet = model.unet if isinstance(model, Model) else model
     _swap(unet, FAST)
+    _swap_convs(unet, FastConv2d)
     _set_fused(unet, kernels.sdpa)
     model.fast = True
     return model
@@ -105,6 +175,7 @@ def uninstall(model):
     """Give `model` its plain modules back: the reference path, no tuner asked; returns it."""
     unet = model.unet if isinstance(model, Model) else model
     _swap(unet, PLAIN)
+    _swap_convs(unet, nn.Conv2d)
     _set_fused(unet, None)
     model.fast = False
     return model

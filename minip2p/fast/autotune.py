@@ -8,6 +8,7 @@ build, the thread count and the shape: the same candidate wins on one CPU and lo
     linear      torch | onednn               y = x Wᵀ + b          (MKL sgemm vs oneDNN matmul)
     geglu       torch | onednn               a · GELU(g)           (three passes vs two fused matmuls)
     attention   sdpa  | onednn               softmax(QKᵀ/√d)·V, m ≥ 1024 keys (fused vs query slices)
+    conv        torch | packed               convolution (plain weight vs packed once)
     decode      contiguous | channels_last   the VAE decoder's memory layout
     precision   fp32  | bf16                 the model's compute precision (fast/precision.py)
 
@@ -43,7 +44,8 @@ from typing import Callable
 import torch
 
 KINDS = {"linear": ("torch", "onednn"), "geglu": ("torch", "onednn"),
-         "attention": ("sdpa", "onednn"), "decode": ("contiguous", "channels_last"),
+         "attention": ("sdpa", "onednn"), "conv": ("torch", "packed"),
+         "decode": ("contiguous", "channels_last"),
          "precision": ("fp32", "bf16")}
 DEFAULT = {kind: names[0] for kind, names in KINDS.items()}       # PyTorch's own kernels
 REPS = 2

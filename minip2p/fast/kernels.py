@@ -11,6 +11,12 @@ threads): on some CPUs oneDNN wins clearly at the UNet's shapes, on others it lo
 (`python -m tools.bench_kernels` times both; figures in tools/README.md). So the choice is
 measured, per shape (fast/autotune.py).
 
+Convolutions: oneDNN wants a weight in a blocked layout of its own and, handed PyTorch's plain
+one, reorders it on every call -- a cost that does not shrink with the batch and, at the 16² and
+8² levels of SD's UNet, exceeds the convolution itself. `conv` can instead pack the weight once
+(`pack`: the blocked copy becomes the layer's only copy, fast/__init__.py's `FastConv2d`) and run
+oneDNN's convolution on it, where the tuner measured that faster for the layer's first shape.
+
 The candidates run in fp32 or bf16 (oneDNN's bf16 matmul on AMX/AVX512-BF16, fast/precision.py);
 that op has no backward (its inputs get no gradient), so it is a candidate only where autograd
 is off; everything else -- training, null-text inversion's gradient steps, GPU, fp16 -- takes
@@ -99,6 +105,52 @@ def _geglu_dnn(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     ba, bg = (None, None) if b is None else (b[:inner], b[inner:])
     gate = _dnn(x, wg, bg, "gelu", "none")                                  # GELU(x W_gᵀ + b_g)
     return torch.ops.mkldnn._linear_pointwise.binary(x, gate, wa, ba, "mul")     # (x W_aᵀ + b_a)·gate
+
+
+def conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for a `FastConv2d`: x (b, c_in, h, w) -> (b, c_out, h', w'), on its packed
+    weight once the tuner picked "packed" at the layer's first call (where `onednn_ok`).
+
+    Packing is decided once per layer: after it the layer keeps running packed (other shapes too:
+    oneDNN reorders nothing as long as its layout fits, which it does for any batch here). Under
+    autograd a packed layer computes with a temporary plain copy of its weight (`F.conv2d`'s
+    backward reaches x; the weight needs no gradient: `pack` refuses weights that want one)."""
+    packed = layer.__dict__.get("packed")
+    if onednn_ok(x) and x.dtype == layer.dtype:
+        if packed is None and not layer.weight.requires_grad:
+            def candidates():
+                trial = pack(layer.weight, layer, x.shape)
+                return {"torch": lambda: _conv_torch(layer, x, layer.weight),
+                        "packed": lambda: _conv_dnn(layer, x, trial)}
+            shape = _key(x, *x.shape, layer.out_channels, layer.kernel_size[0], layer.stride[0])
+            if tuner().pick("conv", shape, candidates) == "packed":
+                layer.pack(x.shape)
+                packed = layer.__dict__["packed"]
+        if packed is not None:
+            return _conv_dnn(layer, x, packed)
+    return _conv_torch(layer, x, packed.to_dense(layer.dtype) if packed is not None
+                       else layer.weight)
+
+
+def pack(w: torch.Tensor, layer: nn.Conv2d, shape) -> torch.Tensor:
+    """`w` (c_out, c_in, k, k) in oneDNN's own layout for `layer`'s convolution on inputs of
+    `shape`: an opaque (mkldnn) tensor; `.to_dense(dtype)` gives `w` back exactly."""
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(
+        w.detach().to_mkldnn(), list(layer.padding), list(layer.stride), list(layer.dilation),
+        layer.groups, list(shape))
+
+
+def _conv_dnn(layer: nn.Conv2d, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    # the output comes channels-last (b, h, w, c in memory), and is passed on so: the next
+    # packed convolution reads it without a reorder, and a transformer's (b, h·w, c) tokens are
+    # then a view
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, packed, layer.bias, list(layer.padding), list(layer.stride), list(layer.dilation),
+        layer.groups, "none", [], "")
+
+
+def _conv_torch(layer: nn.Conv2d, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
