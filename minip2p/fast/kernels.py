@@ -114,7 +114,7 @@ def conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     Packing is decided once per layer: after it the layer keeps running packed (other shapes too:
     oneDNN reorders nothing as long as its layout fits, which it does for any batch here). Under
     autograd a packed layer computes with a temporary plain copy of its weight (`F.conv2d`'s
-    backward reaches x; the weight needs no gradient: `pack` refuses weights that want one)."""
+    backward reaches x); a weight that wants a gradient itself (training) is never packed."""
     packed = layer.__dict__.get("packed")
     if onednn_ok(x) and x.dtype == layer.dtype:
         if packed is None and not layer.weight.requires_grad:
