@@ -133,7 +133,7 @@ def test_diffuseit_runs_on_the_toy(toy, dino, clip_ckpt):
     from minip2p.data.clip_image import load_clip
     photo = Image.fromarray(np.full((64, 64, 3), 255, np.uint8))
     photo.paste((220, 30, 30), (16, 16, 48, 48))
-    p = diffuseit.Params(cuts=2)
+    p = diffuseit.Params(cuts=2, resample=2)
     s = Settings(steps=5, seed=0, image=photo)
     p.check(["a red square", "a blue square"], s)
     r = diffuseit.run(toy, ["a red square", "a blue square"], p, s,
@@ -144,7 +144,7 @@ def test_diffuseit_runs_on_the_toy(toy, dino, clip_ckpt):
     # with every weight 0 the correction vanishes: the picture is SDEdit's
     from minip2p.methods import sdedit
     zero = diffuseit.Params(cuts=1, clip_weight=0, structure_weight=0, contrastive_weight=0,
-                            semantic_weight=0, range_weight=0)
+                            semantic_weight=0, range_weight=0, resample=1)
     a = diffuseit.run(toy, ["a red square", "a blue square"], zero, s, judges=(dino[1], None))
     b = sdedit.run(toy, ["a blue square"], sdedit.Params(strength=0.6), s)
     assert np.abs(np.asarray(a.images[1], float) - np.asarray(b.images[0], float)).max() <= 1
@@ -178,6 +178,28 @@ def test_diffuseit_parameters_are_checked():
         methods.prepare("diffuseit", ["a cat", "a dog"], image=photo, start="inverse")
     with pytest.raises(MinipError, match="structure_weight"):
         methods.prepare("diffuseit", ["a cat", "a dog"], image=photo, structure_weight=float("nan"))
+    with pytest.raises(MinipError, match="resample"):
+        methods.prepare("diffuseit", ["a cat", "a dog"], image=photo, resample=0)
+
+
+def test_resampling_repeats_the_first_step_from_t0(toy):
+    """R − 1 times: the step t₀ → t₁, then q(z_t₀ | z_t₁) with the seed + 1 noise; R = 1 none."""
+    from minip2p.methods.base import Settings
+    from minip2p.methods.diffuseit import resample_first
+    from minip2p.pipeline import encode_text, sample
+    s, start = Settings(steps=10, seed=3), 4
+    cond, uncond = encode_text(toy, ["a blue square"]), encode_text(toy, [""])
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert resample_first(toy, z, start, cond, uncond, s, None, 1) is z
+    want, noise = z, torch.Generator().manual_seed(4)
+    t0 = toy.scheduler.timesteps(10)[start]
+    a = toy.scheduler.alpha(t0) / toy.scheduler.alpha(t0 - 100)
+    for _ in range(2):
+        _, t, z1 = next(sample(toy, cond, uncond, want, 10, 7.5, None, False, start=start))
+        assert t == t0
+        want = a.sqrt() * z1 + (1 - a).sqrt() * torch.randn(1, 4, 8, 8, generator=noise)
+    got = resample_first(toy, z, start, cond, uncond, s, None, 3)
+    assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_diffuseit_command_refuses_bad_input(capsys, tmp_path):
@@ -205,7 +227,8 @@ def test_diffuseit_command_on_the_toy_model(capsys, tmp_path, dino, clip_ckpt):
     im.save(photo)
     rc, out, err = cli(capsys, "edit", "a red square", "a blue square", "--method", "diffuseit",
                        "--image", photo, "--dino", dino[2], "--clip", clip_ckpt[1], "--cuts", "1",
-                       "--steps", "4", "--out-dir", tmp_path / "out", "--no-noise-aug")
+                       "--steps", "4", "--out-dir", tmp_path / "out", "--no-noise-aug",
+                       "--resample", "2")
     assert rc == 0, err
     assert (tmp_path / "out" / "0.png").is_file() and (tmp_path / "out" / "strip.png").is_file()
 

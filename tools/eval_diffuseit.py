@@ -4,12 +4,15 @@ while the shape stays where it was?
 Cases: a red circle, square or triangle (no size word, small, big; positions and a white or no
 background varied), drawn by tools/toydata.py; the target prompt names the object blue. Both
 methods start from the same z_t₀ at the same strength (0.6): the picture noised with the case's
-seed, or (the `-inverted` rows) DDIM-inverted under the source prompt. Read by the toy analyser: **colour** (the object's colour is blue), **kept** (IoU of
-the object's mask with the source's ≥ 0.8), **clean** (tools/artifacts.py). The judges are the
-toy's own CLIP and DINO-layout ViT (tools/train_toy_judges.py).
+seed, or (the `-inverted` rows) DDIM-inverted under the source prompt. DiffuseIT runs at its
+defaults (`--set K=V` changes them), `diffuseit-official` at the official loss weights. Read by
+the toy analyser: **colour** (the object's colour is blue), **kept** (IoU of the object's mask
+with the source's ≥ 0.8, the IoU printed per case), **clean** (tools/artifacts.py). The judges
+are the toy's own CLIP and DINO-layout ViT (tools/train_toy_judges.py).
 
     OMP_NUM_THREADS=1 python -m tools.eval_diffuseit --judges weights/toy-judges --n 24 \
-        [--rows sdedit diffuseit sdedit-inverted diffuseit-inverted] [--cache DIR]
+        [--rows sdedit diffuseit diffuseit-official sdedit-inverted diffuseit-inverted] \
+        [--cache DIR]
 """
 from __future__ import annotations
 
@@ -46,17 +49,19 @@ def cases(n: int):
 
 def judge(source: np.ndarray, result) -> dict:
     a, r = toydata.analyse(source), toydata.analyse(to_array(result))
-    return dict(colour=r["color"] == "blue", kept=toydata.iou(a["mask"], r["mask"]) >= 0.8,
-                clean=is_clean(result, 1))
+    iou = toydata.iou(a["mask"], r["mask"])
+    return dict(colour=r["color"] == "blue", kept=iou >= 0.8, iou=iou, clean=is_clean(result, 1))
 
 
-ROWS = ("sdedit", "diffuseit", "sdedit-inverted", "diffuseit-inverted")
+ROWS = ("sdedit", "diffuseit", "sdedit-inverted", "diffuseit-inverted", "diffuseit-official")
+OFFICIAL = dict(clip_weight=2000.0, structure_weight=1000.0, semantic_weight=100.0)
 
 
 def edit(model, row: str, src: str, tgt: str, photo, i: int, args, judges: Path, extra: dict):
     """One case by one row: SDEdit (target prompt) or DiffuseIT, from the picture noised to the
     strength or DDIM-inverted there under the source prompt (the same start for both)."""
     inverted = row.endswith("-inverted")
+    extra = {**extra, **OFFICIAL} if row == "diffuseit-official" else extra
     if row.startswith("sdedit"):
         from minip2p.methods.sdedit import generate
         out = generate(model, photo, [tgt], args.strength, i, args.steps, 7.5, progress=False,
@@ -85,9 +90,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--judges", default="weights/toy-judges")
     ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--cases", nargs="*", type=int, default=None, help="only these case "
+                    "indices (0-based) of the --n")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--strength", type=float, default=0.6)
-    ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--rows", nargs="*", default=list(ROWS[:4]), choices=ROWS,
+                    help="diffuseit-official: the official loss weights, noised start")
     ap.add_argument("--set", nargs="*", default=[], metavar="K=V", help="DiffuseIT parameters")
     ap.add_argument("--sheets", default="tools/out/sheets")
     ap.add_argument("--cache", default=None, help="a folder keeping each result (resumable)")
@@ -96,7 +104,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     extra = {k: float(v) if v.replace(".", "", 1).replace("-", "", 1).isdigit() else v
              for k, v in (kv.split("=", 1) for kv in args.set)}
-    extra = {k: int(v) if k in ("cuts", "semantic_until") else v for k, v in extra.items()}
+    extra = {k: int(v) if k in ("cuts", "semantic_until", "resample") else v for k, v in extra.items()}
     model = load_model()
     judges = Path(args.judges)
     cache = Path(args.cache) if args.cache else None
@@ -106,7 +114,7 @@ def main(argv=None):
     pairs = {name: [] for name in args.rows}
     seconds = {name: [] for name in args.rows}
     shown = []
-    order = list(enumerate(cases(args.n)))
+    order = [(i, c) for i, c in enumerate(cases(args.n)) if args.cases is None or i in args.cases]
     for i, (src, tgt, attrs) in order[::-1] if args.reverse else order:
         picture = (toydata.draw(attrs, torch.Generator().manual_seed(i))[0] / 2 + 0.5).numpy()
         photo = to_pil(picture)
@@ -129,7 +137,7 @@ def main(argv=None):
             shown[-1].append(result)
         print(f"{i + 1}/{args.n} {tgt}: " + "  ".join(
             f"{k} {'colour' if rows[k][-1]['colour'] else '-'}/{'kept' if rows[k][-1]['kept'] else '-'}"
-            f"/{'clean' if rows[k][-1]['clean'] else '-'}" for k in rows), flush=True)
+            f"/{'clean' if rows[k][-1]['clean'] else '-'} ({rows[k][-1]['iou']:.2f})" for k in rows), flush=True)
     print(f"\n| method | colour blue | shape kept (IoU ≥ 0.8) | both | clean | s/edit |\n"
           f"|---|---:|---:|---:|---:|---:|")
     Path(args.sheets).mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,8 @@ FLAGS = {"mode": "--mode", "cross_replace": "--cross-replace", "self_replace": "
          "contrastive_weight": "--contrastive-weight", "semantic_weight": "--semantic-weight",
          "semantic_until": "--semantic-until", "range_weight": "--range-weight",
          "target_weight": "--target-weight", "pixel_weight": "--pixel-weight", "cuts": "--cuts",
-         "noise_aug": "--noise-aug", "regularize_content": "--regularize-content",
+         "resample": "--resample", "noise_aug": "--noise-aug",
+         "regularize_content": "--regularize-content",
          "scale": "--guide-scale", "start": "--start-from"}
 
 
@@ -218,15 +219,16 @@ def add_commands(sub):
                         "asymmetric step")
     a.add_argument("--repeats", type=int_arg("--repeats", 0, 1000), default=None,
                    help="pullback directions: x-space guidance steps at z_t (16)")
-    d = e.add_argument_group("DiffuseIT (--method diffuseit; the weights default to the official)")
+    d = e.add_argument_group("DiffuseIT (--method diffuseit; defaults set on the toy model, "
+                             "the official after ';')")
     d.add_argument("--target-image", metavar="FILE", help="image-guided: take this picture's "
                    "appearance (the CLIP loss is then off)")
     d.add_argument("--dino", metavar="DIR|REPO", help="DINO ViT (facebook/dino-vitb8, cached)")
     d.add_argument("--clip", metavar="DIR|REPO", help="CLIP (openai/clip-vit-base-patch16, cached)")
-    for flag, what in (("--clip-weight", "CLIP directional loss (2000)"),
-                       ("--structure-weight", "DINO key self-similarity (1000)"),
+    for flag, what in (("--clip-weight", "CLIP directional loss (200; official 2000)"),
+                       ("--structure-weight", "DINO key self-similarity (20000; official 1000)"),
                        ("--contrastive-weight", "PatchNCE on DINO keys (200)"),
-                       ("--semantic-weight", "[CLS] divergence (100)"),
+                       ("--semantic-weight", "[CLS] divergence (0; official 100)"),
                        ("--range-weight", "range loss (200)"),
                        ("--target-weight", "[CLS] to --target-image (2000)"),
                        ("--pixel-weight", "pixel MSE to --target-image (3000)"),
@@ -234,6 +236,8 @@ def add_commands(sub):
         d.add_argument(flag, type=float_arg(flag), default=None, help=what)
     d.add_argument("--cuts", type=int_arg("--cuts", 0), default=None,
                    help="random views for the CLIP loss (8)")
+    d.add_argument("--resample", type=int_arg("--resample", 1), default=None,
+                   help="take the first step this many times, back to t₀ in between (10)")
     d.add_argument("--semantic-until", type=int_arg("--semantic-until", 0), default=None,
                    help="the semantic loss acts while t > this, of 1000 (500)")
     d.add_argument("--start-from", choices=("noised", "inverted"), default=None,

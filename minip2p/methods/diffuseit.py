@@ -21,17 +21,27 @@ gradients through the UNet and the VAE decoder D (methods/diffuseit_losses.py fo
 
 f = 2 once the CLIP loss is below −0.5 (`regularize_content`), else 1; x_prev = the last step's
 x_in (x_src at the start). t_sem = 500: the code's `diff_iter` 50 counts the 100 respaced steps
-(its cond_fn unscales t to them), i.e. half of the schedule. DDIM is linear in ε, so the corrected step is the plain step plus
-c_t·δ with δ = s·√(1−ᾱ_t)·∇L and c_t = √(1−ᾱ_{t−1}) − √ᾱ_{t−1}·√(1−ᾱ_t)/√ᾱ_t: the controller
+(its cond_fn unscales t to them), i.e. half of the schedule. DDIM is linear in ε, so the
+corrected step is the plain step plus c_t·δ with δ = s·√(1−ᾱ_t)·∇L and c_t = √(1−ᾱ_{t−1}) − √ᾱ_{t−1}·√(1−ᾱ_t)/√ᾱ_t: the controller
 computes δ in `before_step` and adds c_t·δ in `after_step` — the sampling loop is untouched.
 
 What the official code does that we do not, and why: it guides a pixel-space ADM (256²) with
-DDPM steps (the mean shifted by Σ·∇), sums CLIP over five CLIP models, resamples the first step
-ten times (RePaint) and restarts a run whose range loss exceeds 0.01. Here the model is a latent
-diffusion model sampled by DDIM, so the losses see D(ẑ₀) (the "latent adaptation"), the
-correction is the DDIM score form, one CLIP model is used, and there is neither resampling nor
-restart. The official weights are the defaults; `scale` s (1: as the official weights) is ours,
-because a gradient with respect to a latent is not a gradient with respect to pixels.
+DDPM steps (the mean shifted by Σ·∇), sums CLIP over five CLIP models and restarts a run whose
+range loss exceeds 0.01. Here the model is a latent diffusion model sampled by DDIM, so the
+losses see D(ẑ₀) (the "latent adaptation"), the correction is the DDIM score form, one CLIP
+model is used, and there is no restart. Its RePaint resampling of the first step is `resample`
+R (10, as the official code): R − 1 times the guided step t₀ → t₁ and back to t₀ with fresh
+noise, then the loop. `scale` s (1) is ours: a gradient with respect to a latent is not one with
+respect to pixels.
+
+Defaults: the official weights (λ_contra 200, λ_range 200, λ_trg 2000, λ_px 3000) except three,
+chosen by measurement on the toy model (tools/README.md) — λ_clip 200 (official 2000), λ_sem 0
+(official 100), λ_ssim 20000 (official 1000). At the official weights the first guided step's
+correction on the toy's 4 × 8 × 8 latent is ≈ 10³: x̂₀ leaves [−1, 1] and the structure does not
+come back. The toy model takes the colour from the target prompt alone, so the CLIP push can be
+small and the semantic divergence (a push away from the last step's [CLS]) is not needed; its
+prior at strength 0.6 draws objects bigger and nearer the middle, which only a structure term
+20× the official one holds back (the official weights are set for pixel-space gradients).
 """
 from __future__ import annotations
 
@@ -58,10 +68,12 @@ class Params:
                                  "'inverted' (DDIM inversion under the SOURCE prompt to t₀)")
     target_image: str | None = param(None, "a picture whose appearance to take (image-guided "
                                            "mode; the CLIP loss is then off)")
-    clip_weight: float = param(2000.0, "λ_clip: CLIP directional loss")
-    structure_weight: float = param(1000.0, "λ_ssim: DINO key self-similarity to the source")
+    clip_weight: float = param(200.0, "λ_clip: CLIP directional loss (official 2000)")
+    structure_weight: float = param(20000.0, "λ_ssim: DINO key self-similarity to the source "
+                                             "(official 1000)")
     contrastive_weight: float = param(200.0, "λ_contra: PatchNCE on DINO keys")
-    semantic_weight: float = param(100.0, "λ_sem: [CLS] divergence from the previous step")
+    semantic_weight: float = param(0.0, "λ_sem: [CLS] divergence from the previous step "
+                                        "(official 100)")
     semantic_until: int = param(500, "t_sem: the semantic loss acts while t > t_sem (of 1000)")
     range_weight: float = param(200.0, "λ_range: keep x̂₀ in [−1, 1]")
     target_weight: float = param(2000.0, "λ_trg: [CLS] to the target picture's (image mode)")
@@ -69,7 +81,9 @@ class Params:
     cuts: int = param(8, "random views of x̂₀ the CLIP loss averages")
     noise_aug: bool = param(True, "losses see the noise-augmented z_mix, as the official runs")
     regularize_content: bool = param(True, "double the contrastive loss once CLIP loss < −0.5")
-    scale: float = param(1.0, "s: multiplies the correction (ours; 1 = the official weights)")
+    resample: int = param(10, "R: the first step taken R times, back to t₀ in between "
+                              "(RePaint, as the official code)")
+    scale: float = param(1.0, "s: multiplies the correction (ours)")
     dino: str = param("facebook/dino-vitb8", "DINO ViT: a folder or a cached Hub id")
     clip: str = param("openai/clip-vit-base-patch16", "CLIP: a folder or a cached Hub id")
 
@@ -93,6 +107,10 @@ class Params:
         if self.target_image is not None and not Path(str(self.target_image)).is_file() \
                 and not hasattr(self.target_image, "size"):
             raise ParameterError("target_image", f"'{self.target_image}' is not an image file")
+        if isinstance(self.resample, bool) or not isinstance(self.resample, int) \
+                or not 1 <= self.resample <= 100:
+            raise ParameterError("resample", f"must be an integer in [1, 100], got "
+                                             f"{self.resample!r}")
         if isinstance(self.semantic_until, bool) or not isinstance(self.semantic_until, int) \
                 or not 0 <= self.semantic_until <= 1000:
             raise ParameterError("semantic_until", f"must be an integer in [0, 1000], got "
@@ -187,10 +205,10 @@ def load_judges(p: Params, text_mode: bool):
 
 def run(model, prompts: list[str], p: Params, s: Settings, judges=None) -> Result:
     """`judges`: (dino, clip) already loaded (tests, several runs); default: load p.dino, p.clip."""
-    from ..pipeline import check_size, encode_text, to_pil
+    from ..pipeline import check_size, decode, denoise, encode_text, initial_noise, to_pil
     from ..real import images
     from .base import read_image
-    from .sdedit import generate, start_index
+    from .sdedit import inverted, noised
     height, width = check_size(model, s.height, s.width)
     fitted = images.fit(read_image(s.image), height, width)
     x_src = images.to_tensor(fitted).float() / 2 + 0.5                      # (1, 3, H, W) in [0, 1]
@@ -202,10 +220,34 @@ def run(model, prompts: list[str], p: Params, s: Settings, judges=None) -> Resul
     direction = None
     if clip is not None and target is None:
         direction = L.clip_direction(clip, prompts[1], prompts[0], x_src)
-    cond = encode_text(model, [prompts[1]])
-    guide = DiffuseITGuidance(model, cond, p, x_src, s.steps, start_index(s.steps, p.strength),
-                              dino, clip, direction, target, s.seed)
-    out = generate(model, fitted, [prompts[1]], p.strength, s.seed, s.steps, s.guidance, height,
-                   width, control=guide, progress=s.progress,
-                   invert_prompt=prompts[0] if p.start == "inverted" else None)
-    return Result([fitted] + to_pil(out), list(prompts), [fitted], extra={"losses": guide.losses})
+    cond, uncond = encode_text(model, [prompts[1]]), encode_text(model, [""])
+    z0 = images.encode(model, images.to_tensor(fitted))
+    if p.start == "inverted":
+        z, start = inverted(model, z0, encode_text(model, [prompts[0]]), s.steps, p.strength,
+                            s.progress)
+    else:
+        z, start = noised(model, z0, s.steps, p.strength, initial_noise(model, s.seed, height,
+                                                                          width))
+    guide = DiffuseITGuidance(model, cond, p, x_src, s.steps, start, dino, clip, direction,
+                              target, s.seed)
+    z = resample_first(model, z, start, cond, uncond, s, guide, p.resample)
+    z = denoise(model, cond, uncond, z, s.steps, s.guidance, guide, progress=s.progress,
+                start=start)
+    return Result([fitted] + to_pil(decode(model, z)), list(prompts), [fitted],
+                  extra={"losses": guide.losses})
+
+
+def resample_first(model, z, start: int, cond, uncond, s: Settings, guide, R: int):
+    """The official first step, RePaint's resampling: R − 1 times the guided step t₀ → t₁, then
+    back to t₀ with fresh noise n, z_t₀ = √(ᾱ_t₀/ᾱ_t₁)·z_t₁ + √(1 − ᾱ_t₀/ᾱ_t₁)·n (the R-th
+    step is the loop's own)."""
+    from ..pipeline import sample
+    sched = model.scheduler
+    t0 = sched.timesteps(s.steps)[start]
+    a = sched.alpha(t0).float() / sched.alpha(sched.prev(t0, s.steps)).float()
+    noise = torch.Generator().manual_seed(s.seed + 1)
+    for _ in range(R - 1):
+        _, _, z1 = next(sample(model, cond, uncond, z, s.steps, s.guidance, guide, False,
+                               start=start))
+        z = a.sqrt() * z1 + (1 - a).sqrt() * torch.randn(z1.shape, generator=noise).to(z1)
+    return z
