@@ -21,15 +21,15 @@ of pairs (before I, after x, instruction T):
         E(I) set to zeros   where p ≤ r < 3p        (5 % both, 5 % image only)
     loss = mean of w_t ‖ε_θ(z_t ⊕ k·E(I), t, T) − ε‖²     (w_t = 1 unless --x0-weight)
 
-AdamW (λ 1e-2), linear warm-up then constant (as the official config); an EMA of the weights is
-what ships. The loop is the shared one (minip2p/train/loop.py: seed, AdamW, checkpoint every
---save-every steps, exact resume); a rerun with the same --work resumes. The pairs are re-read
-at each start: a run resumed after more pairs were made trains on them from then on (the
-checkpoint's settings do not name the data).
+AdamW (λ 1e-2), linear warm-up then constant (the official config; --schedule linear: a decay
+to 0); an EMA of the weights ships. The loop is the shared one (minip2p/train/loop.py: seed,
+checkpoint every --save-every steps, exact resume); a rerun with the same --work resumes, on
+the pairs as they are then (the checkpoint's settings do not name the data).
 
     python -m tools.train_instruct --minutes 45          # train (resumes tools/out/instruct/train)
     python -m tools.train_instruct --export-only         # write weights/toy-instruct from the last checkpoint
-    python -m tools.train_instruct --init CKPT --x0-weight 20 --high-t 0.3 --shift 2 --work DIR
+    python -m tools.train_instruct --init CKPT --x0-weight 20 --high-t 0.3 --shift 2 --work DIR \
+        --eval-every 500 --eval-cases 26     # and export DIR/model-K, evaluate it, every 500
 """
 from __future__ import annotations
 
@@ -185,6 +185,20 @@ def export(ema, dest: Path, info: dict, k_img: float = 1.0) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def mid_check(ema, work: Path, step: int, n: int, k_img: float) -> None:
+    """--eval-every: the EMA as WORK/model-STEP on eval_instruct's first n cases (evals.jsonl)."""
+    from tools.eval_instruct import evaluate
+    dest = work / f"model-{step}"
+    export(ema, dest, dict(step=step), k_img)
+    rows, _ = evaluate(load_model(str(dest)), n, 20, progress=lambda _: None)
+    sums = {m: sum(r[m] for r in rows) for m in ("done", "kept", "clean")}
+    kept = [r["kind"] for r in rows if r["kept"]]
+    sums |= {f"kept_{k}": kept.count(k) for k in ("color", "shape", "size")}
+    with open(work / "evals.jsonl", "a") as f:
+        f.write(json.dumps(dict(step=step, cases=n, **sums)) + "\n")
+    print(f"\nstep {step}: {sums} of {n}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,19 +211,18 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--schedule", default="constant", help="constant | linear | cosine (to 0)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N", help="see mid_check (0)")
+    p.add_argument("--eval-cases", type=int, default=26)
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--image-lr-scale", type=float, default=20.0,
-                   help="k: the new input channels see k·E(I) in training and ship as k × "
-                        "their weights (a learning-rate multiplier for them under Adam) (20)")
+                   help="k: the new channels see k·E(I), ship as k × their weights (20)")
     p.add_argument("--x0-weight", type=float, default=0.0,
-                   help="cap c: weight each example's ε-MSE by clamp(1/SNR_t, 1, c), i.e. as the "
-                        "x̂₀ error up to c (0: plain ε-MSE, the official loss)")
+                   help="cap c: ε-MSE weighted by clamp(1/SNR_t, 1, c) (0: the official loss)")
     p.add_argument("--shift", type=int, default=0,
-                   help="augmentation: move each example (both pictures) by up to ±N latent "
-                        "pixels, a new draw at every step (0)")
+                   help="move each example by up to ±N latent pixels at every step (0)")
     p.add_argument("--high-t", type=float, default=0.0,
-                   help="this fraction of each batch draws t from the upper half of the "
-                        "schedule, where the layout is decided (0)")
+                   help="this fraction of each batch draws t from the upper half (0)")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="start from another run's checkpoint weights (and EMA); fresh optimizer")
     p.add_argument("--seed", type=int, default=0)
@@ -231,7 +244,8 @@ def main(argv=None):
     params = dict(unet.named_parameters())
     state = {f"ema.{n}": q for n, q in ema.named_parameters()}
     plan = Plan(steps=args.steps, lr=args.lr, seed=args.seed, weight_decay=1e-2,
-                warmup=args.warmup, save_every=args.save_every, desc="toy instruct")
+                warmup=args.warmup, schedule=args.schedule, save_every=args.save_every,
+                desc="toy instruct")
     settings = dict(batch=args.batch, ema=args.ema, p_drop=P_DROP, k_img=args.image_lr_scale,
                     x0_weight=args.x0_weight, init=args.init, shift=args.shift,
                     high_t=args.high_t)
@@ -239,10 +253,9 @@ def main(argv=None):
         from safetensors.torch import load_file
         saved = load_file(str(args.init))
         with torch.no_grad():
-            for n, q in params.items():
-                q.copy_(saved[f"param.{n}"])
-            for n, q in state.items():
-                q.copy_(saved[f"state.{n}"])
+            for pre, d in (("param", params), ("state", state)):
+                for n, q in d.items():
+                    q.copy_(saved[f"{pre}.{n}"])
     info = json.loads(clock.read_text()) if clock.is_file() else dict(seconds=0.0, runs=[])
     if args.export_only:
         from safetensors.torch import load_file
@@ -255,8 +268,7 @@ def main(argv=None):
         return
     e_img, z0, which, texts = load_pairs(model, Path(args.pairs))
     data = (e_img, z0, which, encode_text(model, texts), encode_text(model, [""]))
-    print(f"{len(z0)} examples (the kept lines and their mirrors), {len(texts)} instructions",
-          flush=True)
+    print(f"{len(z0)} examples (kept lines and mirrors), {len(texts)} instructions", flush=True)
     abar = model.scheduler.alphas_cumprod.float()
     t0 = time.time()
     until = t0 + 60 * args.minutes if args.minutes else None
@@ -265,21 +277,22 @@ def main(argv=None):
         d = min(args.ema, (1 + k) / (10 + k))
         for e, q in zip(ema.parameters(), unet.parameters()):
             e.lerp_(q, 1 - d)
+        if args.eval_every and (k + 1) % args.eval_every == 0:
+            mid_check(ema, work, k + 1, args.eval_cases, args.image_lr_scale)
 
     try:
         step_fn = make_step(unet, data, abar, args.batch, until, args.image_lr_scale,
                             args.x0_weight, args.shift, args.high_t)
-        out = train(params, step_fn, plan, ckpt, settings, after=after, state=state)
-        step, losses = out.step, out.losses
+        step = train(params, step_fn, plan, ckpt, settings, after=after, state=state).step
     except TimeUp:
-        step, losses = json.loads(ckpt.with_suffix(".json").read_text())["step"], []
+        step = json.loads(ckpt.with_suffix(".json").read_text())["step"]
     info["seconds"] += time.time() - t0
     info["runs"].append(dict(examples=len(z0), pairs=len(z0) // 4,
                              until_step=step, minutes=round((time.time() - t0) / 60, 1)))
     clock.write_text(json.dumps(info) + "\n")
     export(ema, Path(args.out), dict(info, step=step, batch=args.batch, lr=args.lr, ema=args.ema,
-                                     p_drop=P_DROP, image_lr_scale=args.image_lr_scale,
-                                     instructions=texts), args.image_lr_scale)
+                                     schedule=args.schedule, p_drop=P_DROP, instructions=texts,
+                                     image_lr_scale=args.image_lr_scale), args.image_lr_scale)
     print(f"step {step}: wrote {args.out} ({info['seconds'] / 60:.1f} min trained in all)")
 
 
