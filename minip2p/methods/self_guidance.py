@@ -38,6 +38,9 @@ After every DDIM step, outside R the latents are the unguided generation's (prim
 
 R = 1 where an edited object is or is asked to be: {shape'(k) ≥ ½} ∪ {T_k(shape'(k)) ≥ ½},
 dilated by one latent pixel, at the latents' size (`keep_background`, on by default).
+Healing (resizes; `heal` h, 0.2 by default, 0: off): the guided z_0 is noised again to the
+timestep a fraction h from the end, z_{t_h} = √ᾱ_{t_h} z_0 + √(1 − ᾱ_{t_h}) ε (SDEdit's noising,
+sdedit.py; ε from seed + 1), and those last steps run again with the same gradient steps and blend.
 
 What the paper does, what its description implies and what we chose. The paper edits one
 property and holds all others: its moves and resizes are shown with the other words' shapes and
@@ -60,8 +63,15 @@ steps, where z_t is nearly the picture, take small steps (large ones there punch
 blobs where a shrunk object was). The step count is compensated for resizes: 50 steps take the
 same 120 gradient steps as 20 (with a fixed number a step, 50 steps shrank further than 20: E = 0
 is not exactly the asked area, since the map's soft rim adds a floor to size(k), and more gradient
-steps came nearer to it). Moves keep 2 a step: their edit holds at 20 and 50 steps. The runs behind
-these choices: tools/README.md, "Self-Guidance".
+steps came nearer to it). Moves keep 2 a step: their edit holds at 20 and 50 steps. Healing is
+ours (the paper has no such pass): the late gradient steps leave specks of colour and ragged
+edges around a resized object that the last, nearly noise-free steps keep; noised again, the
+model repaints them as it draws its shapes, and the repeated guidance holds the new size
+(unguided, the model redraws a small object at its prompt's size). The paper reads its maps from
+the model's attention layers and gives no finer scale for size; ours are the 16² maps (the toy
+model's finest are its latents' size) as defined above: read on them upsampled (bilinear), size
+counts nearly the same cells (the interpolated map crosses ½ about where the soft threshold does).
+The runs behind these choices: tools/README.md, "Self-Guidance".
 """
 from __future__ import annotations
 
