@@ -119,6 +119,17 @@ def test_heal_redoes_the_last_steps_with_the_guided_runs_steps():
     assert calls == [("guide", 16), ("blend", 19)]
 
 
+
+def test_a_resize_heals_by_default_and_not_when_off(toy):
+    from minip2p import methods
+    kw = dict(resize={"circle": 1.5}, steps=5, guide_iterations=1, progress=False)
+    healed = methods.run(toy, "self-guidance", ["a red circle"], **kw).images
+    plain = methods.run(toy, "self-guidance", ["a red circle"], heal=0.0, **kw).images
+    a, b, c = (torch.tensor(list(im.getdata()), dtype=torch.float) for im in (*healed, plain[1]))
+    assert torch.equal(a, torch.tensor(list(plain[0].getdata()), dtype=torch.float))
+    assert (b - c).abs().mean() > 0.1           # the last step noised again and redone
+
+
 def test_word_maps_are_normalised_per_layer():
     from minip2p.control import Site
     M = torch.rand(1, 2, 16, 77)

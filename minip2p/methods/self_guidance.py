@@ -38,9 +38,10 @@ After every DDIM step, outside R the latents are the unguided generation's (prim
 
 R = 1 where an edited object is or is asked to be: {shape'(k) ≥ ½} ∪ {T_k(shape'(k)) ≥ ½},
 dilated by one latent pixel, at the latents' size (`keep_background`, on by default).
-Healing (resizes; `heal` h, 0.2 by default, 0: off): the guided z_0 is noised again to the
-timestep a fraction h from the end, z_{t_h} = √ᾱ_{t_h} z_0 + √(1 − ᾱ_{t_h}) ε (SDEdit's noising,
-sdedit.py; ε from seed + 1), and those last steps run again with the same gradient steps and blend.
+Healing (resizes; `heal` h, 0.2 by default, 0: off; none when ⌊N·h⌋ = 0): the guided z_0 is
+noised again to the timestep a fraction h from the end, z_{t_h} = √ᾱ_{t_h} z_0 + √(1 − ᾱ_{t_h}) ε
+(SDEdit's noising, sdedit.py; ε from seed + 1), and those last steps run again with the same
+gradient steps and blend.
 
 What the paper does, what its description implies and what we chose. The paper edits one
 property and holds all others: its moves and resizes are shown with the other words' shapes and
@@ -260,7 +261,7 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
                         {w: tuple(xy) for w, xy in moves.items()}, resizes, p.keep_appearance,
                         p.guidance_weight, p.guide_steps, p.guide_iterations, p.keep_background,
                         p.resize_steps)
-    heal = p.heal if resizes else 0.0
+    heal = p.heal if resizes and int(s.steps * p.heal) >= 1 else 0.0     # none: too few steps
     guided = generate(model, prompts, control=ctrl, **kw, return_latents=heal > 0)
     if heal > 0:
         from ..pipeline import decode, initial_noise
