@@ -168,6 +168,7 @@ GUIDE = command("guide", [texts], {"--out-dir": st.sampled_from(
     "--guidance-weight": floats(["3", "0", "1e3"], ["nan", "inf", ""]),
     "--guide-steps": floats(["0.5", "0", "1"], ["-0.1", "1.5", "nan"]),
     "--resize-steps": floats(["0.5", "1"], ["0", "1.5", "nan"]),
+    "--heal": floats(["0", "0.2"], ["1", "-0.1", "nan"]),
     "--guide-iterations": ints(["1", "2"], ["0", "51", "x"])})
 # the moves need a word of the prompt: half the examples guide "circle" of "a red circle"
 GUIDE = st.one_of(GUIDE, st.tuples(GUIDE, st.sampled_from(["--move", "--resize"])).map(

@@ -99,6 +99,37 @@ def test_moves_and_resizes_have_their_own_windows(toy):
     assert E(both, 8) == 0.0
 
 
+def test_heal_redoes_the_last_steps_with_the_guided_runs_steps():
+    """The healing pass starts part-way (its steps count from 0): step i is the schedule's
+    start + i for the gradient steps and the blend."""
+    calls = []
+
+    class Guided:
+        def before_step(self, z, step):
+            calls.append(("guide", step))
+            return z
+
+        def after_step(self, z, step):
+            calls.append(("blend", step))
+            return z
+
+    heal = sg.Heal(Guided(), 16)
+    heal.before_step(None, 0)
+    heal.after_step(None, 3)
+    assert calls == [("guide", 16), ("blend", 19)]
+
+
+
+def test_a_resize_heals_by_default_and_not_when_off(toy):
+    from minip2p import methods
+    kw = dict(resize={"circle": 1.5}, steps=5, guide_iterations=1, progress=False)
+    healed = methods.run(toy, "self-guidance", ["a red circle"], **kw).images
+    plain = methods.run(toy, "self-guidance", ["a red circle"], heal=0.0, **kw).images
+    a, b, c = (torch.tensor(list(im.getdata()), dtype=torch.float) for im in (*healed, plain[1]))
+    assert torch.equal(a, torch.tensor(list(plain[0].getdata()), dtype=torch.float))
+    assert (b - c).abs().mean() > 0.1           # the last step noised again and redone
+
+
 def test_word_maps_are_normalised_per_layer():
     from minip2p.control import Site
     M = torch.rand(1, 2, 16, 77)
@@ -138,6 +169,7 @@ BAD = [
     (["guide", "a red circle", "--resize", "circle=0"], "> 0"),
     (["guide", "a red circle", "--resize", "circle=-2"], "> 0"),
     (["guide", "a red circle"], "needs an energy"),
+    (["guide", "a red circle", "--resize", "circle=0.5", "--heal", "1"], "[0, 1)"),
     (["guide", "a red circle", "--move", "circle=0.8,0.5", "--guidance-weight", "-1"], "≥ 0"),
     (["guide", "a red circle", "--move", "circle=0.8,0.5", "--guide-iterations", "0"], "≥ 1"),
     (["guide", "a red circle", "--keep-appearance"], "needs an energy"),

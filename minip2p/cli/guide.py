@@ -39,7 +39,7 @@ def cmd_guide(args):
                   keep_appearance=args.keep_appearance, keep_background=args.keep_background,
                   guidance_weight=args.guidance_weight,
                   guide_steps=args.guide_steps, resize_steps=args.resize_steps,
-                  guide_iterations=args.guide_iterations)
+                  guide_iterations=args.guide_iterations, heal=args.heal)
     s = settings_of(args)
     methods.prepare("self-guidance", [args.prompt], **params, **s)
     out = check_out_dir(args.out_dir, "guide")
@@ -71,6 +71,9 @@ def add_commands(sub):
                    help="guide the moves in this first fraction of the steps (0.3; 1.0: all)")
     g.add_argument("--resize-steps", type=float_arg("--resize-steps"), default=1.0,
                    help="guide the resizes in this first fraction of the steps (1.0: all)")
+    g.add_argument("--heal", type=float_arg("--heal"), default=0.2,
+                   help="resizes: re-noise the result back to this fraction of the steps and "
+                        "guide that part again, to repaint specks (0.2; 0: off)")
     g.add_argument("--guide-iterations", type=int_arg("--guide-iterations", 1, 50), default=None,
                    metavar="N", help="gradient steps per guided step (2 for moves; resizes: "
                                      "120 spread over the steps)")

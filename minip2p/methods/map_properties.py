@@ -8,10 +8,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..control import map_shape
+from ..control import Controller, Site, map_shape
+from ..guidance import TEXT
 from .attend_excite import gaussian_kernel
 
-__all__ = ["word_maps", "centroid", "size", "shape", "appearance", "transform"]
+__all__ = ["word_maps", "centroid", "size", "shape", "appearance", "transform", "Observe"]
 
 
 def _normalise(A: torch.Tensor) -> torch.Tensor:
@@ -79,3 +80,49 @@ def transform(S: torch.Tensor, c: torch.Tensor, to: torch.Tensor, scale: float) 
     theta[:, 2] = c - to / scale
     grid = F.affine_grid(theta[None], [1, 1, *S.shape], align_corners=False)
     return F.grid_sample(S[None, None], grid, align_corners=False, padding_mode="zeros")[0, 0]
+
+
+def _last_res(unet):
+    """Pick for the decoder's last ResBlock ("res" site), whose features are ψ."""
+    block, layer = len(unet.up_blocks) - 1, len(unet.up_blocks[-1].resnets) - 1
+    return lambda s: s.kind == "res" and s.place == "up" and s.block == block and s.layer == layer
+
+
+def _pick(s: Site) -> bool:
+    return s.kind == "cross" and s.place == "up" and s.pixels <= 16 ** 2
+
+
+class Observe(Controller):
+    """The unguided generation's quantities at every step: shape', size', centroid',
+    appearance' per word, and z'_t."""
+
+    def __init__(self, unet, tokens: dict[str, list[int]], features: bool):
+        self.tokens, self.feature_pick = tokens, (_last_res(unet) if features else None)
+        self.maps, self.psi, self.z = {}, {}, {}
+
+    def wants(self, site):
+        return _pick(site) or (self.feature_pick is not None and self.feature_pick(site))
+
+    def probs(self, M, site):
+        row = site.batch_of(M.shape[0]).row(0, TEXT)
+        M1 = M[row:row + 1].detach().mean(1, keepdim=True)
+        self.maps.setdefault(site.step, []).append((site, M1))
+        return M
+
+    def features(self, h, site):
+        row = site.batch_of(h.shape[0]).row(0, TEXT)
+        self.psi[site.step] = h[row].detach().float()
+        return h
+
+    def after_step(self, z, step):
+        self.z[step] = z.detach().clone()
+        return z
+
+    def reference(self, step: int) -> dict:
+        A = word_maps(self.maps[step], self.tokens, latent=tuple(self.z[step].shape[-2:]))
+        out = {w: dict(shape=shape(a), size=size(a), centroid=centroid(a))
+               for w, a in A.items()}
+        if step in self.psi:
+            for w, a in A.items():
+                out[w]["appearance"] = appearance(a, self.psi[step])
+        return out

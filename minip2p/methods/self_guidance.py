@@ -38,6 +38,10 @@ After every DDIM step, outside R the latents are the unguided generation's (prim
 
 R = 1 where an edited object is or is asked to be: {shape'(k) ≥ ½} ∪ {T_k(shape'(k)) ≥ ½},
 dilated by one latent pixel, at the latents' size (`keep_background`, on by default).
+Healing (resizes; `heal` h, 0.2 by default, 0: off; none when ⌊N·h⌋ = 0): the guided z_0 is
+noised again to the timestep a fraction h from the end, z_{t_h} = √ᾱ_{t_h} z_0 + √(1 − ᾱ_{t_h}) ε
+(SDEdit's noising, sdedit.py; ε from seed + 1), and those last steps run again with the same
+gradient steps and blend.
 
 What the paper does, what its description implies and what we chose. The paper edits one
 property and holds all others: its moves and resizes are shown with the other words' shapes and
@@ -60,8 +64,15 @@ steps, where z_t is nearly the picture, take small steps (large ones there punch
 blobs where a shrunk object was). The step count is compensated for resizes: 50 steps take the
 same 120 gradient steps as 20 (with a fixed number a step, 50 steps shrank further than 20: E = 0
 is not exactly the asked area, since the map's soft rim adds a floor to size(k), and more gradient
-steps came nearer to it). Moves keep 2 a step: their edit holds at 20 and 50 steps. The runs behind
-these choices: tools/README.md, "Self-Guidance".
+steps came nearer to it). Moves keep 2 a step: their edit holds at 20 and 50 steps. Healing is
+ours (the paper has no such pass): the late gradient steps leave specks of colour and ragged
+edges around a resized object that the last, nearly noise-free steps keep; noised again, the
+model repaints them as it draws its shapes, and the repeated guidance holds the new size
+(unguided, the model redraws a small object at its prompt's size). The paper reads its maps from
+the model's attention layers and gives no finer scale for size; ours are the 16² maps (the toy
+model's finest are its latents' size) as defined above: read on them upsampled (bilinear), size
+counts nearly the same cells (the interpolated map crosses ½ about where the soft threshold does).
+The runs behind these choices: tools/README.md, "Self-Guidance".
 """
 from __future__ import annotations
 
@@ -71,61 +82,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..control import Controller, Site
-from ..guidance import TEXT
+from ..control import Controller
 from .base import ParameterError, Result, Settings, check_number, check_word, param
 from .gradient import GradientGuidance
-from .map_properties import appearance, centroid, shape, size, transform, word_maps
+from .map_properties import (Observe, _last_res, _pick, appearance, centroid, shape, size,
+                             transform, word_maps)
 
 __all__ = ["word_maps", "centroid", "size", "shape", "appearance", "transform", "Observe",
            "SelfGuidance", "Params", "run"]
 
 
 RESIZE_GRADIENT_STEPS = 120     # over the whole schedule, whatever the number of steps
-
-
-def _last_res(unet):
-    """Pick for the decoder's last ResBlock ("res" site), whose features are ψ."""
-    block, layer = len(unet.up_blocks) - 1, len(unet.up_blocks[-1].resnets) - 1
-    return lambda s: s.kind == "res" and s.place == "up" and s.block == block and s.layer == layer
-
-
-def _pick(s: Site) -> bool:
-    return s.kind == "cross" and s.place == "up" and s.pixels <= 16 ** 2
-
-
-class Observe(Controller):
-    """The unguided generation's quantities at every step: shape', size', centroid',
-    appearance' per word."""
-
-    def __init__(self, unet, tokens: dict[str, list[int]], features: bool):
-        self.tokens, self.feature_pick = tokens, (_last_res(unet) if features else None)
-        self.maps, self.psi, self.z = {}, {}, {}
-
-    def wants(self, site):
-        return _pick(site) or (self.feature_pick is not None and self.feature_pick(site))
-
-    def probs(self, M, site):
-        row = site.batch_of(M.shape[0]).row(0, TEXT)
-        self.maps.setdefault(site.step, []).append((site, M[row:row + 1].detach().mean(1, keepdim=True)))
-        return M
-
-    def features(self, h, site):
-        row = site.batch_of(h.shape[0]).row(0, TEXT)
-        self.psi[site.step] = h[row].detach().float()
-        return h
-
-    def after_step(self, z, step):
-        self.z[step] = z.detach().clone()
-        return z
-
-    def reference(self, step: int) -> dict:
-        A = word_maps(self.maps[step], self.tokens, latent=tuple(self.z[step].shape[-2:]))
-        out = {w: dict(shape=shape(a), size=size(a), centroid=centroid(a)) for w, a in A.items()}
-        if step in self.psi:
-            for w, a in A.items():
-                out[w]["appearance"] = appearance(a, self.psi[step])
-        return out
 
 
 class SelfGuidance(GradientGuidance):
@@ -239,6 +206,8 @@ class Params:
     guide_steps: float = param(0.3, "guide the moves in this first fraction of the steps "
                                     "(1.0: all)")
     resize_steps: float = param(1.0, "guide the resizes in this first fraction of the steps")
+    heal: float = param(0.2, "resizes: re-noise the result to this fraction of the schedule "
+                             "and denoise that part again, guided as before (0: off)")
     guide_iterations: int | None = param(None, "gradient steps per guided step (default: 2 "
                                                "for moves; resizes: 120 over the schedule)",
                                          kind=int)
@@ -270,6 +239,7 @@ class Params:
                                                     f"{self.guidance_weight:g}")
         check_number("guide_steps", self.guide_steps, 0.0, 1.0, low_open=True)
         check_number("resize_steps", self.resize_steps, 0.0, 1.0, low_open=True)
+        check_number("heal", self.heal, 0.0, 1.0, high_open=True)
         it = self.guide_iterations
         if it is not None and (isinstance(it, bool) or not isinstance(it, int) or
                                not 1 <= it <= 50):
@@ -291,8 +261,30 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
                         {w: tuple(xy) for w, xy in moves.items()}, resizes, p.keep_appearance,
                         p.guidance_weight, p.guide_steps, p.guide_iterations, p.keep_background,
                         p.resize_steps)
-    guided = generate(model, prompts, control=ctrl, **kw)
+    heal = p.heal if resizes and int(s.steps * p.heal) >= 1 else 0.0     # none: too few steps
+    guided = generate(model, prompts, control=ctrl, **kw, return_latents=heal > 0)
+    if heal > 0:
+        from ..pipeline import decode, initial_noise
+        from .sdedit import noised
+        z, start = noised(model, guided, s.steps, heal, initial_noise(model, s.seed + 1,
+                                                                          height, width))
+        guided = decode(model, generate(model, prompts, control=Heal(ctrl, start), latents=z,
+                                        start=start, return_latents=True, **kw))
     return Result(to_pil(plain) + to_pil(guided), ["unguided", "guided"])
+
+
+class Heal(Controller):
+    """The second pass from step `start` (its steps count from 0): the guided run's gradient
+    steps and blend at the schedule's step start + i."""
+
+    def __init__(self, guided: SelfGuidance, start: int):
+        self.guided, self.start = guided, start
+
+    def before_step(self, z, step):
+        return self.guided.before_step(z, self.start + step)
+
+    def after_step(self, z, step):
+        return self.guided.after_step(z, self.start + step)
 
 
 def tokens_of(tok, prompt: str, words) -> dict[str, list[int]]:
