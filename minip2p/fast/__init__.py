@@ -13,11 +13,11 @@ it and never imports it; tests prove a model with it installed gives the explici
     softmax(QKᵀ/√d)·V through it wherever no controller wants the site (M never kept), and the
     UNet hands it to controllers that compute attention themselves as `site.run.fused`;
   - every convolution of the UNet's ResNet blocks (3×3, and the 1×1 shortcuts), down- and
-    upsamplers becomes a `FastConv2d`: `kernels.conv`, which may pack its weight once into oneDNN's layout. The packed
-    copy is then the layer's only copy (the parameter keeps its name, shape and dtype on the
-    "meta" device, holding no memory); whatever reads `.weight` -- a LoRA merge, `.to()`, a
-    state_dict, `uninstall` -- gets the plain weight back first, exactly, and the layer packs
-    again at its next call;
+    upsamplers becomes a `FastConv2d`: `kernels.conv`, which may pack its weight once into
+    oneDNN's layout. The packed copy is then the layer's only copy (the parameter keeps its
+    name, shape and dtype on the "meta" device, holding no memory); whatever reads `.weight` --
+    a LoRA merge, `.to()`, a state_dict, `uninstall` -- gets the plain weight back first,
+    exactly, and the layer packs again at its next call;
   - `model.fast = True`: `pipeline.decode` runs the VAE decoder in the memory layout the tuner
     picked.
 
