@@ -166,7 +166,11 @@ def decode(model: Model, z: torch.Tensor) -> torch.Tensor:
     in each layout, timed): in PyTorch's default layout every oneDNN convolution reorders its
     input and output to and from a blocked layout, which channels-last skips
     (`python -m tools.bench_decode`); elsewhere (GPU, fp16) in channels-last. Without it, PyTorch's
-    default layout. Same images within float rounding (tests/test_fast.py, test_autotune.py)."""
+    default layout. Same images within float rounding (tests/test_fast.py, test_autotune.py).
+    `model.free_unet`: the UNet's weights are dropped first (moved to the meta device)."""
+    if model.free_unet and not model.unet.conv_in.bias.is_meta:
+        model.unet.to("meta")                     # the decoder's activations not on top of them
+        release()
     f = model.vae.cfg.downscale
     z = (z / model.vae.cfg.scaling_factor).to(model.device, model.dtype)
     tile = decode_tile(model, f * z.shape[2], f * z.shape[3])

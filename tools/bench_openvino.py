@@ -156,7 +156,7 @@ def whole_run(name: str, args, prompts):
         scheduler=DDIM(SchedulerConfig.from_dict(
             read_json(folder / "scheduler/scheduler_config.json"))),
         dtype=torch.float32, device=torch.device("cpu"), fast=False, decode_tile=0,
-        conditioning=None)
+        free_unet=False, conditioning=None)
     load = time.perf_counter() - t0
     clock = Clock(model.unet, torch.device("cpu"))
     images, t = clock.run(lambda: generate(model, prompts, args.seed, args.steps, args.guidance,

@@ -125,6 +125,7 @@ def cmd_edit(args):
     chosen = methods.prepare(args.method, prompts, **params, **s)[1]  # every value, before loading
     out = check_out_dir(args.out_dir, "edit")
     model = load(args)
+    model.free_unet = True          # its weights dropped at the decode (load.Model)
     from_file = isinstance(real, Inversion)
     size = preflight(args, model, images=1 if args.method == "pnp" else 2 if args.method == "asyrp"
                      else len(prompts) + from_file,

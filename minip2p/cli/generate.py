@@ -34,6 +34,7 @@ def cmd_generate(args):
     if name:
         methods.prepare(name, [args.prompt], **params, **s)
     model = load(args)
+    model.free_unet = True          # its weights dropped at the decode (load.Model)
     height, width = preflight(args, model)
     if name:
         image = methods.run(model, name, [args.prompt], **params, **s).images[0]

@@ -8,7 +8,9 @@ it and never imports it; tests prove a model with it installed gives the explici
     to_k, to_v, to_out.0, the feed-forward's GEGLU and output layer -- becomes an instance of a
     subclass that adds no state (the same parameters, the same state_dict keys) and whose forward
     is `kernels.linear` / `kernels.geglu`: y = x Wᵀ + b, a · GELU(g) on PyTorch's kernel or
-    oneDNN's, whichever the tuner measured faster here for that shape;
+    oneDNN's, whichever the tuner measured faster here for that shape; the feed-forward runs
+    on at most FF_ROWS tokens at a time, so its (tokens, 4·dim) inner activations -- a UNet
+    call's largest tensors at 512 px -- exist for one slice only (each token is independent);
   - each `Attention` of the UNet gets `fused = kernels.sdpa`: `attention()` computes
     softmax(QKᵀ/√d)·V through it wherever no controller wants the site (M never kept), and the
     UNet hands it to controllers that compute attention themselves as `site.run.fused`;
@@ -35,8 +37,10 @@ from torch import nn
 from ..attention import Attention
 from ..load.checkpoint import Model
 from ..load.int8 import Int8Linear, Int8TokenConv, Int8Weight
-from ..model.unet import GEGLU, TokenConv, Transformer2DModel
+from ..model.unet import GEGLU, FeedForward, TokenConv, Transformer2DModel
 from . import kernels
+
+FF_ROWS = 4096                 # tokens per feed-forward slice: one 64² image at 512 px
 
 
 class FastLinear(nn.Linear):
@@ -106,6 +110,19 @@ class FastConv2d(nn.Conv2d):
         super()._load_from_state_dict(*args, **kw)
 
 
+class FastFeedForward(FeedForward):
+    """FF(x) = W₂ GEGLU(x) + b₂ on slices of FF_ROWS tokens, written into one output."""
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        if len(flat) <= FF_ROWS:
+            return super().forward(x)
+        out = flat.new_empty(len(flat), self.net[2].out_features)
+        for i in range(0, len(flat), FF_ROWS):
+            out[i:i + FF_ROWS] = super().forward(flat[i:i + FF_ROWS])
+        return out.view(*x.shape[:-1], -1)
+
+
 class FastInt8Linear(Int8Weight, FastLinear):
     """`FastLinear` with int8 weights (load/int8.py): W dequantised, then the tuned kernel."""
 
@@ -115,7 +132,7 @@ class FastInt8TokenConv(Int8Weight, FastTokenConv):
 
 
 FAST = {nn.Linear: FastLinear, TokenConv: FastTokenConv, GEGLU: FastGEGLU,
-        Int8Linear: FastInt8Linear, Int8TokenConv: FastInt8TokenConv}
+        FeedForward: FastFeedForward, Int8Linear: FastInt8Linear, Int8TokenConv: FastInt8TokenConv}
 PLAIN = {fast: plain for plain, fast in FAST.items()}
 
 

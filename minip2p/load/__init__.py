@@ -32,7 +32,7 @@ from ..samplers.ddim import DDIM
 from ..errors import MinipError, ParameterError
 from ..model.tokenizer import ClipTokenizer
 from ..model.unet import UNet2DConditionModel
-from ..model.vae import AutoencoderKL
+from ..model.vae import ENCODER, AutoencoderKL
 from . import int8 as int8_
 
 
@@ -114,8 +114,19 @@ def load_folder(folder, dtype=torch.float32, device="cpu", variant=None, name=No
     if parts["text_encoder"].cfg.hidden_size != parts["unet"].cfg.cross_attention_dim:
         raise MinipError(f"{folder}: text encoder width {parts['text_encoder'].cfg.hidden_size} "
                          f"≠ UNet cross_attention_dim {parts['unet'].cfg.cross_attention_dim}")
+    _lazy_encoder(parts["vae"], folder, dtype, variant)
     return Model(tokenizer, parts["text_encoder"], parts["unet"], parts["vae"], DDIM(sched),
                  name or folder.name)
+
+
+def _lazy_encoder(vae: AutoencoderKL, folder: Path, dtype, variant):
+    """Leave the VAE's encoder unread until a picture is encoded (model/vae.py): checked with
+    the rest of the file now, then dropped to the meta device; read again on first use."""
+    file = _weights_file(folder / "vae", COMPONENTS["vae"][1], variant)
+    cast = int8_.converter(set(), dtype)
+    vae.encoder_state = lambda: _vae_keys(read_safetensors(
+        file, lambda k, t: cast(k, t) if k.startswith(ENCODER) else {}))
+    vae.encoder.to("meta"), vae.quant_conv.to("meta")
 
 
 def load_model(spec=None, dtype="fp32", device="cpu", variant=None, revision=None,

@@ -41,7 +41,10 @@ class Model:
     `remove_lora`, `clear_loras`);
     `conditioning`: ControlNets taking part in every UNet call (conditioning.conditioned);
     `decode_tile`: the VAE decodes in tiles of this many latents a side (0: whole pictures;
-    None: by size, memory.decode_tile)."""
+    None: by size, memory.decode_tile);
+    `free_unet`: the first decode (pipeline.decode) drops the UNet's weights, so the decoder's
+    activations do not come on top of them -- for a one-shot command that runs the UNet no more
+    once it decodes (the CLI's edit and generate set it)."""
     tokenizer: ClipTokenizer
     text_encoder: CLIPTextModel | None
     unet: UNet2DConditionModel
@@ -52,6 +55,7 @@ class Model:
     loras: list = field(default_factory=list)     # the merged LoRA files (lora.py's `Lora`)
     conditioning: Any = None
     decode_tile: int | None = None
+    free_unet: bool = False
 
     @property
     def dtype(self):
@@ -59,7 +63,8 @@ class Model:
 
     @property
     def device(self):
-        return self.unet.conv_in.weight.device
+        w = self.unet.conv_in.bias                   # on "meta" once freed: the VAE's device
+        return self.vae.post_quant_conv.weight.device if w.is_meta else w.device
 
 
 def read_safetensors(path: Path, convert=None) -> dict[str, torch.Tensor]:

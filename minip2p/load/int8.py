@@ -37,7 +37,7 @@ class Int8Weight:
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.weight_q.to(self.weight_scale.dtype) * self.weight_scale
+        return self.weight_q.to(self.weight_scale.dtype).mul_(self.weight_scale)  # one temporary
 
 
 class Int8Linear(Int8Weight, nn.Linear):
@@ -55,12 +55,15 @@ class Int8TokenConv(Int8Weight, TokenConv):
 INT8 = {nn.Linear: Int8Linear, nn.Conv2d: Int8Conv2d, TokenConv: Int8TokenConv}
 
 
-def quantize(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (out, …) -> (q int8, s of shape (out, 1, …) in `dtype`), as the module docstring."""
+def quantize(w: torch.Tensor, dtype: torch.dtype, inplace: bool = False) -> tuple[torch.Tensor,
+                                                                                 torch.Tensor]:
+    """W (out, …) -> (q int8, s of shape (out, 1, …) in `dtype`), as the module docstring.
+    `inplace`: W may be overwritten (nothing else reads it), so no second fp32 copy is made."""
     w = w.float()
-    s = w.flatten(1).abs().amax(dim=1).clamp_min(1e-12) / QMAX
+    lo, hi = w.flatten(1).aminmax(dim=1)                              # max |W_o| without |W|
+    s = torch.maximum(-lo, hi).clamp_min(1e-12) / QMAX
     s = s.view(-1, *[1] * (w.dim() - 1))
-    q = (w / s).round_().clamp_(-QMAX, QMAX).to(torch.int8)
+    q = (w.div_(s) if inplace else w / s).round_().clamp_(-QMAX, QMAX).to(torch.int8)
     return q, s.to(dtype)
 
 
@@ -88,7 +91,7 @@ def converter(names: set[str], dtype: torch.dtype, keymap=None):
     def convert(key, t):
         mapped = next(iter(keymap({key: None})), None) if keymap else key
         if mapped in names:
-            q, s = quantize(t, dtype)
+            q, s = quantize(t, dtype, inplace=True)              # t: freshly read
             return {key + "_q": q, key + "_scale": s}
         return {key: t.to(dtype) if t.is_floating_point() else t}
     return convert
@@ -101,7 +104,7 @@ def quantize_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         cls = INT8.get(type(layer))
         if cls is None:
             continue
-        q, s = quantize(layer._parameters.pop("weight").detach(), dtype)
+        q, s = quantize(layer._parameters.pop("weight").detach(), dtype, inplace=True)
         layer.__class__ = cls
         layer.register_buffer("weight_q", q)
         layer.register_buffer("weight_scale", s)

@@ -97,10 +97,10 @@ def run(model, prompts: list[str], p: Params, s: Settings) -> Result:
     src = encode_text(model, [prompts[0]])
     trajectory = ddim_invert(model, images.encode(model, x), src, s.steps, s.progress)
     out = [edit(model, None, target, prompts[0], p.negative_prompt, s.steps, s.guidance,
-                p.features, p.attention, progress=s.progress, trajectory=trajectory)
-           for target in prompts[1:]]
-    out = torch.cat([out[0][:1]] + [o[1:] for o in out])                 # source, targets
-    return Result(to_pil(out), list(prompts), [fitted])
+                p.features, p.attention, progress=s.progress, trajectory=trajectory,
+                return_latents=True) for target in prompts[1:]]
+    z = torch.cat([out[0][:1]] + [o[1:] for o in out])                   # source, targets
+    return Result(to_pil(decode(model, z)), list(prompts), [fitted])     # one decode, at the end
 
 
 def check_window(value, name: str) -> float:

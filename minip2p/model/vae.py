@@ -5,6 +5,10 @@
 
 The diffusion model works on z·scaling_factor (0.18215 for SD 1.x); `pipeline.py` applies it.
 Module names equal the diffusers checkpoint keys.
+
+The encoder may be left unread (on the meta device) with `encoder_state` set, a function giving
+its tensors (load_folder does this: a generated picture never needs it): the first `encode` reads
+them then, in the decoder's dtype and device.
 """
 from __future__ import annotations
 
@@ -13,8 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import attention
+from ..errors import MinipError
 from .config import VAEConfig
 from .unet import ResnetBlock2D
+
+
+ENCODER = ("encoder.", "quant_conv.")  # the state-dict keys only `encode` uses
 
 
 class VAEAttention(nn.Module):
@@ -130,8 +138,25 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
+    encoder_state = None            # () -> {key: tensor} of ENCODER, when left unread
+
+    def load_encoder(self):
+        """Read the encoder's tensors if it was left on the meta device (see the docstring)."""
+        if not self.quant_conv.weight.is_meta:
+            return
+        like = self.post_quant_conv.weight
+        state = {k: v.to(like.device, like.dtype if v.is_floating_point() else v.dtype)
+                 for k, v in self.encoder_state().items()}
+        want = {k for k in self.state_dict() if k.startswith(ENCODER)}
+        if set(state) != want:
+            raise MinipError(f"the VAE encoder's tensors changed on disk: "
+                             f"{sorted(set(state) ^ want)[:3]}")
+        self.load_state_dict(state, strict=False, assign=True)
+        self.encoder.requires_grad_(False), self.quant_conv.requires_grad_(False)
+
     def encode(self, x: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
         """x: (b, 3, H, W) in [-1, 1] -> posterior mean (or a sample) of z: (b, 4, H/8, W/8)."""
+        self.load_encoder()
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         if not sample:
             return mean
