@@ -142,17 +142,23 @@ class AutoencoderKL(nn.Module):
 
     def load_encoder(self):
         """Read the encoder's tensors if it was left on the meta device (see the docstring)."""
-        if not self.quant_conv.weight.is_meta:
-            return
+        if self.encoder_state is None or not self.quant_conv.weight.is_meta:
+            return                                   # read already (or being built: no file)
         like = self.post_quant_conv.weight
         state = {k: v.to(like.device, like.dtype if v.is_floating_point() else v.dtype)
                  for k, v in self.encoder_state().items()}
-        want = {k for k in self.state_dict() if k.startswith(ENCODER)}
+        want = {k for k in nn.Module.state_dict(self) if k.startswith(ENCODER)}
         if set(state) != want:
             raise MinipError(f"the VAE encoder's tensors changed on disk: "
                              f"{sorted(set(state) ^ want)[:3]}")
         self.load_state_dict(state, strict=False, assign=True)
         self.encoder.requires_grad_(False), self.quant_conv.requires_grad_(False)
+
+    def state_dict(self, *args, **kw):
+        """Every tensor, the encoder's too (read first if it was left unread): a state_dict is
+        the whole model (weight fingerprints, comparisons, saving)."""
+        self.load_encoder()
+        return super().state_dict(*args, **kw)
 
     def encode(self, x: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
         """x: (b, 3, H, W) in [-1, 1] -> posterior mean (or a sample) of z: (b, 4, H/8, W/8)."""
