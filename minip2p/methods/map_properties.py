@@ -12,7 +12,8 @@ from ..control import Controller, Site, map_shape
 from ..guidance import TEXT
 from .attend_excite import gaussian_kernel
 
-__all__ = ["word_maps", "centroid", "size", "shape", "appearance", "transform", "Observe"]
+__all__ = ["word_maps", "centroid", "size", "shape", "appearance", "transform", "Observe",
+           "map_sites", "last_res"]
 
 
 def _normalise(A: torch.Tensor) -> torch.Tensor:
@@ -82,13 +83,14 @@ def transform(S: torch.Tensor, c: torch.Tensor, to: torch.Tensor, scale: float) 
     return F.grid_sample(S[None, None], grid, align_corners=False, padding_mode="zeros")[0, 0]
 
 
-def _last_res(unet):
+def last_res(unet):
     """Pick for the decoder's last ResBlock ("res" site), whose features are ψ."""
     block, layer = len(unet.up_blocks) - 1, len(unet.up_blocks[-1].resnets) - 1
     return lambda s: s.kind == "res" and s.place == "up" and s.block == block and s.layer == layer
 
 
-def _pick(s: Site) -> bool:
+def map_sites(s: Site) -> bool:
+    """The sites whose maps Self-Guidance reads: the decoder's cross-attention at ≤ 16²."""
     return s.kind == "cross" and s.place == "up" and s.pixels <= 16 ** 2
 
 
@@ -97,11 +99,11 @@ class Observe(Controller):
     appearance' per word, and z'_t."""
 
     def __init__(self, unet, tokens: dict[str, list[int]], features: bool):
-        self.tokens, self.feature_pick = tokens, (_last_res(unet) if features else None)
+        self.tokens, self.feature_pick = tokens, (last_res(unet) if features else None)
         self.maps, self.psi, self.z = {}, {}, {}
 
     def wants(self, site):
-        return _pick(site) or (self.feature_pick is not None and self.feature_pick(site))
+        return map_sites(site) or (self.feature_pick is not None and self.feature_pick(site))
 
     def probs(self, M, site):
         row = site.batch_of(M.shape[0]).row(0, TEXT)

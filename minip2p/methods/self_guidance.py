@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from ..control import Controller
 from .base import ParameterError, Result, Settings, check_number, check_word, param
 from .gradient import GradientGuidance
-from .map_properties import (Observe, _last_res, _pick, appearance, centroid, shape, size,
+from .map_properties import (Observe, appearance, centroid, last_res, map_sites, shape, size,
                              transform, word_maps)
 
 __all__ = ["word_maps", "centroid", "size", "shape", "appearance", "transform", "Observe",
@@ -103,14 +103,14 @@ class SelfGuidance(GradientGuidance):
                  resizes=None, keep_appearance: bool = True, weight: float = 0.25,
                  guide_steps: float = 0.3, iterations: int | None = None,
                  keep_background: bool = True, resize_steps: float = 1.0):
-        super().__init__(model, cond, steps, pick=_pick)
+        super().__init__(model, cond, steps, pick=map_sites)
         self.tokens, self.observed = tokens, observed
         self.moves, self.resizes = moves or {}, resizes or {}
         self.keep_appearance, self.weight = keep_appearance, weight
         self.iterations = iterations
         self.last = round(guide_steps * steps) if self.moves else 0
         self.last_resize = round(resize_steps * steps) if self.resizes else 0
-        self.feature_pick = _last_res(model.unet) if keep_appearance else None
+        self.feature_pick = last_res(model.unet) if keep_appearance else None
         self.local = keep_background
         ac = model.scheduler.alphas_cumprod
         self.sigma = [float((1 - ac[t]).sqrt()) for t in self.timesteps]     # σ_t per step
