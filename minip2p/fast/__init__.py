@@ -78,10 +78,10 @@ class FastConv2d(nn.Conv2d):
     def forward(self, x):
         return kernels.conv(self, x)
 
-    def pack(self, shape):
-        """Make the packed weight the only copy (for inputs of `shape`)."""
+    def pack(self, shape, packed=None):
+        """Make the packed weight (`packed`, or packed now for inputs of `shape`) the only copy."""
         w = self._parameters["weight"]
-        self.packed = kernels.pack(w, self, shape)
+        self.packed = kernels.pack(w, self, shape) if packed is None else packed
         self._parameters["weight"] = nn.Parameter(torch.empty_like(w, device="meta"),
                                                   requires_grad=False)
 

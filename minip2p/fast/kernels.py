@@ -118,13 +118,15 @@ def conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     packed = layer.__dict__.get("packed")
     if onednn_ok(x) and x.dtype == layer.dtype:
         if packed is None and not layer.weight.requires_grad:
+            trial = {}                                 # the packed weight timed, if timed
+
             def candidates():
-                trial = pack(layer.weight, layer, x.shape)
+                trial["w"] = pack(layer.weight, layer, x.shape)
                 return {"torch": lambda: _conv_torch(layer, x, layer.weight),
-                        "packed": lambda: _conv_dnn(layer, x, trial)}
+                        "packed": lambda: _conv_dnn(layer, x, trial["w"])}
             shape = _key(x, *x.shape, layer.out_channels, layer.kernel_size[0], layer.stride[0])
             if tuner().pick("conv", shape, candidates) == "packed":
-                layer.pack(x.shape)
+                layer.pack(x.shape, trial.get("w"))
                 packed = layer.__dict__["packed"]
         if packed is not None:
             return _conv_dnn(layer, x, packed)
