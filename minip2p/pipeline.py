@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .fast import to_meta
 from .fast.autotune import tuner
 from .conditioning import eps as conditioned_eps
 from .control import Controller
@@ -169,7 +170,7 @@ def decode(model: Model, z: torch.Tensor) -> torch.Tensor:
     default layout. Same images within float rounding (tests/test_fast.py, test_autotune.py).
     `model.free_unet`: the UNet's weights are dropped first (moved to the meta device)."""
     if model.free_unet and not model.unet.conv_in.bias.is_meta:
-        model.unet.to("meta")                     # the decoder's activations not on top of them
+        to_meta(model.unet)                       # the decoder's activations not on top of them
         release()
     f = model.vae.cfg.downscale
     z = (z / model.vae.cfg.scaling_factor).to(model.device, model.dtype)

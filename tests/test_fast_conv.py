@@ -132,3 +132,17 @@ def test_the_tuner_times_both_on_the_real_input(tmp_path):
         assert (layer.packed is not None) == (min(times, key=times.get) == "packed")
     finally:
         autotune.set_tuner(old)
+
+
+def test_freeing_the_unet_lets_a_packed_weight_go_without_unpacking_it(packed):
+    class Unreadable:
+        def to_dense(self, dtype):
+            raise AssertionError("unpacked on the way to the meta device")
+
+    _, layer = _layer()
+    with torch.no_grad():
+        layer(torch.randn(1, 32, 8, 8))
+    assert _is_packed(layer)
+    layer.packed = Unreadable()
+    fastpath.to_meta(nn.Sequential(layer))
+    assert layer.packed is None and layer.weight.is_meta and layer.bias.is_meta

@@ -198,6 +198,15 @@ def uninstall(model):
     return model
 
 
+def to_meta(module: nn.Module) -> nn.Module:
+    """Drop `module`'s weights (moved to the meta device, nothing read from them): a packed
+    convolution's packed copy is let go as it is, not unpacked first (one reorder a layer)."""
+    for m in module.modules():
+        if isinstance(m, FastConv2d):
+            m.packed = None                # its `weight` is already the meta placeholder
+    return module.to("meta")
+
+
 @contextmanager
 def switched(model, on: bool):
     """`with switched(model, False): …` runs the block on the reference path (`True`: the fast
