@@ -16,6 +16,7 @@ analyser (tools/make_instruct_pairs.read, toydata.analyse):
 
     python -m tools.eval_instruct                          # weights/toy-instruct, 20 steps
     python -m tools.eval_instruct --steps 100 --model DIR  # the official 100 steps, another model
+    python -m tools.eval_instruct --case-seed 7 --picture-seed 20000   # 48 other cases
 
 Writes a contact sheet (tools/out/sheets/instruct.png; --figure also into tools/figures/): each
 drawn picture beside its edit, framed green when carried out with the rest kept.
@@ -59,11 +60,11 @@ def drawn(a: dict, seed: int) -> torch.Tensor:
 
 
 def evaluate(model, n: int, steps: int, seed: int = 0, image_guidance: float = 1.5,
-             progress=print) -> tuple[dict, list]:
+             progress=print, case_seed: int = 1, picture_seed: int = 10_000) -> tuple[dict, list]:
     from minip2p.methods.instruct import edit
     rows, sheet = [], []
-    for k, (a, text, attr, value) in enumerate(cases(n)):
-        x = drawn(a, 10_000 + k)
+    for k, (a, text, attr, value) in enumerate(cases(n, case_seed)):
+        x = drawn(a, picture_seed + k)
         y = edit(model, x, text, seed=seed + k, steps=steps, image_guidance=image_guidance,
                  progress=False)[0]
         r0, r1 = read((x[0] + 1) / 2), read(y)
@@ -90,6 +91,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="Euler ancestral steps (20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-guidance", type=float, default=1.5, help="s_I (1.5)")
+    p.add_argument("--case-seed", type=int, default=1,
+                   help="seed of the case list (1; another: cases no checkpoint was picked on)")
+    p.add_argument("--picture-seed", type=int, default=10_000,
+                   help="the k-th case's picture is drawn from this seed + k (10000)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--figure", action="store_true", help="also write tools/figures/instruct.png")
     args = p.parse_args(argv)
@@ -97,7 +102,8 @@ def main(argv=None):
     from minip2p.load import load_model
     model = load_model(args.model)
     t0 = time.time()
-    rows, sheet = evaluate(model, args.cases, args.steps, args.seed, args.image_guidance)
+    rows, sheet = evaluate(model, args.cases, args.steps, args.seed, args.image_guidance,
+                           case_seed=args.case_seed, picture_seed=args.picture_seed)
     took = time.time() - t0
     OUT.mkdir(parents=True, exist_ok=True)
     paths = [contact_sheet(sheet, OUT / "instruct.png", columns=6)]

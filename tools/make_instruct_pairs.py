@@ -6,6 +6,8 @@ recipe, pairs.py), and the toy analyser as the filter in place of CLIP.
     python -m tools.make_instruct_pairs run                 # minip2p pairs on them (resumable)
     python -m tools.make_instruct_pairs filter              # tools/out/instruct/kept.jsonl
     python -m tools.make_instruct_pairs filter --align      # also the pairs whose object moved
+    python -m tools.make_instruct_pairs captions --mix hard --set 2 --seed 1   # another set,
+    python -m tools.make_instruct_pairs run --set 2 --seed 1   # weighted to the hard cases
 
 Captions. Each instruction maps a source caption of the toy grammar (tools/toydata.py: one
 object, an optional size, position and background) to the caption with one attribute changed:
@@ -61,14 +63,23 @@ def instructions() -> list[tuple[str, str, str]]:
     return out
 
 
-def source_for(attr: str, value: str, rng: random.Random) -> dict:
+# The caption mixes: per instruction kind, how many turns in a round of the 13 instructions,
+# the chances of the source's size (none / small / big) and of a coloured background. "even":
+# the first run; "hard": weighted to where the trained model failed to keep the rest (small
+# objects, shape and size instructions, coloured backgrounds).
+MIXES = {"even": dict(turns=dict(color=1, shape=1, size=1), sizes=(0.4, 0.3, 0.3), bg=0.4),
+         "hard": dict(turns=dict(color=1, shape=2, size=3), sizes=(0.25, 0.55, 0.2), bg=0.6)}
+
+
+def source_for(attr: str, value: str, rng: random.Random, mix: str = "even") -> dict:
     """A random single-object source whose `attr` differs from `value` (held-out pairs avoided
     before and after the edit)."""
+    m = MIXES[mix]
     while True:
         a = dict(color=rng.choice(COLORS), shape=rng.choice(SHAPES),
-                 size=rng.choices([None, "small", "big"], [0.4, 0.3, 0.3])[0],
+                 size=rng.choices([None, "small", "big"], m["sizes"])[0],
                  pos=rng.choice(toydata.POSITIONS[1:]) if rng.random() < 0.4 else None,
-                 bg=rng.choice(COLORS) if rng.random() < 0.4 else None)
+                 bg=rng.choice(COLORS) if rng.random() < m["bg"] else None)
         if attr == "size" and value == "big" and a["size"] == "big":
             continue
         if attr == "size" and value == "small" and a["size"] == "small":
@@ -87,12 +98,13 @@ def caption_of(a: dict) -> str:
     return toydata.caption(a["color"], a["shape"], a["size"], a["pos"], a["bg"])
 
 
-def make_captions(n: int, seed: int) -> list[dict]:
+def make_captions(n: int, seed: int, mix: str = "even") -> list[dict]:
     rng = random.Random(seed)
-    items, ins = [], instructions()
+    items = []
+    ins = [i for i in instructions() for _ in range(MIXES[mix]["turns"][i[1]])]
     for k in range(n):
         text, attr, value = ins[k % len(ins)]
-        a = source_for(attr, value, rng)
+        a = source_for(attr, value, rng, mix)
         b = dict(a, **{attr: value})
         items.append(dict(caption=caption_of(a), edit=text, output=caption_of(b)))
     return items
@@ -126,7 +138,8 @@ def read(image) -> dict:
     return r
 
 
-def judge_pair(r0: dict, r1: dict, attr: str, value: str, max_shift: float = MAX_SHIFT) -> dict:
+def judge_pair(r0: dict, r1: dict, attr: str, value: str, max_shift: float = MAX_SHIFT,
+               keep_area: tuple[float, float] = KEEP_AREA) -> dict:
     """{"done": the instruction carried out, "kept": everything else kept} for two readings."""
     if r0["color"] is None or r1["color"] is None:
         return dict(done=False, kept=False)
@@ -137,22 +150,22 @@ def judge_pair(r0: dict, r1: dict, attr: str, value: str, max_shift: float = MAX
     else:
         done = r1[attr] == value
     kept = shift <= max_shift and r1["background"] == r0["background"]
-    kept &= attr == "size" or KEEP_AREA[0] <= ratio <= KEEP_AREA[1]
+    kept &= attr == "size" or keep_area[0] <= ratio <= keep_area[1]
     for other in ("color", "shape"):
         if other != attr:
             kept &= r1[other] == r0[other]
     return dict(done=bool(done), kept=bool(kept), shift=round(shift, 2), ratio=round(ratio, 3))
 
 
-def why_not(r0: dict, r1: dict, src: dict, attr: str, value: str,
-            align: bool = False) -> str | None:
+def why_not(r0: dict, r1: dict, src: dict, attr: str, value: str, align: bool = False,
+            keep_area: tuple[float, float] = KEEP_AREA) -> str | None:
     """The first reason a pair fails the filter (None: kept), for the filter's tally; with
     `align`, a pair whose object only moved passes (it is moved back, see filter_pairs)."""
     if r0["color"] is None or r1["color"] is None:
         return "no object"
     if r0["color"] != src["color"] or r0["shape"] != src["shape"]:
         return "source not drawn"
-    v = judge_pair(r0, r1, attr, value, float("inf") if align else MAX_SHIFT)
+    v = judge_pair(r0, r1, attr, value, float("inf") if align else MAX_SHIFT, keep_area)
     if not v["done"]:
         return "edit not made"
     if v["kept"]:
@@ -161,7 +174,7 @@ def why_not(r0: dict, r1: dict, src: dict, attr: str, value: str,
         return "moved"
     if r1["background"] != r0["background"]:
         return "background changed"
-    return "size changed" if attr != "size" and not KEEP_AREA[0] <= v["ratio"] <= KEEP_AREA[1] \
+    return "size changed" if attr != "size" and not keep_area[0] <= v["ratio"] <= keep_area[1] \
         else "another attribute changed"
 
 
@@ -174,8 +187,10 @@ def reverse(attr: str, value: str, src: dict) -> str:
     return "make it small" if value == "big" else "make it big"
 
 
-def filter_pairs(folder: Path, out: Path, align: bool = False) -> None:
-    """Every done item of the pairs folder -> kept.jsonl: one line per pair passing the filter.
+def filter_pairs(folders: list[Path], out: Path, align: bool = False,
+                 keep_area: tuple[float, float] = KEEP_AREA) -> None:
+    """Every done item of the pairs folders -> kept.jsonl: one line per pair passing the filter
+    (with the area ratio after / before and the two shapes read, for the tallies).
     With `align`, a pair that passes but for its object's place is kept too, image 1 to be
     moved by the whole pixels (dy, dx) that put its object's centre on image 0's (recorded as
     "after_shift", or "before_shift" in the reversed line; train_instruct.load_pairs applies it,
@@ -183,7 +198,7 @@ def filter_pairs(folder: Path, out: Path, align: bool = False) -> None:
     from PIL import Image
     ins = {t: (attr, value) for t, attr, value in instructions()}
     lines, seen, counts, reasons = [], 0, {}, {}
-    for d in sorted(folder.glob("[0-9]" * 7)):
+    for d in sorted(x for f in folders for x in f.glob("[0-9]" * 7)):
         if not (d / "metadata.jsonl").is_file():
             continue
         prompt = json.loads((d / "prompt.json").read_text())
@@ -193,21 +208,25 @@ def filter_pairs(folder: Path, out: Path, align: bool = False) -> None:
             seen += 1
             r0, r1 = (read(np.asarray(Image.open(d / f"{rec['seed']}_{s}.jpg").convert("RGB"),
                                       np.float32).transpose(2, 0, 1) / 255) for s in (0, 1))
-            reason = why_not(r0, r1, src, attr, value, align)
+            reason = why_not(r0, r1, src, attr, value, align, keep_area)
             c = counts.setdefault(prompt["edit"], [0, 0])
             c[1] += 1
             reasons[reason] = reasons.get(reason, 0) + 1
             if reason is None:
                 c[0] += 1
+                ratio = r1["area"] / max(r0["area"], 1)
                 pair = dict(before=str(d / f"{rec['seed']}_0.jpg"),
-                            after=str(d / f"{rec['seed']}_1.jpg"), **rec)
+                            after=str(d / f"{rec['seed']}_1.jpg"), **rec,
+                            source=prompt["caption"], ratio=round(ratio, 3),
+                            shapes=[r0["shape"], r1["shape"]])
                 dy = round(r0["center"][1] - r1["center"][1])
                 dx = round(r0["center"][0] - r1["center"][0])
                 moved = dict(after_shift=[dy, dx]) if (dy or dx) and align else {}
                 lines.append(dict(pair, instruction=prompt["edit"], **moved))
                 back = reverse(attr, value, src)
                 lines.append(dict(pair, before=pair["after"], after=pair["before"],
-                                  instruction=back, reversed=True,
+                                  instruction=back, reversed=True, ratio=round(1 / ratio, 3),
+                                  shapes=pair["shapes"][::-1],
                                   **({"before_shift": moved["after_shift"]} if moved else {})))
                 if np.hypot(dy, dx) > MAX_SHIFT:             # kept only by `align`
                     reasons[None] -= 1
@@ -221,7 +240,7 @@ def filter_pairs(folder: Path, out: Path, align: bool = False) -> None:
 
 
 RUN = ["--samples", "2", "--keep", "2", "--steps", "20", "--sampler", "euler-a",
-       "--no-autotune", "--seed", "0"]
+       "--no-autotune"]
 
 
 def main(argv=None):
@@ -230,25 +249,34 @@ def main(argv=None):
     p.add_argument("what", choices=["captions", "run", "filter"])
     p.add_argument("--dir", default=str(OUT), help="working folder (tools/out/instruct)")
     p.add_argument("--items", type=int, default=2600, help="caption pairs written (2600)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="captions' and pairs' seed (0)")
+    p.add_argument("--mix", choices=sorted(MIXES), default="even",
+                   help="captions: the instruction and source mix (even; see MIXES)")
+    p.add_argument("--set", default="", metavar="NAME",
+                   help="captions/run on captionsNAME.jsonl and pairsNAME ('': the first set); "
+                        "filter reads every pairs* folder")
     p.add_argument("--batch", type=int, default=32, help="tries per UNet batch for `run` (32)")
     p.add_argument("--align", action="store_true",
                    help="filter: keep pairs whose object only moved, moving it back (see "
                         "filter_pairs)")
+    p.add_argument("--keep-area", type=float, nargs=2, default=KEEP_AREA, metavar=("LO", "HI"),
+                   help="filter: the area ratio band of a kept size (%(default)s)")
     args = p.parse_args(argv)
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
     if args.what == "captions":
-        items = make_captions(args.items, args.seed)
-        (d / "captions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+        items = make_captions(args.items, args.seed, args.mix)
+        (d / f"captions{args.set}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
         print(f"{len(items)} caption pairs, {len(instructions())} instructions -> "
-              f"{d / 'captions.jsonl'}")
+              f"{d / f'captions{args.set}.jsonl'}")
     elif args.what == "run":
         from minip2p.cli import main as cli
-        sys.exit(cli(["pairs", str(d / "captions.jsonl"), "--out-dir", str(d / "pairs"), *RUN,
+        sys.exit(cli(["pairs", str(d / f"captions{args.set}.jsonl"), "--out-dir",
+                     str(d / f"pairs{args.set}"), *RUN, "--seed", str(args.seed),
                      "--batch", str(args.batch)]))
     else:
-        filter_pairs(d / "pairs", d / "kept.jsonl", args.align)
+        filter_pairs([x for x in sorted(d.glob("pairs*")) if x.is_dir()], d / "kept.jsonl",
+                     args.align, tuple(args.keep_area))
 
 
 if __name__ == "__main__":
