@@ -2,8 +2,10 @@
 instructions and keep the rest?
 
 48 cases, the 13 instructions in turn, each on a picture DRAWN by the toy domain (toydata.draw,
-seeds 10 000 + k): no training pair was drawn (they were all made by the toy model), and the
-captions are drawn afresh (seed 1 here, 0 for the training captions). Each case is edited once
+seeds 10 000 + k): no training pair was drawn (they were all made by the toy model). The
+captions are drawn afresh (seed 1 here), but the grammar is small: about half the cases' caption
+and instruction also occur among the training captions (their pictures never do). Each case is
+edited once
 (InstructPix2Pix, s_T 7.5, s_I 1.5, Euler ancestral) and both pictures are read by the toy
 analyser (tools/make_instruct_pairs.read, toydata.analyse):
 
