@@ -5,9 +5,8 @@ instructions and keep the rest?
 seeds 10 000 + k): no training pair was drawn (they were all made by the toy model). The
 captions are drawn afresh (seed 1 here), but the grammar is small: about half the cases' caption
 and instruction also occur among the training captions (their pictures never do). Each case is
-edited once
-(InstructPix2Pix, s_T 7.5, s_I 1.5, Euler ancestral) and both pictures are read by the toy
-analyser (tools/make_instruct_pairs.read, toydata.analyse):
+edited once (InstructPix2Pix, s_T 7.5, s_I 1.5, Euler ancestral) and both pictures are read by
+the toy analyser (tools/make_instruct_pairs.read, toydata.analyse):
 
     carried out   the output's colour / shape is the instruction's; "make it big / small": the
                   object's area grows / shrinks by at least SIZE_AREA
