@@ -19,8 +19,8 @@ def test_captions_change_one_attribute(mix):
     items = mip.make_captions(52, seed=3, mix=mix)
     assert len(mip.instructions()) >= 12
     if mix == "hard":                  # weighted: shape and size instructions, small sources
-        kinds = [mip.instructions()[[t for t, _, _ in mip.instructions()].index(it["edit"])][1]
-                 for it in items]
+        kind = {t: attr for t, attr, _ in mip.instructions()}
+        kinds = [kind[it["edit"]] for it in items]
         assert min(kinds.count("size"), kinds.count("shape")) >= kinds.count("color") / 2
         assert sum("small" in it["caption"] for it in items) > len(items) / 3
     ins = {t: (a, v) for t, a, v in mip.instructions()}

@@ -189,8 +189,7 @@ def reverse(attr: str, value: str, src: dict) -> str:
 
 def filter_pairs(folders: list[Path], out: Path, align: bool = False,
                  keep_area: tuple[float, float] = KEEP_AREA) -> None:
-    """Every done item of the pairs folders -> kept.jsonl: one line per pair passing the filter
-    (with the area ratio after / before and the two shapes read, for the tallies).
+    """Every done item of the pairs folders -> kept.jsonl: one line per pair passing the filter.
     With `align`, a pair that passes but for its object's place is kept too, image 1 to be
     moved by the whole pixels (dy, dx) that put its object's centre on image 0's (recorded as
     "after_shift", or "before_shift" in the reversed line; train_instruct.load_pairs applies it,
@@ -214,19 +213,15 @@ def filter_pairs(folders: list[Path], out: Path, align: bool = False,
             reasons[reason] = reasons.get(reason, 0) + 1
             if reason is None:
                 c[0] += 1
-                ratio = r1["area"] / max(r0["area"], 1)
                 pair = dict(before=str(d / f"{rec['seed']}_0.jpg"),
-                            after=str(d / f"{rec['seed']}_1.jpg"), **rec,
-                            source=prompt["caption"], ratio=round(ratio, 3),
-                            shapes=[r0["shape"], r1["shape"]])
+                            after=str(d / f"{rec['seed']}_1.jpg"), **rec)
                 dy = round(r0["center"][1] - r1["center"][1])
                 dx = round(r0["center"][0] - r1["center"][0])
                 moved = dict(after_shift=[dy, dx]) if (dy or dx) and align else {}
                 lines.append(dict(pair, instruction=prompt["edit"], **moved))
                 back = reverse(attr, value, src)
                 lines.append(dict(pair, before=pair["after"], after=pair["before"],
-                                  instruction=back, reversed=True, ratio=round(1 / ratio, 3),
-                                  shapes=pair["shapes"][::-1],
+                                  instruction=back, reversed=True,
                                   **({"before_shift": moved["after_shift"]} if moved else {})))
                 if np.hypot(dy, dx) > MAX_SHIFT:             # kept only by `align`
                     reasons[None] -= 1
